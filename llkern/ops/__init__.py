@@ -1,0 +1,1 @@
+"""Custom ops: one file per op (wrapper, fake registration, autograd)."""

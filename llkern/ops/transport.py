@@ -1,0 +1,106 @@
+"""Transport penalty (TRGL): the op's Python side.
+
+``torch.ops.llkern.transport_penalty`` is declared in csrc/ops.cpp and implemented in
+csrc/bindings/transport_{cpu,cuda}.cpp over the torch-free kernels csrc/{cpu,cuda}/transport.*.
+This file checks inputs, registers the fake (shape-only) implementations and the autograd
+formula, and picks kernel or reference (see llkern._ext).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from llkern._ext import extension_loaded, use_kernel
+from llkern.reference.transport import transport_penalty_reference
+
+REDUCTIONS = ("mean", "sum_per_sample")
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check(y: torch.Tensor, x: torch.Tensor | None, tau: float, reduction: str) -> None:
+    name = "llkern.transport_penalty"
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name}: expected y to be a Tensor, got {type(y).__name__}")
+    if y.dtype not in DTYPES:
+        raise TypeError(f"{name}: expected y to be float32, float64, bfloat16 or float16, got {y.dtype}")
+    if y.numel() == 0:
+        raise ValueError(f"{name}: expected y to be non-empty, got shape {list(y.shape)}")
+    if x is not None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected x to be a Tensor or None, got {type(x).__name__}")
+        if x.shape != y.shape:
+            raise ValueError(f"{name}: expected y and x to have the same shape, got {list(y.shape)} and "
+                             f"{list(x.shape)}")
+        if x.dtype != y.dtype:
+            raise TypeError(f"{name}: expected x to have the dtype of y, got {x.dtype} and {y.dtype}")
+        if x.device != y.device:
+            raise ValueError(f"{name}: expected y and x on the same device, got {y.device} and {x.device}")
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not (0.0 < float(tau) < float("inf")):
+        raise ValueError(f"{name}: expected tau to be a finite number > 0, got {tau!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}: expected reduction to be one of {REDUCTIONS}, got {reduction!r}")
+    if reduction == "sum_per_sample" and y.dim() == 0:
+        raise ValueError(f"{name}: reduction='sum_per_sample' needs y with a batch dimension, got a 0-dim tensor")
+
+
+def transport_penalty(
+    y: torch.Tensor,
+    x: torch.Tensor | None = None,
+    tau: float = 1.0,
+    reduction: str = "mean",
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """TRGL's transport (kinetic-energy) penalty of a residual r = y − x, or r = y when ``x`` is None.
+
+    Args:
+        y: module or block output ``(B, ...)``, or the residual itself when ``x`` is None.
+        x: module input of the same shape and dtype (usually detached), or None.
+        tau: τ > 0.
+        reduction: ``"mean"`` gives ``mean(r²)/(2τ)`` over all elements (TRGL's code);
+            ``"sum_per_sample"`` gives ``Σ‖r‖²/(2τB)`` with B = ``y.shape[0]`` (the paper's form).
+        impl: ``"auto"``, ``"kernel"`` or ``"reference"`` (see :mod:`llkern._ext`).
+
+    Returns:
+        A 0-dim tensor: float64 for float64 inputs, float32 otherwise.
+    """
+    _check(y, x, tau, reduction)
+    if use_kernel("transport_penalty", y.device, impl):
+        return torch.ops.llkern.transport_penalty(y, x, float(tau), reduction)
+    return transport_penalty_reference(y, x, float(tau), reduction)
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    y, x, tau, reduction = inputs
+    ctx.save_for_backward(y, x)
+    ctx.tau = tau
+    ctx.reduction = reduction
+
+
+def _backward(ctx, grad):
+    y, x = ctx.saved_tensors
+    need_y, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_y or need_x):
+        return None, None, None, None
+    dy = torch.ops.llkern.transport_penalty_backward(grad, y, x, ctx.tau, ctx.reduction)
+    return (dy if need_y else None), (-dy if need_x else None), None, None
+
+
+if extension_loaded():
+
+    @torch.library.register_fake("llkern::transport_penalty")
+    def _fake(y, x, tau, reduction):
+        torch._check(x is None or x.shape == y.shape, lambda: "expected y and x to have the same shape")
+        return y.new_empty((), dtype=_loss_dtype(y.dtype))
+
+    @torch.library.register_fake("llkern::transport_penalty_backward")
+    def _fake_backward(grad, y, x, tau, reduction):
+        return y.new_empty(y.shape)
+
+    torch.library.register_autograd("llkern::transport_penalty", _backward, setup_context=_setup_context)

@@ -1,0 +1,1 @@
+"""Triton kernels of llkern (installed as llkern.triton_kernels)."""
