@@ -1,1 +1,41 @@
-"""llkern"""
+"""llkern: local (module-wise, gradient-isolated) training for PyTorch, with fused kernels.
+
+Quick start::
+
+    import llkern
+    net = llkern.LocalNet(blocks, num_classes=10, losses=llkern.losses.TransportRegularized(tau=1.0))
+    result = net.local_step(x, y)   # forward, local loss and backward, module by module
+    optimizer.step()
+"""
+
+from llkern import functional, heads, losses, memory
+from llkern._ext import extension_loaded, kernel_available
+from llkern.heads import LinearHead
+from llkern.local import Boundary, LocalNet, StepResult, run_module
+from llkern.losses import CrossEntropy, LocalContext, LocalLoss, LocalLossOutput, TransportRegularized
+from llkern.memory import MemoryMeter, MemoryReport
+from llkern.ops.transport import transport_penalty
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Boundary",
+    "CrossEntropy",
+    "LinearHead",
+    "LocalContext",
+    "LocalLoss",
+    "LocalLossOutput",
+    "LocalNet",
+    "MemoryMeter",
+    "MemoryReport",
+    "StepResult",
+    "TransportRegularized",
+    "extension_loaded",
+    "functional",
+    "heads",
+    "kernel_available",
+    "losses",
+    "memory",
+    "run_module",
+    "transport_penalty",
+]

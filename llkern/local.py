@@ -1,0 +1,233 @@
+"""Local (module-wise, gradient-isolated) training: :class:`LocalNet`.
+
+A network is cut into K modules. Module k gets an auxiliary head and a local loss; its
+input is the *detached* output of module k−1, so no gradient crosses a boundary and each
+module's activations are freed by its own backward. ``local_step`` runs, for k = 0..K−1:
+forward of module k, its local loss, its backward.
+
+Residual-block protocol (TRGL's per-block transport penalty): a block that defines
+``forward_residual(x) -> (y, r)`` with ``y = shortcut(x) + r`` reports its residual branch
+``r``. ``LocalNet`` finds such blocks in a module and inside ``nn.Sequential`` containers
+(recursively); any other module is called as ``module(x)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llkern.heads import LinearHead, feature_channels
+from llkern.losses import CrossEntropy, LocalContext, LocalLoss
+
+HeadFactory = Callable[[int, "torch.Size | None"], nn.Module]
+LossFactory = Callable[[int, int], LocalLoss]
+
+
+def run_module(module: nn.Module, x: torch.Tensor, residuals: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Run ``module`` on ``x``; append the residual branches of protocol blocks to ``residuals``."""
+    if residuals is not None:
+        if hasattr(module, "forward_residual"):
+            y, r = module.forward_residual(x)
+            residuals.append(r)
+            return y
+        if isinstance(module, nn.Sequential):
+            for child in module:
+                x = run_module(child, x, residuals)
+            return x
+    return module(x)
+
+
+class Boundary:
+    """A boundary tensor (a module's detached output) that ``LocalNet`` may release.
+
+    ``tensor`` returns it while it is alive and raises a ``RuntimeError`` once released,
+    so a stale read fails loudly instead of returning freed memory.
+    """
+
+    def __init__(self, k: int, tensor: torch.Tensor) -> None:
+        self.k = k
+        self._tensor: torch.Tensor | None = tensor
+
+    @property
+    def released(self) -> bool:
+        return self._tensor is None
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        if self._tensor is None:
+            raise RuntimeError(
+                f"llkern: the boundary tensor after module {self.k} was released once module {self.k + 1}'s local "
+                "backward finished; call local_step(..., keep_boundaries=True) to keep it")
+        return self._tensor
+
+    def release(self) -> None:
+        """Drop LocalNet's reference: the storage is freed unless something else holds the tensor."""
+        self._tensor = None
+
+
+@dataclass
+class StepResult:
+    """What :meth:`LocalNet.local_step` returns: one entry per module (accuracy is None without logits)."""
+
+    losses: list[float]
+    accuracies: list[float | None]
+    terms: list[dict[str, float]]
+    boundaries: list[Boundary] = field(default_factory=list)
+
+
+def _as_list(name: str, spec, num_modules: int, build) -> list:
+    if isinstance(spec, (list, tuple, nn.ModuleList)):
+        if len(spec) != num_modules:
+            raise ValueError(f"LocalNet: expected {num_modules} {name} (one per module), got {len(spec)}")
+        return list(spec)
+    if isinstance(spec, nn.Module) or not callable(spec):
+        raise TypeError(f"LocalNet: expected {name} to be a list of {num_modules} modules or a factory "
+                        f"callable, got {type(spec).__name__}")
+    return [build(spec, k) for k in range(num_modules)]
+
+
+class LocalNet(nn.Module):
+    """K local modules, one auxiliary head and one local loss each.
+
+    Args:
+        blocks: the K modules, in order (each an ``nn.Module``; ``nn.Sequential`` of blocks is typical).
+        num_classes: class count for the default heads (needed when ``heads`` is None).
+        heads: a list of K heads, or a factory ``f(k, feature_shape) -> nn.Module`` where
+            ``feature_shape`` is module k's output shape on ``example_input`` (None without one).
+            Default: :class:`llkern.heads.LinearHead` (mean-pool + linear).
+        losses: a list of K :class:`LocalLoss`, one :class:`LocalLoss` for every module, or a factory
+            ``f(k, K) -> LocalLoss``. Default: :class:`llkern.losses.CrossEntropy`.
+        example_input: a small batch used to size the heads; without it heads are sized lazily
+            on the first call.
+
+    ``net(x)`` returns the last head's logits; ``net(x, exit=k)`` head k's (0-based; negative
+    counts from the end). ``net.local_step(x, y)`` trains; the optimizer step is the caller's.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        *,
+        num_classes: int | None = None,
+        heads: Sequence[nn.Module] | HeadFactory | None = None,
+        losses: Sequence[LocalLoss] | LocalLoss | LossFactory | None = None,
+        example_input: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("LocalNet: expected at least one module in blocks")
+        for k, block in enumerate(blocks):
+            if not isinstance(block, nn.Module):
+                raise TypeError(f"LocalNet: expected blocks[{k}] to be an nn.Module, got {type(block).__name__}")
+        self.blocks = nn.ModuleList(blocks)
+        num_modules = len(blocks)
+
+        shapes: list[torch.Size | None] = [None] * num_modules
+        if example_input is not None:
+            shapes = self._feature_shapes(example_input)
+
+        if heads is None:
+            if num_classes is None:
+                raise ValueError("LocalNet: give num_classes (for the default heads) or heads")
+
+            def heads(k, shape):
+                return LinearHead(num_classes, None if shape is None else feature_channels(shape))
+
+        self.heads = nn.ModuleList(_as_list("heads", heads, num_modules, lambda f, k: f(k, shapes[k])))
+
+        if losses is None:
+            losses = CrossEntropy()
+        if isinstance(losses, LocalLoss):
+            losses = [losses] * num_modules
+        self.losses = nn.ModuleList(_as_list("losses", losses, num_modules, lambda f, k: f(k, num_modules)))
+        for k, loss in enumerate(self.losses):
+            if not isinstance(loss, LocalLoss):
+                raise TypeError(f"LocalNet: expected losses[{k}] to be a llkern.losses.LocalLoss, "
+                                f"got {type(loss).__name__}")
+        if example_input is not None and any(self._has_lazy(h) for h in self.heads):
+            with torch.no_grad():
+                self.forward_all(example_input)  # materialise lazy heads now
+
+    @staticmethod
+    def _has_lazy(module: nn.Module) -> bool:
+        return any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters())
+
+    @torch.no_grad()
+    def _feature_shapes(self, example_input: torch.Tensor) -> list[torch.Size]:
+        was_training = self.training
+        self.eval()  # keep BatchNorm statistics untouched
+        shapes, h = [], example_input
+        for block in self.blocks:
+            h = block(h)
+            shapes.append(h.shape)
+        self.train(was_training)
+        return shapes
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.blocks)
+
+    def forward(self, x: torch.Tensor, exit: int = -1) -> torch.Tensor:
+        """Logits of head ``exit`` (default: the last), running modules 0..exit only."""
+        k_exit = exit % self.num_modules if -self.num_modules <= exit < self.num_modules else None
+        if k_exit is None:
+            raise IndexError(f"LocalNet: exit={exit} is out of range for {self.num_modules} modules")
+        h = x
+        for block in self.blocks[: k_exit + 1]:
+            h = block(h)
+        return self.heads[k_exit](h)
+
+    def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every head, in one pass through the modules."""
+        logits, h = [], x
+        for block, head in zip(self.blocks, self.heads, strict=True):
+            h = block(h)
+            logits.append(head(h))
+        return logits
+
+    def local_step(self, x: torch.Tensor, target: torch.Tensor, *, keep_boundaries: bool = False) -> StepResult:
+        """One local training step: for each module, forward, local loss, backward.
+
+        Gradients accumulate into ``.grad`` as with ``loss.backward()``; zero them and step the
+        optimizer(s) yourself. Module k's input is module k−1's output, detached. LocalNet drops
+        its reference to that boundary as soon as module k's backward is done (module k's first
+        layer saved it), unless ``keep_boundaries=True``; the returned :class:`Boundary` objects
+        then raise on access.
+        """
+        if x.shape[0] == 0:
+            raise ValueError("LocalNet.local_step: expected a non-empty batch, got x of shape "
+                             f"{list(x.shape)}")
+        if target.shape[0] != x.shape[0]:
+            raise ValueError(f"LocalNet.local_step: expected target with {x.shape[0]} entries (the batch of x), "
+                             f"got shape {list(target.shape)}")
+        losses, accuracies, terms, boundaries = [], [], [], []
+        h = x.detach()
+        previous: Boundary | None = None
+        for k, (block, head, loss_fn) in enumerate(zip(self.blocks, self.heads, self.losses, strict=True)):
+            residuals: list[torch.Tensor] = []
+            out = run_module(block, h, residuals)
+            result = loss_fn(LocalContext(k, self.num_modules, h, out, target, head, residuals))
+            result.loss.backward()
+            losses.append(result.loss.detach())
+            accuracies.append(None if result.logits is None else
+                              (result.logits.detach().argmax(dim=-1) == target).float().mean())
+            terms.append({name: value.detach() for name, value in result.terms.items()})
+            del result, residuals
+            # Module k's graph is gone; its input boundary is no longer needed.
+            if previous is not None and not keep_boundaries:
+                previous.release()
+            h = out.detach()
+            del out
+            previous = Boundary(k, h)
+            boundaries.append(previous)
+        del h
+        if not keep_boundaries and previous is not None:
+            previous.release()
+        # One host synchronisation for all the scalars.
+        flat = torch.stack([t.float() for t in losses]).tolist()
+        accs = [None if a is None else float(a) for a in accuracies]
+        return StepResult(flat, accs, [{n: float(v) for n, v in d.items()} for d in terms], boundaries)

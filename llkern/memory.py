@@ -1,0 +1,125 @@
+"""Activation-memory meter: peak bytes of tensors saved for backward, counted per storage.
+
+The same storage is often saved by several ops (a conv's output by the BatchNorm after it
+and by a view); summing per tensor double-counts, so the meter counts each *distinct
+storage* once, from the first save until the last saved reference to it is released by
+autograd. Parameters (and anything passed as ``exclude``) are not counted. On CUDA it also
+reports ``torch.cuda.max_memory_allocated`` above the level at entry.
+
+Example::
+
+    with MemoryMeter(exclude=model.parameters()) as meter:
+        loss = model(x).sum(); loss.backward()
+    print(meter.peak_saved_bytes)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+
+class _Saved:
+    """What autograd holds instead of a saved tensor while the meter is active."""
+
+    __slots__ = ("__weakref__", "key", "meter", "tensor")
+
+    def __init__(self, meter: MemoryMeter, key: tuple, tensor: torch.Tensor) -> None:
+        self.meter, self.key, self.tensor = meter, key, tensor
+
+    def __del__(self) -> None:
+        self.meter._drop(self.key)
+
+
+@dataclass
+class MemoryReport:
+    """Peaks of one measured region (bytes). ``cuda_peak_bytes`` is None off CUDA."""
+
+    peak_saved_bytes: int
+    cuda_peak_bytes: int | None = None
+
+    def __str__(self) -> str:
+        text = f"saved-for-backward peak {self.peak_saved_bytes / 2**20:.2f} MiB"
+        if self.cuda_peak_bytes is not None:
+            text += f", CUDA allocated peak {self.cuda_peak_bytes / 2**20:.2f} MiB above baseline"
+        return text
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    storage = t.untyped_storage()
+    return (t.device.type, t.device.index, storage.data_ptr())
+
+
+class MemoryMeter:
+    """Context manager measuring the peak bytes of distinct storages saved for backward.
+
+    Args:
+        exclude: tensors (typically ``model.parameters()``) whose storages are not counted;
+            ``nn.Parameter`` objects are never counted.
+        device: a CUDA device to also track ``max_memory_allocated`` on (default: the current
+            CUDA device when CUDA is available).
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = (), device: torch.device | str | None = None) -> None:
+        self._excluded = {_storage_key(t) for t in exclude}
+        self._counts: dict[tuple, int] = {}
+        self._sizes: dict[tuple, int] = {}
+        self.current_saved_bytes = 0
+        self.peak_saved_bytes = 0
+        if device is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        self._cuda = torch.device(device) if device is not None and torch.device(device).type == "cuda" else None
+        self._cuda_baseline = 0
+        self.cuda_peak_bytes: int | None = None
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: torch.Tensor):
+        if isinstance(tensor, torch.nn.Parameter):
+            return tensor
+        key = _storage_key(tensor)
+        nbytes = tensor.untyped_storage().nbytes()
+        if key in self._excluded or nbytes == 0:
+            return tensor
+        count = self._counts.get(key, 0)
+        if count == 0:
+            self._sizes[key] = nbytes
+            self.current_saved_bytes += nbytes
+            self.peak_saved_bytes = max(self.peak_saved_bytes, self.current_saved_bytes)
+        self._counts[key] = count + 1
+        return _Saved(self, key, tensor)
+
+    @staticmethod
+    def _unpack(handle):
+        return handle.tensor if isinstance(handle, _Saved) else handle
+
+    def _drop(self, key: tuple) -> None:
+        count = self._counts[key] - 1
+        if count == 0:
+            del self._counts[key]
+            self.current_saved_bytes -= self._sizes.pop(key)
+        else:
+            self._counts[key] = count
+
+    def reset_peak(self) -> None:
+        """Restart the peaks from the current level."""
+        self.peak_saved_bytes = self.current_saved_bytes
+        if self._cuda is not None:
+            torch.cuda.synchronize(self._cuda)
+            torch.cuda.reset_peak_memory_stats(self._cuda)
+            self._cuda_baseline = torch.cuda.memory_allocated(self._cuda)
+
+    def __enter__(self) -> MemoryMeter:
+        self.reset_peak()
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        if self._cuda is not None:
+            torch.cuda.synchronize(self._cuda)
+            self.cuda_peak_bytes = torch.cuda.max_memory_allocated(self._cuda) - self._cuda_baseline
+
+    def report(self) -> MemoryReport:
+        return MemoryReport(self.peak_saved_bytes, self.cuda_peak_bytes)
