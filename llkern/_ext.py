@@ -38,6 +38,7 @@ def extension_loaded() -> bool:
     return _C is not None
 
 
+@torch.compiler.assume_constant_result  # a build-time fact: traced as a constant by torch.compile
 def kernel_available(op: str, device_type: str) -> bool:
     """True when llkern._C has a kernel for ``torch.ops.llkern.<op>`` on ``device_type`` ("cpu", "cuda")."""
     if _C is None:

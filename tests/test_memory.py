@@ -1,0 +1,80 @@
+"""MemoryMeter: distinct-storage counting, parameter exclusion, and local vs end-to-end peaks."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import llkern
+from llkern.memory import MemoryMeter
+from llkern.models import digits_resnet
+
+
+def test_counts_a_storage_saved_twice_once():
+    a = torch.randn(1000, requires_grad=True)
+    with MemoryMeter() as meter:
+        (a * a).sum().backward()  # mul saves `a` as both operands
+    assert meter.peak_saved_bytes == 4000
+    assert meter.current_saved_bytes == 0  # released by the backward
+
+
+def test_counts_distinct_storages_and_views():
+    a = torch.randn(1000, requires_grad=True)
+    with MemoryMeter() as meter:
+        b = a.exp()            # saves its output b (4000 bytes)
+        c = b[:500].sin()      # saves a view of b: same storage, not counted again
+        d = a.cos()            # saves a (a distinct 4000 bytes)
+        loss = c.sum() + d.sum()
+        assert meter.current_saved_bytes == 8000
+        loss.backward()
+    assert meter.peak_saved_bytes == 8000 and meter.current_saved_bytes == 0
+
+
+def test_parameters_are_excluded():
+    linear = nn.Linear(64, 32)
+    x = torch.randn(16, 64, requires_grad=True)
+    with MemoryMeter(exclude=linear.parameters()) as meter:
+        linear(x).sum().backward()
+    assert meter.peak_saved_bytes == x.numel() * 4  # the input only; the weight is a parameter
+    w = torch.randn(32, 64, requires_grad=True)  # a plain tensor: excluded by storage
+    with MemoryMeter(exclude=[w]) as meter:
+        F.linear(x, w.t().t()).sum().backward()
+    assert meter.peak_saved_bytes == x.numel() * 4
+
+
+def test_report_string():
+    a = torch.randn(2**18, requires_grad=True)
+    with MemoryMeter() as meter:
+        a.exp().sum().backward()
+    assert meter.report().peak_saved_bytes == 2**20
+    assert "1.00 MiB" in str(meter.report())
+
+
+def _module_saved_bytes(net, x, y):
+    """Saved bytes of each module (with its head) alone, on the detached output of the previous one."""
+    sizes, boundary_sizes, h = [], [], x
+    for block, head in zip(net.blocks, net.heads, strict=True):
+        with MemoryMeter(exclude=net.parameters()) as meter:
+            out = block(h.detach())
+            F.cross_entropy(head(out), y).backward()
+        sizes.append(meter.peak_saved_bytes)
+        boundary_sizes.append(out.numel() * out.element_size())
+        h = out.detach()
+    return sizes, boundary_sizes
+
+
+def test_local_step_peak_is_the_largest_module_not_the_sum():
+    torch.manual_seed(0)
+    net = llkern.LocalNet(digits_resnet(4, width=16), num_classes=10, example_input=torch.randn(2, 1, 8, 8))
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    sizes, boundaries = _module_saved_bytes(net, x, y)
+    with MemoryMeter(exclude=net.parameters()) as local:
+        net.local_step(x, y)
+    end_to_end = nn.Sequential(*net.blocks, net.heads[-1])
+    with MemoryMeter(exclude=net.parameters()) as e2e:
+        F.cross_entropy(end_to_end(x), y).backward()
+    assert local.peak_saved_bytes <= max(sizes) + max(boundaries)
+    assert local.peak_saved_bytes >= max(sizes)
+    # End to end holds every module's activations at once: the sum, less the K-1 small heads
+    # it does not run.
+    assert e2e.peak_saved_bytes >= 0.98 * sum(sizes)
+    assert local.peak_saved_bytes < 0.5 * e2e.peak_saved_bytes
