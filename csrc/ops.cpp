@@ -15,7 +15,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(llkern, m) {
-  // Transport penalty (TRGL): scale * sum((y - x)^2), scale = 1 / (2 tau denom).
-  m.def("transport_penalty(Tensor y, Tensor? x, float tau, str reduction) -> Tensor");
+  // Transport penalty (TRGL): scale * sum((y - x)^2), scale = 1 / (2 tau denom). With
+  // with_grad, the second output is d loss / d y from the same pass (else an empty tensor).
+  m.def("transport_penalty(Tensor y, Tensor? x, float tau, str reduction, bool with_grad=False) -> (Tensor, Tensor)");
   m.def("transport_penalty_backward(Tensor grad, Tensor y, Tensor? x, float tau, str reduction) -> Tensor");
 }

@@ -18,7 +18,7 @@ Impl = Literal["auto", "kernel", "reference"]
 IMPLS = ("auto", "kernel", "reference")
 
 try:
-    from llkern import _C  # noqa: F401  (importing registers torch.ops.llkern.*)
+    from llkern import _C
 
     _LOAD_ERROR: BaseException | None = None
 except ImportError as error:  # the package works without its compiled part

@@ -109,7 +109,7 @@ def format_table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modules", type=int, default=4, help="number of local modules K (1..8)")
     parser.add_argument("--epochs", type=int, default=20)
@@ -118,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tau", type=float, default=1.0, help="transport-penalty tau")
     parser.add_argument("--tau-schedule", choices=("constant", "varying"), default="constant")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    results = run(args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    results = run(build_parser().parse_args(argv))
     print(format_table(results))
     return 0
 

@@ -11,7 +11,10 @@ from torch import nn
 
 
 class PreActBlock(nn.Module):
-    """``y = shortcut(x) + r(x)``, ``r = conv3×3(ReLU(BN(conv3×3(ReLU(BN(x))))))``; 1×1 conv shortcut on a shape change."""
+    """``y = shortcut(x) + r(x)`` with ``r = conv3×3(ReLU(BN(conv3×3(ReLU(BN(x))))))``.
+
+    The shortcut is the identity, or a 1×1 convolution when the shape changes.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()

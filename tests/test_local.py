@@ -212,7 +212,7 @@ def test_boundaries_are_released_after_the_next_backward():
     assert all(ref() is None for ref in inputs.values())
     assert all(b.released for b in result.boundaries)
     with pytest.raises(RuntimeError, match="released"):
-        result.boundaries[1].tensor
+        _ = result.boundaries[1].tensor
 
 
 def test_keep_boundaries():

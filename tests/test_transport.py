@@ -127,8 +127,9 @@ def test_gradcheck_float64():
 def test_opcheck(with_x, dtype):
     y = torch.randn(4, 9, dtype=dtype, requires_grad=True)
     x = torch.randn(4, 9, dtype=dtype, requires_grad=True) if with_x else None
-    torch.library.opcheck(torch.ops.llkern.transport_penalty.default, (y, x, 0.7, "mean"))
-    torch.library.opcheck(torch.ops.llkern.transport_penalty.default, (y, x, 0.7, "sum_per_sample"))
+    for reduction in REDUCTIONS:
+        for with_grad in (False, True):
+            torch.library.opcheck(torch.ops.llkern.transport_penalty.default, (y, x, 0.7, reduction, with_grad))
     grad = torch.rand((), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     torch.library.opcheck(torch.ops.llkern.transport_penalty_backward.default,
                           (grad, y.detach(), None if x is None else x.detach(), 0.7, "mean"))
@@ -157,21 +158,57 @@ def test_torch_compile_inductor():
     torch.testing.assert_close(y.grad, y.detach() / (2.0 * 6), rtol=1e-6, atol=1e-9)
 
 
+def _profiled_ops(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events()]
+
+
 def test_no_gradient_work_when_not_needed():
-    y = torch.randn(4, 5)
-    x = torch.randn(4, 5)
+    y, x = torch.randn(4, 5), torch.randn(4, 5)
     loss = llkern.transport_penalty(y, x, impl="kernel")
     assert not loss.requires_grad and loss.grad_fn is None
-
-    # Only y needs a gradient: x gets none, and the backward kernel runs once.
     y.requires_grad_()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        loss = llkern.transport_penalty(y, x, impl="kernel")
-        loss.backward()
-    names = [e.name for e in prof.events()]
-    assert names.count("llkern::transport_penalty_backward") == 1
-    assert "aten::neg" not in names  # dx = -dy is only formed when x needs it
+    with torch.no_grad():
+        assert llkern.transport_penalty(y, x, impl="kernel").grad_fn is None
+
+    # Only y needs a gradient. On the CPU it is written by the forward pass: the backward runs
+    # no kernel and no scaling when the upstream gradient is 1, and forms no dx.
+    def step():
+        llkern.transport_penalty(y, x, impl="kernel").backward()
+
+    names = _profiled_ops(step)
+    assert "llkern::transport_penalty_backward" not in names
+    assert not {"aten::mul", "aten::neg"} & set(names)
     assert x.grad is None
+    torch.testing.assert_close(y.grad, (y - x).detach() / y.numel())
+
+
+def test_scaled_and_retained_backward():
+    y = torch.randn(7, 9, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 9, dtype=torch.float64)
+    loss = llkern.transport_penalty(y, x, 0.5, impl="kernel")
+    (3.0 * loss).backward(retain_graph=True)
+    expected = 3.0 * (y - x).detach() / (0.5 * y.numel())
+    torch.testing.assert_close(y.grad, expected)
+    loss.backward()  # the retained graph still holds the forward's gradient
+    torch.testing.assert_close(y.grad, expected * 4.0 / 3.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_op_recomputes_the_gradient(device, reduction, dtype):
+    # The path CUDA takes by default: the backward re-reads y and x, scaled by the upstream gradient.
+    y = torch.randn(5, 97, device=device, dtype=dtype)
+    x = torch.randn(5, 97, device=device, dtype=dtype)
+    grad = torch.tensor(0.3, device=device, dtype=dtype)
+    dy = torch.ops.llkern.transport_penalty_backward(grad, y, x, 1.7, reduction)
+    _, (ref_dy, _) = reference64(y.requires_grad_(), x.requires_grad_(), 1.7, reduction)
+    torch.testing.assert_close(dy.double().cpu(), 0.3 * ref_dy.cpu(), rtol=1e-6, atol=1e-12)
+    dy_no_x = torch.ops.llkern.transport_penalty_backward(grad, y.detach(), None, 1.7, reduction)
+    _, (ref_no_x,) = reference64(y, None, 1.7, reduction)
+    torch.testing.assert_close(dy_no_x.double().cpu(), 0.3 * ref_no_x.cpu(), rtol=1e-6, atol=1e-12)
 
 
 def test_gradient_of_x_is_minus_gradient_of_y():

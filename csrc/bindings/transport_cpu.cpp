@@ -2,13 +2,14 @@
 #include <torch/library.h>
 
 #include "../kernels/transport.h"
+#include "cpu_alloc.h"
 #include "transport_common.h"
 
 namespace llkern {
 namespace {
 
-at::Tensor transport_penalty_cpu(const at::Tensor& y, const std::optional<at::Tensor>& x, double tau,
-                                 c10::string_view reduction) {
+std::tuple<at::Tensor, at::Tensor> transport_penalty_cpu(const at::Tensor& y, const std::optional<at::Tensor>& x,
+                                                         double tau, c10::string_view reduction, bool with_grad) {
   check_transport_inputs(y, x, tau, reduction);
   const at::Tensor yc = y.contiguous();
   const at::Tensor xc = x.has_value() ? x->contiguous() : at::Tensor();
@@ -20,8 +21,11 @@ at::Tensor transport_penalty_cpu(const at::Tensor& y, const std::optional<at::Te
   p.dtype = scalar_kind(y, "y");
   p.scale = transport_scale(y, tau, reduction);
   p.loss = loss.data_ptr();
+  at::Tensor grad_y = with_grad ? empty_cpu_large(y.sizes(), y.options()) : at::empty({0}, y.options());
+  p.grad_y = with_grad ? grad_y.data_ptr() : nullptr;
+  p.grad_scale = 2.0 * p.scale;
   transport_forward_cpu(p);
-  return loss;
+  return {loss, grad_y};
 }
 
 at::Tensor transport_penalty_backward_cpu(const at::Tensor& grad, const at::Tensor& y,
@@ -32,7 +36,7 @@ at::Tensor transport_penalty_backward_cpu(const at::Tensor& grad, const at::Tens
   const at::Tensor yc = y.contiguous();
   const at::Tensor xc = x.has_value() ? x->contiguous() : at::Tensor();
   const at::Tensor gc = grad.to(loss_dtype(y.scalar_type())).contiguous();
-  at::Tensor dy = at::empty(y.sizes(), y.options());
+  at::Tensor dy = empty_cpu_large(y.sizes(), y.options());
   TransportBackwardParams p;
   p.grad_loss = gc.data_ptr();
   p.y = yc.data_ptr();

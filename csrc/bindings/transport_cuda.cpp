@@ -9,8 +9,8 @@
 namespace llkern {
 namespace {
 
-at::Tensor transport_penalty_cuda(const at::Tensor& y, const std::optional<at::Tensor>& x, double tau,
-                                  c10::string_view reduction) {
+std::tuple<at::Tensor, at::Tensor> transport_penalty_cuda(const at::Tensor& y, const std::optional<at::Tensor>& x,
+                                                         double tau, c10::string_view reduction, bool with_grad) {
   check_transport_inputs(y, x, tau, reduction);
   const c10::cuda::CUDAGuard guard(y.device());
   const at::Tensor yc = y.contiguous();
@@ -26,10 +26,13 @@ at::Tensor transport_penalty_cuda(const at::Tensor& y, const std::optional<at::T
   p.dtype = kind;
   p.scale = transport_scale(y, tau, reduction);
   p.loss = loss.data_ptr();
+  at::Tensor grad_y = with_grad ? at::empty(y.sizes(), y.options()) : at::empty({0}, y.options());
+  p.grad_y = with_grad ? grad_y.data_ptr() : nullptr;
+  p.grad_scale = 2.0 * p.scale;
   p.workspace = workspace.data_ptr();
   transport_forward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return loss;
+  return {loss, grad_y};
 }
 
 at::Tensor transport_penalty_backward_cuda(const at::Tensor& grad, const at::Tensor& y,

@@ -17,8 +17,18 @@ constexpr int kLanes = 16;
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
-template <typename T, bool kHasX>
-double chunk_sum_of_squares(const T* y, const T* x, int64_t n) {
+template <typename T, typename Acc>
+inline T store(Acc v) {
+  if constexpr (sizeof(T) == sizeof(Acc)) {
+    return T(v);
+  } else {
+    return from_float<T>(v);
+  }
+}
+
+// Sum of r^2 over one chunk; with kGrad also writes dy = g * r in the same pass.
+template <typename T, bool kHasX, bool kGrad>
+double chunk_sum_of_squares(const T* y, const T* x, T* dy, int64_t n, typename AccOf<T>::type g) {
   using Acc = typename AccOf<T>::type;
   Acc lanes[kLanes] = {};
   int64_t i = 0;
@@ -27,27 +37,30 @@ double chunk_sum_of_squares(const T* y, const T* x, int64_t n) {
       Acc r = Acc(to_float(y[i + l]));
       if (kHasX) r -= Acc(to_float(x[i + l]));
       lanes[l] += r * r;
+      if (kGrad) dy[i + l] = store<T>(g * r);
     }
   }
   for (int l = 0; i < n; ++i, ++l) {
     Acc r = Acc(to_float(y[i]));
     if (kHasX) r -= Acc(to_float(x[i]));
     lanes[l] += r * r;
+    if (kGrad) dy[i] = store<T>(g * r);
   }
   double total = 0.0;
   for (int l = 0; l < kLanes; ++l) total += double(lanes[l]);
   return total;
 }
 
-template <typename T, bool kHasX>
-double sum_of_squares(const T* y, const T* x, int64_t n) {
+template <typename T, bool kHasX, bool kGrad>
+double sum_of_squares(const T* y, const T* x, T* dy, int64_t n, typename AccOf<T>::type g) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partial(static_cast<size_t>(chunks));
 #pragma omp parallel for schedule(static) if (chunks > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t begin = c * kChunk;
     const int64_t len = (n - begin) < kChunk ? (n - begin) : kChunk;
-    partial[c] = chunk_sum_of_squares<T, kHasX>(y + begin, kHasX ? x + begin : nullptr, len);
+    partial[c] = chunk_sum_of_squares<T, kHasX, kGrad>(y + begin, kHasX ? x + begin : nullptr,
+                                                       kGrad ? dy + begin : nullptr, len, g);
   }
   double total = 0.0;
   for (double s : partial) total += s;
@@ -56,9 +69,18 @@ double sum_of_squares(const T* y, const T* x, int64_t n) {
 
 template <typename T>
 void forward_typed(const TransportForwardParams& p) {
+  using Acc = typename AccOf<T>::type;
   const T* y = static_cast<const T*>(p.y);
   const T* x = static_cast<const T*>(p.x);
-  const double s = x ? sum_of_squares<T, true>(y, x, p.numel) : sum_of_squares<T, false>(y, nullptr, p.numel);
+  T* dy = static_cast<T*>(p.grad_y);
+  const Acc g = Acc(p.grad_scale);
+  double s;
+  if (x) {
+    s = dy ? sum_of_squares<T, true, true>(y, x, dy, p.numel, g) : sum_of_squares<T, true, false>(y, x, dy, p.numel, g);
+  } else {
+    s = dy ? sum_of_squares<T, false, true>(y, x, dy, p.numel, g)
+           : sum_of_squares<T, false, false>(y, x, dy, p.numel, g);
+  }
   if (p.dtype == ScalarKind::kFloat64) {
     *static_cast<double*>(p.loss) = p.scale * s;
   } else {
@@ -75,11 +97,7 @@ void backward_loop(const T* y, const T* x, T* dy, int64_t n, typename AccOf<T>::
     for (int64_t i = c; i < end; ++i) {
       Acc r = Acc(to_float(y[i]));
       if (kHasX) r -= Acc(to_float(x[i]));
-      if constexpr (sizeof(T) == sizeof(Acc)) {
-        dy[i] = T(g * r);
-      } else {
-        dy[i] = from_float<T>(g * r);
-      }
+      dy[i] = store<T>(g * r);
     }
   }
 }

@@ -65,10 +65,12 @@ __device__ A block_sum(A v, A* shared) {
   return v;  // valid in thread 0
 }
 
-template <typename T, bool kHasX>
+// With kGrad, also writes dy = g * r in the same pass (the caller wants the gradient now).
+template <typename T, bool kHasX, bool kGrad>
 __global__ void __launch_bounds__(kThreads)
-    sum_of_squares_partial(const T* __restrict__ y, const T* __restrict__ x, int64_t n, int64_t chunk,
-                           bool vectorised, typename Acc<T>::type* __restrict__ partials) {
+    sum_of_squares_partial(const T* __restrict__ y, const T* __restrict__ x, T* __restrict__ dy, int64_t n,
+                           int64_t chunk, bool vectorised, typename Acc<T>::type g,
+                           typename Acc<T>::type* __restrict__ partials) {
   using A = typename Acc<T>::type;
   __shared__ A shared[kThreads / 32];
   const int64_t begin = int64_t(blockIdx.x) * chunk;
@@ -79,16 +81,19 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t nvec = (end > begin ? end - begin : 0) / kVec<T>;
     const Vec<T>* yv = reinterpret_cast<const Vec<T>*>(y + begin);
     const Vec<T>* xv = reinterpret_cast<const Vec<T>*>(kHasX ? x + begin : y);
+    Vec<T>* dv = reinterpret_cast<Vec<T>*>(kGrad ? dy + begin : nullptr);
     for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
       const Vec<T> a = yv[i];
-      Vec<T> b;
+      Vec<T> b, out;
       if (kHasX) b = xv[i];
 #pragma unroll
       for (int j = 0; j < kVec<T>; ++j) {
         A r = A(load_f(a.v[j]));
         if (kHasX) r -= A(load_f(b.v[j]));
         acc += r * r;
+        if (kGrad) out.v[j] = store_f<T>(g * r);
       }
+      if (kGrad) dv[i] = out;
     }
     tail = begin + nvec * kVec<T>;
   }
@@ -96,6 +101,7 @@ __global__ void __launch_bounds__(kThreads)
     A r = A(load_f(y[i]));
     if (kHasX) r -= A(load_f(x[i]));
     acc += r * r;
+    if (kGrad) dy[i] = store_f<T>(g * r);
   }
   acc = block_sum(acc, shared);
   if (threadIdx.x == 0) partials[blockIdx.x] = acc;
@@ -153,14 +159,21 @@ void forward_typed(const TransportForwardParams& p, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   const int64_t blocks = num_blocks(p.numel);
   const int64_t chunk = chunk_size<T>(p.numel, blocks);
-  const bool vectorised = aligned16(p.y) && aligned16(p.x);
+  const bool vectorised = aligned16(p.y) && aligned16(p.x) && aligned16(p.grad_y);
   const T* y = static_cast<const T*>(p.y);
   const T* x = static_cast<const T*>(p.x);
+  T* dy = static_cast<T*>(p.grad_y);
+  const A g = A(p.grad_scale);
   A* partials = static_cast<A*>(p.workspace);
-  if (x) {
-    sum_of_squares_partial<T, true><<<blocks, kThreads, 0, stream>>>(y, x, p.numel, chunk, vectorised, partials);
+  const dim3 grid(static_cast<unsigned>(blocks));
+  if (x && dy) {
+    sum_of_squares_partial<T, true, true><<<grid, kThreads, 0, stream>>>(y, x, dy, p.numel, chunk, vectorised, g, partials);
+  } else if (x) {
+    sum_of_squares_partial<T, true, false><<<grid, kThreads, 0, stream>>>(y, x, dy, p.numel, chunk, vectorised, g, partials);
+  } else if (dy) {
+    sum_of_squares_partial<T, false, true><<<grid, kThreads, 0, stream>>>(y, x, dy, p.numel, chunk, vectorised, g, partials);
   } else {
-    sum_of_squares_partial<T, false><<<blocks, kThreads, 0, stream>>>(y, x, p.numel, chunk, vectorised, partials);
+    sum_of_squares_partial<T, false, false><<<grid, kThreads, 0, stream>>>(y, x, dy, p.numel, chunk, vectorised, g, partials);
   }
   finish_sum<A, A><<<1, kThreads, 0, stream>>>(partials, blocks, p.scale, static_cast<A*>(p.loss));
 }

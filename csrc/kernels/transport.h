@@ -17,6 +17,8 @@ struct TransportForwardParams {
   ScalarKind dtype = ScalarKind::kFloat32;
   double scale = 1.0;        // 1 / (2 tau denom)
   void* loss = nullptr;      // one double for kFloat64 inputs, else one float
+  void* grad_y = nullptr;    // optional out: d loss / d y = grad_scale * r, written in the same pass
+  double grad_scale = 2.0;   // 2 * scale
   void* workspace = nullptr; // CUDA: transport_forward_cuda_workspace_bytes()
 };
 

@@ -68,7 +68,13 @@ def transport_penalty(
     """
     _check(y, x, tau, reduction)
     if use_kernel("transport_penalty", y.device, impl):
-        return torch.ops.llkern.transport_penalty(y, x, float(tau), reduction)
+        needs_grad = torch.is_grad_enabled() and (y.requires_grad or (x is not None and x.requires_grad))
+        # CPU: write the gradient in the forward's pass (2 passes over r instead of 3; the
+        # backward only scales it when the upstream gradient is not 1). CUDA: the backward
+        # re-reads r, which needs no host synchronisation on the upstream gradient.
+        with_grad = needs_grad and y.device.type == "cpu"
+        loss, _ = torch.ops.llkern.transport_penalty(y, x, float(tau), reduction, with_grad)
+        return loss
     return transport_penalty_reference(y, x, float(tau), reduction)
 
 
@@ -76,28 +82,47 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _is_eager_cpu(t: torch.Tensor) -> bool:
+    """A real CPU tensor, not one being traced (compile, opcheck, functorch): its value may be read."""
+    return (type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    y, x, tau, reduction = inputs
-    ctx.save_for_backward(y, x)
+    y, x, tau, reduction, with_grad = inputs
+    _, grad_y = output
+    ctx.mark_non_differentiable(grad_y)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the unused grad_y output
+    ctx.save_for_backward(y, x, grad_y if with_grad else None)
     ctx.tau = tau
     ctx.reduction = reduction
 
 
-def _backward(ctx, grad):
-    y, x = ctx.saved_tensors
+def _backward(ctx, grad, _grad_of_grad_y):
+    y, x, grad_y = ctx.saved_tensors
+    if grad is None:
+        return None, None, None, None, None
     need_y, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_y or need_x):
-        return None, None, None, None
-    dy = torch.ops.llkern.transport_penalty_backward(grad, y, x, ctx.tau, ctx.reduction)
-    return (dy if need_y else None), (-dy if need_x else None), None, None
+        return None, None, None, None, None
+    if grad_y is None:
+        dy = torch.ops.llkern.transport_penalty_backward(grad, y, x, ctx.tau, ctx.reduction)
+    elif _is_eager_cpu(grad) and grad.item() == 1.0:
+        # The usual case (the penalty added to a loss): hand over the forward's buffer. Autograd
+        # releases the saved copy before accumulating, so .grad takes it without a copy.
+        dy = grad_y
+    else:
+        dy = grad_y * grad.to(grad_y.dtype)
+    return (dy if need_y else None), (-dy if need_x else None), None, None, None
 
 
 if extension_loaded():
 
     @torch.library.register_fake("llkern::transport_penalty")
-    def _fake(y, x, tau, reduction):
+    def _fake(y, x, tau, reduction, with_grad=False):
         torch._check(x is None or x.shape == y.shape, lambda: "expected y and x to have the same shape")
-        return y.new_empty((), dtype=_loss_dtype(y.dtype))
+        grad_y = y.new_empty(y.shape if with_grad else (0,))
+        return y.new_empty((), dtype=_loss_dtype(y.dtype)), grad_y
 
     @torch.library.register_fake("llkern::transport_penalty_backward")
     def _fake_backward(grad, y, x, tau, reduction):

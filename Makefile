@@ -1,0 +1,42 @@
+# make demo: set up everything (venv, dependencies, build), then run the main job.
+# make test: set up everything, then run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch lies on this kind of machine's disk; elsewhere pip fetches it.
+TORCH_SPEC ?= torch==2.13.0
+export MAX_JOBS ?= 2
+
+.PHONY: demo test install bench lint cuda-check clean
+
+demo: install
+	$(PY) -m llkern.demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" -r requirements-dev.txt
+	LLKERN_STRICT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import llkern; assert llkern.kernel_available('transport_penalty', 'cpu'), 'llkern._C did not build'"
+	touch $@
+
+bench: install
+	$(PY) -m pytest -q bench --benchmark-columns=median,iqr,rounds
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+# Compile every torch-free CUDA kernel for sm_90a (no GPU or CUDA torch needed).
+cuda-check:
+	@for f in csrc/cuda/*.cu; do \
+	  echo "nvcc -arch=sm_90a $$f"; \
+	  nvcc -std=c++17 -O3 -arch=sm_90a -Xptxas -warn-spills -c $$f -o /dev/null || exit 1; \
+	done
+
+clean:
+	rm -rf build $(VENV) *.egg-info llkern/_C*.so
