@@ -15,7 +15,6 @@ Environment:
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -30,8 +29,17 @@ def _sources(pattern: str) -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
 
 
-def _want_cuda(torch_cuda: str | None, cuda_home: str | None) -> bool:
-    flag = os.environ.get("LLKERN_CUDA", "").strip()
+def _nvcc_home(cuda_home: str | None) -> str | None:
+    """torch's CUDA_HOME (from $CUDA_HOME, `which nvcc` or /usr/local/cuda) if it holds an nvcc."""
+    if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        return cuda_home
+    return None
+
+
+def _want_cuda(torch_cuda: str | None, cuda_home: str | None, flag: str | None = None) -> bool:
+    """Build CUDA kernels? LLKERN_CUDA=1 forces (error if impossible), 0 skips, unset decides by
+    whether torch is a CUDA build and nvcc is found. Never by torch.cuda.is_available()."""
+    flag = (os.environ.get("LLKERN_CUDA", "") if flag is None else flag).strip()
     if flag == "0":
         return False
     if flag == "1":
@@ -67,11 +75,10 @@ def _extension_kwargs() -> dict:
     # No -std: torch adds the standard its headers need (C++17 up to 2.13, C++20 from 2.14).
     cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden"]
     sources = ["csrc/ops.cpp", *_sources("csrc/cpu/*.cpp"), *_sources("csrc/bindings/*_cpu.cpp")]
-    use_cuda = _want_cuda(torch.version.cuda, cpp_extension.CUDA_HOME if shutil.which("nvcc") or
-                          cpp_extension.CUDA_HOME else None)
+    use_cuda = _want_cuda(torch.version.cuda, _nvcc_home(cpp_extension.CUDA_HOME))
     if use_cuda:
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/bindings/*_cuda.cpp")
-        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo",
+        nvcc_flags = ["-O3", "-lineinfo",
                       *_gencode_flags(os.environ.get("LLKERN_CUDA_ARCHS", "80;90a"))]
         ext = cpp_extension.CUDAExtension(
             "llkern._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
@@ -96,4 +103,5 @@ def _extension_kwargs() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
 
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, **_extension_kwargs())
+if __name__ == "__main__":  # also under pip: setuptools runs this file as __main__
+    setup(packages=PACKAGES, package_dir=PACKAGE_DIR, **_extension_kwargs())

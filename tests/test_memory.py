@@ -1,5 +1,6 @@
 """MemoryMeter: distinct-storage counting, parameter exclusion, and local vs end-to-end peaks."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,4 +78,21 @@ def test_local_step_peak_is_the_largest_module_not_the_sum():
     # End to end holds every module's activations at once: the sum, less the K-1 small heads
     # it does not run.
     assert e2e.peak_saved_bytes >= 0.98 * sum(sizes)
+    assert local.peak_saved_bytes < 0.5 * e2e.peak_saved_bytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_allocator_peak_local_vs_end_to_end():
+    torch.manual_seed(0)
+    net = llkern.LocalNet(digits_resnet(4, width=32), num_classes=10,
+                          example_input=torch.randn(2, 1, 8, 8)).cuda()
+    x, y = torch.randn(512, 1, 8, 8, device="cuda"), torch.randint(0, 10, (512,), device="cuda")
+    net.local_step(x, y)  # warm-up: gradients and workspaces allocated
+    with MemoryMeter(exclude=net.parameters()) as local:
+        net.local_step(x, y)
+    end_to_end = nn.Sequential(*net.blocks, net.heads[-1])
+    with MemoryMeter(exclude=net.parameters()) as e2e:
+        F.cross_entropy(end_to_end(x), y).backward()
+    assert local.cuda_peak_bytes is not None and e2e.cuda_peak_bytes is not None
+    assert 0 < local.cuda_peak_bytes < 0.6 * e2e.cuda_peak_bytes
     assert local.peak_saved_bytes < 0.5 * e2e.peak_saved_bytes

@@ -184,6 +184,16 @@ def test_no_gradient_work_when_not_needed():
     torch.testing.assert_close(y.grad, (y - x).detach() / y.numel())
 
 
+def test_holds_one_buffer_until_backward():
+    from llkern.memory import MemoryMeter
+
+    leaf = torch.randn(1000, requires_grad=True)
+    with MemoryMeter() as meter:
+        h = leaf * 2.0  # saves nothing (a Python scalar)
+        llkern.transport_penalty(h, impl="kernel").backward()
+    assert meter.peak_saved_bytes == 4000  # the gradient buffer only; eager's square() saves h likewise
+
+
 def test_scaled_and_retained_backward():
     y = torch.randn(7, 9, dtype=torch.float64, requires_grad=True)
     x = torch.randn(7, 9, dtype=torch.float64)

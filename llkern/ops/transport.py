@@ -93,7 +93,9 @@ def _setup_context(ctx, inputs, output) -> None:
     _, grad_y = output
     ctx.mark_non_differentiable(grad_y)
     ctx.set_materialize_grads(False)  # no zero-filled gradient for the unused grad_y output
-    ctx.save_for_backward(y, x, grad_y if with_grad else None)
+    # With the forward's gradient in hand the backward needs nothing else: keeping y too would
+    # hold two r-sized buffers until the backward.
+    ctx.save_for_backward(*((None, None, grad_y) if with_grad else (y, x, None)))
     ctx.tau = tau
     ctx.reduction = reduction
 
