@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# On a GPU machine with no network, in one call: build the CUDA extension, run the tests
-# (CUDA included), compute-sanitizer on the ops' CUDA tests, and the GPU benchmarks.
-# Logs and results go to $OUT (default /tmp/llkern-gpu); commit bench/results/ afterwards.
+# On a GPU machine with no network, in one call: build the CUDA extension, benchmark, run the
+# tests (CUDA included) and compute-sanitizer on the ops' CUDA tests. Each stage has a time
+# limit so that one slow stage cannot cost the others; results are copied to $OUT as soon as
+# they exist. Logs and results go to $OUT (default /tmp/llkern-gpu); commit bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/llkern-gpu}
@@ -14,22 +15,23 @@ status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 echo "== build (LLKERN_CUDA_ARCHS=$LLKERN_CUDA_ARCHS)"
 start=$(date +%s)
-if ! $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+if ! timeout 300 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"; exit 1
 fi
 echo "built in $(( $(date +%s) - start )) s"
 $PY -c "import llkern; assert llkern.kernel_available('transport_penalty', 'cuda'), 'no CUDA kernels built'" || exit 1
 
+echo "== benchmarks"
+timeout 150 $PY bench/gpu_transport.py 2>&1 | tee "$OUT/bench.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+cp bench/results/results.jsonl "$OUT/results.jsonl" 2>/dev/null
+
 echo "== tests (CPU and CUDA)"
-$PY -m pytest -q -p no:cacheprovider tests -m "not slow" 2>&1 | tee "$OUT/tests.log" | tail -15
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests -m "not slow" 2>&1 | tee "$OUT/tests.log" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== compute-sanitizer memcheck on the CUDA op tests"
-compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest -q -p no:cacheprovider -x \
-  tests/test_transport.py -k "cuda" 2>&1 | tee "$OUT/sanitizer.log" | tail -8
+timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest -q -p no:cacheprovider -x \
+  tests/test_transport.py tests/test_aux_head.py -k "cuda" 2>&1 | tee "$OUT/sanitizer.log" | tail -8
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-echo "== benchmarks"
-$PY bench/gpu_transport.py 2>&1 | tee "$OUT/bench.txt" || status=1
-cp bench/results/results.jsonl "$OUT/results.jsonl" 2>/dev/null
 exit $status

@@ -6,6 +6,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "kernels/buffer_pool.h"
+
 extern "C" {
 // An empty Python module: importing it loads this library and its registrations.
 PyMODINIT_FUNC PyInit__C(void) {
@@ -19,4 +21,17 @@ TORCH_LIBRARY(llkern, m) {
   // with_grad, the second output is d loss / d y from the same pass (else an empty tensor).
   m.def("transport_penalty(Tensor y, Tensor? x, float tau, str reduction, bool with_grad=False) -> (Tensor, Tensor)");
   m.def("transport_penalty_backward(Tensor grad, Tensor y, Tensor? x, float tau, str reduction) -> Tensor");
+
+  // Fused auxiliary head: mean-pool (4-D features) -> linear -> cross-entropy. Returns the loss,
+  // the number of correct predictions and, with with_grad, d loss / d rows (rows x C), d weight
+  // and d bias, all formed in the forward (the loss is a leaf of the local graph).
+  m.def(
+      "aux_head_loss(Tensor features, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "
+      "float label_smoothing, str reduction, bool with_grad=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // d features of 4-D features: grad_loss * grad_pooled / (H W), broadcast over H and W.
+  // llkern's cache of large CPU buffers (see cpu/buffer_pool.cpp), like torch.cuda.empty_cache.
+  m.def("cpu_buffer_cache_bytes() -> int", []() { return int64_t(llkern::buffer_pool_cached_bytes()); });
+  m.def("empty_cpu_buffer_cache() -> ()", []() { llkern::buffer_pool_empty(); });
+  m.def("aux_head_backward(Tensor grad_loss, Tensor grad_pooled, int[] sizes, bool channels_last, "
+        "ScalarType dtype) -> Tensor");
 }

@@ -78,6 +78,14 @@ class StepResult:
     boundaries: list[Boundary] = field(default_factory=list)
 
 
+def _accuracy(result, target: torch.Tensor) -> torch.Tensor | None:
+    if result.correct is not None and result.counted is not None:
+        return result.correct.detach().float() / result.counted.clamp_min(1).float()
+    if result.logits is not None:
+        return (result.logits.detach().argmax(dim=-1) == target).float().mean()
+    return None
+
+
 def _as_list(name: str, spec, num_modules: int, build) -> list:
     if isinstance(spec, (list, tuple, nn.ModuleList)):
         if len(spec) != num_modules:
@@ -149,8 +157,11 @@ class LocalNet(nn.Module):
                 raise TypeError(f"LocalNet: expected losses[{k}] to be a llkern.losses.LocalLoss, "
                                 f"got {type(loss).__name__}")
         if example_input is not None and any(self._has_lazy(h) for h in self.heads):
+            was_training = self.training
+            self.eval()  # materialise lazy heads now, leaving BatchNorm statistics untouched
             with torch.no_grad():
-                self.forward_all(example_input)  # materialise lazy heads now
+                self.forward_all(example_input)
+            self.train(was_training)
 
     @staticmethod
     def _has_lazy(module: nn.Module) -> bool:
@@ -213,8 +224,7 @@ class LocalNet(nn.Module):
             result = loss_fn(LocalContext(k, self.num_modules, h, out, target, head, residuals))
             result.loss.backward()
             losses.append(result.loss.detach())
-            accuracies.append(None if result.logits is None else
-                              (result.logits.detach().argmax(dim=-1) == target).float().mean())
+            accuracies.append(_accuracy(result, target))
             terms.append({name: value.detach() for name, value in result.terms.items()})
             del result, residuals
             # Module k's graph is gone; its input boundary is no longer needed.
@@ -228,6 +238,9 @@ class LocalNet(nn.Module):
         if not keep_boundaries and previous is not None:
             previous.release()
         # One host synchronisation for all the scalars.
-        flat = torch.stack([t.float() for t in losses]).tolist()
-        accs = [None if a is None else float(a) for a in accuracies]
-        return StepResult(flat, accs, [{n: float(v) for n, v in d.items()} for d in terms], boundaries)
+        scalars = losses + [a for a in accuracies if a is not None] + [v for d in terms for v in d.values()]
+        values = iter(torch.stack([t.float().reshape(()) for t in scalars]).tolist())
+        flat = [next(values) for _ in losses]
+        accs = [None if a is None else next(values) for a in accuracies]
+        named = [{n: next(values) for n in d} for d in terms]
+        return StepResult(flat, accs, named, boundaries)

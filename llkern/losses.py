@@ -33,11 +33,14 @@ class LocalContext:
 
 @dataclass
 class LocalLossOutput:
-    """A module's loss, the logits for its accuracy (or None), and named terms for logging."""
+    """A module's loss and named terms for logging; for its accuracy either the logits, or the
+    number of correct predictions and of counted targets (what a fused head returns)."""
 
     loss: torch.Tensor
     logits: torch.Tensor | None = None
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    correct: torch.Tensor | None = None
+    counted: torch.Tensor | None = None
 
 
 class LocalLoss(nn.Module):
@@ -48,15 +51,27 @@ class LocalLoss(nn.Module):
 
 
 class CrossEntropy(LocalLoss):
-    """Cross-entropy of the module's head on its output: ``CE(head(outputs), target)``."""
+    """Cross-entropy of the module's head on its output: ``CE(head(outputs), target)``.
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    A head with a fused ``loss(features, target, ...)`` method (:class:`llkern.heads.LinearHead`)
+    computes it without forming logits; any other head is called for logits.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
+        self.ignore_index = ignore_index
 
     def forward(self, ctx: LocalContext) -> LocalLossOutput:
+        fused = getattr(ctx.head, "loss", None)
+        if callable(fused):
+            loss, correct = fused(ctx.outputs, ctx.target, label_smoothing=self.label_smoothing,
+                                  ignore_index=self.ignore_index)
+            counted = (ctx.target != self.ignore_index).sum()
+            return LocalLossOutput(loss, None, {"ce": loss.detach()}, correct=correct, counted=counted)
         logits = ctx.head(ctx.outputs)
-        loss = F.cross_entropy(logits, ctx.target, label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ctx.target.reshape(-1),
+                               label_smoothing=self.label_smoothing, ignore_index=self.ignore_index)
         return LocalLossOutput(loss, logits, {"ce": loss.detach()})
 
 

@@ -63,7 +63,8 @@ class MemoryMeter:
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor] = (), device: torch.device | str | None = None) -> None:
-        self._excluded = {_storage_key(t) for t in exclude}
+        self._excluded = {_storage_key(t) for t in exclude
+                          if not isinstance(t, torch.nn.parameter.UninitializedParameter)}
         self._counts: dict[tuple, int] = {}
         self._sizes: dict[tuple, int] = {}
         self.current_saved_bytes = 0
@@ -76,8 +77,8 @@ class MemoryMeter:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor):
-        if isinstance(tensor, torch.nn.Parameter):
-            return tensor
+        if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
+            return tensor  # a parameter or a view of one (nn.Linear saves weight.t())
         key = _storage_key(tensor)
         nbytes = tensor.untyped_storage().nbytes()
         if key in self._excluded or nbytes == 0:
@@ -88,7 +89,9 @@ class MemoryMeter:
             self.current_saved_bytes += nbytes
             self.peak_saved_bytes = max(self.peak_saved_bytes, self.current_saved_bytes)
         self._counts[key] = count + 1
-        return _Saved(self, key, tensor)
+        # Hold a detached alias: an op's saved output would otherwise form a cycle (tensor ->
+        # grad_fn -> saved handle -> tensor) through C++ that Python's gc cannot break.
+        return _Saved(self, key, tensor.detach())
 
     @staticmethod
     def _unpack(handle):

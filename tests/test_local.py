@@ -117,6 +117,15 @@ def test_heads_and_losses_as_lists_factories_and_lazy():
     assert explicit(x).shape == (4, 3)
 
 
+def test_construction_leaves_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    blocks = digits_resnet(2, width=8)
+    before = [b.clone() for b in nn.ModuleList(blocks).buffers()]
+    llkern.LocalNet(blocks, heads=lambda k, shape: llkern.LinearHead(10), example_input=torch.randn(4, 1, 8, 8))
+    after = list(nn.ModuleList(blocks).buffers())
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(blocks=[]), ValueError, "at least one"),
     (dict(blocks=["not a module"], num_classes=3), TypeError, "blocks\\[0\\]"),

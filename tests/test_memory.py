@@ -30,12 +30,25 @@ def test_counts_distinct_storages_and_views():
     assert meter.peak_saved_bytes == 8000 and meter.current_saved_bytes == 0
 
 
+def test_graph_dropped_without_backward_is_released():
+    a = torch.randn(1000, requires_grad=True)
+    with MemoryMeter() as meter:
+        b = a.exp()  # saves its own output
+        assert meter.current_saved_bytes == 4000
+        del b  # the graph goes without a backward
+    assert meter.current_saved_bytes == 0 and meter.peak_saved_bytes == 4000
+
+
 def test_parameters_are_excluded():
     linear = nn.Linear(64, 32)
     x = torch.randn(16, 64, requires_grad=True)
-    with MemoryMeter(exclude=linear.parameters()) as meter:
+    with MemoryMeter() as meter:  # nn.Linear saves weight.t(), a view of a parameter: not counted
         linear(x).sum().backward()
-    assert meter.peak_saved_bytes == x.numel() * 4  # the input only; the weight is a parameter
+    assert meter.peak_saved_bytes == x.numel() * 4  # the input only
+    lazy = nn.LazyLinear(8)
+    with MemoryMeter(exclude=lazy.parameters()) as meter:  # uninitialised parameters are skipped
+        lazy(x).sum().backward()
+    assert meter.peak_saved_bytes == x.numel() * 4
     w = torch.randn(32, 64, requires_grad=True)  # a plain tensor: excluded by storage
     with MemoryMeter(exclude=[w]) as meter:
         F.linear(x, w.t().t()).sum().backward()
@@ -56,7 +69,7 @@ def _module_saved_bytes(net, x, y):
     for block, head in zip(net.blocks, net.heads, strict=True):
         with MemoryMeter(exclude=net.parameters()) as meter:
             out = block(h.detach())
-            F.cross_entropy(head(out), y).backward()
+            head.loss(out, y)[0].backward()  # the fused head, as local_step uses it
         sizes.append(meter.peak_saved_bytes)
         boundary_sizes.append(out.numel() * out.element_size())
         h = out.detach()

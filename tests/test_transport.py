@@ -50,15 +50,47 @@ def test_matches_float64_reference(device, row, reduction, with_x):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("numel", [16383, 16384, 100_003, 1 << 20])
-def test_many_chunks(device, numel):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_many_chunks(device, numel, dtype):
     # Sizes around and over the kernels' chunk sizes exercise the parallel / multi-block paths.
-    y = torch.randn(numel, device=device, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(numel, device=device, dtype=torch.float64)
+    y = torch.randn(numel, device=device).to(dtype).requires_grad_()
+    x = torch.randn(numel, device=device).to(dtype)
     loss = llkern.transport_penalty(y, x, 2.0, impl="kernel")
     (dy,) = torch.autograd.grad(loss, y)
     ref_loss, (ref_dy, _) = reference64(y, x, 2.0, "mean")
-    torch.testing.assert_close(loss, ref_loss.to(device), rtol=1e-12, atol=0)
-    torch.testing.assert_close(dy, ref_dy.to(device), rtol=1e-12, atol=1e-300)
+    # float64 exact to rounding; otherwise fp32 accumulation, and dy rounded once to the dtype.
+    loss_tol = 1e-12 if dtype == torch.float64 else 1e-5
+    grad_tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(loss.double().cpu(), ref_loss.cpu(), rtol=loss_tol, atol=0)
+    # float16 gradients this small are subnormal: half a subnormal step (2^-25) is their rounding.
+    atol = 2.0**-24 if dtype == torch.float16 else 1e-7 * ref_dy.abs().max().item()
+    torch.testing.assert_close(dy.double().cpu(), ref_dy.cpu(), rtol=grad_tol, atol=atol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_x", [True, False])
+def test_forward_writing_the_gradient(device, dtype, with_x):
+    # The op's with_grad path (the CPU default; on CUDA its own kernel variants) on an odd size.
+    y = torch.randn(3, 1025, device=device).to(dtype)
+    x = torch.randn(3, 1025, device=device).to(dtype) if with_x else None
+    loss, dy = torch.ops.llkern.transport_penalty(y, x, 0.8, "sum_per_sample", True)
+    ref_loss, ref_grads = reference64(y, x, 0.8, "sum_per_sample")
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    assert dy.dtype == dtype and dy.shape == y.shape
+    loss_tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(loss.double().cpu(), ref_loss.cpu(), rtol=loss_tol, atol=0)
+    torch.testing.assert_close(dy.double().cpu(), ref_grads[0].cpu(), rtol=tol, atol=1e-9)
+    _, empty = torch.ops.llkern.transport_penalty(y, x, 0.8, "sum_per_sample", False)
+    assert empty.numel() == 0
+
+
+def test_double_backward_raises():
+    y = torch.randn(4, 5, requires_grad=True)
+    (dy,) = torch.autograd.grad(llkern.transport_penalty(y, impl="reference"), y, create_graph=True)
+    assert dy.requires_grad  # the reference supports it
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(llkern.transport_penalty(y, impl="kernel"), y, create_graph=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -122,15 +154,16 @@ def test_gradcheck_float64():
             lambda a, r=reduction: llkern.transport_penalty(a, None, 0.3, r, impl="kernel"), (y,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_x", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_opcheck(with_x, dtype):
-    y = torch.randn(4, 9, dtype=dtype, requires_grad=True)
-    x = torch.randn(4, 9, dtype=dtype, requires_grad=True) if with_x else None
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_opcheck(device, with_x, dtype):
+    y = torch.randn(4, 9, dtype=dtype, device=device, requires_grad=True)
+    x = torch.randn(4, 9, dtype=dtype, device=device, requires_grad=True) if with_x else None
     for reduction in REDUCTIONS:
         for with_grad in (False, True):
             torch.library.opcheck(torch.ops.llkern.transport_penalty.default, (y, x, 0.7, reduction, with_grad))
-    grad = torch.rand((), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    grad = torch.rand((), dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
     torch.library.opcheck(torch.ops.llkern.transport_penalty_backward.default,
                           (grad, y.detach(), None if x is None else x.detach(), 0.7, "mean"))
 

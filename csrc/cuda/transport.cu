@@ -3,7 +3,9 @@
 // Forward: each block sums the squares of a fixed chunk (16-byte vector loads
 // when aligned, fp32 accumulation; fp64 for float64), reduces in a fixed tree
 // and writes one partial; a one-block kernel adds the partials in order. The
-// partition depends only on numel, so results are bitwise reproducible.
+// partition depends only on numel, so results are bitwise reproducible for the
+// same inputs at the same 16-byte alignment (an unaligned view takes the scalar
+// path, which visits the elements of a block in another order).
 // Backward: one elementwise pass, dy = grad_loss * grad_scale * (y - x), with
 // grad_loss read on the device (no host synchronisation).
 #include <cuda_bf16.h>

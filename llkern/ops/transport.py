@@ -100,7 +100,14 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.reduction = reduction
 
 
+def _no_double_backward(op: str) -> None:
+    if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients are not differentiable
+        raise NotImplementedError(f"llkern.{op}: double backward (create_graph=True) is not supported by the "
+                                  "kernel; use impl='reference'")
+
+
 def _backward(ctx, grad, _grad_of_grad_y):
+    _no_double_backward("transport_penalty")
     y, x, grad_y = ctx.saved_tensors
     if grad is None:
         return None, None, None, None, None
@@ -114,7 +121,7 @@ def _backward(ctx, grad, _grad_of_grad_y):
         # releases the saved copy before accumulating, so .grad takes it without a copy.
         dy = grad_y
     else:
-        dy = grad_y * grad.to(grad_y.dtype)
+        dy = (grad_y.to(grad.dtype) * grad).to(grad_y.dtype)  # one rounding for 16-bit dtypes
     return (dy if need_y else None), (-dy if need_x else None), None, None, None
 
 

@@ -1,0 +1,68 @@
+// Input checks and shape facts of the fused auxiliary head, shared by the CPU and CUDA bindings.
+#pragma once
+
+#include <optional>
+
+#include "../kernels/aux_head.h"
+#include "common.h"
+
+namespace llkern {
+
+struct AuxHeadShape {
+  int64_t rows = 0;      // B (pooled features) or B*T (tokens)
+  int64_t channels = 0;  // C
+  int64_t spatial = 1;   // H*W for 4-D features, else 1
+  int64_t classes = 0;   // K
+  bool pooled = false;   // 4-D features
+  bool channels_last = false;
+};
+
+inline AuxHeadShape check_aux_head_inputs(const at::Tensor& features, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                                          double label_smoothing, c10::string_view reduction) {
+  const char* op = "llkern.aux_head_loss";
+  scalar_kind(features, "features");
+  const int64_t dim = features.dim();
+  TORCH_CHECK_VALUE(dim >= 2 && dim <= 4, op, ": expected features of shape (B,C), (B,T,C) or (B,C,H,W), got ",
+                    features.sizes());
+  AuxHeadShape s;
+  s.pooled = dim == 4;
+  s.channels = dim == 4 ? features.size(1) : features.size(-1);
+  s.rows = dim == 3 ? features.size(0) * features.size(1) : features.size(0);
+  s.spatial = dim == 4 ? features.size(2) * features.size(3) : 1;
+  s.channels_last = dim == 4 && !features.is_contiguous() && features.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK_VALUE(features.numel() > 0, op, ": expected a non-empty batch, got features of shape ",
+                    features.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == s.channels && weight.size(0) >= 1, op,
+                    ": expected weight of shape (classes, ", s.channels, "), got ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == features.scalar_type(), op,
+                   ": expected weight to have the dtype of features, got ", weight.scalar_type(), " and ",
+                   features.scalar_type());
+  TORCH_CHECK(weight.device() == features.device(), op, ": expected weight on the device of features, got ",
+              weight.device(), " and ", features.device());
+  s.classes = weight.size(0);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.classes, op, ": expected bias of shape (",
+                      s.classes, "), got ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == features.scalar_type(), op,
+                     ": expected bias to have the dtype of features, got ", bias->scalar_type());
+    TORCH_CHECK(bias->device() == features.device(), op, ": expected bias on the device of features");
+  }
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+                   ": expected target of dtype int64 or int32, got ", target.scalar_type());
+  TORCH_CHECK(target.device() == features.device(), op, ": expected target on the device of features, got ",
+              target.device(), " and ", features.device());
+  const bool shape_ok = dim == 3 ? (target.dim() == 2 && target.size(0) == features.size(0) &&
+                                    target.size(1) == features.size(1))
+                                 : (target.dim() == 1 && target.size(0) == features.size(0));
+  TORCH_CHECK_VALUE(shape_ok, op, ": expected target of shape ",
+                    dim == 3 ? "(B, T) = " : "(B,) = ", dim == 3 ? features.sizes().slice(0, 2) : features.sizes().slice(0, 1),
+                    ", got ", target.sizes());
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+                    ": expected label_smoothing in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum", op,
+                    ": expected reduction to be 'mean' or 'sum', got '", reduction, "'");
+  return s;
+}
+
+}  // namespace llkern

@@ -1,0 +1,124 @@
+// CPU binding of the fused auxiliary head. Matrix products through ATen (BLAS) in row chunks,
+// the rest through the torch-free kernels of cpu/aux_head.cpp. Logits exist one chunk at a time.
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "aux_head_common.h"
+#include "cpu_alloc.h"
+
+namespace llkern {
+namespace {
+
+constexpr int64_t kChunkElements = int64_t(1) << 22;  // logits per chunk: 16 MiB in fp32
+
+void check_targets(const at::Tensor& target, int64_t classes, int64_t ignore_index) {
+  const int64_t* t = target.data_ptr<int64_t>();
+  for (int64_t i = 0; i < target.numel(); ++i) {
+    TORCH_CHECK_VALUE(t[i] == ignore_index || (t[i] >= 0 && t[i] < classes), "llkern.aux_head_loss: target ",
+                      t[i], " at position ", i, " is out of range for ", classes, " classes (ignore_index=",
+                      ignore_index, ")");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_loss_cpu(
+    const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, int64_t ignore_index, double label_smoothing, c10::string_view reduction,
+    bool with_grad) {
+  const AuxHeadShape s = check_aux_head_inputs(features, weight, bias, target, label_smoothing, reduction);
+  const at::ScalarType acc = loss_dtype(features.scalar_type());
+  const at::TensorOptions acc_options = features.options().dtype(acc);
+  const at::Tensor labels = target.reshape({-1}).to(at::kLong).contiguous();
+  check_targets(labels, s.classes, ignore_index);
+  const int64_t valid = s.rows - (labels == ignore_index).sum().item<int64_t>();
+
+  at::Tensor rows;
+  if (s.pooled) {
+    const at::Tensor f = s.channels_last ? features : features.contiguous();
+    rows = at::empty({s.rows, s.channels}, acc_options);
+    PoolParams p;
+    p.features = f.data_ptr();
+    p.dtype = scalar_kind(features, "features");
+    p.batch = s.rows;
+    p.channels = s.channels;
+    p.spatial = s.spatial;
+    p.channels_last = s.channels_last;
+    p.pooled = rows.data_ptr();
+    pool_cpu(p);
+  } else {
+    rows = features.reshape({s.rows, s.channels}).to(acc).contiguous();
+  }
+  const at::Tensor w = weight.to(acc).contiguous();
+  const at::Tensor b = bias.has_value() ? bias->to(acc) : at::Tensor();
+
+  at::Tensor grad_rows = with_grad ? empty_cpu_large({s.rows, s.channels}, acc_options) : at::empty({0}, acc_options);
+  at::Tensor grad_weight = with_grad ? at::zeros({s.classes, s.channels}, acc_options) : at::empty({0}, acc_options);
+  at::Tensor grad_bias = with_grad && bias.has_value() ? at::zeros({s.classes}, acc_options) : at::empty({0}, acc_options);
+
+  double loss_sum = 0.0;
+  int64_t correct = 0;
+  const int64_t chunk = std::max<int64_t>(1, kChunkElements / s.classes);
+  for (int64_t start = 0; start < s.rows; start += chunk) {
+    const int64_t len = std::min(chunk, s.rows - start);
+    const at::Tensor x = rows.narrow(0, start, len);
+    at::Tensor logits = b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
+    CrossEntropyRowsParams p;
+    p.logits = logits.data_ptr();
+    p.target = labels.data_ptr<int64_t>() + start;
+    p.rows = len;
+    p.classes = s.classes;
+    p.ignore_index = ignore_index;
+    p.label_smoothing = label_smoothing;
+    p.grad_scale = reduction == "mean" ? 1.0 / double(std::max<int64_t>(valid, 1)) : 1.0;
+    p.write_grad = with_grad;
+    p.is_double = acc == at::kDouble;
+    p.loss_sum = &loss_sum;
+    p.correct = &correct;
+    cross_entropy_rows_cpu(p);
+    if (with_grad) {  // logits now hold d loss / d logits
+      at::Tensor grad_x = grad_rows.narrow(0, start, len);
+      at::mm_out(grad_x, logits, w);
+      grad_weight.addmm_(logits.t(), x);
+      if (grad_bias.numel() > 0) grad_bias.add_(logits.sum(0));
+    }
+  }
+  const double loss_value = valid == 0 ? 0.0 : (reduction == "mean" ? loss_sum / double(valid) : loss_sum);
+  at::Tensor loss = at::full({}, loss_value, acc_options);
+  at::Tensor correct_count = at::full({}, correct, features.options().dtype(at::kLong));
+  return {loss, correct_count, grad_rows, grad_weight, grad_bias};
+}
+
+// d features = grad_loss / (H W) * grad_pooled broadcast over H, W, in the features' dtype and layout.
+at::Tensor aux_head_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_pooled, at::IntArrayRef sizes,
+                                 bool channels_last, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(sizes.size() == 4, "llkern.aux_head_backward: expected 4-D sizes, got ", sizes);
+  TORCH_CHECK_VALUE(grad_pooled.dim() == 2 && grad_pooled.size(0) == sizes[0] && grad_pooled.size(1) == sizes[1],
+                    "llkern.aux_head_backward: grad_pooled of shape ", grad_pooled.sizes(), " does not match ", sizes);
+  const at::TensorOptions options = grad_pooled.options().dtype(dtype);
+  at::Tensor out = channels_last
+                       ? empty_cpu_large({sizes[0], sizes[2], sizes[3], sizes[1]}, options).permute({0, 3, 1, 2})
+                       : empty_cpu_large(sizes, options);
+  const at::Tensor gp = grad_pooled.contiguous();
+  const at::Tensor g = grad_loss.to(grad_pooled.scalar_type()).contiguous();
+  BroadcastParams p;
+  p.grad_pooled = gp.data_ptr();
+  p.grad_loss = g.data_ptr();
+  p.scale = 1.0 / double(sizes[2] * sizes[3]);
+  p.grad_features = out.data_ptr();
+  p.dtype = scalar_kind(out, "grad_features");
+  p.batch = sizes[0];
+  p.channels = sizes[1];
+  p.spatial = sizes[2] * sizes[3];
+  p.channels_last = channels_last;
+  broadcast_pooled_grad_cpu(p);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llkern, CPU, m) {
+  m.impl("aux_head_loss", &aux_head_loss_cpu);
+  m.impl("aux_head_backward", &aux_head_backward_cpu);
+}
+
+}  // namespace llkern

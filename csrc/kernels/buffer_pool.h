@@ -1,0 +1,17 @@
+// Cache of large CPU buffers (huge-page backed, reused across steps). See cpu/buffer_pool.cpp.
+#pragma once
+
+#include <cstddef>
+
+namespace llkern {
+
+// Buffers of at least kBufferPoolMinBytes come from the pool; smaller ones from the allocator.
+constexpr size_t kBufferPoolMinBytes = size_t(4) << 20;
+
+size_t buffer_pool_block_bytes(size_t nbytes);
+void* buffer_pool_acquire(size_t nbytes);               // null on failure
+void buffer_pool_release(void* block, size_t nbytes);   // caches it (up to LLKERN_CPU_CACHE_MB, default 256) or frees
+size_t buffer_pool_cached_bytes();
+void buffer_pool_empty();
+
+}  // namespace llkern

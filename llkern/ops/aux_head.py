@@ -1,0 +1,203 @@
+"""Fused auxiliary head (pool → linear → cross-entropy): the op's Python side.
+
+``torch.ops.llkern.aux_head_loss`` is declared in csrc/ops.cpp and implemented in
+csrc/bindings/aux_head_cpu.cpp over csrc/cpu/aux_head.cpp. The loss is a leaf of a local
+graph, so the forward also forms d rows, d weight and d bias; the backward only scales them
+and, for image features, broadcasts d pooled back over H×W (one write of d features). The
+logits are never stored.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from llkern._ext import extension_loaded, use_kernel
+from llkern.ops.transport import _no_double_backward
+from llkern.reference.aux_head import aux_head_loss_reference
+
+REDUCTIONS = ("mean", "sum")
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check(features, weight, bias, target, ignore_index, label_smoothing, reduction) -> None:
+    name = "llkern.aux_head_loss"
+    for arg, value in (("features", features), ("weight", weight), ("target", target)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected {arg} to be a Tensor, got {type(value).__name__}")
+    if features.dtype not in DTYPES:
+        raise TypeError(f"{name}: expected features to be float32, float64, bfloat16 or float16, got {features.dtype}")
+    if features.dim() not in (2, 3, 4):
+        raise ValueError(f"{name}: expected features of shape (B,C), (B,T,C) or (B,C,H,W), got {list(features.shape)}")
+    if features.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty batch, got features of shape {list(features.shape)}")
+    channels = features.shape[1] if features.dim() == 4 else features.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != channels or weight.shape[0] < 1:
+        raise ValueError(f"{name}: expected weight of shape (classes, {channels}), got {list(weight.shape)}")
+    if weight.dtype != features.dtype:
+        raise TypeError(f"{name}: expected weight to have the dtype of features, got {weight.dtype} and "
+                        f"{features.dtype}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{name}: expected bias to be a Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{name}: expected bias of shape ({weight.shape[0]},) to match the {weight.shape[0]} "
+                             f"classes of weight, got {list(bias.shape)}")
+        if bias.dtype != features.dtype:
+            raise TypeError(f"{name}: expected bias to have the dtype of features, got {bias.dtype}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected target of dtype int64 or int32, got {target.dtype}")
+    expected = tuple(features.shape[:2]) if features.dim() == 3 else tuple(features.shape[:1])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"{name}: expected target of shape {list(expected)}, got {list(target.shape)}")
+    for arg, value in (("weight", weight), ("bias", bias), ("target", target)):
+        if value is not None and value.device != features.device:
+            raise ValueError(f"{name}: expected {arg} on the device of features ({features.device}), "
+                             f"got {value.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"{name}: expected ignore_index to be an int, got {ignore_index!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
+            or not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"{name}: expected label_smoothing in [0, 1], got {label_smoothing!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}: expected reduction to be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_labels_reference(target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    if bad.any():
+        value = target[bad][0].item()
+        raise ValueError(f"llkern.aux_head_loss: target {value} is out of range for {classes} classes "
+                         f"(ignore_index={ignore_index})")
+
+
+def aux_head_loss(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    return_correct: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of a linear classifier on mean-pooled features, fused; logits are never stored.
+
+    ``(B,C,H,W)`` features (contiguous or channels_last) are mean-pooled to ``(B,C)``; ``(B,C)``
+    features are used as they are; ``(B,T,C)`` features are classified per token (target
+    ``(B,T)``). Then ``logits = rows @ weight.T + bias`` and cross-entropy as
+    ``F.cross_entropy(logits, target, ignore_index=..., label_smoothing=..., reduction=...)``.
+    A batch whose targets are all ``ignore_index`` gives loss 0 and zero gradients (not NaN).
+
+    Args:
+        features: ``(B,C,H,W)``, ``(B,C)`` or ``(B,T,C)``; float32, float64, bfloat16 or float16.
+        weight: ``(classes, C)``, the dtype of ``features``.
+        bias: ``(classes,)`` or None.
+        target: int64 or int32 class indices, ``(B,)`` (``(B,T)`` for tokens).
+        ignore_index: targets equal to it contribute neither loss nor gradient.
+        label_smoothing: ε in [0, 1].
+        reduction: ``"mean"`` (over the non-ignored targets) or ``"sum"``.
+        return_correct: also return the number of correct predictions (first argmax equals the
+            target, ignored targets excluded), counted in the kernel.
+        impl: ``"auto"``, ``"kernel"`` or ``"reference"`` (see :mod:`llkern._ext`).
+
+    Returns:
+        The loss (float32; float64 for float64 inputs), and with ``return_correct`` an int64 count.
+    """
+    _check(features, weight, bias, target, ignore_index, label_smoothing, reduction)
+    if use_kernel("aux_head_loss", features.device, impl):
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (features, weight, bias))
+        loss, correct, *_ = torch.ops.llkern.aux_head_loss(features, weight, bias, target, int(ignore_index),
+                                                           float(label_smoothing), reduction, needs_grad)
+    else:
+        if not torch.compiler.is_compiling():
+            _check_labels_reference(target, weight.shape[0], ignore_index)
+        loss, correct = aux_head_loss_reference(features, weight, bias, target, ignore_index,
+                                                float(label_smoothing), reduction)
+    return (loss, correct) if return_correct else loss
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _is_eager_one(grad: torch.Tensor) -> bool:
+    """True for a real CPU tensor equal to 1 (not traced): the forward's gradients then need no scaling."""
+    return (type(grad) is torch.Tensor and grad.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(grad) and grad.item() == 1.0)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    features, weight, bias, target, ignore_index, smoothing, reduction, with_grad = inputs
+    _loss, correct, grad_rows, grad_weight, grad_bias = output
+    ctx.mark_non_differentiable(correct, grad_rows, grad_weight, grad_bias)
+    ctx.set_materialize_grads(False)
+    ctx.with_grad = with_grad
+    if with_grad:  # the forward formed the gradients: keep them, not the features
+        ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
+    else:  # called without them (directly, with with_grad=False): recompute in the backward
+        ctx.save_for_backward(features, weight, bias, target)
+        ctx.options = (ignore_index, smoothing, reduction)
+    ctx.features_shape = tuple(features.shape)
+    ctx.features_dtype = features.dtype
+    ctx.channels_last = (features.dim() == 4 and not features.is_contiguous()
+                         and features.is_contiguous(memory_format=torch.channels_last))
+    ctx.weight_dtype = weight.dtype
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad, *_unused):
+    _no_double_backward("aux_head_loss")
+    nones = (None,) * 6
+    if grad is None or not any(ctx.needs_input_grad[:3]):
+        return None, None, None, *nones[:5]
+    if ctx.with_grad:
+        grad_rows, grad_weight, grad_bias = ctx.saved_tensors
+    else:
+        features, weight, bias, target = ctx.saved_tensors
+        _, _, grad_rows, grad_weight, grad_bias = torch.ops.llkern.aux_head_loss(
+            features, weight, bias, target, *ctx.options, True)
+    unit = _is_eager_one(grad)
+    g = grad.to(grad_rows.dtype)
+    d_features = d_weight = d_bias = None
+    if ctx.needs_input_grad[0]:
+        if len(ctx.features_shape) == 4:
+            d_features = torch.ops.llkern.aux_head_backward(grad, grad_rows, list(ctx.features_shape),
+                                                            ctx.channels_last, ctx.features_dtype)
+        else:
+            rows = grad_rows if unit else grad_rows * g
+            d_features = rows.to(ctx.features_dtype).view(ctx.features_shape)
+    if ctx.needs_input_grad[1]:
+        d_weight = (grad_weight if unit else grad_weight * g).to(ctx.weight_dtype)
+    if ctx.needs_input_grad[2] and ctx.has_bias:
+        d_bias = (grad_bias if unit else grad_bias * g).to(ctx.weight_dtype)
+    return d_features, d_weight, d_bias, None, None, None, None, None
+
+
+if extension_loaded():
+
+    @torch.library.register_fake("llkern::aux_head_loss")
+    def _fake(features, weight, bias, target, ignore_index, label_smoothing, reduction, with_grad=False):
+        acc = _acc_dtype(features.dtype)
+        channels = features.shape[1] if features.dim() == 4 else features.shape[-1]
+        rows = features.shape[0] * features.shape[1] if features.dim() == 3 else features.shape[0]
+        classes = weight.shape[0]
+        empty = features.new_empty((0,), dtype=acc)
+        return (
+            features.new_empty((), dtype=acc),
+            features.new_empty((), dtype=torch.int64),
+            features.new_empty((rows, channels), dtype=acc) if with_grad else empty,
+            features.new_empty((classes, channels), dtype=acc) if with_grad else empty.clone(),
+            features.new_empty((classes,), dtype=acc) if with_grad and bias is not None else empty.clone(),
+        )
+
+    @torch.library.register_fake("llkern::aux_head_backward")
+    def _fake_backward(grad_loss, grad_pooled, sizes, channels_last, dtype):
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return torch.empty(sizes, dtype=dtype, device=grad_pooled.device, memory_format=memory_format)
+
+    torch.library.register_autograd("llkern::aux_head_loss", _backward, setup_context=_setup_context)

@@ -1,0 +1,225 @@
+"""Fused auxiliary head op: values, gradients and correct counts against float64, opcheck, compile, bad input."""
+
+import pytest
+import torch
+
+from llkern._ext import kernel_available
+from llkern.ops.aux_head import aux_head_loss
+from llkern.reference.aux_head import aux_head_loss_reference
+
+from .conftest import DEVICES
+
+pytestmark = pytest.mark.skipif(not kernel_available("aux_head_loss", "cpu"), reason="llkern._C not built")
+
+
+def make(shape, classes, device="cpu", dtype=torch.float32, bias=True, ignore_some=True):
+    features = torch.randn(*shape, device=device).to(dtype).requires_grad_()
+    channels = shape[1] if len(shape) == 4 else shape[-1]
+    weight = (torch.randn(classes, channels, device=device) / channels**0.5).to(dtype).requires_grad_()
+    b = torch.randn(classes, device=device).to(dtype).requires_grad_() if bias else None
+    target_shape = shape[:2] if len(shape) == 3 else shape[:1]
+    target = torch.randint(0, classes, target_shape, device=device)
+    if ignore_some and target.numel() > 1:
+        target.view(-1)[::3] = -100
+    return features, weight, b, target
+
+
+def reference64(features, weight, bias, target, **kwargs):
+    inputs = [t.detach().double().requires_grad_() for t in (features, weight) + ((bias,) if bias is not None else ())]
+    f, w = inputs[:2]
+    b = inputs[2] if bias is not None else None
+    loss, correct = aux_head_loss_reference(f, w, b, target, **kwargs)
+    grads = torch.autograd.grad(loss, inputs) if loss.requires_grad else [torch.zeros_like(t) for t in inputs]
+    return loss.detach(), correct, grads
+
+
+SHAPES = [  # (features shape, classes): odd sizes — 1 class, 7 channels, 97 tokens, 1025 classes
+    ((6, 7, 3, 5), 11),
+    ((5, 7), 1),
+    ((1, 7), 3),
+    ((2, 97, 7), 13),
+    ((4, 9, 2, 2), 1025),
+    ((3, 16), 1025),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,classes", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_matches_float64_reference(device, shape, classes, reduction, smoothing):
+    features, weight, bias, target = make(shape, classes, device)
+    kwargs = dict(ignore_index=-100, label_smoothing=smoothing, reduction=reduction)
+    loss, correct = aux_head_loss(features, weight, bias, target, **kwargs, return_correct=True, impl="kernel")
+    grads = torch.autograd.grad(loss, [features, weight, bias])
+    ref_loss, ref_correct, ref_grads = reference64(features, weight, bias, target, **kwargs)
+    assert loss.dtype == torch.float32 and correct.dtype == torch.int64
+    assert correct.item() == ref_correct.item()
+    torch.testing.assert_close(loss.double().cpu(), ref_loss.cpu(), rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == torch.float32 and g.shape == r.shape
+        torch.testing.assert_close(g.double().cpu(), r.cpu(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_and_non_contiguous(device):
+    features, weight, bias, target = make((4, 6, 5, 3), 9, device)
+    cl = features.detach().to(memory_format=torch.channels_last).requires_grad_()
+    loss = aux_head_loss(cl, weight, bias, target, impl="kernel")
+    (d_cl,) = torch.autograd.grad(loss, cl)
+    assert d_cl.is_contiguous(memory_format=torch.channels_last)
+    _, _, (ref_df, *_) = reference64(cl, weight, bias, target)
+    torch.testing.assert_close(d_cl.double().cpu(), ref_df.cpu(), rtol=1e-5, atol=1e-7)
+    # A strided view (neither layout) and a transposed weight.
+    base = torch.randn(4, 12, 5, 3, device=device)
+    strided = base[:, ::2].requires_grad_()
+    w_t = torch.randn(6, 9, device=device).t().requires_grad_()
+    loss = aux_head_loss(strided, w_t, None, target, impl="kernel")
+    d_f, d_w = torch.autograd.grad(loss, [strided, w_t])
+    _, _, (ref_df, ref_dw) = reference64(strided, w_t, None, target)
+    torch.testing.assert_close(d_f.double().cpu(), ref_df.cpu(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(d_w.double().cpu(), ref_dw.cpu(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_relative_to_pytorch(device, dtype):
+    features, weight, bias, target = make((64, 32, 4, 4), 10, device, dtype)
+    loss = aux_head_loss(features, weight, bias, target, impl="kernel")
+    grads = torch.autograd.grad(loss, [features, weight, bias])
+    ref_loss, _, ref_grads = reference64(features, weight, bias, target)
+    # PyTorch eager in the same dtype.
+    f, w, b = (t.detach().clone().requires_grad_() for t in (features, weight, bias))
+    torch_loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(f.mean((2, 3)), w, b), target)
+    torch_grads = torch.autograd.grad(torch_loss, [f, w, b])
+
+    def err(a, r):
+        return ((a.double().cpu() - r.cpu()).norm() / r.norm().clamp_min(1e-30)).item()
+
+    assert err(loss, ref_loss) <= max(2 * err(torch_loss, ref_loss), 1e-6)
+    for g, t, r in zip(grads, torch_grads, ref_grads, strict=True):
+        assert g.dtype == dtype
+        assert err(g, r) <= 2 * err(t, r) + 1e-6
+
+
+def test_all_targets_ignored_gives_zero_loss_and_zero_gradients():
+    features, weight, bias, target = make((4, 5), 3)
+    target.fill_(-100)
+    loss, correct = aux_head_loss(features, weight, bias, target, return_correct=True, impl="kernel")
+    assert loss.item() == 0.0 and correct.item() == 0
+    for g in torch.autograd.grad(loss, [features, weight, bias]):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_custom_ignore_index_and_int32_target():
+    features, weight, bias, target = make((8, 5), 4, ignore_some=False)
+    target[1] = 7
+    loss = aux_head_loss(features, weight, bias, target.int(), ignore_index=7, impl="kernel")
+    ref_loss, _, _ = reference64(features, weight, bias, target, ignore_index=7)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_scaled_upstream_gradient():
+    features, weight, bias, target = make((6, 7, 2, 2), 5)
+    loss = aux_head_loss(features, weight, bias, target, impl="kernel")
+    grads = torch.autograd.grad(2.5 * loss, [features, weight, bias])
+    _, _, ref = reference64(features, weight, bias, target)
+    for g, r in zip(grads, ref, strict=True):
+        torch.testing.assert_close(g.double(), 2.5 * r, rtol=1e-4, atol=1e-6)
+
+
+def test_double_backward_raises():
+    features, weight, bias, target = make((4, 5), 3)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(aux_head_loss(features, weight, bias, target, impl="kernel"), features, create_graph=True)
+
+
+def test_gradcheck_float64():
+    for shape in [(3, 4, 2, 3), (3, 4), (2, 3, 4)]:
+        features, weight, bias, target = make(shape, 5, dtype=torch.float64)
+        assert torch.autograd.gradcheck(
+            lambda f, w, b, t=target: aux_head_loss(f, w, b, t, label_smoothing=0.2, impl="kernel"),
+            (features, weight, bias))
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 2, 3), (3, 4), (2, 3, 4)])
+def test_opcheck(shape):
+    features, weight, bias, target = make(shape, 5)
+    for with_grad in (False, True):
+        torch.library.opcheck(torch.ops.llkern.aux_head_loss.default,
+                              (features, weight, bias, target, -100, 0.1, "mean", with_grad))
+        torch.library.opcheck(torch.ops.llkern.aux_head_loss.default,
+                              (features, weight, None, target, -100, 0.0, "sum", with_grad))
+    grad_pooled = torch.randn(3, 4)
+    torch.library.opcheck(torch.ops.llkern.aux_head_backward.default,
+                          (torch.tensor(1.5), grad_pooled, [3, 4, 2, 3], False, torch.float32))
+    torch.library.opcheck(torch.ops.llkern.aux_head_backward.default,
+                          (torch.tensor(1.5), grad_pooled, [3, 4, 2, 3], True, torch.bfloat16))
+
+
+def test_torch_compile_fullgraph():
+    features, weight, bias, target = make((4, 6, 3, 3), 7)
+
+    def f(x, w, b, t):
+        return aux_head_loss(x, w, b, t, label_smoothing=0.1, impl="kernel") * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(features, weight, bias, target)
+    grads = torch.autograd.grad(out, [features, weight, bias])
+    ref_loss, _, ref_grads = reference64(features, weight, bias, target, label_smoothing=0.1)
+    torch.testing.assert_close(out.double(), 2.0 * ref_loss, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g.double(), 2.0 * r, rtol=1e-4, atol=1e-6)
+
+
+def test_logits_are_not_saved_for_backward():
+    from llkern.memory import MemoryMeter
+
+    features, weight, bias, target = make((64, 16, 4, 4), 1000)
+    with MemoryMeter(exclude=[weight, bias]) as meter:
+        aux_head_loss(features, weight, bias, target, impl="kernel").backward()
+    # Saved: d pooled (64x16), d weight (1000x16) and d bias in fp32; never the 64x1000 logits
+    # nor the features.
+    assert meter.peak_saved_bytes == 4 * (64 * 16 + 1000 * 16 + 1000)
+
+
+BAD = [
+    (lambda f, w, b, t: (f.int(), w, b, t), TypeError, "features to be float32"),
+    (lambda f, w, b, t: (f[0, 0, 0], w, b, t), ValueError, "expected features of shape"),
+    (lambda f, w, b, t: (f[:0], w, b, t[:0]), ValueError, "non-empty batch"),
+    (lambda f, w, b, t: (f, w[:, :3], b, t), ValueError, "weight of shape"),
+    (lambda f, w, b, t: (f, w.double(), b, t), TypeError, "dtype of features"),
+    (lambda f, w, b, t: (f, w, b[:2], t), ValueError, "bias of shape"),
+    (lambda f, w, b, t: (f, w, b, t.float()), TypeError, "target of dtype"),
+    (lambda f, w, b, t: (f, w, b, t[:2]), ValueError, "target of shape"),
+    (lambda f, w, b, t: (f, w, b, t.to("meta")), ValueError, "device"),
+    (lambda f, w, b, t: (f, w, b, torch.full_like(t, 5)), ValueError, "out of range"),
+    (lambda f, w, b, t: (f, w, b, torch.full_like(t, -1)), ValueError, "out of range"),
+]
+
+
+@pytest.mark.parametrize("mutate,error,match", BAD)
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_bad_input(mutate, error, match, impl):
+    features, weight, bias, target = make((4, 6, 2, 2), 5, ignore_some=False)
+    with pytest.raises(error, match=match):
+        aux_head_loss(*mutate(features, weight, bias, target), impl=impl)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (dict(reduction="none"), ValueError, "reduction"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index"),
+])
+def test_bad_options(kwargs, error, match):
+    features, weight, bias, target = make((4, 6), 5)
+    with pytest.raises(error, match=match):
+        aux_head_loss(features, weight, bias, target, **kwargs)
+
+
+def test_bad_input_reaching_the_op_directly():
+    features, weight, bias, target = make((4, 6), 5, ignore_some=False)
+    with pytest.raises(ValueError, match="out of range"):
+        torch.ops.llkern.aux_head_loss(features, weight, bias, torch.full_like(target, 9), -100, 0.0, "mean", False)
+    with pytest.raises(ValueError, match="weight of shape"):
+        torch.ops.llkern.aux_head_loss(features, weight[:, :2], bias, target, -100, 0.0, "mean", False)
