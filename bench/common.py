@@ -27,3 +27,25 @@ def append_result(row: dict, path: Path = RESULTS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps({**machine(), **row}) + "\n")
+
+
+def peak_rss_extra_mib(setup: str, step: str, repeats: int = 5) -> float:
+    """Peak resident memory (MiB) that ``step`` adds over what ``setup`` left, in a fresh process.
+
+    ``ru_maxrss`` cannot be reset, so each measurement runs in its own interpreter: it counts
+    every allocation (PyTorch's, llkern's buffer cache, BLAS workspaces), not just tensors.
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, torch, torch.nn.functional as F, llkern
+        {setup}
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in range({repeats}):
+            {step}
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])

@@ -1,5 +1,6 @@
 """Functional forms of llkern's ops, mirroring ``torch.nn.functional``."""
 
+from llkern.ops.aux_head import aux_head_loss
 from llkern.ops.transport import transport_penalty
 
-__all__ = ["transport_penalty"]
+__all__ = ["aux_head_loss", "transport_penalty"]

@@ -142,19 +142,21 @@ def test_gradcheck_float64():
             (features, weight, bias))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(3, 4, 2, 3), (3, 4), (2, 3, 4)])
-def test_opcheck(shape):
-    features, weight, bias, target = make(shape, 5)
+def test_opcheck(device, shape):
+    features, weight, bias, target = make(shape, 5, device)
     for with_grad in (False, True):
         torch.library.opcheck(torch.ops.llkern.aux_head_loss.default,
                               (features, weight, bias, target, -100, 0.1, "mean", with_grad))
         torch.library.opcheck(torch.ops.llkern.aux_head_loss.default,
                               (features, weight, None, target, -100, 0.0, "sum", with_grad))
-    grad_pooled = torch.randn(3, 4)
+    grad_pooled = torch.randn(3, 4, device=device)
+    grad = torch.tensor(1.5, device=device)
     torch.library.opcheck(torch.ops.llkern.aux_head_backward.default,
-                          (torch.tensor(1.5), grad_pooled, [3, 4, 2, 3], False, torch.float32))
+                          (grad, grad_pooled, [3, 4, 2, 3], False, torch.float32))
     torch.library.opcheck(torch.ops.llkern.aux_head_backward.default,
-                          (torch.tensor(1.5), grad_pooled, [3, 4, 2, 3], True, torch.bfloat16))
+                          (grad, grad_pooled, [3, 4, 2, 3], True, torch.bfloat16))
 
 
 def test_torch_compile_fullgraph():

@@ -36,8 +36,28 @@ struct CrossEntropyRowsParams {
   double grad_scale = 1.0;
   bool write_grad = false;
   bool is_double = false;
-  double* loss_sum = nullptr;  // out: sum of the chunk's row losses (host memory on the CPU)
-  int64_t* correct = nullptr;  // out: number of correct predictions in the chunk
+  double* loss_sum = nullptr;  // CPU out: sum of the chunk's row losses, added to
+  int64_t* correct = nullptr;  // CPU out: number of correct predictions in the chunk, added to
+  void* row_loss = nullptr;        // CUDA out: per-row loss (Acc), 0 for ignored rows
+  int32_t* row_correct = nullptr;  // CUDA out: per-row 1 if correct
+};
+
+// CUDA: loss = scale * sum(row_loss), correct = sum(row_correct), in a fixed order.
+struct FinishParams {
+  const void* row_loss = nullptr;
+  const int32_t* row_correct = nullptr;
+  int64_t rows = 0;
+  double scale = 1.0;  // 1 / valid rows ("mean"), 1 ("sum"), 0 when every target is ignored
+  bool is_double = false;
+  void* loss = nullptr;        // Acc scalar
+  int64_t* correct = nullptr;  // int64 scalar
+};
+
+// CUDA: counts[0] = targets != ignore_index, counts[1] = those out of [0, classes).
+struct CountTargetsParams {
+  const int64_t* target = nullptr;
+  int64_t n = 0, classes = 0, ignore_index = -100;
+  int64_t* counts = nullptr;  // two int64, zeroed by the caller
 };
 
 // grad_features[b, c, s] = grad_loss * scale * grad_pooled[b, c] in the features' dtype and layout.
@@ -54,5 +74,12 @@ struct BroadcastParams {
 void pool_cpu(const PoolParams& p);
 void cross_entropy_rows_cpu(const CrossEntropyRowsParams& p);
 void broadcast_pooled_grad_cpu(const BroadcastParams& p);
+
+// CUDA (`stream` is a cudaStream_t).
+void pool_cuda(const PoolParams& p, void* stream);
+void count_targets_cuda(const CountTargetsParams& p, void* stream);
+void cross_entropy_rows_cuda(const CrossEntropyRowsParams& p, void* stream);
+void finish_cross_entropy_cuda(const FinishParams& p, void* stream);
+void broadcast_pooled_grad_cuda(const BroadcastParams& p, void* stream);
 
 }  // namespace llkern

@@ -1,0 +1,142 @@
+// CUDA binding of the fused auxiliary head: cuBLAS (through ATen) for the matrix products in row
+// chunks, cuda/aux_head.cu for pooling, the cross-entropy rows, the final sum and the broadcast.
+// One host synchronisation per call: the target check (a clear error for a label out of range,
+// and the count of non-ignored targets that scales the gradient).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "aux_head_common.h"
+
+namespace llkern {
+namespace {
+
+constexpr int64_t kChunkElements = int64_t(1) << 26;  // logits per chunk: 256 MiB in fp32
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_loss_cuda(
+    const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, int64_t ignore_index, double label_smoothing, c10::string_view reduction,
+    bool with_grad) {
+  const AuxHeadShape s = check_aux_head_inputs(features, weight, bias, target, label_smoothing, reduction);
+  const c10::cuda::CUDAGuard guard(features.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const at::ScalarType acc = loss_dtype(features.scalar_type());
+  const at::TensorOptions acc_options = features.options().dtype(acc);
+  const at::Tensor labels = target.reshape({-1}).to(at::kLong).contiguous();
+
+  at::Tensor counts = at::zeros({2}, labels.options());
+  CountTargetsParams cp;
+  cp.target = labels.data_ptr<int64_t>();
+  cp.n = labels.numel();
+  cp.classes = s.classes;
+  cp.ignore_index = ignore_index;
+  cp.counts = counts.data_ptr<int64_t>();
+  count_targets_cuda(cp, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor host_counts = counts.cpu();  // the one synchronisation
+  const int64_t valid = host_counts[0].item<int64_t>();
+  TORCH_CHECK_VALUE(host_counts[1].item<int64_t>() == 0, "llkern.aux_head_loss: ", host_counts[1].item<int64_t>(),
+                    " target(s) out of range for ", s.classes, " classes (ignore_index=", ignore_index, ")");
+
+  at::Tensor rows;
+  if (s.pooled) {
+    const at::Tensor f = s.channels_last ? features : features.contiguous();
+    rows = at::empty({s.rows, s.channels}, acc_options);
+    PoolParams p;
+    p.features = f.data_ptr();
+    p.dtype = scalar_kind(features, "features");
+    p.batch = s.rows;
+    p.channels = s.channels;
+    p.spatial = s.spatial;
+    p.channels_last = s.channels_last;
+    p.pooled = rows.data_ptr();
+    pool_cuda(p, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    rows = features.reshape({s.rows, s.channels}).to(acc).contiguous();
+  }
+  const at::Tensor w = weight.to(acc).contiguous();
+  const at::Tensor b = bias.has_value() ? bias->to(acc) : at::Tensor();
+  at::Tensor grad_rows = with_grad ? at::empty({s.rows, s.channels}, acc_options) : at::empty({0}, acc_options);
+  at::Tensor grad_weight = with_grad ? at::zeros({s.classes, s.channels}, acc_options) : at::empty({0}, acc_options);
+  at::Tensor grad_bias = with_grad && bias.has_value() ? at::zeros({s.classes}, acc_options) : at::empty({0}, acc_options);
+  at::Tensor row_loss = at::empty({s.rows}, acc_options);
+  at::Tensor row_correct = at::empty({s.rows}, features.options().dtype(at::kInt));
+
+  const int64_t chunk = std::max<int64_t>(1, kChunkElements / s.classes);
+  for (int64_t start = 0; start < s.rows; start += chunk) {
+    const int64_t len = std::min(chunk, s.rows - start);
+    const at::Tensor x = rows.narrow(0, start, len);
+    at::Tensor logits = b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
+    CrossEntropyRowsParams p;
+    p.logits = logits.data_ptr();
+    p.target = labels.data_ptr<int64_t>() + start;
+    p.rows = len;
+    p.classes = s.classes;
+    p.ignore_index = ignore_index;
+    p.label_smoothing = label_smoothing;
+    p.grad_scale = reduction == "mean" ? 1.0 / double(std::max<int64_t>(valid, 1)) : 1.0;
+    p.write_grad = with_grad;
+    p.is_double = acc == at::kDouble;
+    p.row_loss = static_cast<char*>(row_loss.data_ptr()) + start * row_loss.element_size();
+    p.row_correct = row_correct.data_ptr<int32_t>() + start;
+    cross_entropy_rows_cuda(p, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (with_grad) {
+      at::Tensor grad_x = grad_rows.narrow(0, start, len);
+      at::mm_out(grad_x, logits, w);
+      grad_weight.addmm_(logits.t(), x);
+      if (grad_bias.numel() > 0) grad_bias.add_(logits.sum(0));
+    }
+  }
+  at::Tensor loss = at::empty({}, acc_options);
+  at::Tensor correct = at::empty({}, features.options().dtype(at::kLong));
+  FinishParams fp;
+  fp.row_loss = row_loss.data_ptr();
+  fp.row_correct = row_correct.data_ptr<int32_t>();
+  fp.rows = s.rows;
+  fp.scale = valid == 0 ? 0.0 : (reduction == "mean" ? 1.0 / double(valid) : 1.0);
+  fp.is_double = acc == at::kDouble;
+  fp.loss = loss.data_ptr();
+  fp.correct = correct.data_ptr<int64_t>();
+  finish_cross_entropy_cuda(fp, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, correct, grad_rows, grad_weight, grad_bias};
+}
+
+at::Tensor aux_head_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_pooled, at::IntArrayRef sizes,
+                                  bool channels_last, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(sizes.size() == 4, "llkern.aux_head_backward: expected 4-D sizes, got ", sizes);
+  TORCH_CHECK_VALUE(grad_pooled.dim() == 2 && grad_pooled.size(0) == sizes[0] && grad_pooled.size(1) == sizes[1],
+                    "llkern.aux_head_backward: grad_pooled of shape ", grad_pooled.sizes(), " does not match ", sizes);
+  const c10::cuda::CUDAGuard guard(grad_pooled.device());
+  const at::TensorOptions options = grad_pooled.options().dtype(dtype);
+  at::Tensor out = at::empty(sizes, options.memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                        : at::MemoryFormat::Contiguous));
+  const at::Tensor gp = grad_pooled.contiguous();
+  const at::Tensor g = grad_loss.to(grad_pooled.device(), grad_pooled.scalar_type()).contiguous();
+  BroadcastParams p;
+  p.grad_pooled = gp.data_ptr();
+  p.grad_loss = g.data_ptr();
+  p.scale = 1.0 / double(sizes[2] * sizes[3]);
+  p.grad_features = out.data_ptr();
+  p.dtype = scalar_kind(out, "grad_features");
+  p.batch = sizes[0];
+  p.channels = sizes[1];
+  p.spatial = sizes[2] * sizes[3];
+  p.channels_last = channels_last;
+  broadcast_pooled_grad_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llkern, CUDA, m) {
+  m.impl("aux_head_loss", &aux_head_loss_cuda);
+  m.impl("aux_head_backward", &aux_head_backward_cuda);
+}
+
+}  // namespace llkern
