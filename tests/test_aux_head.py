@@ -40,6 +40,10 @@ SHAPES = [  # (features shape, classes): odd sizes — 1 class, 7 channels, 97 t
     ((2, 97, 7), 13),
     ((4, 9, 2, 2), 1025),
     ((3, 16), 1025),
+    # classes x channels > 65536: the chunked path (logits a chunk of rows at a time, BLAS products)
+    ((3, 70, 2, 2), 1000),
+    ((5, 70), 1025),
+    ((2, 3, 70), 1025),
 ]
 
 
@@ -59,6 +63,19 @@ def test_matches_float64_reference(device, shape, classes, reduction, smoothing)
     for g, r in zip(grads, ref_grads, strict=True):
         assert g.dtype == torch.float32 and g.shape == r.shape
         torch.testing.assert_close(g.double().cpu(), r.cpu(), rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_path_across_several_chunks():
+    # 4300 rows x 1000 classes: more logits than one 2^22-element chunk holds.
+    features, weight, bias, target = make((4300, 66), 1000)
+    loss, correct = aux_head_loss(features, weight, bias, target, label_smoothing=0.05, return_correct=True,
+                                  impl="kernel")
+    grads = torch.autograd.grad(loss, [features, weight, bias])
+    ref_loss, ref_correct, ref_grads = reference64(features, weight, bias, target, label_smoothing=0.05)
+    assert correct.item() == ref_correct.item()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("device", DEVICES)

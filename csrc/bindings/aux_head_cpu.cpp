@@ -12,16 +12,30 @@ namespace {
 
 constexpr int64_t kChunkElements = int64_t(1) << 22;  // logits per chunk: 16 MiB in fp32
 
-void check_targets(const at::Tensor& target, int64_t classes, int64_t ignore_index) {
+// Checks every target and returns how many are not ignore_index.
+int64_t check_targets(const at::Tensor& target, int64_t classes, int64_t ignore_index) {
   const int64_t* t = target.data_ptr<int64_t>();
+  int64_t valid = 0;
   for (int64_t i = 0; i < target.numel(); ++i) {
-    TORCH_CHECK_VALUE(t[i] == ignore_index || (t[i] >= 0 && t[i] < classes), "llkern.aux_head_loss: target ",
-                      t[i], " at position ", i, " is out of range for ", classes, " classes (ignore_index=",
-                      ignore_index, ")");
+    if (t[i] == ignore_index) continue;
+    TORCH_CHECK_VALUE(t[i] >= 0 && t[i] < classes, "llkern.aux_head_loss: target ", t[i], " at position ", i,
+                      " is out of range for ", classes, " classes (ignore_index=", ignore_index, ")");
+    ++valid;
   }
+  return valid;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_loss_cpu(
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Outputs finish(double loss_sum, int64_t correct, int64_t valid, c10::string_view reduction,
+               const at::TensorOptions& acc_options, const at::Tensor& features, at::Tensor grad_rows,
+               at::Tensor grad_weight, at::Tensor grad_bias) {
+  const double loss_value = valid == 0 ? 0.0 : (reduction == "mean" ? loss_sum / double(valid) : loss_sum);
+  return {at::full({}, loss_value, acc_options), at::full({}, correct, features.options().dtype(at::kLong)),
+          std::move(grad_rows), std::move(grad_weight), std::move(grad_bias)};
+}
+
+Outputs aux_head_loss_cpu(
     const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, int64_t ignore_index, double label_smoothing, c10::string_view reduction,
     bool with_grad) {
@@ -29,9 +43,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
   const at::ScalarType acc = loss_dtype(features.scalar_type());
   const at::TensorOptions acc_options = features.options().dtype(acc);
   const at::Tensor labels = target.reshape({-1}).to(at::kLong).contiguous();
-  check_targets(labels, s.classes, ignore_index);
-  const int64_t valid = s.rows - (labels == ignore_index).sum().item<int64_t>();
+  const int64_t valid = check_targets(labels, s.classes, ignore_index);
+  const double grad_scale = reduction == "mean" ? 1.0 / double(std::max<int64_t>(valid, 1)) : 1.0;
+  const at::Tensor w = weight.to(acc).contiguous();
+  const at::Tensor b = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
+  at::Tensor grad_rows = with_grad ? empty_cpu_large({s.rows, s.channels}, acc_options) : at::empty({0}, acc_options);
+  double loss_sum = 0.0;
+  int64_t correct = 0;
 
+  if (fused_head_fits(s.rows, s.classes, s.channels)) {  // small head: one pass, no logits at all
+    const at::Tensor f = s.pooled ? (s.channels_last ? features : features.contiguous())
+                                  : features.reshape({s.rows, s.channels}).contiguous();
+    at::Tensor grad_weight = with_grad ? at::empty({s.classes, s.channels}, acc_options) : at::empty({0}, acc_options);
+    at::Tensor grad_bias = with_grad && b.defined() ? at::empty({s.classes}, acc_options) : at::empty({0}, acc_options);
+    FusedHeadParams p;
+    p.features = f.data_ptr();
+    p.dtype = scalar_kind(features, "features");
+    p.rows = s.rows;
+    p.channels = s.channels;
+    p.spatial = s.spatial;
+    p.pooled = s.pooled;
+    p.channels_last = s.channels_last;
+    const at::Tensor w_t = w.t().contiguous();
+    p.weight = w.data_ptr();
+    p.weight_t = w_t.data_ptr();
+    p.bias = b.defined() ? b.data_ptr() : nullptr;
+    p.target = labels.data_ptr<int64_t>();
+    p.classes = s.classes;
+    p.ignore_index = ignore_index;
+    p.label_smoothing = label_smoothing;
+    p.grad_scale = grad_scale;
+    p.write_grad = with_grad;
+    p.grad_rows = with_grad ? grad_rows.data_ptr() : nullptr;
+    p.grad_weight = with_grad ? grad_weight.data_ptr() : nullptr;
+    p.grad_bias = grad_bias.numel() > 0 ? grad_bias.data_ptr() : nullptr;
+    p.loss_sum = &loss_sum;
+    p.correct = &correct;
+    fused_head_cpu(p);
+    return finish(loss_sum, correct, valid, reduction, acc_options, features, grad_rows, grad_weight, grad_bias);
+  }
+
+  // Large head: logits one chunk of rows at a time, matrix products through ATen (BLAS).
   at::Tensor rows;
   if (s.pooled) {
     const at::Tensor f = s.channels_last ? features : features.contiguous();
@@ -48,15 +100,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
   } else {
     rows = features.reshape({s.rows, s.channels}).to(acc).contiguous();
   }
-  const at::Tensor w = weight.to(acc).contiguous();
-  const at::Tensor b = bias.has_value() ? bias->to(acc) : at::Tensor();
-
-  at::Tensor grad_rows = with_grad ? empty_cpu_large({s.rows, s.channels}, acc_options) : at::empty({0}, acc_options);
   at::Tensor grad_weight = with_grad ? at::zeros({s.classes, s.channels}, acc_options) : at::empty({0}, acc_options);
   at::Tensor grad_bias = with_grad && bias.has_value() ? at::zeros({s.classes}, acc_options) : at::empty({0}, acc_options);
 
-  double loss_sum = 0.0;
-  int64_t correct = 0;
   const int64_t chunk = std::max<int64_t>(1, kChunkElements / s.classes);
   for (int64_t start = 0; start < s.rows; start += chunk) {
     const int64_t len = std::min(chunk, s.rows - start);
@@ -69,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
     p.classes = s.classes;
     p.ignore_index = ignore_index;
     p.label_smoothing = label_smoothing;
-    p.grad_scale = reduction == "mean" ? 1.0 / double(std::max<int64_t>(valid, 1)) : 1.0;
+    p.grad_scale = grad_scale;
     p.write_grad = with_grad;
     p.is_double = acc == at::kDouble;
     p.loss_sum = &loss_sum;
@@ -82,10 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
       if (grad_bias.numel() > 0) grad_bias.add_(logits.sum(0));
     }
   }
-  const double loss_value = valid == 0 ? 0.0 : (reduction == "mean" ? loss_sum / double(valid) : loss_sum);
-  at::Tensor loss = at::full({}, loss_value, acc_options);
-  at::Tensor correct_count = at::full({}, correct, features.options().dtype(at::kLong));
-  return {loss, correct_count, grad_rows, grad_weight, grad_bias};
+  return finish(loss_sum, correct, valid, reduction, acc_options, features, grad_rows, grad_weight, grad_bias);
 }
 
 // d features = grad_loss / (H W) * grad_pooled broadcast over H, W, in the features' dtype and layout.

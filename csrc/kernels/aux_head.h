@@ -71,6 +71,37 @@ struct BroadcastParams {
   bool channels_last = false;
 };
 
+// The whole head in one pass over the rows, for small heads (classes x channels small enough
+// that per-block copies of d weight are cheap): pool, logits = W p + b, cross-entropy and,
+// with write_grad, d rows, d weight, d bias. Rows go in fixed blocks whose partial sums are
+// added in order, so results do not depend on the thread count.
+struct FusedHeadParams {
+  const void* features = nullptr;  // (rows, C) / (B, C, spatial) / (B, spatial, C) by pooled, channels_last
+  ScalarKind dtype = ScalarKind::kFloat32;
+  int64_t rows = 0, channels = 0, spatial = 1;
+  bool pooled = false, channels_last = false;
+  const void* weight = nullptr;    // (classes, C) Acc, contiguous
+  const void* weight_t = nullptr;  // (C, classes) Acc, contiguous: the logits loop runs along classes
+  const void* bias = nullptr;      // (classes) Acc or null
+  const int64_t* target = nullptr;
+  int64_t classes = 0, ignore_index = -100;
+  double label_smoothing = 0.0, grad_scale = 1.0;
+  bool write_grad = false;
+  void* grad_rows = nullptr;    // (rows, C) Acc
+  void* grad_weight = nullptr;  // (classes, C) Acc, overwritten
+  void* grad_bias = nullptr;    // (classes) Acc or null, overwritten
+  double* loss_sum = nullptr;   // out (host)
+  int64_t* correct = nullptr;   // out (host)
+};
+
+// Rows per block of the fused pass, and whether a head is small enough for it.
+constexpr int64_t kFusedBlockRows = 64;
+inline bool fused_head_fits(int64_t rows, int64_t classes, int64_t channels) {
+  const int64_t blocks = (rows + kFusedBlockRows - 1) / kFusedBlockRows;
+  return classes * channels <= 65536 && blocks * (classes * channels + classes) <= (int64_t(16) << 20);
+}
+
+void fused_head_cpu(const FusedHeadParams& p);
 void pool_cpu(const PoolParams& p);
 void cross_entropy_rows_cpu(const CrossEntropyRowsParams& p);
 void broadcast_pooled_grad_cpu(const BroadcastParams& p);
