@@ -32,20 +32,29 @@ def append_result(row: dict, path: Path = RESULTS) -> None:
 def peak_rss_extra_mib(setup: str, step: str, repeats: int = 5) -> float:
     """Peak resident memory (MiB) that ``step`` adds over what ``setup`` left, in a fresh process.
 
-    ``ru_maxrss`` cannot be reset, so each measurement runs in its own interpreter: it counts
-    every allocation (PyTorch's, llkern's buffer cache, BLAS workspaces), not just tensors.
+    Linux's peak-RSS counter (VmHWM) is reset after ``setup`` (writing 5 to
+    /proc/self/clear_refs), so the figure counts every allocation of the step (PyTorch's,
+    llkern's buffer cache, BLAS workspaces), not just tensors.
     """
     import subprocess
     import sys
     import textwrap
 
     script = textwrap.dedent(f"""
-        import resource, torch, torch.nn.functional as F, llkern
+        import torch, torch.nn.functional as F, llkern
+
+        def status(field):
+            for line in open("/proc/self/status"):
+                if line.startswith(field):
+                    return int(line.split()[1])  # kB
+
         {setup}
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        base = status("VmRSS:")
         for _ in range({repeats}):
             {step}
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+        print((status("VmHWM:") - base) / 1024)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

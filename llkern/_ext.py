@@ -31,6 +31,7 @@ BUILD_HINT = (
 )
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _warned: set[tuple[str, str]] = set()
+_available: dict[tuple[str, str], bool] = {}
 
 
 def extension_loaded() -> bool:
@@ -41,12 +42,13 @@ def extension_loaded() -> bool:
 @torch.compiler.assume_constant_result  # a build-time fact: traced as a constant by torch.compile
 def kernel_available(op: str, device_type: str) -> bool:
     """True when llkern._C has a kernel for ``torch.ops.llkern.<op>`` on ``device_type`` ("cpu", "cuda")."""
-    if _C is None:
-        return False
-    key = _DISPATCH_KEYS.get(device_type)
-    if key is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"llkern::{op}", key)
+    found = _available.get((op, device_type))
+    if found is None:  # the dispatcher query costs ~25 µs: ask once per op and device
+        key = _DISPATCH_KEYS.get(device_type)
+        found = (_C is not None and key is not None
+                 and torch._C._dispatch_has_kernel_for_dispatch_key(f"llkern::{op}", key))
+        _available[(op, device_type)] = found
+    return found
 
 
 def use_kernel(op: str, device: torch.device, impl: str) -> bool:

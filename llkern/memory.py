@@ -126,3 +126,24 @@ class MemoryMeter:
 
     def report(self) -> MemoryReport:
         return MemoryReport(self.peak_saved_bytes, self.cuda_peak_bytes)
+
+
+def cpu_buffer_cache_bytes() -> int:
+    """Bytes held by llkern's cache of large CPU buffers (0 without the compiled extension).
+
+    llkern's CPU kernels take large outputs (gradients of several MiB) from a cache of
+    huge-page-backed blocks that are reused step after step instead of being returned to the
+    system, which saves the page faults and the zeroing of fresh memory. The cache holds at most
+    ``LLKERN_CPU_CACHE_MB`` MiB (default 256).
+    """
+    from llkern._ext import extension_loaded
+
+    return int(torch.ops.llkern.cpu_buffer_cache_bytes()) if extension_loaded() else 0
+
+
+def empty_cpu_buffer_cache() -> None:
+    """Free the blocks of llkern's CPU buffer cache (like ``torch.cuda.empty_cache``)."""
+    from llkern._ext import extension_loaded
+
+    if extension_loaded():
+        torch.ops.llkern.empty_cpu_buffer_cache()

@@ -109,3 +109,24 @@ def test_cuda_allocator_peak_local_vs_end_to_end():
     assert local.cuda_peak_bytes is not None and e2e.cuda_peak_bytes is not None
     assert 0 < local.cuda_peak_bytes < 0.6 * e2e.cuda_peak_bytes
     assert local.peak_saved_bytes < 0.5 * e2e.peak_saved_bytes
+
+
+def test_cpu_buffer_cache_reuses_and_empties():
+    import llkern.memory as memory
+
+    if not llkern.extension_loaded():
+        pytest.skip("llkern._C not built")
+    memory.empty_cpu_buffer_cache()
+    assert memory.cpu_buffer_cache_bytes() == 0
+    y = torch.randn(2**21, requires_grad=True)  # an 8 MiB gradient: from the cache
+    llkern.transport_penalty(y, impl="kernel").backward()
+    first = y.grad.data_ptr()
+    expected = y.grad.clone()
+    y.grad = None  # the block goes back to the cache
+    assert memory.cpu_buffer_cache_bytes() == 8 * 2**20
+    llkern.transport_penalty(y, impl="kernel").backward()
+    assert y.grad.data_ptr() == first and memory.cpu_buffer_cache_bytes() == 0  # reused
+    torch.testing.assert_close(y.grad, expected)
+    y.grad = None
+    memory.empty_cpu_buffer_cache()
+    assert memory.cpu_buffer_cache_bytes() == 0
