@@ -17,7 +17,7 @@ test: install
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
+$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" -r requirements-dev.txt

@@ -65,4 +65,17 @@ inline AuxHeadShape check_aux_head_inputs(const at::Tensor& features, const at::
   return s;
 }
 
+// Pooling of `features` (contiguous, or channels_last as `s` says) into `rows` (B x C, Acc).
+inline PoolParams pool_params(const at::Tensor& features, const AuxHeadShape& s, at::Tensor& rows) {
+  PoolParams p;
+  p.features = features.data_ptr();
+  p.dtype = scalar_kind(features, "features");
+  p.batch = s.rows;
+  p.channels = s.channels;
+  p.spatial = s.spatial;
+  p.channels_last = s.channels_last;
+  p.pooled = rows.data_ptr();
+  return p;
+}
+
 }  // namespace llkern

@@ -88,15 +88,7 @@ Outputs aux_head_loss_cpu(
   if (s.pooled) {
     const at::Tensor f = s.channels_last ? features : features.contiguous();
     rows = at::empty({s.rows, s.channels}, acc_options);
-    PoolParams p;
-    p.features = f.data_ptr();
-    p.dtype = scalar_kind(features, "features");
-    p.batch = s.rows;
-    p.channels = s.channels;
-    p.spatial = s.spatial;
-    p.channels_last = s.channels_last;
-    p.pooled = rows.data_ptr();
-    pool_cpu(p);
+    pool_cpu(pool_params(f, s, rows));
   } else {
     rows = features.reshape({s.rows, s.channels}).to(acc).contiguous();
   }

@@ -44,15 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
   if (s.pooled) {
     const at::Tensor f = s.channels_last ? features : features.contiguous();
     rows = at::empty({s.rows, s.channels}, acc_options);
-    PoolParams p;
-    p.features = f.data_ptr();
-    p.dtype = scalar_kind(features, "features");
-    p.batch = s.rows;
-    p.channels = s.channels;
-    p.spatial = s.spatial;
-    p.channels_last = s.channels_last;
-    p.pooled = rows.data_ptr();
-    pool_cuda(p, stream);
+    pool_cuda(pool_params(f, s, rows), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     rows = features.reshape({s.rows, s.channels}).to(acc).contiguous();

@@ -7,6 +7,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "scalar.h"
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -14,17 +16,8 @@
 namespace llkern {
 namespace {
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-
-template <typename T, typename Acc>
-inline T store(Acc v) {
-  if constexpr (sizeof(T) == sizeof(Acc)) {
-    return T(v);
-  } else {
-    return from_float<T>(float(v));
-  }
-}
+using cpu::AccOf;
+using cpu::store;
 
 #if defined(__SSE2__)
 // float planes of a multiple of 4 values (the common case): four SSE accumulators.

@@ -8,23 +8,16 @@
 
 #include <vector>
 
+#include "scalar.h"
+
 namespace llkern {
 namespace {
 
 constexpr int64_t kChunk = 16384;
 constexpr int kLanes = 16;
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-
-template <typename T, typename Acc>
-inline T store(Acc v) {
-  if constexpr (sizeof(T) == sizeof(Acc)) {
-    return T(v);
-  } else {
-    return from_float<T>(v);
-  }
-}
+using cpu::AccOf;
+using cpu::store;
 
 // Sum of r^2 over one chunk; with kGrad also writes dy = g * r in the same pass.
 template <typename T, bool kHasX, bool kGrad>

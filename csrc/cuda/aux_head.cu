@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "scalar.cuh"
+
 #include "../kernels/aux_head.h"
 
 namespace llkern {
@@ -19,19 +21,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-__device__ __forceinline__ float load_f(float v) { return v; }
-__device__ __forceinline__ double load_f(double v) { return v; }
-__device__ __forceinline__ float load_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float load_f(__half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T store_f(typename Acc<T>::type v);
-template <> __device__ __forceinline__ float store_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ double store_f<double>(double v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 store_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half store_f<__half>(float v) { return __float2half_rn(v); }
+using cuda::Acc;
+using cuda::load_f;
+using cuda::store_f;
 
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {
