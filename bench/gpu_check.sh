@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On a GPU machine with no network, in one call: build the CUDA extension, benchmark, run the
+# On a GPU machine with no network, in one call: build the CUDA extension, benchmark (carry the
+# liger-kernel and cut-cross-entropy wheels for bench/gpu_aux_head.py's peers), run the
 # tests (CUDA included) and compute-sanitizer on the ops' CUDA tests. Each stage has a time
 # limit so that one slow stage cannot cost the others; results are copied to $OUT as soon as
 # they exist. Logs and results go to $OUT (default /tmp/llkern-gpu); commit bench/results/.
@@ -23,6 +24,8 @@ $PY -c "import llkern; assert llkern.kernel_available('transport_penalty', 'cuda
 
 echo "== benchmarks"
 timeout 150 $PY bench/gpu_transport.py 2>&1 | tee "$OUT/bench.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 150 $PY bench/gpu_aux_head.py 2>&1 | tee -a "$OUT/bench.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 cp bench/results/results.jsonl "$OUT/results.jsonl" 2>/dev/null
 

@@ -1,0 +1,120 @@
+"""GPU benchmark of the fused auxiliary head, forward + backward, side by side in one run.
+
+Shapes (issue 3): 1024×64×8×8 → 10 fp32, 256×2048×7×7 → 1000 bf16, and 16384 tokens × 2048 → 32000
+bf16. Against eager PyTorch, torch.compile, ``F.linear_cross_entropy`` (when torch has it), and
+Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy when importable (the GPU
+machine has no network: carry their wheels, see /work/.library/device/README.md). Prints median
+milliseconds and peak extra memory (allocated above the inputs and their gradients); appends rows to
+bench/results/results.jsonl.
+
+Floors (H100, 3.0 TB/s, ~800 TFLOP/s bf16): 1024×64×8×8 fp32 reads the features once and writes
+their gradient once, 2 × 16 MiB → 11 µs; 256×2048×7×7 bf16, 2 × 49 MiB → 34 µs; the token shape is
+three 16384×2048×32000 GEMMs, 6.4 TFLOP → 8.1 ms.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_result
+from gpu_transport import time_ms
+
+import llkern
+
+SHAPES = [  # (features shape, classes, dtype)
+    ((1024, 64, 8, 8), 10, torch.float32),
+    ((256, 2048, 7, 7), 1000, torch.bfloat16),
+    ((1, 16384, 2048), 32000, torch.bfloat16),
+]
+
+
+def eager(f, w, b, t):
+    rows = f.mean((2, 3)) if f.dim() == 4 else f.reshape(-1, f.shape[-1])
+    return F.cross_entropy(F.linear(rows, w, b).float(), t.reshape(-1))
+
+
+def variants():
+    out = {"llkern": lambda f, w, b, t: llkern.functional.aux_head_loss(f, w, b, t, impl="kernel"),
+           "eager": eager, "torch.compile": torch.compile(eager)}
+    if hasattr(F, "linear_cross_entropy"):
+        def torch_lce(f, w, b, t):
+            rows = f.mean((2, 3)) if f.dim() == 4 else f.reshape(-1, f.shape[-1])
+            return F.linear_cross_entropy(rows, w, t.reshape(-1), linear_bias=b)
+        out["F.linear_cross_entropy"] = torch_lce
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        def liger(f, w, b, t):
+            rows = f.mean((2, 3)) if f.dim() == 4 else f.reshape(-1, f.shape[-1])
+            return liger_fused_linear_cross_entropy(rows, w, t.reshape(-1), b)
+        out["Liger FLCE"] = liger
+    except ImportError:
+        print("liger-kernel not importable: skipped")
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        def cut(f, w, b, t):
+            rows = f.mean((2, 3)) if f.dim() == 4 else f.reshape(-1, f.shape[-1])
+            return cce(rows, w, t.reshape(-1), bias=b)
+        out["Cut Cross-Entropy"] = cut
+    except ImportError:
+        print("cut-cross-entropy not importable: skipped")
+    return out
+
+
+def bench_shape(shape: tuple[int, ...], classes: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    channels = shape[1] if len(shape) == 4 else shape[-1]
+    f = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+    w = (torch.randn(classes, channels, device="cuda") / channels**0.5).to(dtype).requires_grad_()
+    b = torch.zeros(classes, device="cuda", dtype=dtype, requires_grad=True)
+    t = torch.randint(0, classes, shape[:2] if len(shape) == 3 else shape[:1], device="cuda")
+    inputs_mib = sum(x.numel() * x.element_size() for x in (f, w, b)) / 2**20
+
+    def step_of(fn):
+        def step():
+            fn(f, w, b, t).backward()
+            f.grad = w.grad = b.grad = None
+        return step
+
+    results = {}
+    for label, fn in variants().items():
+        step = step_of(fn)
+        try:
+            ms, iqr = time_ms(step, reps=20, warmup=3)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            # Above the inputs and their gradients (which any implementation must hold).
+            extra = (torch.cuda.max_memory_allocated() - base) / 2**20 - inputs_mib
+        except Exception as error:  # a peer that cannot run this shape: say so, go on
+            print(f"{label} failed on {list(shape)}: {error}")
+            continue
+        results[label] = (ms, iqr, extra)
+    for label, (ms, iqr, extra) in results.items():
+        vs_eager = results["eager"][0] / ms if "eager" in results else float("nan")
+        vs_compile = results["torch.compile"][0] / ms if "torch.compile" in results else float("nan")
+        append_result({"op": "aux_head_loss fwd+bwd", "shape": [*shape, classes],
+                       "dtype": str(dtype).removeprefix("torch."), "impl": label, "median_ms": ms,
+                       "iqr_ms": iqr, "extra_MiB": extra, "vs_eager": vs_eager, "vs_compile": vs_compile})
+        print(f"| {list(shape)}→{classes} | {str(dtype).removeprefix('torch.')} | {label} | {ms:.3f} | "
+              f"{extra:.0f} | {vs_eager:.2f}x | {vs_compile:.2f}x |")
+
+
+def main() -> None:
+    assert torch.cuda.is_available(), "needs a CUDA device"
+    print("| shape | dtype | impl | ms | extra MiB | vs eager | vs compile |")
+    print("|---|---|---|---|---|---|---|")
+    for shape, classes, dtype in SHAPES:
+        bench_shape(shape, classes, dtype)
+
+
+if __name__ == "__main__":
+    main()
