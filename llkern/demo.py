@@ -31,6 +31,7 @@ class RunResult:
     test_accuracy: float
     step_ms: float
     peak_saved_bytes: int
+    accuracy_per_epoch: list[float]
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator):
@@ -51,7 +52,7 @@ def _train(name: str, model: nn.Module, step: Callable[[torch.Tensor, torch.Tens
     steps_per_epoch = -(-len(y_train) // args.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(args.seed)
-    times = []
+    times, history = [], []
     bar = tqdm(range(args.epochs), desc=f"{name:>12}", unit="epoch", leave=True)
     for _ in bar:
         model.train()
@@ -63,7 +64,8 @@ def _train(name: str, model: nn.Module, step: Callable[[torch.Tensor, torch.Tens
             times.append(time.perf_counter() - start)
             schedule.step()
         model.eval()
-        bar.set_postfix(loss=f"{loss:.3f}", test_acc=f"{_accuracy(model, x_test, y_test):.4f}")
+        history.append(_accuracy(model, x_test, y_test))
+        bar.set_postfix(loss=f"{loss:.3f}", test_acc=f"{history[-1]:.4f}")
     model.eval()
     accuracy = _accuracy(model, x_test, y_test)
     # Peak saved-activation memory of one training step at the training batch size.
@@ -72,7 +74,7 @@ def _train(name: str, model: nn.Module, step: Callable[[torch.Tensor, torch.Tens
     with MemoryMeter(exclude=params) as meter:
         step(x_train[: args.batch_size], y_train[: args.batch_size])
     optimizer.zero_grad(set_to_none=True)
-    return RunResult(name, accuracy, 1e3 * statistics.median(times), meter.peak_saved_bytes)
+    return RunResult(name, accuracy, 1e3 * statistics.median(times), meter.peak_saved_bytes, history)
 
 
 def run(args: argparse.Namespace) -> list[RunResult]:
@@ -109,6 +111,31 @@ def format_table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[RunResult], path: str) -> bool:
+    """Test accuracy per epoch and peak saved activations, side by side; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (curves, memory) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    for r in results:
+        curves.plot(range(1, len(r.accuracy_per_epoch) + 1), [100 * a for a in r.accuracy_per_epoch],
+                    marker="o", markersize=3, label=f"{r.name} ({100 * r.test_accuracy:.2f}%)")
+    curves.set(xlabel="epoch", ylabel="test accuracy (%)", ylim=(50, 100), title="digits, test accuracy")
+    curves.grid(alpha=0.3)
+    curves.legend(loc="lower right")
+    names = [r.name for r in results]
+    memory.bar(names, [r.peak_saved_bytes / 2**20 for r in results], color=["tab:blue", "tab:orange"])
+    memory.set(ylabel="MiB", title="peak saved activations")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modules", type=int, default=4, help="number of local modules K (1..8)")
@@ -118,12 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tau", type=float, default=1.0, help="transport-penalty tau")
     parser.add_argument("--tau-schedule", choices=("constant", "varying"), default="constant")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", default="demo.png", help="where to save the plot ('' for none; needs matplotlib)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    results = run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    results = run(args)
     print(format_table(results))
+    if args.plot:
+        print(f"plot saved to {args.plot}" if plot(results, args.plot) else "matplotlib not installed: no plot")
     return 0
 
 
