@@ -14,6 +14,7 @@ from llkern.heads import LinearHead
 from llkern.local import Boundary, LocalNet, StepResult, run_module
 from llkern.losses import CrossEntropy, LocalContext, LocalLoss, LocalLossOutput, TransportRegularized
 from llkern.memory import MemoryMeter, MemoryReport
+from llkern.modules import TransportPenalty
 from llkern.ops.aux_head import aux_head_loss
 from llkern.ops.transport import transport_penalty
 
@@ -30,6 +31,7 @@ __all__ = [
     "MemoryMeter",
     "MemoryReport",
     "StepResult",
+    "TransportPenalty",
     "TransportRegularized",
     "aux_head_loss",
     "extension_loaded",

@@ -331,7 +331,14 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
         llkern.transport_penalty(y, impl="kernel")
 
 
-def test_module_wrapper():
+def test_functional_and_module_forms():
     y, x = torch.randn(4, 6), torch.randn(4, 6)
-    module = llkern.functional.transport_penalty
-    torch.testing.assert_close(module(y, x, 0.5), transport_penalty_reference(y, x, 0.5))
+    torch.testing.assert_close(llkern.functional.transport_penalty(y, x, 0.5), transport_penalty_reference(y, x, 0.5))
+    module = llkern.TransportPenalty(tau=0.5, reduction="sum_per_sample")
+    torch.testing.assert_close(module(y, x), transport_penalty_reference(y, x, 0.5, "sum_per_sample"))
+    torch.testing.assert_close(module(y), transport_penalty_reference(y, None, 0.5, "sum_per_sample"))
+    assert "tau=0.5" in repr(module)
+    with pytest.raises(ValueError, match="tau"):
+        llkern.TransportPenalty(tau=0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        llkern.TransportPenalty(reduction="sum")
