@@ -87,6 +87,13 @@ def test_channels_last_and_non_contiguous(device):
     assert d_cl.is_contiguous(memory_format=torch.channels_last)
     _, _, (ref_df, *_) = reference64(cl, weight, bias, target)
     torch.testing.assert_close(d_cl.double().cpu(), ref_df.cpu(), rtol=1e-5, atol=1e-7)
+    # channels_last on the chunked path (classes x channels > 65536).
+    cl_big = torch.randn(3, 70, 3, 2, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    w_big = torch.randn(1000, 70, device=device, requires_grad=True)
+    t_big = torch.randint(0, 1000, (3,), device=device)
+    (d_big,) = torch.autograd.grad(aux_head_loss(cl_big, w_big, None, t_big, impl="kernel"), cl_big)
+    _, _, (ref_big, _) = reference64(cl_big, w_big, None, t_big)
+    torch.testing.assert_close(d_big.double().cpu(), ref_big.cpu(), rtol=1e-5, atol=1e-7)
     # A strided view (neither layout) and a transposed weight.
     base = torch.randn(4, 12, 5, 3, device=device)
     strided = base[:, ::2].requires_grad_()
@@ -128,12 +135,34 @@ def test_all_targets_ignored_gives_zero_loss_and_zero_gradients():
         assert torch.equal(g, torch.zeros_like(g))
 
 
-def test_custom_ignore_index_and_int32_target():
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_custom_ignore_index_and_int32_target(impl):
     features, weight, bias, target = make((8, 5), 4, ignore_some=False)
     target[1] = 7
-    loss = aux_head_loss(features, weight, bias, target.int(), ignore_index=7, impl="kernel")
+    loss = aux_head_loss(features, weight, bias, target.int(), ignore_index=7, impl=impl)
     ref_loss, _, _ = reference64(features, weight, bias, target, ignore_index=7)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [6, 70])  # the fused path, and the chunked one (70 x 1000 > 65536)
+def test_correct_count_takes_the_first_of_tied_logits(channels):
+    # Zero weights and bias: every class ties, so the prediction is class 0, as torch.argmax says.
+    features = torch.randn(9, channels)
+    weight, bias = torch.zeros(1000, channels), torch.zeros(1000)
+    target = torch.tensor([0, 1, 0, 999, 0, 5, 0, 0, 2])
+    _, correct = aux_head_loss(features, weight, bias, target, return_correct=True, impl="kernel")
+    assert correct.item() == 5
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (2, 3, 5), (6, 5, 2, 2)])
+def test_retained_graph_backwards_accumulate(shape):
+    features, weight, bias, target = make(shape, 4)
+    loss = aux_head_loss(features, weight, bias, target, impl="kernel")
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    _, _, ref = reference64(features, weight, bias, target)
+    for param, r in zip((features, weight, bias), ref, strict=True):
+        torch.testing.assert_close(param.grad.double(), 3 * r, rtol=1e-5, atol=1e-7)
 
 
 def test_scaled_upstream_gradient():

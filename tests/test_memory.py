@@ -130,3 +130,23 @@ def test_cpu_buffer_cache_reuses_and_empties():
     y.grad = None
     memory.empty_cpu_buffer_cache()
     assert memory.cpu_buffer_cache_bytes() == 0
+
+
+def test_cpu_buffer_cache_evicts_the_oldest_beyond_its_limit():
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch, llkern, llkern.memory as memory
+        MiB = 2**20
+        for numel in (2 * MiB, 1536 * 1024):  # 8 MiB, then 6 MiB gradients
+            y = torch.randn(numel, requires_grad=True)
+            llkern.transport_penalty(y, impl="kernel").backward()
+            y.grad = None
+            print(memory.cpu_buffer_cache_bytes() // MiB)
+    """)
+    env = {**__import__("os").environ, "LLKERN_CPU_CACHE_MB": "10"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["8", "6"]  # the 8 MiB block made room for the 6 MiB one

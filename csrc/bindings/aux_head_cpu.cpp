@@ -51,19 +51,23 @@ Outputs aux_head_loss_cpu(
   double loss_sum = 0.0;
   int64_t correct = 0;
 
-  if (fused_head_fits(s.rows, s.classes, s.channels)) {  // small head: one pass, no logits at all
-    const at::Tensor f = s.pooled ? (s.channels_last ? features : features.contiguous())
-                                  : features.reshape({s.rows, s.channels}).contiguous();
+  at::Tensor rows;
+  if (s.pooled) {
+    const at::Tensor f = s.channels_last ? features : features.contiguous();
+    rows = at::empty({s.rows, s.channels}, acc_options);
+    pool_cpu(pool_params(f, s, rows));
+  } else {
+    rows = features.reshape({s.rows, s.channels}).contiguous();
+  }
+
+  if (fused_head_fits(s.rows, s.classes, s.channels)) {  // small head: one pass, no logits matrix
     at::Tensor grad_weight = with_grad ? at::empty({s.classes, s.channels}, acc_options) : at::empty({0}, acc_options);
     at::Tensor grad_bias = with_grad && b.defined() ? at::empty({s.classes}, acc_options) : at::empty({0}, acc_options);
     FusedHeadParams p;
-    p.features = f.data_ptr();
-    p.dtype = scalar_kind(features, "features");
+    p.rows_data = rows.data_ptr();
+    p.dtype = scalar_kind(rows, "rows");
     p.rows = s.rows;
     p.channels = s.channels;
-    p.spatial = s.spatial;
-    p.pooled = s.pooled;
-    p.channels_last = s.channels_last;
     const at::Tensor w_t = w.t().contiguous();
     p.weight = w.data_ptr();
     p.weight_t = w_t.data_ptr();
@@ -84,14 +88,7 @@ Outputs aux_head_loss_cpu(
   }
 
   // Large head: logits one chunk of rows at a time, matrix products through ATen (BLAS).
-  at::Tensor rows;
-  if (s.pooled) {
-    const at::Tensor f = s.channels_last ? features : features.contiguous();
-    rows = at::empty({s.rows, s.channels}, acc_options);
-    pool_cpu(pool_params(f, s, rows));
-  } else {
-    rows = features.reshape({s.rows, s.channels}).to(acc).contiguous();
-  }
+  rows = rows.to(acc);
   at::Tensor grad_weight = with_grad ? at::zeros({s.classes, s.channels}, acc_options) : at::empty({0}, acc_options);
   at::Tensor grad_bias = with_grad && bias.has_value() ? at::zeros({s.classes}, acc_options) : at::empty({0}, acc_options);
 

@@ -180,31 +180,10 @@ void broadcast_typed(const BroadcastParams& p) {
   }
 }
 
-// One row's pooled features, converted to Acc.
-template <typename T, typename Acc>
-inline void load_row(const FusedHeadParams& p, const T* in, int64_t row, Acc* out) {
-  const int64_t C = p.channels, S = p.spatial;
-  if (!p.pooled) {
-    const T* v = in + row * C;
-    for (int64_t c = 0; c < C; ++c) out[c] = Acc(to_float(v[c]));
-  } else if (!p.channels_last) {
-    const Acc inv = Acc(1) / Acc(S);
-    for (int64_t c = 0; c < C; ++c) out[c] = sum_values<T, Acc>(in + (row * C + c) * S, S) * inv;
-  } else {
-    const Acc inv = Acc(1) / Acc(S);
-    const T* image = in + row * S * C;
-    for (int64_t c = 0; c < C; ++c) out[c] = 0;
-    for (int64_t s = 0; s < S; ++s) {
-      for (int64_t c = 0; c < C; ++c) out[c] += Acc(to_float(image[s * C + c]));
-    }
-    for (int64_t c = 0; c < C; ++c) out[c] *= inv;
-  }
-}
-
 template <typename T>
 void fused_head_typed(const FusedHeadParams& p) {
   using Acc = typename AccOf<T>::type;
-  const T* in = static_cast<const T*>(p.features);
+  const T* in = static_cast<const T*>(p.rows_data);
   const Acc* W = static_cast<const Acc*>(p.weight);
   const Acc* Wt = static_cast<const Acc*>(p.weight_t);
   const Acc* bias = static_cast<const Acc*>(p.bias);
@@ -216,7 +195,7 @@ void fused_head_typed(const FusedHeadParams& p) {
   std::vector<double> block_loss(static_cast<size_t>(blocks), 0.0);
   std::vector<int64_t> block_correct(static_cast<size_t>(blocks), 0);
   Acc* grad_rows = static_cast<Acc*>(p.grad_rows);
-#pragma omp parallel if (p.rows * C * p.spatial > 32768)
+#pragma omp parallel if (p.rows * C * K > 32768)
   {
     std::vector<Acc> x(static_cast<size_t>(C)), z(static_cast<size_t>(K));
 #pragma omp for schedule(static)
@@ -234,7 +213,7 @@ void fused_head_typed(const FusedHeadParams& p) {
           }
           continue;
         }
-        load_row<T, Acc>(p, in, row, x.data());
+        for (int64_t c = 0; c < C; ++c) x[c] = Acc(to_float(in[row * C + c]));
         // z = W x + b with the classes innermost: K independent sums that vectorise, where a
         // dot product per class would be one serial chain of C additions.
         for (int64_t k = 0; k < K; ++k) z[k] = bias ? bias[k] : Acc(0);

@@ -7,8 +7,9 @@
 #include "../kernels/buffer_pool.h"
 
 #include <cstdlib>
-#include <map>
+#include <list>
 #include <mutex>
+#include <utility>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -21,15 +22,12 @@ constexpr size_t kHugePage = size_t(2) << 20;
 
 struct Pool {
   std::mutex mutex;
-  std::multimap<size_t, void*> free_blocks;  // rounded size -> block
+  std::list<std::pair<size_t, void*>> free_blocks;  // (rounded size, block), oldest first
   size_t cached_bytes = 0;
   size_t limit_bytes = size_t(256) << 20;
 
   Pool() {
     if (const char* env = std::getenv("LLKERN_CPU_CACHE_MB")) limit_bytes = size_t(std::strtoull(env, nullptr, 10)) << 20;
-  }
-  ~Pool() {
-    for (auto& entry : free_blocks) std::free(entry.second);
   }
 };
 
@@ -47,12 +45,13 @@ void* buffer_pool_acquire(size_t nbytes) {
   {
     Pool& p = pool();
     std::lock_guard<std::mutex> lock(p.mutex);
-    auto it = p.free_blocks.find(size);
-    if (it != p.free_blocks.end()) {
-      void* block = it->second;
-      p.free_blocks.erase(it);
-      p.cached_bytes -= size;
-      return block;
+    for (auto it = p.free_blocks.begin(); it != p.free_blocks.end(); ++it) {  // a handful of entries
+      if (it->first == size) {
+        void* block = it->second;
+        p.free_blocks.erase(it);
+        p.cached_bytes -= size;
+        return block;
+      }
     }
   }
   void* block = std::aligned_alloc(kHugePage, size);
@@ -65,15 +64,22 @@ void* buffer_pool_acquire(size_t nbytes) {
 void buffer_pool_release(void* block, size_t nbytes) {
   const size_t size = buffer_pool_block_bytes(nbytes);
   Pool& p = pool();
+  std::list<std::pair<size_t, void*>> evicted;
   {
     std::lock_guard<std::mutex> lock(p.mutex);
-    if (p.cached_bytes + size <= p.limit_bytes) {
-      p.free_blocks.emplace(size, block);
+    if (size > p.limit_bytes) {
+      evicted.emplace_back(size, block);
+    } else {
+      // Oldest first: sizes no longer used (a last partial batch, evaluation shapes) make room.
+      while (p.cached_bytes + size > p.limit_bytes) {
+        p.cached_bytes -= p.free_blocks.front().first;
+        evicted.splice(evicted.end(), p.free_blocks, p.free_blocks.begin());
+      }
+      p.free_blocks.emplace_back(size, block);
       p.cached_bytes += size;
-      return;
     }
   }
-  std::free(block);
+  for (auto& entry : evicted) std::free(entry.second);
 }
 
 size_t buffer_pool_cached_bytes() {

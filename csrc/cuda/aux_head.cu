@@ -106,7 +106,8 @@ __global__ void __launch_bounds__(kThreads)
       }
       continue;
     }
-    // Pass 1: max, its first index, and the sum of the logits.
+    // Pass 1: max, its first index, and the sum of the logits. (A NaN logit gives a NaN loss;
+    // the comparisons skip it for the argmax, where torch.argmax would pick it.)
     A max = z[0];
     int64_t argmax = 0;
     A total = 0;
@@ -137,7 +138,9 @@ __global__ void __launch_bounds__(kThreads)
       row_loss[row] = (A(1) - eps) * (lse - z_y) + eps * (lse - total / A(classes));
       row_correct[row] = argmax == y;
     }
-    // Pass 3: d loss / d logits over the logits.
+    // Pass 3: d loss / d logits over the logits. Every lane has read z[y] above; the warp
+    // synchronises so that no lane overwrites it first.
+    __syncwarp();
     if (write_grad) {
       const A eps_per_class = eps / A(classes);
       for (int64_t k = lane; k < classes; k += 32) {

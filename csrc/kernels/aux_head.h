@@ -71,15 +71,15 @@ struct BroadcastParams {
   bool channels_last = false;
 };
 
-// The whole head in one pass over the rows, for small heads (classes x channels small enough
-// that per-block copies of d weight are cheap): pool, logits = W p + b, cross-entropy and,
-// with write_grad, d rows, d weight, d bias. Rows go in fixed blocks whose partial sums are
-// added in order, so results do not depend on the thread count.
+// The whole head in one pass over the (pooled) rows, for small heads (classes x channels small
+// enough that per-block copies of d weight are cheap): logits = W x + b, cross-entropy and,
+// with write_grad, d rows, d weight, d bias, without forming a logits matrix. Rows go in fixed
+// blocks whose partial sums are added in order, so results do not depend on the thread count.
+// Image features are pooled first (pool_cpu, parallel over all (b, c) planes).
 struct FusedHeadParams {
-  const void* features = nullptr;  // (rows, C) / (B, C, spatial) / (B, spatial, C) by pooled, channels_last
+  const void* rows_data = nullptr;  // (rows, C), contiguous
   ScalarKind dtype = ScalarKind::kFloat32;
-  int64_t rows = 0, channels = 0, spatial = 1;
-  bool pooled = false, channels_last = false;
+  int64_t rows = 0, channels = 0;
   const void* weight = nullptr;    // (classes, C) Acc, contiguous
   const void* weight_t = nullptr;  // (C, classes) Acc, contiguous: the logits loop runs along classes
   const void* bias = nullptr;      // (classes) Acc or null
@@ -95,7 +95,7 @@ struct FusedHeadParams {
 };
 
 // Rows per block of the fused pass, and whether a head is small enough for it.
-constexpr int64_t kFusedBlockRows = 64;
+constexpr int64_t kFusedBlockRows = 32;
 inline bool fused_head_fits(int64_t rows, int64_t classes, int64_t channels) {
   const int64_t blocks = (rows + kFusedBlockRows - 1) / kFusedBlockRows;
   return classes * channels <= 65536 && blocks * (classes * channels + classes) <= (int64_t(16) << 20);

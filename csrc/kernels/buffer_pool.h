@@ -10,7 +10,8 @@ constexpr size_t kBufferPoolMinBytes = size_t(4) << 20;
 
 size_t buffer_pool_block_bytes(size_t nbytes);
 void* buffer_pool_acquire(size_t nbytes);               // null on failure
-void buffer_pool_release(void* block, size_t nbytes);   // caches it (up to LLKERN_CPU_CACHE_MB, default 256) or frees
+// Caches the block, evicting the oldest cached ones beyond LLKERN_CPU_CACHE_MB (default 256).
+void buffer_pool_release(void* block, size_t nbytes);
 size_t buffer_pool_cached_bytes();
 void buffer_pool_empty();
 

@@ -138,6 +138,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
     ctx.with_grad = with_grad
     if with_grad:  # the forward formed the gradients: keep them, not the features
+        if features.dim() < 4:  # shaped like the features now, so the backward hands over this very tensor
+            grad_rows = grad_rows.view(features.shape)
         ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
     else:  # called without them (directly, with with_grad=False): recompute in the backward
         ctx.save_for_backward(features, weight, bias, target)
@@ -161,6 +163,8 @@ def _backward(ctx, grad, *_unused):
         features, weight, bias, target = ctx.saved_tensors
         _, _, grad_rows, grad_weight, grad_bias = torch.ops.llkern.aux_head_loss(
             features, weight, bias, target, *ctx.options, True)
+        if features.dim() < 4:
+            grad_rows = grad_rows.view(features.shape)
     unit = _is_eager_one(grad)
     g = grad.to(grad_rows.dtype)
     d_features = d_weight = d_bias = None
@@ -168,9 +172,8 @@ def _backward(ctx, grad, *_unused):
         if len(ctx.features_shape) == 4:
             d_features = torch.ops.llkern.aux_head_backward(grad, grad_rows, list(ctx.features_shape),
                                                             ctx.channels_last, ctx.features_dtype)
-        else:
-            rows = grad_rows if unit else grad_rows * g
-            d_features = rows.to(ctx.features_dtype).view(ctx.features_shape)
+        else:  # handed over as is when unscaled: a view would let .grad alias a retained graph's buffer
+            d_features = (grad_rows if unit else grad_rows * g).to(ctx.features_dtype)
     if ctx.needs_input_grad[1]:
         d_weight = (grad_weight if unit else grad_weight * g).to(ctx.weight_dtype)
     if ctx.needs_input_grad[2] and ctx.has_bias:

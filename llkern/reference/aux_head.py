@@ -33,7 +33,7 @@ def aux_head_loss_reference(
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
     rows = pool_rows(features).to(acc)
     logits = F.linear(rows, weight.to(acc), None if bias is None else bias.to(acc))
-    flat_target = target.reshape(-1)
+    flat_target = target.reshape(-1).long()  # F.cross_entropy takes int64 only
     valid = flat_target != ignore_index
     losses = F.cross_entropy(logits, flat_target, ignore_index=ignore_index, label_smoothing=label_smoothing,
                              reduction="none")
