@@ -271,3 +271,33 @@ def test_bad_input_reaching_the_op_directly():
         torch.ops.llkern.aux_head_loss(features, weight, bias, torch.full_like(target, 9), -100, 0.0, "mean", False)
     with pytest.raises(ValueError, match="weight of shape"):
         torch.ops.llkern.aux_head_loss(features, weight[:, :2], bias, target, -100, 0.0, "mean", False)
+
+
+def test_random_configurations_match_the_reference():
+    # Fixed-seed sweep over layouts, sizes and options, both CPU paths (fused and chunked).
+    gen = torch.Generator().manual_seed(7)
+
+    def pick(options):
+        return options[torch.randint(len(options), (1,), generator=gen).item()]
+
+    for _ in range(40):
+        layout = pick(["2d", "3d", "4d", "4d_cl"])
+        batch, channels = pick([1, 2, 7, 33]), pick([1, 3, 16, 70])
+        classes = pick([1, 2, 10, 257, 1025])
+        shape = {"2d": (batch, channels), "3d": (batch, pick([1, 5]), channels),
+                 "4d": (batch, channels, pick([1, 3]), pick([1, 4])),
+                 "4d_cl": (batch, channels, pick([2, 3]), pick([1, 4]))}[layout]
+        features, weight, bias, target = make(shape, classes, dtype=pick([torch.float32, torch.float64]),
+                                              bias=pick([True, False]), ignore_some=pick([True, False]))
+        if layout == "4d_cl":
+            features = features.detach().to(memory_format=torch.channels_last).requires_grad_()
+        kwargs = dict(label_smoothing=pick([0.0, 0.3]), reduction=pick(["mean", "sum"]))
+        loss, correct = aux_head_loss(features, weight, bias, target, return_correct=True, impl="kernel", **kwargs)
+        inputs = [t for t in (features, weight, bias) if t is not None]
+        grads = torch.autograd.grad(loss, inputs)
+        ref_loss, ref_correct, ref_grads = reference64(features, weight, bias, target, **kwargs)
+        context = f"{layout} {shape} classes={classes} bias={bias is not None} {kwargs} {features.dtype}"
+        assert correct.item() == ref_correct.item(), context
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6, msg=context)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6, msg=context)
