@@ -1,6 +1,7 @@
 // Input checks and shape facts of the fused auxiliary head, shared by the CPU and CUDA bindings.
 #pragma once
 
+#include <algorithm>
 #include <optional>
 
 #include "../kernels/aux_head.h"
@@ -63,6 +64,33 @@ inline AuxHeadShape check_aux_head_inputs(const at::Tensor& features, const at::
   TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum", op,
                     ": expected reduction to be 'mean' or 'sum', got '", reduction, "'");
   return s;
+}
+
+// Large heads: the logits one chunk of rows at a time (rows @ W^T + b through ATen: BLAS or
+// cuBLAS), turned into d loss / d logits in place by `rows_pass(params, start)` (the device's
+// cross-entropy rows kernel), then the gradient products. `base` holds every field of the
+// cross-entropy parameters but the chunk's logits, targets and row count.
+template <typename RowsPass>
+void chunked_head(const at::Tensor& rows, const at::Tensor& w, const at::Tensor& b, const at::Tensor& labels,
+                  int64_t chunk_elements, const CrossEntropyRowsParams& base, at::Tensor& grad_rows,
+                  at::Tensor& grad_weight, at::Tensor& grad_bias, RowsPass rows_pass) {
+  const int64_t chunk = std::max<int64_t>(1, chunk_elements / base.classes);
+  for (int64_t start = 0; start < rows.size(0); start += chunk) {
+    const int64_t len = std::min(chunk, rows.size(0) - start);
+    const at::Tensor x = rows.narrow(0, start, len);
+    at::Tensor logits = b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
+    CrossEntropyRowsParams p = base;
+    p.logits = logits.data_ptr();
+    p.target = labels.data_ptr<int64_t>() + start;
+    p.rows = len;
+    rows_pass(p, start);
+    if (base.write_grad) {  // logits now hold d loss / d logits
+      at::Tensor grad_x = grad_rows.narrow(0, start, len);
+      at::mm_out(grad_x, logits, w);
+      grad_weight.addmm_(logits.t(), x);
+      if (grad_bias.numel() > 0) grad_bias.add_(logits.sum(0));
+    }
+  }
 }
 
 // Pooling of `features` (contiguous, or channels_last as `s` says) into `rows` (B x C, Acc).

@@ -92,31 +92,17 @@ Outputs aux_head_loss_cpu(
   at::Tensor grad_weight = with_grad ? at::zeros({s.classes, s.channels}, acc_options) : at::empty({0}, acc_options);
   at::Tensor grad_bias = with_grad && bias.has_value() ? at::zeros({s.classes}, acc_options) : at::empty({0}, acc_options);
 
-  const int64_t chunk = std::max<int64_t>(1, kChunkElements / s.classes);
-  for (int64_t start = 0; start < s.rows; start += chunk) {
-    const int64_t len = std::min(chunk, s.rows - start);
-    const at::Tensor x = rows.narrow(0, start, len);
-    at::Tensor logits = b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
-    CrossEntropyRowsParams p;
-    p.logits = logits.data_ptr();
-    p.target = labels.data_ptr<int64_t>() + start;
-    p.rows = len;
-    p.classes = s.classes;
-    p.ignore_index = ignore_index;
-    p.label_smoothing = label_smoothing;
-    p.grad_scale = grad_scale;
-    p.write_grad = with_grad;
-    p.is_double = acc == at::kDouble;
-    p.loss_sum = &loss_sum;
-    p.correct = &correct;
-    cross_entropy_rows_cpu(p);
-    if (with_grad) {  // logits now hold d loss / d logits
-      at::Tensor grad_x = grad_rows.narrow(0, start, len);
-      at::mm_out(grad_x, logits, w);
-      grad_weight.addmm_(logits.t(), x);
-      if (grad_bias.numel() > 0) grad_bias.add_(logits.sum(0));
-    }
-  }
+  CrossEntropyRowsParams base;
+  base.classes = s.classes;
+  base.ignore_index = ignore_index;
+  base.label_smoothing = label_smoothing;
+  base.grad_scale = grad_scale;
+  base.write_grad = with_grad;
+  base.is_double = acc == at::kDouble;
+  base.loss_sum = &loss_sum;
+  base.correct = &correct;
+  chunked_head(rows, w, b, labels, kChunkElements, base, grad_rows, grad_weight, grad_bias,
+               [](CrossEntropyRowsParams& p, int64_t) { cross_entropy_rows_cpu(p); });
   return finish(loss_sum, correct, valid, reduction, acc_options, features, grad_rows, grad_weight, grad_bias);
 }
 

@@ -57,32 +57,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
   at::Tensor row_loss = at::empty({s.rows}, acc_options);
   at::Tensor row_correct = at::empty({s.rows}, features.options().dtype(at::kInt));
 
-  const int64_t chunk = std::max<int64_t>(1, kChunkElements / s.classes);
-  for (int64_t start = 0; start < s.rows; start += chunk) {
-    const int64_t len = std::min(chunk, s.rows - start);
-    const at::Tensor x = rows.narrow(0, start, len);
-    at::Tensor logits = b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
-    CrossEntropyRowsParams p;
-    p.logits = logits.data_ptr();
-    p.target = labels.data_ptr<int64_t>() + start;
-    p.rows = len;
-    p.classes = s.classes;
-    p.ignore_index = ignore_index;
-    p.label_smoothing = label_smoothing;
-    p.grad_scale = reduction == "mean" ? 1.0 / double(std::max<int64_t>(valid, 1)) : 1.0;
-    p.write_grad = with_grad;
-    p.is_double = acc == at::kDouble;
-    p.row_loss = static_cast<char*>(row_loss.data_ptr()) + start * row_loss.element_size();
-    p.row_correct = row_correct.data_ptr<int32_t>() + start;
-    cross_entropy_rows_cuda(p, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (with_grad) {
-      at::Tensor grad_x = grad_rows.narrow(0, start, len);
-      at::mm_out(grad_x, logits, w);
-      grad_weight.addmm_(logits.t(), x);
-      if (grad_bias.numel() > 0) grad_bias.add_(logits.sum(0));
-    }
-  }
+  CrossEntropyRowsParams base;
+  base.classes = s.classes;
+  base.ignore_index = ignore_index;
+  base.label_smoothing = label_smoothing;
+  base.grad_scale = reduction == "mean" ? 1.0 / double(std::max<int64_t>(valid, 1)) : 1.0;
+  base.write_grad = with_grad;
+  base.is_double = acc == at::kDouble;
+  chunked_head(rows, w, b, labels, kChunkElements, base, grad_rows, grad_weight, grad_bias,
+               [&](CrossEntropyRowsParams& p, int64_t start) {
+                 p.row_loss = static_cast<char*>(row_loss.data_ptr()) + start * row_loss.element_size();
+                 p.row_correct = row_correct.data_ptr<int32_t>() + start;
+                 cross_entropy_rows_cuda(p, stream);
+                 C10_CUDA_KERNEL_LAUNCH_CHECK();
+               });
   at::Tensor loss = at::empty({}, acc_options);
   at::Tensor correct = at::empty({}, features.options().dtype(at::kLong));
   FinishParams fp;
