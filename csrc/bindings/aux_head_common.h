@@ -93,6 +93,36 @@ void chunked_head(const at::Tensor& rows, const at::Tensor& w, const at::Tensor&
   }
 }
 
+inline void check_backward_sizes(const at::Tensor& grad_pooled, at::IntArrayRef sizes) {
+  TORCH_CHECK_VALUE(sizes.size() == 4, "llkern.aux_head_backward: expected 4-D sizes, got ", sizes);
+  TORCH_CHECK_VALUE(grad_pooled.dim() == 2 && grad_pooled.size(0) == sizes[0] && grad_pooled.size(1) == sizes[1],
+                    "llkern.aux_head_backward: grad_pooled of shape ", grad_pooled.sizes(), " does not match ", sizes);
+}
+
+// Contiguous inputs of the broadcast into `out` (allocated by the device binding), and its parameters.
+struct BroadcastCall {
+  at::Tensor grad_pooled, grad_loss;
+  BroadcastParams params;
+};
+
+inline BroadcastCall prepare_broadcast(const at::Tensor& grad_loss, const at::Tensor& grad_pooled,
+                                       at::IntArrayRef sizes, bool channels_last, at::Tensor& out) {
+  BroadcastCall call;
+  call.grad_pooled = grad_pooled.contiguous();
+  call.grad_loss = grad_loss.to(grad_pooled.device(), grad_pooled.scalar_type()).contiguous();
+  BroadcastParams& p = call.params;
+  p.grad_pooled = call.grad_pooled.data_ptr();
+  p.grad_loss = call.grad_loss.data_ptr();
+  p.scale = 1.0 / double(sizes[2] * sizes[3]);
+  p.grad_features = out.data_ptr();
+  p.dtype = scalar_kind(out, "grad_features");
+  p.batch = sizes[0];
+  p.channels = sizes[1];
+  p.spatial = sizes[2] * sizes[3];
+  p.channels_last = channels_last;
+  return call;
+}
+
 // Pooling of `features` (contiguous, or channels_last as `s` says) into `rows` (B x C, Acc).
 inline PoolParams pool_params(const at::Tensor& features, const AuxHeadShape& s, at::Tensor& rows) {
   PoolParams p;

@@ -109,26 +109,13 @@ Outputs aux_head_loss_cpu(
 // d features = grad_loss / (H W) * grad_pooled broadcast over H, W, in the features' dtype and layout.
 at::Tensor aux_head_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_pooled, at::IntArrayRef sizes,
                                  bool channels_last, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(sizes.size() == 4, "llkern.aux_head_backward: expected 4-D sizes, got ", sizes);
-  TORCH_CHECK_VALUE(grad_pooled.dim() == 2 && grad_pooled.size(0) == sizes[0] && grad_pooled.size(1) == sizes[1],
-                    "llkern.aux_head_backward: grad_pooled of shape ", grad_pooled.sizes(), " does not match ", sizes);
+  check_backward_sizes(grad_pooled, sizes);
   const at::TensorOptions options = grad_pooled.options().dtype(dtype);
   at::Tensor out = channels_last
                        ? empty_cpu_large({sizes[0], sizes[2], sizes[3], sizes[1]}, options).permute({0, 3, 1, 2})
                        : empty_cpu_large(sizes, options);
-  const at::Tensor gp = grad_pooled.contiguous();
-  const at::Tensor g = grad_loss.to(grad_pooled.scalar_type()).contiguous();
-  BroadcastParams p;
-  p.grad_pooled = gp.data_ptr();
-  p.grad_loss = g.data_ptr();
-  p.scale = 1.0 / double(sizes[2] * sizes[3]);
-  p.grad_features = out.data_ptr();
-  p.dtype = scalar_kind(out, "grad_features");
-  p.batch = sizes[0];
-  p.channels = sizes[1];
-  p.spatial = sizes[2] * sizes[3];
-  p.channels_last = channels_last;
-  broadcast_pooled_grad_cpu(p);
+  const BroadcastCall call = prepare_broadcast(grad_loss, grad_pooled, sizes, channels_last, out);
+  broadcast_pooled_grad_cpu(call.params);
   return out;
 }
 

@@ -88,26 +88,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
 
 at::Tensor aux_head_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_pooled, at::IntArrayRef sizes,
                                   bool channels_last, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(sizes.size() == 4, "llkern.aux_head_backward: expected 4-D sizes, got ", sizes);
-  TORCH_CHECK_VALUE(grad_pooled.dim() == 2 && grad_pooled.size(0) == sizes[0] && grad_pooled.size(1) == sizes[1],
-                    "llkern.aux_head_backward: grad_pooled of shape ", grad_pooled.sizes(), " does not match ", sizes);
+  check_backward_sizes(grad_pooled, sizes);
   const c10::cuda::CUDAGuard guard(grad_pooled.device());
   const at::TensorOptions options = grad_pooled.options().dtype(dtype);
   at::Tensor out = at::empty(sizes, options.memory_format(channels_last ? at::MemoryFormat::ChannelsLast
                                                                         : at::MemoryFormat::Contiguous));
-  const at::Tensor gp = grad_pooled.contiguous();
-  const at::Tensor g = grad_loss.to(grad_pooled.device(), grad_pooled.scalar_type()).contiguous();
-  BroadcastParams p;
-  p.grad_pooled = gp.data_ptr();
-  p.grad_loss = g.data_ptr();
-  p.scale = 1.0 / double(sizes[2] * sizes[3]);
-  p.grad_features = out.data_ptr();
-  p.dtype = scalar_kind(out, "grad_features");
-  p.batch = sizes[0];
-  p.channels = sizes[1];
-  p.spatial = sizes[2] * sizes[3];
-  p.channels_last = channels_last;
-  broadcast_pooled_grad_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+  const BroadcastCall call = prepare_broadcast(grad_loss, grad_pooled, sizes, channels_last, out);
+  broadcast_pooled_grad_cuda(call.params, at::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
