@@ -74,7 +74,8 @@ def _extension_kwargs() -> dict:
 
     # No -std: torch adds the standard its headers need (C++17 up to 2.13, C++20 from 2.14).
     cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden"]
-    sources = ["csrc/ops.cpp", *_sources("csrc/cpu/*.cpp"), *_sources("csrc/bindings/*_cpu.cpp")]
+    sources = ["csrc/ops.cpp", *_sources("csrc/cpu/*.cpp"), *_sources("csrc/bindings/*_cpu.cpp"),
+               *_sources("csrc/bindings/*_autograd.cpp")]
     use_cuda = _want_cuda(torch.version.cuda, _nvcc_home(cpp_extension.CUDA_HOME))
     if use_cuda:
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/bindings/*_cuda.cpp")

@@ -1,8 +1,9 @@
 // The one registration file: every llkern op's schema, declared once.
 //
 // Importing llkern._C runs these registrations; the per-device
-// implementations live in bindings/*_cpu.cpp and bindings/*_cuda.cpp, and the
-// fake (meta) and autograd registrations in llkern/ops/*.py.
+// implementations live in bindings/*_cpu.cpp and bindings/*_cuda.cpp, C++ autograd
+// (where Python's per-call cost matters) in bindings/*_autograd.cpp, and the fake (meta)
+// and the remaining autograd registrations in llkern/ops/*.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -28,10 +29,10 @@ TORCH_LIBRARY(llkern, m) {
   m.def(
       "aux_head_loss(Tensor features, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "
       "float label_smoothing, str reduction, bool with_grad=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // d features of 4-D features: grad_loss * grad_pooled / (H W), broadcast over H and W.
   // llkern's cache of large CPU buffers (see cpu/buffer_pool.cpp), like torch.cuda.empty_cache.
   m.def("cpu_buffer_cache_bytes() -> int", []() { return int64_t(llkern::buffer_pool_cached_bytes()); });
   m.def("empty_cpu_buffer_cache() -> ()", []() { llkern::buffer_pool_empty(); });
+  // d features of 4-D features: grad_loss * grad_pooled / (H W), broadcast over H and W.
   m.def("aux_head_backward(Tensor grad_loss, Tensor grad_pooled, int[] sizes, bool channels_last, "
         "ScalarType dtype) -> Tensor");
 }

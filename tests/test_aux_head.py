@@ -1,5 +1,9 @@
 """Fused auxiliary head op: values, gradients and correct counts against float64, opcheck, compile, bad input."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -40,6 +44,9 @@ SHAPES = [  # (features shape, classes): odd sizes — 1 class, 7 channels, 97 t
     ((2, 97, 7), 13),
     ((4, 9, 2, 2), 1025),
     ((3, 16), 1025),
+    # vector paths: channels a multiple of 8 plus a tail, classes 4k + 2, rows over several blocks
+    ((70, 64), 10),
+    ((33, 27, 2, 2), 9),
     # classes x channels > 65536: the chunked path (logits a chunk of rows at a time, BLAS products)
     ((3, 70, 2, 2), 1000),
     ((5, 70), 1025),
@@ -172,6 +179,64 @@ def test_scaled_upstream_gradient():
     _, _, ref = reference64(features, weight, bias, target)
     for g, r in zip(grads, ref, strict=True):
         torch.testing.assert_close(g.double(), 2.5 * r, rtol=1e-4, atol=1e-6)
+
+
+def test_extreme_logit_range_matches_reference():
+    # Logits spread over hundreds of units: exp(z - max) underflows for most classes (the
+    # vectorised exponential clamps its argument at -87); loss and gradients must still match.
+    features, weight, bias, target = make((40, 16), 21)
+    with torch.no_grad():
+        weight.mul_(60.0)
+    loss = aux_head_loss(features, weight, bias, target, impl="kernel")
+    grads = torch.autograd.grad(loss, [features, weight, bias])
+    ref_loss, _, ref = reference64(features, weight, bias, target)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref, strict=True):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (2, 3, 5)])
+def test_gradients_handed_over_without_copy(shape):
+    # The forward's gradients become .grad as they are once the graph is freed (no copy, no
+    # scaling by an upstream 1).
+    features, weight, bias, target = make(shape, 4)
+    loss, _, grad_rows, grad_weight, grad_bias = torch.ops.llkern.aux_head_loss(
+        features, weight, bias, target, -100, 0.0, "mean", True)
+    pointers = [t.data_ptr() for t in (grad_rows, grad_weight, grad_bias)]
+    del grad_rows, grad_weight, grad_bias
+    loss.backward()
+    assert [p.grad.data_ptr() for p in (features, weight, bias)] == pointers
+    _, _, ref = reference64(features, weight, bias, target)
+    for param, r in zip((features, weight, bias), ref, strict=True):
+        torch.testing.assert_close(param.grad.double(), r, rtol=1e-5, atol=1e-7)
+
+
+def test_baseline_isa_path_matches_reference():
+    # The float kernels have AVX2+FMA copies chosen at run time; LLKERN_CPU_BASELINE=1 forces the
+    # baseline ones, which run in a fresh process here (the choice is made once per process).
+    script = (
+        "import torch, llkern\n"
+        "from llkern.reference.aux_head import aux_head_loss_reference\n"
+        "torch.manual_seed(0)\n"
+        "for shape, classes in [((70, 64), 10), ((33, 24, 2, 2), 9), ((5, 7), 1)]:\n"
+        "    f = torch.randn(*shape, requires_grad=True)\n"
+        "    c = shape[1] if len(shape) == 4 else shape[-1]\n"
+        "    w = torch.randn(classes, c, requires_grad=True)\n"
+        "    t = torch.randint(0, classes, shape[:1])\n"
+        "    loss = llkern.functional.aux_head_loss(f, w, None, t, label_smoothing=0.1, impl='kernel')\n"
+        "    g = torch.autograd.grad(loss, [f, w])\n"
+        "    f64, w64 = f.detach().double().requires_grad_(), w.detach().double().requires_grad_()\n"
+        "    ref, _ = aux_head_loss_reference(f64, w64, None, t, -100, 0.1, 'mean')\n"
+        "    r = torch.autograd.grad(ref, [f64, w64])\n"
+        "    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)\n"
+        "    for a, b in zip(g, r):\n"
+        "        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, LLKERN_CPU_BASELINE="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_double_backward_raises():

@@ -68,9 +68,7 @@ Outputs aux_head_loss_cpu(
     p.dtype = scalar_kind(rows, "rows");
     p.rows = s.rows;
     p.channels = s.channels;
-    const at::Tensor w_t = w.t().contiguous();
     p.weight = w.data_ptr();
-    p.weight_t = w_t.data_ptr();
     p.bias = b.defined() ? b.data_ptr() : nullptr;
     p.target = labels.data_ptr<int64_t>();
     p.classes = s.classes;

@@ -4,14 +4,26 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "scalar.h"
 
+#if defined(__GNUC__)
+#define LLKERN_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define LLKERN_ALWAYS_INLINE
+#endif
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#include <omp.h>
 
 namespace llkern {
 namespace {
@@ -60,6 +72,86 @@ inline Acc sum_values(const T* v, int64_t n) {
   return lanes[0];
 }
 
+#if defined(__GNUC__) && defined(__x86_64__)
+// Copies of the compute-heavy loops compiled for AVX2 + FMA, chosen at run time (the package is
+// built for the baseline x86-64 ISA). Each is a function of its own called from inside the
+// OpenMP region: an outlined parallel region would not inherit a target attribute.
+#define LLKERN_X86_CLONES 1
+// LLKERN_CPU_BASELINE=1 forces the baseline copies (to test them on AVX2 machines).
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("LLKERN_CPU_BASELINE") == nullptr;
+  return has;
+}
+
+// Means of float planes of S values, S a multiple of 8: two 8-wide accumulators per plane. (Eight
+// planes at a time with one horizontal-add tree measured slower: eight read streams.)
+__attribute__((target("avx2,fma"))) void pool_planes_float_avx2(const float* in, float* out, int64_t begin,
+                                                                int64_t end, int64_t S, float inv) {
+  for (int64_t bc = begin; bc < end; ++bc) {
+    const float* v = in + bc * S;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= S; i += 16) {
+      a0 = _mm256_add_ps(a0, _mm256_loadu_ps(v + i));
+      a1 = _mm256_add_ps(a1, _mm256_loadu_ps(v + i + 8));
+    }
+    if (i < S) a0 = _mm256_add_ps(a0, _mm256_loadu_ps(v + i));
+    const __m256 a = _mm256_add_ps(a0, a1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    out[bc] = _mm_cvtss_f32(h) * inv;
+  }
+}
+
+// z[k] = exp(z[k] - shift) for k < n, returning their sum, eight at a time. The exponential is
+// Cephes' single-precision one (range reduction by ln 2 in two parts, degree-6 polynomial, about
+// 1 ulp); arguments below -87 give exp(-87), 1.6e-38, instead of a denormal, which only ever
+// enters a sum next to the maximum's exp(0) = 1.
+__attribute__((target("avx2,fma"))) inline __m256 exp8_avx2(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+__attribute__((target("avx2,fma"))) float exp_shifted_sum_avx2(float* z, int64_t n, float shift) {
+  const __m256 s = _mm256_set1_ps(shift);
+  __m256 total = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(z + i), s));
+    _mm256_storeu_ps(z + i, v);
+    total = _mm256_add_ps(total, v);
+  }
+  if (i < n) {  // the tail through a padded copy; lanes past n are masked out of the sum
+    alignas(32) float tail[8];
+    for (int l = 0; l < 8; ++l) tail[l] = i + l < n ? z[i + l] : shift;
+    const __m256 v = exp8_avx2(_mm256_sub_ps(_mm256_load_ps(tail), s));
+    _mm256_store_ps(tail, v);
+    for (int l = 0; i + l < n; ++l) z[i + l] = tail[l];
+    const __m256 mask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - i)),
+                                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    total = _mm256_add_ps(total, _mm256_and_ps(v, mask));
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h);
+}
+#endif
+
 template <typename T>
 void pool_typed(const PoolParams& p) {
   using Acc = typename AccOf<T>::type;
@@ -68,10 +160,24 @@ void pool_typed(const PoolParams& p) {
   const int64_t C = p.channels, S = p.spatial;
   const Acc inv = Acc(1) / Acc(S);
   if (!p.channels_last) {
-    // Each (b, c) plane is S contiguous values.
-#pragma omp parallel for schedule(static) if (p.batch * C * S > 32768)
-    for (int64_t bc = 0; bc < p.batch * C; ++bc) {
-      out[bc] = sum_values<T, Acc>(in + bc * S, S) * inv;
+    // Each (b, c) plane is S contiguous values; each thread takes one range of planes.
+    const int64_t planes = p.batch * C;
+#pragma omp parallel if (planes * S > 32768)
+    {
+      const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+      const int64_t begin = planes * id / threads, end = planes * (id + 1) / threads;
+      bool done = false;
+#if defined(LLKERN_X86_CLONES)
+      if constexpr (std::is_same_v<T, float>) {
+        if (S % 8 == 0 && cpu_has_avx2_fma()) {
+          pool_planes_float_avx2(in, out, begin, end, S, inv);
+          done = true;
+        }
+      }
+#endif
+      if (!done) {
+        for (int64_t bc = begin; bc < end; ++bc) out[bc] = sum_values<T, Acc>(in + bc * S, S) * inv;
+      }
     }
   } else {
     // (b, s, c): add the S rows of C channels of each image.
@@ -180,77 +286,214 @@ void broadcast_typed(const BroadcastParams& p) {
   }
 }
 
-template <typename T>
-void fused_head_typed(const FusedHeadParams& p) {
-  using Acc = typename AccOf<T>::type;
-  const T* in = static_cast<const T*>(p.rows_data);
+// Eight lanes of Acc in one value (GCC/Clang vector extension: kept in registers, where an
+// array of partial sums ends up on the stack; one AVX register for float, two SSE ones without).
+template <typename Acc>
+struct Lanes8 {
+  typedef Acc type __attribute__((vector_size(8 * sizeof(Acc))));
+};
+
+template <typename Acc>
+LLKERN_ALWAYS_INLINE inline typename Lanes8<Acc>::type load8(const Acc* p) {
+  typename Lanes8<Acc>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename Acc>
+LLKERN_ALWAYS_INLINE inline void store8(Acc* p, typename Lanes8<Acc>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// The eight lanes added pairwise (fixed order).
+template <typename Acc>
+LLKERN_ALWAYS_INLINE inline Acc sum8(typename Lanes8<Acc>::type v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// out[j] = x . w_j for the kDots (1 or 4) rows w_j = w + j C of W: eight lanes per dot, the rows
+// sharing the loads of x, kDots independent accumulators hiding the add latency.
+template <int kDots, typename Acc>
+LLKERN_ALWAYS_INLINE inline void dots(const Acc* x, const Acc* w, int64_t C, Acc* out) {
+  static_assert(kDots == 1 || kDots == 4, "dots: 1 or 4 rows");
+  using V = typename Lanes8<Acc>::type;
+  V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const V xv = load8(x + c);
+    a0 += xv * load8(w + c);
+    if constexpr (kDots == 4) {
+      a1 += xv * load8(w + C + c);
+      a2 += xv * load8(w + 2 * C + c);
+      a3 += xv * load8(w + 3 * C + c);
+    }
+  }
+  const V* acc[4] = {&a0, &a1, &a2, &a3};
+  for (int j = 0; j < kDots; ++j) {
+    Acc tail = 0;
+    for (int64_t t = c; t < C; ++t) tail += x[t] * w[j * C + t];
+    out[j] = sum8<Acc>(*acc[j]) + tail;
+  }
+}
+
+// One block of at most kFusedBlockRows rows of the fused head, row by row: logits as dot
+// products with the rows of W, the softmax from one exp per logit, then d x and the block's
+// d W, d b as axpys along the channels (contiguous, vectorised). `z` holds `classes` values,
+// `xbuf` one row in Acc.
+template <typename T, typename Acc, bool kAvx2 = false>
+LLKERN_ALWAYS_INLINE inline void fused_block(const FusedHeadParams& p, int64_t row0, int64_t n, Acc* xbuf, Acc* z,
+                                             Acc* dW, Acc* db, double& loss, int64_t& correct) {
   const Acc* W = static_cast<const Acc*>(p.weight);
-  const Acc* Wt = static_cast<const Acc*>(p.weight_t);
   const Acc* bias = static_cast<const Acc*>(p.bias);
   const int64_t C = p.channels, K = p.classes;
   const Acc eps = Acc(p.label_smoothing), eps_per_class = eps / Acc(K), scale = Acc(p.grad_scale);
+  Acc* grad_rows = static_cast<Acc*>(p.grad_rows);
+  for (int64_t row = row0; row < row0 + n; ++row) {
+    const int64_t y = p.target[row];
+    if (y == p.ignore_index) {
+      if (p.write_grad) {
+        for (int64_t c = 0; c < C; ++c) grad_rows[row * C + c] = 0;
+      }
+      continue;
+    }
+    const Acc* x;
+    if constexpr (std::is_same_v<T, Acc>) {
+      x = static_cast<const T*>(p.rows_data) + row * C;
+    } else {
+      const T* in = static_cast<const T*>(p.rows_data) + row * C;
+      for (int64_t c = 0; c < C; ++c) xbuf[c] = Acc(to_float(in[c]));
+      x = xbuf;
+    }
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) dots<4>(x, W + k * C, C, z + k);
+    for (; k < K; ++k) dots<1>(x, W + k * C, C, z + k);
+    Acc max = 0, total = 0;
+    int64_t argmax = 0;
+    for (k = 0; k < K; ++k) {
+      const Acc zk = z[k] + (bias ? bias[k] : Acc(0));
+      z[k] = zk;
+      total += zk;
+      if (k == 0 || zk > max) {
+        max = zk;
+        argmax = k;
+      }
+    }
+    const Acc z_true = z[y];
+    Acc sum_exp = 0;
+#if defined(LLKERN_X86_CLONES)
+    if constexpr (kAvx2) {
+      sum_exp = exp_shifted_sum_avx2(z, K, max);
+    } else
+#endif
+    {
+      for (int64_t k = 0; k < K; ++k) {
+        z[k] = std::exp(z[k] - max);
+        sum_exp += z[k];
+      }
+    }
+    const Acc lse = max + std::log(sum_exp);
+    loss += double((Acc(1) - eps) * (lse - z_true) + eps * (lse - total / Acc(K)));
+    correct += argmax == y;
+    if (!p.write_grad) continue;
+    Acc* dx = grad_rows + row * C;
+    for (int64_t c = 0; c < C; ++c) dx[c] = 0;
+    const Acc inv = scale / sum_exp;
+    for (k = 0; k < K; ++k) z[k] = z[k] * inv - scale * eps_per_class;  // z becomes d loss / d z
+    z[y] -= scale * (Acc(1) - eps);
+    if (db) {
+      for (k = 0; k < K; ++k) db[k] += z[k];
+    }
+    // Four classes per sweep over the channels: one load and store of d x per four rows of W.
+    // Written in vector lanes: the compiler will not vectorise six possibly aliasing pointers.
+    using V = typename Lanes8<Acc>::type;
+    for (k = 0; k + 4 <= K; k += 4) {
+      const Acc g0 = z[k], g1 = z[k + 1], g2 = z[k + 2], g3 = z[k + 3];
+      const Acc *w0 = W + k * C, *w1 = w0 + C, *w2 = w1 + C, *w3 = w2 + C;
+      Acc *d0 = dW + k * C, *d1 = d0 + C, *d2 = d1 + C, *d3 = d2 + C;
+      int64_t c = 0;
+      for (; c + 8 <= C; c += 8) {
+        const V xv = load8(x + c);
+        store8(dx + c, load8(dx + c) + ((g0 * load8(w0 + c) + g1 * load8(w1 + c)) +
+                                        (g2 * load8(w2 + c) + g3 * load8(w3 + c))));
+        store8(d0 + c, load8(d0 + c) + g0 * xv);
+        store8(d1 + c, load8(d1 + c) + g1 * xv);
+        store8(d2 + c, load8(d2 + c) + g2 * xv);
+        store8(d3 + c, load8(d3 + c) + g3 * xv);
+      }
+      for (; c < C; ++c) {
+        dx[c] += (g0 * w0[c] + g1 * w1[c]) + (g2 * w2[c] + g3 * w3[c]);
+        d0[c] += g0 * x[c];
+        d1[c] += g1 * x[c];
+        d2[c] += g2 * x[c];
+        d3[c] += g3 * x[c];
+      }
+    }
+    for (; k < K; ++k) {
+      const Acc g = z[k];
+      const Acc* w = W + k * C;
+      Acc* dw = dW + k * C;
+      int64_t c = 0;
+      for (; c + 8 <= C; c += 8) {
+        store8(dx + c, load8(dx + c) + g * load8(w + c));
+        store8(dw + c, load8(dw + c) + g * load8(x + c));
+      }
+      for (; c < C; ++c) {
+        dx[c] += g * w[c];
+        dw[c] += g * x[c];
+      }
+    }
+  }
+}
+
+template <typename Acc>
+using FusedBlockFn = void (*)(const FusedHeadParams&, int64_t, int64_t, Acc*, Acc*, Acc*, Acc*, double&, int64_t&);
+
+template <typename T>
+void fused_block_baseline(const FusedHeadParams& p, int64_t row0, int64_t n, typename AccOf<T>::type* xbuf,
+                          typename AccOf<T>::type* z, typename AccOf<T>::type* dW, typename AccOf<T>::type* db,
+                          double& loss, int64_t& correct) {
+  fused_block<T, typename AccOf<T>::type>(p, row0, n, xbuf, z, dW, db, loss, correct);
+}
+
+#if defined(LLKERN_X86_CLONES)
+// float heads are compute-bound: the block pass for AVX2 + FMA.
+__attribute__((target("avx2,fma"))) void fused_block_float_avx2(const FusedHeadParams& p, int64_t row0, int64_t n,
+                                                                float* xbuf, float* z, float* dW, float* db,
+                                                                double& loss, int64_t& correct) {
+  fused_block<float, float, true>(p, row0, n, xbuf, z, dW, db, loss, correct);
+}
+#endif
+
+template <typename T>
+FusedBlockFn<typename AccOf<T>::type> pick_fused_block() {
+#if defined(LLKERN_X86_CLONES)
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx2_fma()) return &fused_block_float_avx2;
+  }
+#endif
+  return &fused_block_baseline<T>;
+}
+
+template <typename T>
+void fused_head_typed(const FusedHeadParams& p) {
+  using Acc = typename AccOf<T>::type;
+  const FusedBlockFn<Acc> block_fn = pick_fused_block<T>();
+  const int64_t C = p.channels, K = p.classes;
   const int64_t blocks = (p.rows + kFusedBlockRows - 1) / kFusedBlockRows;
   const int64_t partial = p.write_grad ? K * C + K : 0;
   std::vector<Acc> partials(static_cast<size_t>(blocks * partial), Acc(0));
   std::vector<double> block_loss(static_cast<size_t>(blocks), 0.0);
   std::vector<int64_t> block_correct(static_cast<size_t>(blocks), 0);
-  Acc* grad_rows = static_cast<Acc*>(p.grad_rows);
 #pragma omp parallel if (p.rows * C * K > 32768)
   {
-    std::vector<Acc> x(static_cast<size_t>(C)), z(static_cast<size_t>(K));
+    std::vector<Acc> xbuf(static_cast<size_t>(C)), z(static_cast<size_t>(K));
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       Acc* dW = partials.data() + blk * partial;
-      Acc* db = dW + K * C;
-      double loss = 0.0;
-      int64_t correct = 0;
-      const int64_t end = std::min(p.rows, (blk + 1) * kFusedBlockRows);
-      for (int64_t row = blk * kFusedBlockRows; row < end; ++row) {
-        const int64_t y = p.target[row];
-        if (y == p.ignore_index) {
-          if (p.write_grad) {
-            for (int64_t c = 0; c < C; ++c) grad_rows[row * C + c] = 0;
-          }
-          continue;
-        }
-        for (int64_t c = 0; c < C; ++c) x[c] = Acc(to_float(in[row * C + c]));
-        // z = W x + b with the classes innermost: K independent sums that vectorise, where a
-        // dot product per class would be one serial chain of C additions.
-        for (int64_t k = 0; k < K; ++k) z[k] = bias ? bias[k] : Acc(0);
-        for (int64_t c = 0; c < C; ++c) {
-          const Acc xc = x[c];
-          const Acc* wt = Wt + c * K;
-          for (int64_t k = 0; k < K; ++k) z[k] += wt[k] * xc;
-        }
-        Acc max = z[0], total = 0;
-        int64_t argmax = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          total += z[k];
-          if (z[k] > max) { max = z[k]; argmax = k; }
-        }
-        Acc sum_exp = 0;
-        for (int64_t k = 0; k < K; ++k) sum_exp += std::exp(z[k] - max);
-        const Acc lse = max + std::log(sum_exp);
-        loss += double((Acc(1) - eps) * (lse - z[y]) + eps * (lse - total / Acc(K)));
-        correct += argmax == y;
-        if (!p.write_grad) continue;
-        Acc* dx = grad_rows + row * C;
-        for (int64_t c = 0; c < C; ++c) dx[c] = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          Acc g = std::exp(z[k] - lse) - eps_per_class;
-          if (k == y) g -= Acc(1) - eps;
-          g *= scale;
-          const Acc* w = W + k * C;
-          Acc* dw = dW + k * C;
-          for (int64_t c = 0; c < C; ++c) {
-            dx[c] += g * w[c];
-            dw[c] += g * x[c];
-          }
-          db[k] += g;
-        }
-      }
-      block_loss[blk] = loss;
-      block_correct[blk] = correct;
+      Acc* db = p.write_grad && p.grad_bias ? dW + K * C : nullptr;
+      const int64_t row0 = blk * kFusedBlockRows;
+      const int64_t n = std::min(p.rows - row0, kFusedBlockRows);
+      block_fn(p, row0, n, xbuf.data(), z.data(), dW, db, block_loss[blk], block_correct[blk]);
     }
   }
   double loss = 0.0;

@@ -80,8 +80,7 @@ struct FusedHeadParams {
   const void* rows_data = nullptr;  // (rows, C), contiguous
   ScalarKind dtype = ScalarKind::kFloat32;
   int64_t rows = 0, channels = 0;
-  const void* weight = nullptr;    // (classes, C) Acc, contiguous
-  const void* weight_t = nullptr;  // (C, classes) Acc, contiguous: the logits loop runs along classes
+  const void* weight = nullptr;  // (classes, C) Acc, contiguous
   const void* bias = nullptr;      // (classes) Acc or null
   const int64_t* target = nullptr;
   int64_t classes = 0, ignore_index = -100;

@@ -4,7 +4,9 @@
 csrc/bindings/aux_head_cpu.cpp over csrc/cpu/aux_head.cpp. The loss is a leaf of a local
 graph, so the forward also forms d rows, d weight and d bias; the backward only scales them
 and, for image features, broadcasts d pooled back over H×W (one write of d features). The
-logits are never stored.
+logits are never stored. Its autograd is C++ (csrc/bindings/aux_head_autograd.cpp): a Python
+autograd wrapper cost more per call than the whole op on a GPU. The fake registrations, which
+torch.compile traces through, are here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import numbers
 import torch
 
 from llkern._ext import extension_loaded, use_kernel
-from llkern.ops.transport import _no_double_backward
 from llkern.reference.aux_head import aux_head_loss_reference
 
 REDUCTIONS = ("mean", "sum")
@@ -125,62 +126,6 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _is_eager_one(grad: torch.Tensor) -> bool:
-    """True for a real CPU tensor equal to 1 (not traced): the forward's gradients then need no scaling."""
-    return (type(grad) is torch.Tensor and grad.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(grad) and grad.item() == 1.0)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    features, weight, bias, target, ignore_index, smoothing, reduction, with_grad = inputs
-    _loss, correct, grad_rows, grad_weight, grad_bias = output
-    ctx.mark_non_differentiable(correct, grad_rows, grad_weight, grad_bias)
-    ctx.set_materialize_grads(False)
-    ctx.with_grad = with_grad
-    if with_grad:  # the forward formed the gradients: keep them, not the features
-        if features.dim() < 4:  # shaped like the features now, so the backward hands over this very tensor
-            grad_rows = grad_rows.view(features.shape)
-        ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
-    else:  # called without them (directly, with with_grad=False): recompute in the backward
-        ctx.save_for_backward(features, weight, bias, target)
-        ctx.options = (ignore_index, smoothing, reduction)
-    ctx.features_shape = tuple(features.shape)
-    ctx.features_dtype = features.dtype
-    ctx.channels_last = (features.dim() == 4 and not features.is_contiguous()
-                         and features.is_contiguous(memory_format=torch.channels_last))
-    ctx.weight_dtype = weight.dtype
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad, *_unused):
-    _no_double_backward("aux_head_loss")
-    nones = (None,) * 6
-    if grad is None or not any(ctx.needs_input_grad[:3]):
-        return None, None, None, *nones[:5]
-    if ctx.with_grad:
-        grad_rows, grad_weight, grad_bias = ctx.saved_tensors
-    else:
-        features, weight, bias, target = ctx.saved_tensors
-        _, _, grad_rows, grad_weight, grad_bias = torch.ops.llkern.aux_head_loss(
-            features, weight, bias, target, *ctx.options, True)
-        if features.dim() < 4:
-            grad_rows = grad_rows.view(features.shape)
-    unit = _is_eager_one(grad)
-    g = grad.to(grad_rows.dtype)
-    d_features = d_weight = d_bias = None
-    if ctx.needs_input_grad[0]:
-        if len(ctx.features_shape) == 4:
-            d_features = torch.ops.llkern.aux_head_backward(grad, grad_rows, list(ctx.features_shape),
-                                                            ctx.channels_last, ctx.features_dtype)
-        else:  # handed over as is when unscaled: a view would let .grad alias a retained graph's buffer
-            d_features = (grad_rows if unit else grad_rows * g).to(ctx.features_dtype)
-    if ctx.needs_input_grad[1]:
-        d_weight = (grad_weight if unit else grad_weight * g).to(ctx.weight_dtype)
-    if ctx.needs_input_grad[2] and ctx.has_bias:
-        d_bias = (grad_bias if unit else grad_bias * g).to(ctx.weight_dtype)
-    return d_features, d_weight, d_bias, None, None, None, None, None
-
-
 if extension_loaded():
 
     @torch.library.register_fake("llkern::aux_head_loss")
@@ -202,5 +147,3 @@ if extension_loaded():
     def _fake_backward(grad_loss, grad_pooled, sizes, channels_last, dtype):
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         return torch.empty(sizes, dtype=dtype, device=grad_pooled.device, memory_format=memory_format)
-
-    torch.library.register_autograd("llkern::aux_head_loss", _backward, setup_context=_setup_context)

@@ -1,0 +1,149 @@
+// Autograd of the fused auxiliary head, in C++ so that a training step pays no Python on the
+// way through autograd (torch.library's Python autograd wrapper alone cost ~0.2 ms a call, more
+// than the whole op on a GPU). Registered for the Autograd key of every device; the device
+// kernels run below it.
+//
+// The loss is a leaf of a local graph, so with with_grad the forward has already formed
+// d rows, d weight and d bias: those are saved (never the features), and the backward only
+// scales them by the incoming gradient and, for 4-D features, broadcasts d rows over H x W.
+// Called with with_grad=false while inputs need gradients, the op saves its inputs instead and
+// the backward recomputes.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <c10/core/DispatchKeySet.h>
+
+namespace llkern {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor undefined() { return at::Tensor(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_kernel(
+    const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, int64_t ignore_index, double label_smoothing, c10::string_view reduction,
+    bool with_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("llkern::aux_head_loss", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                 const at::Tensor&, int64_t, double, c10::string_view, bool)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(features, weight, bias, target, ignore_index, label_smoothing, reduction, with_grad);
+}
+
+at::Tensor call_broadcast(const at::Tensor& grad_loss, const at::Tensor& grad_rows, at::IntArrayRef sizes,
+                          bool channels_last, at::ScalarType dtype) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("llkern::aux_head_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef, bool,
+                                               at::ScalarType)>();
+  return op.call(grad_loss, grad_rows, sizes, channels_last, dtype);
+}
+
+// A real (not traced, not wrapped) CPU scalar equal to 1: the saved gradients then need no
+// scaling and are handed to autograd as they are. Fake, functional and functorch tensors carry
+// one of these keys; for them (and on GPUs, where reading the value would sync) always scale.
+bool is_plain_cpu_one(const at::Tensor& grad) {
+  static const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                           c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchGradWrapper,
+                                           c10::DispatchKey::FuncTorchBatched});
+  return grad.device().is_cpu() && !grad.key_set().has_any(traced) && grad.numel() == 1 &&
+         grad.item<double>() == 1.0;
+}
+
+// A new tensor object over the same memory: saved on its own, it is not one of the op's outputs
+// (the user may hold those), so autograd can hand it to .grad without a copy once the graph is freed.
+at::Tensor own_handle(const at::Tensor& t) { return t.view(t.sizes()); }
+
+class AuxHeadLossFunction : public torch::autograd::Function<AuxHeadLossFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& features, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& target, int64_t ignore_index,
+                               double label_smoothing, c10::string_view reduction, bool with_grad) {
+    auto [loss, correct, grad_rows, grad_weight, grad_bias] =
+        call_kernel(features, weight, bias, target, ignore_index, label_smoothing, reduction, with_grad);
+    ctx->mark_non_differentiable({correct, grad_rows, grad_weight, grad_bias});
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["with_grad"] = with_grad;
+    ctx->saved_data["sizes"] = features.sizes().vec();
+    ctx->saved_data["dtype"] = features.scalar_type();
+    ctx->saved_data["weight_dtype"] = weight.scalar_type();
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["channels_last"] = features.dim() == 4 && !features.is_contiguous() &&
+                                       features.is_contiguous(at::MemoryFormat::ChannelsLast);
+    if (with_grad) {
+      // Rows of 2-D/3-D features are shaped like the features now, so the backward can hand over
+      // this very tensor.
+      at::Tensor rows = features.dim() < 4 ? grad_rows.view(features.sizes()) : own_handle(grad_rows);
+      ctx->save_for_backward({rows, own_handle(grad_weight), own_handle(grad_bias)});
+    } else {
+      ctx->save_for_backward({features, weight, bias.has_value() ? *bias : undefined(), target});
+      ctx->saved_data["ignore_index"] = ignore_index;
+      ctx->saved_data["label_smoothing"] = label_smoothing;
+      ctx->saved_data["reduction"] = std::string(reduction);
+    }
+    return {loss, correct, grad_rows, grad_weight, grad_bias};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!at::GradMode::is_enabled(),
+                                "llkern.aux_head_loss: double backward (create_graph=True) is not supported by "
+                                "the kernel; use impl='reference'");
+    const at::Tensor& grad = grads[0];
+    variable_list out(8);
+    if (!grad.defined() || !(ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2))) {
+      return out;
+    }
+    const std::vector<int64_t> sizes = ctx->saved_data["sizes"].toIntVector();
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor grad_rows, grad_weight, grad_bias;
+    if (ctx->saved_data["with_grad"].toBool()) {
+      grad_rows = saved[0];
+      grad_weight = saved[1];
+      grad_bias = saved[2];
+    } else {
+      const std::optional<at::Tensor> bias = saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+      const std::string reduction = ctx->saved_data["reduction"].toStringRef();
+      auto results = call_kernel(saved[0], saved[1], bias, saved[3], ctx->saved_data["ignore_index"].toInt(),
+                                 ctx->saved_data["label_smoothing"].toDouble(), reduction, true);
+      grad_rows = std::get<2>(results);
+      if (sizes.size() < 4) grad_rows = grad_rows.view(sizes);
+      grad_weight = std::get<3>(results);
+      grad_bias = std::get<4>(results);
+    }
+    const bool unit = is_plain_cpu_one(grad);
+    const at::Tensor g = grad.to(grad_rows.scalar_type());
+    const auto weight_dtype = ctx->saved_data["weight_dtype"].toScalarType();
+    if (ctx->needs_input_grad(0)) {
+      const auto dtype = ctx->saved_data["dtype"].toScalarType();
+      if (sizes.size() == 4) {
+        out[0] = call_broadcast(grad, grad_rows, sizes, ctx->saved_data["channels_last"].toBool(), dtype);
+      } else {
+        out[0] = (unit ? grad_rows : grad_rows.mul(g)).to(dtype);
+      }
+    }
+    if (ctx->needs_input_grad(1)) out[1] = (unit ? grad_weight : grad_weight.mul(g)).to(weight_dtype);
+    if (ctx->needs_input_grad(2) && ctx->saved_data["has_bias"].toBool()) {
+      out[2] = (unit ? grad_bias : grad_bias.mul(g)).to(weight_dtype);
+    }
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_loss_autograd(
+    const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, int64_t ignore_index, double label_smoothing, c10::string_view reduction,
+    bool with_grad) {
+  const variable_list out = AuxHeadLossFunction::apply(features, weight, bias, target, ignore_index, label_smoothing,
+                                                       reduction, with_grad);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llkern, Autograd, m) { m.impl("aux_head_loss", &aux_head_loss_autograd); }
+
+}  // namespace llkern
