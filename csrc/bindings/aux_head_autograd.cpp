@@ -115,7 +115,7 @@ class AuxHeadLossFunction : public torch::autograd::Function<AuxHeadLossFunction
       grad_bias = std::get<4>(results);
     }
     const bool unit = is_plain_cpu_one(grad);
-    const at::Tensor g = grad.to(grad_rows.scalar_type());
+    const at::Tensor g = unit ? at::Tensor() : grad.to(grad_rows.scalar_type());
     const auto weight_dtype = ctx->saved_data["weight_dtype"].toScalarType();
     if (ctx->needs_input_grad(0)) {
       const auto dtype = ctx->saved_data["dtype"].toScalarType();

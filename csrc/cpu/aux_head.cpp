@@ -84,6 +84,14 @@ bool cpu_has_avx2_fma() {
   return has;
 }
 
+// Sum of the eight lanes.
+__attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h);
+}
+
 // Means of float planes of S values, S a multiple of 8: two 8-wide accumulators per plane. (Eight
 // planes at a time with one horizontal-add tree measured slower: eight read streams.)
 __attribute__((target("avx2,fma"))) void pool_planes_float_avx2(const float* in, float* out, int64_t begin,
@@ -97,11 +105,7 @@ __attribute__((target("avx2,fma"))) void pool_planes_float_avx2(const float* in,
       a1 = _mm256_add_ps(a1, _mm256_loadu_ps(v + i + 8));
     }
     if (i < S) a0 = _mm256_add_ps(a0, _mm256_loadu_ps(v + i));
-    const __m256 a = _mm256_add_ps(a0, a1);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    out[bc] = _mm_cvtss_f32(h) * inv;
+    out[bc] = hsum_avx2(_mm256_add_ps(a0, a1)) * inv;
   }
 }
 
@@ -145,10 +149,7 @@ __attribute__((target("avx2,fma"))) float exp_shifted_sum_avx2(float* z, int64_t
                                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
     total = _mm256_add_ps(total, _mm256_and_ps(v, mask));
   }
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  return _mm_cvtss_f32(h);
+  return hsum_avx2(total);
 }
 #endif
 
@@ -328,11 +329,11 @@ LLKERN_ALWAYS_INLINE inline void dots(const Acc* x, const Acc* w, int64_t C, Acc
       a3 += xv * load8(w + 3 * C + c);
     }
   }
-  const V* acc[4] = {&a0, &a1, &a2, &a3};
+  const V acc[4] = {a0, a1, a2, a3};
   for (int j = 0; j < kDots; ++j) {
     Acc tail = 0;
     for (int64_t t = c; t < C; ++t) tail += x[t] * w[j * C + t];
-    out[j] = sum8<Acc>(*acc[j]) + tail;
+    out[j] = sum8<Acc>(acc[j]) + tail;
   }
 }
 
@@ -386,7 +387,7 @@ LLKERN_ALWAYS_INLINE inline void fused_block(const FusedHeadParams& p, int64_t r
     } else
 #endif
     {
-      for (int64_t k = 0; k < K; ++k) {
+      for (k = 0; k < K; ++k) {
         z[k] = std::exp(z[k] - max);
         sum_exp += z[k];
       }

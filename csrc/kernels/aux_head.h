@@ -81,7 +81,7 @@ struct FusedHeadParams {
   ScalarKind dtype = ScalarKind::kFloat32;
   int64_t rows = 0, channels = 0;
   const void* weight = nullptr;  // (classes, C) Acc, contiguous
-  const void* bias = nullptr;      // (classes) Acc or null
+  const void* bias = nullptr;    // (classes) Acc or null
   const int64_t* target = nullptr;
   int64_t classes = 0, ignore_index = -100;
   double label_smoothing = 0.0, grad_scale = 1.0;
