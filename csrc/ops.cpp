@@ -35,4 +35,15 @@ TORCH_LIBRARY(llkern, m) {
   // d features of 4-D features: grad_loss * grad_pooled / (H W), broadcast over H and W.
   m.def("aux_head_backward(Tensor grad_loss, Tensor grad_pooled, int[] sizes, bool channels_last, "
         "ScalarType dtype) -> Tensor");
+
+  // Similarity-matrix losses, computed one block of rows at a time (the N x N matrix is never
+  // held). Each returns the loss and, with with_grad, d loss / d inputs formed in the same
+  // pass (float32, float64 for float64 inputs; empty tensors otherwise).
+  m.def("info_nce(Tensor z1, Tensor z2, float temperature, bool symmetric, bool normalize, bool with_grad=False) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("supcon_loss(Tensor z, Tensor labels, float temperature, bool normalize, bool with_grad=False) "
+        "-> (Tensor, Tensor)");
+  // I(T; Y) in bits (Renyi order 2); sigma None: Silverman's rule; label_sigma None: indicator.
+  m.def("renyi_mutual_information(Tensor t, Tensor labels, float? sigma, float? label_sigma, "
+        "bool with_grad=False) -> (Tensor, Tensor)");
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "scalar.h"
+#include "x86_simd.h"
 
 #if defined(__GNUC__)
 #define LLKERN_ALWAYS_INLINE __attribute__((always_inline))
@@ -30,6 +31,11 @@ namespace {
 
 using cpu::AccOf;
 using cpu::store;
+#if defined(LLKERN_X86_CLONES)
+using cpu::cpu_has_avx2_fma;
+using cpu::exp_shifted_sum_avx2;
+using cpu::hsum_avx2;
+#endif
 
 #if defined(__SSE2__)
 // float planes of a multiple of 4 values (the common case): four SSE accumulators.
@@ -72,26 +78,7 @@ inline Acc sum_values(const T* v, int64_t n) {
   return lanes[0];
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
-// Copies of the compute-heavy loops compiled for AVX2 + FMA, chosen at run time (the package is
-// built for the baseline x86-64 ISA). Each is a function of its own called from inside the
-// OpenMP region: an outlined parallel region would not inherit a target attribute.
-#define LLKERN_X86_CLONES 1
-// LLKERN_CPU_BASELINE=1 forces the baseline copies (to test them on AVX2 machines).
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          std::getenv("LLKERN_CPU_BASELINE") == nullptr;
-  return has;
-}
-
-// Sum of the eight lanes.
-__attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  return _mm_cvtss_f32(h);
-}
-
+#if defined(LLKERN_X86_CLONES)
 // Means of float planes of S values, S a multiple of 8: two 8-wide accumulators per plane. (Eight
 // planes at a time with one horizontal-add tree measured slower: eight read streams.)
 __attribute__((target("avx2,fma"))) void pool_planes_float_avx2(const float* in, float* out, int64_t begin,
@@ -109,48 +96,6 @@ __attribute__((target("avx2,fma"))) void pool_planes_float_avx2(const float* in,
   }
 }
 
-// z[k] = exp(z[k] - shift) for k < n, returning their sum, eight at a time. The exponential is
-// Cephes' single-precision one (range reduction by ln 2 in two parts, degree-6 polynomial, about
-// 1 ulp); arguments below -87 give exp(-87), 1.6e-38, instead of a denormal, which only ever
-// enters a sum next to the maximum's exp(0) = 1.
-__attribute__((target("avx2,fma"))) inline __m256 exp8_avx2(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-__attribute__((target("avx2,fma"))) float exp_shifted_sum_avx2(float* z, int64_t n, float shift) {
-  const __m256 s = _mm256_set1_ps(shift);
-  __m256 total = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(z + i), s));
-    _mm256_storeu_ps(z + i, v);
-    total = _mm256_add_ps(total, v);
-  }
-  if (i < n) {  // the tail through a padded copy; lanes past n are masked out of the sum
-    alignas(32) float tail[8];
-    for (int l = 0; l < 8; ++l) tail[l] = i + l < n ? z[i + l] : shift;
-    const __m256 v = exp8_avx2(_mm256_sub_ps(_mm256_load_ps(tail), s));
-    _mm256_store_ps(tail, v);
-    for (int l = 0; i + l < n; ++l) z[i + l] = tail[l];
-    const __m256 mask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - i)),
-                                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-    total = _mm256_add_ps(total, _mm256_and_ps(v, mask));
-  }
-  return hsum_avx2(total);
-}
 #endif
 
 template <typename T>
