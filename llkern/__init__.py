@@ -10,9 +10,17 @@ Quick start::
 
 from llkern import functional, heads, losses, memory
 from llkern._ext import extension_loaded, kernel_available
-from llkern.heads import LinearHead
+from llkern.heads import LinearHead, ProjectionHead, contrastive_heads
 from llkern.local import Boundary, LocalNet, StepResult, run_module
-from llkern.losses import CrossEntropy, LocalContext, LocalLoss, LocalLossOutput, TransportRegularized
+from llkern.losses import (
+    CrossEntropy,
+    LocalContext,
+    LocalLoss,
+    LocalLossOutput,
+    MutualInformation,
+    SupervisedContrastive,
+    TransportRegularized,
+)
 from llkern.memory import MemoryMeter, MemoryReport
 from llkern.modules import TransportPenalty
 from llkern.ops.aux_head import aux_head_loss
@@ -30,10 +38,14 @@ __all__ = [
     "LocalNet",
     "MemoryMeter",
     "MemoryReport",
+    "MutualInformation",
+    "ProjectionHead",
     "StepResult",
+    "SupervisedContrastive",
     "TransportPenalty",
     "TransportRegularized",
     "aux_head_loss",
+    "contrastive_heads",
     "extension_loaded",
     "functional",
     "heads",

@@ -45,7 +45,9 @@ def kernel_available(op: str, device_type: str) -> bool:
     found = _available.get((op, device_type))
     if found is None:  # the dispatcher query costs ~25 µs: ask once per op and device
         key = _DISPATCH_KEYS.get(device_type)
-        found = (_C is not None and key is not None
+        # An op that this build does not declare (an older llkern._C) has no kernel: the dispatcher
+        # query would raise for it.
+        found = (_C is not None and key is not None and hasattr(torch.ops.llkern, op)
                  and torch._C._dispatch_has_kernel_for_dispatch_key(f"llkern::{op}", key))
         _available[(op, device_type)] = found
     return found

@@ -232,7 +232,11 @@ std::tuple<at::Tensor, at::Tensor> renyi_mutual_information_cpu(const at::Tensor
                     sigma);
   TORCH_CHECK_VALUE(!label_sigma.has_value() || (*label_sigma > 0 && std::isfinite(*label_sigma)), name,
                     ": expected label_sigma to be a finite number > 0 or None");
-  const at::Tensor t = t_in.to(loss_dtype(t_in.scalar_type())).contiguous();
+  // Centred first: distances do not change, and |t_i|^2 + |t_j|^2 - 2 t_i.t_j no longer cancels
+  // a large common offset away. (The gradient of a function of the differences sums to zero
+  // over the rows, so it is the same with respect to t as to t - mean.)
+  const at::Tensor t_acc = t_in.to(loss_dtype(t_in.scalar_type()));
+  const at::Tensor t = (t_acc - t_acc.mean(0, /*keepdim=*/true)).contiguous();
   const int64_t N = t.size(0), rows_per_block = block_rows(N);
   const at::TensorOptions acc = t.options();
   const at::Tensor sq_norms = (t * t).sum(1).contiguous();
