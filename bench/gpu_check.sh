@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine with no network, in one call: build the CUDA extension, benchmark (carry the
-# liger-kernel and cut-cross-entropy wheels for bench/gpu_aux_head.py's peers), run the
+# liger-kernel and cut-cross-entropy wheels for bench/gpu_aux_head.py's peers, inf-cl for
+# bench/gpu_similarity.py's), run the
 # tests (CUDA included) and compute-sanitizer on the ops' CUDA tests. Each stage has a time
 # limit so that one slow stage cannot cost the others; results are copied to $OUT as soon as
 # they exist. Logs and results go to $OUT (default /tmp/llkern-gpu); commit bench/results/.
@@ -27,6 +28,8 @@ timeout 150 $PY bench/gpu_transport.py 2>&1 | tee "$OUT/bench.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 timeout 150 $PY bench/gpu_aux_head.py 2>&1 | tee -a "$OUT/bench.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 200 $PY bench/gpu_similarity.py 2>&1 | tee -a "$OUT/bench.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 cp bench/results/results.jsonl "$OUT/results.jsonl" 2>/dev/null
 
 echo "== tests (CPU and CUDA)"
@@ -35,6 +38,6 @@ timeout 240 $PY -m pytest -q -p no:cacheprovider tests -m "not slow" 2>&1 | tee 
 
 echo "== compute-sanitizer memcheck on the CUDA op tests"
 timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest -q -p no:cacheprovider -x \
-  tests/test_transport.py tests/test_aux_head.py -k "cuda" 2>&1 | tee "$OUT/sanitizer.log" | tail -8
+  tests/test_transport.py tests/test_aux_head.py tests/test_similarity.py -k "cuda" 2>&1 | tee "$OUT/sanitizer.log" | tail -8
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

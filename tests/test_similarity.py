@@ -348,3 +348,27 @@ def test_memory_stays_linear_in_n():
     assert out.returncode == 0, out.stderr
     extra_mib = [float(v) for v in out.stdout.split()]
     assert len(extra_mib) == 4 and max(extra_mib) < 48, extra_mib
+
+
+CUDA = torch.cuda.is_available() and kernel_available("info_nce", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA kernels and a GPU")
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_matches_reference(op):
+    for n, d, dtype in [(1, 3, torch.float32), (7, 3, torch.float64), (97, 129, torch.float32),
+                        (1025, 3, torch.bfloat16), (3000, 16, torch.float32)]:
+        z1, z2, labels = (t.cuda() for t in make(n, d, dtype))
+        tol = 1e-10 if dtype == torch.float64 else (2 * torch.finfo(dtype).eps if dtype == torch.bfloat16 else 2e-5)
+        assert_matches(op, z1, z2, labels, tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA kernels and a GPU")
+def test_cuda_opcheck():
+    z1, z2, labels = (t.cuda() for t in make(9, 4))
+    for with_grad in (False, True):
+        torch.library.opcheck(torch.ops.llkern.info_nce.default, (z1, z2, 0.1, True, True, with_grad))
+        torch.library.opcheck(torch.ops.llkern.supcon_loss.default, (z1, labels, 0.1, True, with_grad))
+        torch.library.opcheck(torch.ops.llkern.renyi_mutual_information.default, (z1, labels, None, 0.5, with_grad))

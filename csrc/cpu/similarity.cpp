@@ -72,9 +72,12 @@ LLKERN_ALWAYS_INLINE inline void contrast_row(const ContrastRowsParams& p, int64
   if (supervised) {
     const int64_t y = p.labels[self];
     for (int64_t j = 0; j < n; ++j) {
-      if (j != self && p.labels[j] == y) positive_sum += s[j];
+      if (j != self && p.labels[j] == y) {
+        positive_sum += s[j];
+        ++positives;
+      }
     }
-    positives = p.positives[self];
+    if (p.row_anchor) p.row_anchor[i] = positives > 0 ? 1.0 : 0.0;
     s[self] = kNegInf<Acc>;  // self is no candidate
   }
   const Acc diagonal = supervised ? Acc(0) : s[self];
@@ -271,8 +274,11 @@ LLKERN_ALWAYS_INLINE inline void gaussian_rows_range(const GaussianRowsParams& p
     } else {
       for (int64_t j = 0; j < p.cols; ++j) same += p.labels[j] == y ? k2[j] : Acc(0);
     }
+    int64_t same_count = 0;
+    for (int64_t j = 0; j < p.cols; ++j) same_count += p.labels[j] == y;
     p.frob[i] = 1.0 + double(total);
     p.frob_same[i] = 1.0 + double(same);
+    p.same_count[i] = double(same_count);
   }
 }
 

@@ -16,7 +16,7 @@ namespace llkern {
 //   InfoNCE (labels == nullptr): the positive of row i is column row0 + i;
 //     loss_i = LSE_j s_ij - s_i,row0+i; d loss_i / d s_ij = softmax_j - [j == row0 + i].
 //   Supervised contrastive (labels given): column row0 + i (self) is no candidate; the positives
-//     of row i are the other columns with its label, positives[row0 + i] of them;
+//     of row i are the other columns with its label (counted in the pass);
 //     loss_i = -(1/|P|) sum_p (s_ip - LSE_{a != i} s_ia), and 0 with a zero gradient when |P| = 0;
 //     d loss_i / d s_ia = softmax_{a != i} - [a in P] / |P|.
 // With write_grad the block becomes grad_scale * d loss_i / d s (zero at self for supcon).
@@ -24,13 +24,13 @@ struct ContrastRowsParams {
   void* logits = nullptr;
   int64_t rows = 0, cols = 0, row0 = 0;
   bool is_double = false;
-  const int64_t* labels = nullptr;     // labels of all columns (supervised only)
-  const int64_t* positives = nullptr;  // |P(i)| of every global row (supervised only)
+  const int64_t* labels = nullptr;  // labels of all columns (supervised only)
   bool write_grad = false;
   double grad_scale = 1.0;
   void* lse = nullptr;         // out, nullable: per-row LSE (Acc, rows)
   void* diagonal = nullptr;    // out, nullable (InfoNCE): s_i,row0+i (Acc, rows)
   double* row_loss = nullptr;  // out: per-row loss (rows)
+  double* row_anchor = nullptr;  // out, nullable (supervised): 1 where the row has a positive, else 0
 };
 void contrast_rows_cpu(const ContrastRowsParams& p);
 
@@ -75,7 +75,14 @@ struct GaussianRowsParams {
   void* row_sum_same = nullptr;  // out (write_grad): Acc, rows
   double* frob = nullptr;        // out: per-row sum_j K_ij^2
   double* frob_same = nullptr;   // out: per-row sum over equal labels
+  double* same_count = nullptr;  // out: per-row number of columns with row i's label (self included)
 };
 void gaussian_rows_cpu(const GaussianRowsParams& p);
+
+// CUDA (`stream` is a cudaStream_t); the parameters point to device memory.
+void contrast_rows_cuda(const ContrastRowsParams& p, void* stream);
+void column_lse_update_cuda(const ColumnLseParams& p, void* stream);
+void symmetric_grad_cuda(const SymmetricGradParams& p, void* stream);
+void gaussian_rows_cuda(const GaussianRowsParams& p, void* stream);
 
 }  // namespace llkern
