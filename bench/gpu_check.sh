@@ -30,6 +30,8 @@ timeout 150 $PY bench/gpu_aux_head.py 2>&1 | tee -a "$OUT/bench.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 timeout 200 $PY bench/gpu_similarity.py 2>&1 | tee -a "$OUT/bench.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 120 $PY bench/gpu_context.py 2>&1 | tee -a "$OUT/bench.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 cp bench/results/results.jsonl "$OUT/results.jsonl" 2>/dev/null
 
 echo "== tests (CPU and CUDA)"
@@ -39,5 +41,8 @@ timeout 240 $PY -m pytest -q -p no:cacheprovider tests -m "not slow" 2>&1 | tee 
 echo "== compute-sanitizer memcheck on the CUDA op tests"
 timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest -q -p no:cacheprovider -x \
   tests/test_transport.py tests/test_aux_head.py tests/test_similarity.py -k "cuda" 2>&1 | tee "$OUT/sanitizer.log" | tail -8
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest -q -p no:cacheprovider -x \
+  tests/test_context.py 2>&1 | tee -a "$OUT/sanitizer.log" | tail -4
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

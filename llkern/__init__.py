@@ -10,6 +10,7 @@ Quick start::
 
 from llkern import functional, heads, losses, memory
 from llkern._ext import extension_loaded, kernel_available
+from llkern.context import ContextSupply
 from llkern.heads import LinearHead, ProjectionHead, contrastive_heads
 from llkern.local import Boundary, LocalNet, StepResult, run_module
 from llkern.losses import (
@@ -24,12 +25,14 @@ from llkern.losses import (
 from llkern.memory import MemoryMeter, MemoryReport
 from llkern.modules import TransportPenalty
 from llkern.ops.aux_head import aux_head_loss
+from llkern.ops.context import context_add
 from llkern.ops.transport import transport_penalty
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Boundary",
+    "ContextSupply",
     "CrossEntropy",
     "LinearHead",
     "LocalContext",
@@ -45,6 +48,7 @@ __all__ = [
     "TransportPenalty",
     "TransportRegularized",
     "aux_head_loss",
+    "context_add",
     "contrastive_heads",
     "extension_loaded",
     "functional",

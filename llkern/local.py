@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from llkern.context import ContextSupply
 from llkern.heads import LinearHead, feature_channels
 from llkern.losses import CrossEntropy, LocalContext, LocalLoss
 
@@ -59,8 +60,8 @@ class Boundary:
     def tensor(self) -> torch.Tensor:
         if self._tensor is None:
             raise RuntimeError(
-                f"llkern: the boundary tensor after module {self.k} was released once module {self.k + 1}'s local "
-                "backward finished; call local_step(..., keep_boundaries=True) to keep it")
+                f"llkern: the boundary tensor after module {self.k} was released once the modules that read it "
+                "finished their local backward; call local_step(..., keep_boundaries=True) to keep it")
         return self._tensor
 
     def release(self) -> None:
@@ -110,6 +111,11 @@ class LocalNet(nn.Module):
             ``f(k, K) -> LocalLoss``. Default: :class:`llkern.losses.CrossEntropy`.
         example_input: a small batch used to size the heads; without it heads are sized lazily
             on the first call.
+        context: ContSup's context supply for modules 1..K−1: ``"E"`` (image encoder), ``"R"``
+            (previous boundary's encoder) or ``"RE"``; None (default) for none. Needs
+            ``example_input``. See :mod:`llkern.context`; ``net.context.cost()`` gives the encoders'
+            parameters and FLOPs.
+        context_impl: implementation of the fused context add (``"auto"``, ``"kernel"``, ``"reference"``).
 
     ``net(x)`` returns the last head's logits; ``net(x, exit=k)`` head k's (0-based; negative
     counts from the end). ``net.local_step(x, y)`` trains; the optimizer step is the caller's.
@@ -123,6 +129,8 @@ class LocalNet(nn.Module):
         heads: Sequence[nn.Module] | HeadFactory | None = None,
         losses: Sequence[LocalLoss] | LocalLoss | LossFactory | None = None,
         example_input: torch.Tensor | None = None,
+        context: str | None = None,
+        context_impl: str = "auto",
     ) -> None:
         super().__init__()
         blocks = list(blocks)
@@ -156,6 +164,11 @@ class LocalNet(nn.Module):
             if not isinstance(loss, LocalLoss):
                 raise TypeError(f"LocalNet: expected losses[{k}] to be a llkern.losses.LocalLoss, "
                                 f"got {type(loss).__name__}")
+        self.context: ContextSupply | None = None
+        if context is not None:
+            if example_input is None:
+                raise ValueError("LocalNet: context supply needs example_input (to size its encoders)")
+            self.context = ContextSupply(context, [example_input.shape, *shapes[:-1]], impl=context_impl)
         if example_input is not None and any(self._has_lazy(h) for h in self.heads):
             was_training = self.training
             self.eval()  # materialise lazy heads now, leaving BatchNorm statistics untouched
@@ -187,18 +200,25 @@ class LocalNet(nn.Module):
         k_exit = exit % self.num_modules if -self.num_modules <= exit < self.num_modules else None
         if k_exit is None:
             raise IndexError(f"LocalNet: exit={exit} is out of range for {self.num_modules} modules")
-        h = x
-        for block in self.blocks[: k_exit + 1]:
-            h = block(h)
+        h, previous = x, x
+        for k, block in enumerate(self.blocks[: k_exit + 1]):
+            h, previous = block(self._module_input(k, h, x, previous)), h
         return self.heads[k_exit](h)
 
     def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every head, in one pass through the modules."""
-        logits, h = [], x
-        for block, head in zip(self.blocks, self.heads, strict=True):
-            h = block(h)
+        logits, h, previous = [], x, x
+        for k, (block, head) in enumerate(zip(self.blocks, self.heads, strict=True)):
+            h, previous = block(self._module_input(k, h, x, previous)), h
             logits.append(head(h))
         return logits
+
+    def _module_input(self, k: int, boundary: torch.Tensor, image: torch.Tensor,
+                      previous: torch.Tensor) -> torch.Tensor:
+        """Module k's input: its boundary, plus the context supply's terms when there is one."""
+        if self.context is None or k == 0:
+            return boundary
+        return self.context(k, boundary, image, previous)
 
     def local_step(self, x: torch.Tensor, target: torch.Tensor, *, keep_boundaries: bool = False) -> StepResult:
         """One local training step: for each module, forward, local loss, backward.
@@ -216,27 +236,33 @@ class LocalNet(nn.Module):
             raise ValueError(f"LocalNet.local_step: expected target with {x.shape[0]} entries (the batch of x), "
                              f"got shape {list(target.shape)}")
         losses, accuracies, terms, boundaries = [], [], [], []
-        h = x.detach()
-        previous: Boundary | None = None
+        image = x.detach()
+        h = image
+        # The R context of module k reads module k−1's input boundary: keep boundaries one module longer.
+        keep_previous = self.context is not None and "R" in self.context.mode
         for k, (block, head, loss_fn) in enumerate(zip(self.blocks, self.heads, self.losses, strict=True)):
             residuals: list[torch.Tensor] = []
-            out = run_module(block, h, residuals)
-            result = loss_fn(LocalContext(k, self.num_modules, h, out, target, head, residuals))
+            previous = image if k <= 1 or not keep_previous else boundaries[k - 2].tensor
+            module_input = self._module_input(k, h, image, previous)
+            out = run_module(block, module_input, residuals)
+            result = loss_fn(LocalContext(k, self.num_modules, module_input.detach(), out, target, head, residuals))
             result.loss.backward()
             losses.append(result.loss.detach())
             accuracies.append(_accuracy(result, target))
             terms.append({name: value.detach() for name, value in result.terms.items()})
-            del result, residuals
-            # Module k's graph is gone; its input boundary is no longer needed.
-            if previous is not None and not keep_boundaries:
-                previous.release()
+            del result, residuals, module_input, previous
+            # Module k's graph is gone; its input boundary is no longer needed (with the R context,
+            # module k+1 still reads it, and the boundary before is the one now free).
+            done = k - 2 if keep_previous else k - 1
+            if done >= 0 and not keep_boundaries:
+                boundaries[done].release()
             h = out.detach()
             del out
-            previous = Boundary(k, h)
-            boundaries.append(previous)
+            boundaries.append(Boundary(k, h))
         del h
-        if not keep_boundaries and previous is not None:
-            previous.release()
+        if not keep_boundaries:
+            for boundary in boundaries[-2:]:
+                boundary.release()
         # One host synchronisation for all the scalars.
         scalars = losses + [a for a in accuracies if a is not None] + [v for d in terms for v in d.values()]
         values = iter(torch.stack([t.float().reshape(()) for t in scalars]).tolist())
