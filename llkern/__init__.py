@@ -26,6 +26,7 @@ from llkern.memory import MemoryMeter, MemoryReport
 from llkern.modules import TransportPenalty
 from llkern.ops.aux_head import aux_head_loss
 from llkern.ops.context import context_add
+from llkern.ops.mean_kl import mean_kl_sample
 from llkern.ops.transport import transport_penalty
 
 __version__ = "0.1.0"
@@ -55,6 +56,7 @@ __all__ = [
     "heads",
     "kernel_available",
     "losses",
+    "mean_kl_sample",
     "memory",
     "run_module",
     "transport_penalty",
