@@ -53,3 +53,16 @@ def digits_resnet(num_modules: int = 4, width: int = 32, num_classes: int = 10) 
     units = [nn.Sequential(layers[0], layers[1]), *layers[2:-2], nn.Sequential(layers[-2], layers[-1])]
     bounds = [round(i * len(units) / num_modules) for i in range(num_modules + 1)]
     return [nn.Sequential(*units[bounds[i]:bounds[i + 1]]) for i in range(num_modules)]
+
+
+def digits_lenet(num_classes: int = 10) -> nn.Sequential:
+    """LeNet-5 adapted to digits' 1×8×8 images (MIRACLE's compression demonstration model).
+
+    LeNet-5's layout, 3×3 convolutions with padding (5×5 ones would leave nothing of an 8×8
+    image): conv 1→6, ReLU, max-pool 2 (→ 6×4×4), conv 6→16, ReLU, max-pool 2 (→ 16×2×2),
+    then 64 → 120 → 84 → classes with ReLUs. 19 k weights and biases.
+    """
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes))

@@ -1,0 +1,202 @@
+"""Variational weights for MIRACLE compression: Mean-KL (:class:`MeanKLNetwork`) and the
+conventional mean/variance parameterisation with per-block KL annealing (:class:`GaussianNetwork`,
+MIRACLE's own scheme, the baseline).
+
+Both wrap an ordinary model. The weights and biases of its ``nn.Linear`` and ``nn.Conv2d`` layers
+become variational; everything else (BatchNorm, its statistics) stays as it is. Every weight gets
+a slot in coding blocks of ``block_size`` through a seeded permutation, and each block is coded
+in ``bits_per_block`` bits. The prior is N(0, ρ²), with ρ one learnable value per tensor.
+``forward`` samples the weights (new noise every training step) and calls the model with them;
+``mean_weights()`` gives the posterior means.
+
+Mean-KL meets each block's budget of ``bits_per_block · ln 2`` nats by construction
+(:func:`llkern.ops.mean_kl.mean_kl_sample`), so its loss is the task loss alone. The Gaussian
+baseline adds ``Σ_b β_b KL_b`` and moves each β_b up or down to steer KL_b to the budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from llkern.ops.mean_kl import mean_kl_sample
+from llkern.random import stream_bits
+from llkern.reference.mean_kl import mean_kl_reference
+
+__all__ = ["GaussianNetwork", "MeanKLNetwork", "coding_permutation"]
+
+COMPRESSIBLE = (nn.Linear, nn.Conv2d)
+PERMUTATION_STREAM = 0xFFFFFFFF  # the Philox stream that orders the weights (docs/random.md)
+
+
+def coding_permutation(total: int, seed: int) -> np.ndarray:
+    """The seeded order of ``total`` weights: positions sorted by their 64-bit Philox keys from
+    stream ``(seed, 0xFFFFFFFF)``; slot i of the coding blocks holds weight ``permutation[i]``."""
+    x0, x1 = stream_bits(seed, PERMUTATION_STREAM, np.arange(total, dtype=np.uint64))
+    keys = (x0.astype(np.uint64) << np.uint64(32)) | x1.astype(np.uint64)
+    return np.argsort(keys, kind="stable")
+
+
+class _Coded(nn.Module):
+    """The shared part: which tensors are coded, the slot layout, ρ per tensor."""
+
+    def __init__(self, model: nn.Module, bits_per_block: int, block_size: int, seed: int) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{type(self).__name__}: expected model to be an nn.Module, got {type(model).__name__}")
+        for arg, value in (("bits_per_block", bits_per_block), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}: expected {arg} to be an int >= 1, got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(f"{type(self).__name__}: expected seed to be an int in [0, 2^32), got {seed!r}")
+        self.model = model
+        self.bits_per_block, self.block_size, self.seed = bits_per_block, block_size, seed
+        self.names = [f"{module_name}.{param_name}" if module_name else param_name
+                      for module_name, module in model.named_modules() if isinstance(module, COMPRESSIBLE)
+                      for param_name, p in module.named_parameters(recurse=False) if p is not None]
+        if not self.names:
+            raise ValueError(f"{type(self).__name__}: the model has no nn.Linear or nn.Conv2d weights to code")
+        params = dict(model.named_parameters())
+        initial = [params[name].detach() for name in self.names]
+        for p in (params[name] for name in self.names):
+            p.requires_grad_(False)  # the variational parameters replace them
+        self.shapes = [p.shape for p in initial]
+        self.sizes = [p.numel() for p in initial]
+        total = sum(self.sizes)
+        self.num_blocks = -(-total // block_size)
+        order = coding_permutation(total, seed)
+        slot_of_weight = np.empty(total, dtype=np.int64)
+        slot_of_weight[order] = np.arange(total)
+        tensor_of_weight = np.repeat(np.arange(len(self.sizes)), self.sizes)
+        tensor_of_slot = np.zeros(self.num_blocks * block_size, dtype=np.int64)  # padding slots: tensor 0
+        tensor_of_slot[:total] = tensor_of_weight[order]
+        self.register_buffer("slot_of_weight", torch.from_numpy(slot_of_weight), persistent=False)
+        self.register_buffer("tensor_of_slot", torch.from_numpy(tensor_of_slot).view(self.num_blocks, block_size),
+                             persistent=False)
+        # ρ per tensor: the spread of its initial weights (a He/Kaiming-sized prior)
+        self.log_rho = nn.Parameter(torch.tensor([math.log(max(float(p.std()) if p.numel() > 1 else 0.1, 1e-3))
+                                                  for p in initial]))
+        self._initial = torch.cat([p.reshape(-1) for p in initial])
+        self.steps = 0
+
+    @property
+    def kappa_block(self) -> float:
+        return self.bits_per_block * math.log(2)
+
+    def rho_blocks(self) -> torch.Tensor:
+        return self.log_rho.exp()[self.tensor_of_slot]
+
+    def initial_blocks(self) -> torch.Tensor:
+        flat = torch.zeros(self.num_blocks * self.block_size, dtype=self._initial.dtype)
+        flat[self.slot_of_weight] = self._initial
+        return flat.view(self.num_blocks, self.block_size)
+
+    def unpack(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Block-layout weights → the model's named tensors."""
+        flat = blocks.reshape(-1)[self.slot_of_weight]
+        return {name: part.view(shape)
+                for name, part, shape in zip(self.names, flat.split(self.sizes), self.shapes, strict=True)}
+
+    def sample_blocks(self, stream: int) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def mean_blocks(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def mean_weights(self) -> dict[str, torch.Tensor]:
+        return self.unpack(self.mean_blocks())
+
+    def forward(self, x: torch.Tensor, *, sample: bool | None = None) -> torch.Tensor:
+        """The model on sampled weights (training: new noise each call) or on the means (``sample=False``;
+        the default in eval mode)."""
+        if sample is None:
+            sample = self.training
+        if sample:
+            blocks = self.sample_blocks(self.steps % 2**31)
+            if self.training:
+                self.steps += 1
+        else:
+            blocks = self.mean_blocks()
+        return functional_call(self.model, self.unpack(blocks), (x,), strict=False)
+
+
+class MeanKLNetwork(_Coded):
+    """Mean-KL variational weights: each coding block's KL is exactly ``bits_per_block · ln 2``
+    nats, whatever the parameters, so training minimises the task loss alone.
+
+    Args:
+        model: the network; its Linear/Conv2d weights and biases are coded.
+        bits_per_block: C (default 10, as MIRACLE).
+        block_size: weights per block (default 30, as MIRACLE).
+        seed: names the permutation and the noise streams (uint32).
+        delta: margin inside the mean's bound (see :func:`llkern.ops.mean_kl.mean_kl_sample`).
+        impl: of the sampling op (``"auto"``, ``"kernel"``, ``"reference"``).
+    """
+
+    def __init__(self, model: nn.Module, *, bits_per_block: int = 10, block_size: int = 30, seed: int = 0,
+                 delta: float = 0.05, impl: str = "auto") -> None:
+        super().__init__(model, bits_per_block, block_size, seed)
+        self.delta, self.impl = delta, impl
+        # θ from the initial weights: μ = (1 − δ) ρ √(2κ_w) tanh θ with an even budget split
+        bound = (1 - delta) * self.rho_blocks().detach() * math.sqrt(2 * self.kappa_block / block_size)
+        self.theta = nn.Parameter(torch.atanh((self.initial_blocks() / bound).clamp(-0.95, 0.95)))
+        self.gamma = nn.Parameter(torch.zeros(self.num_blocks, block_size))
+
+    def sample_blocks(self, stream: int) -> torch.Tensor:
+        nu = torch.zeros_like(self.theta)
+        return mean_kl_sample(self.theta, self.gamma, nu, self.rho_blocks(), seed=self.seed, stream=stream,
+                              kappa_block=self.kappa_block, delta=self.delta, impl=self.impl)
+
+    def mean_blocks(self) -> torch.Tensor:
+        zeros = torch.zeros_like(self.theta)
+        _, mu, _ = mean_kl_reference(self.theta, self.gamma, zeros, self.rho_blocks(), zeros, self.kappa_block,
+                                     self.delta)
+        return mu.to(self.theta.dtype)
+
+
+class GaussianNetwork(_Coded):
+    """The conventional parameterisation (MIRACLE's): per weight a mean and σ = softplus(s), the
+    prior N(0, ρ²), and per block a penalty β_b KL_b whose β_b grows by ``anneal`` while KL_b is
+    over the budget and shrinks while it is under (call :meth:`anneal_step` after each step).
+
+    Args:
+        model, bits_per_block, block_size, seed: as :class:`MeanKLNetwork`.
+        beta: initial β_b (default 1e-8, MIRACLE's order of magnitude).
+        anneal: the factor β_b moves by per step (default 1.01).
+    """
+
+    def __init__(self, model: nn.Module, *, bits_per_block: int = 10, block_size: int = 30, seed: int = 0,
+                 beta: float = 1e-8, anneal: float = 1.01) -> None:
+        super().__init__(model, bits_per_block, block_size, seed)
+        self.mean = nn.Parameter(self.initial_blocks().clone())
+        self.raw_sigma = nn.Parameter(torch.full((self.num_blocks, block_size), math.log(math.expm1(1e-3))))
+        self.register_buffer("beta", torch.full((self.num_blocks,), float(beta)))
+        self.anneal = anneal
+
+    def sigma(self) -> torch.Tensor:
+        return nn.functional.softplus(self.raw_sigma)
+
+    def sample_blocks(self, stream: int) -> torch.Tensor:
+        return self.mean + self.sigma() * torch.randn_like(self.mean)
+
+    def mean_blocks(self) -> torch.Tensor:
+        return self.mean
+
+    def block_kl(self) -> torch.Tensor:
+        """KL(q ‖ p) of each block, nats."""
+        rho, sigma = self.rho_blocks(), self.sigma()
+        kl = torch.log(rho / sigma) + (sigma**2 + self.mean**2) / (2 * rho**2) - 0.5
+        return kl.sum(dim=1)
+
+    def penalty(self) -> torch.Tensor:
+        """Σ_b β_b KL_b, to add to the task loss."""
+        return (self.beta * self.block_kl()).sum()
+
+    @torch.no_grad()
+    def anneal_step(self) -> None:
+        over = self.block_kl() > self.kappa_block
+        self.beta.mul_(torch.where(over, self.anneal, 1.0 / self.anneal))
