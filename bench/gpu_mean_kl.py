@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_result
-from gpu_transport import time_ms
+from gpu_transport import time_and_peak
 
 import llkern
 
@@ -64,13 +64,7 @@ def main() -> None:
             fn().backward(grad)
             theta.grad = gamma.grad = rho.grad = None
         try:
-            ms, iqr = time_ms(step, reps=10, warmup=2)
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+            ms, iqr, extra = time_and_peak(step)
         except Exception as error:
             print(f"{label} failed: {str(error).splitlines()[0]}")
             continue

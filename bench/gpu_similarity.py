@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_result
-from gpu_transport import time_ms
+from gpu_transport import time_and_peak
 
 import llkern
 
@@ -62,13 +62,8 @@ def bench_shape(n: int, d: int, dtype: torch.dtype) -> None:
             fn(a, b).backward()
             a.grad = b.grad = None
         try:
-            ms, iqr = time_ms(step, reps=10, warmup=2)
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            extra = (torch.cuda.max_memory_allocated() - base) / 2**20 - inputs_mib
+            ms, iqr, extra = time_and_peak(step)
+            extra -= inputs_mib  # (the gradients of the inputs: any implementation holds them)
         except Exception as error:  # out of memory at the large shapes, or a peer that cannot run
             print(f"{label} failed at N={n}, d={d}, {dtype}: {str(error).splitlines()[0]}")
             torch.cuda.empty_cache()

@@ -49,6 +49,12 @@ def extra_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def time_and_peak(step, reps: int = 10, warmup: int = 2) -> tuple[float, float, float]:
+    """Median ms and IQR of ``step``, and the MiB one more step allocates above what was allocated before."""
+    ms, iqr = time_ms(step, reps=reps, warmup=warmup)
+    return ms, iqr, extra_mib(step)
+
+
 def copy_bandwidth(n: int) -> float:
     """GB/s of a device-to-device copy, counting bytes read and written."""
     src, dst = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")

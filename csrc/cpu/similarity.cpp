@@ -29,6 +29,26 @@ constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
 // Parallel only when the block is worth a fork (a few thousand exps per thread).
 constexpr int64_t kParallelElements = 16384;
 
+// Splits [0, n) into one range per thread of a parallel region (forked when `work` values are
+// worth it) and runs `avx2(begin, end)` for float on AVX2 + FMA machines, `baseline(begin, end)`
+// otherwise. `avx2` calls a target("avx2,fma") function: outlined regions do not inherit targets.
+template <typename Acc, typename Avx2, typename Baseline>
+void parallel_ranges(int64_t n, int64_t work, Avx2 avx2, Baseline baseline) {
+#pragma omp parallel if (work > kParallelElements)
+  {
+    const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t begin = n * id / threads, end = n * (id + 1) / threads;
+#if defined(LLKERN_X86_CLONES)
+    if (std::is_same_v<Acc, float> && cpu::cpu_has_avx2_fma()) {
+      avx2(begin, end);
+    } else
+#endif
+    {
+      baseline(begin, end);
+    }
+  }
+}
+
 // max_j x_j.
 template <typename Acc, bool kAvx2>
 LLKERN_ALWAYS_INLINE inline Acc row_max(const Acc* x, int64_t n) {
@@ -127,19 +147,14 @@ __attribute__((target("avx2,fma"))) void contrast_rows_float_avx2(const Contrast
 
 template <typename Acc>
 void contrast_rows_typed(const ContrastRowsParams& p) {
-#pragma omp parallel if (p.rows * p.cols > kParallelElements)
-  {
-    const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
-    const int64_t begin = p.rows * id / threads, end = p.rows * (id + 1) / threads;
+  parallel_ranges<Acc>(
+      p.rows, p.rows * p.cols,
+      [&](int64_t begin, int64_t end) {
 #if defined(LLKERN_X86_CLONES)
-    if (std::is_same_v<Acc, float> && cpu::cpu_has_avx2_fma()) {
-      if constexpr (std::is_same_v<Acc, float>) contrast_rows_float_avx2(p, begin, end);
-    } else
+        if constexpr (std::is_same_v<Acc, float>) contrast_rows_float_avx2(p, begin, end);
 #endif
-    {
-      contrast_rows_range<Acc, false>(p, begin, end);
-    }
-  }
+      },
+      [&](int64_t begin, int64_t end) { contrast_rows_range<Acc, false>(p, begin, end); });
 }
 
 // Columns [begin, end) of the block merged into the running statistics: the block's column
@@ -184,19 +199,14 @@ __attribute__((target("avx2,fma"))) void column_lse_float_avx2(const ColumnLsePa
 
 template <typename Acc>
 void column_lse_typed(const ColumnLseParams& p) {
-#pragma omp parallel if (p.rows * p.cols > kParallelElements)
-  {
-    const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
-    const int64_t begin = p.cols * id / threads, end = p.cols * (id + 1) / threads;
+  parallel_ranges<Acc>(
+      p.cols, p.rows * p.cols,
+      [&](int64_t begin, int64_t end) {
 #if defined(LLKERN_X86_CLONES)
-    if (std::is_same_v<Acc, float> && cpu::cpu_has_avx2_fma()) {
-      if constexpr (std::is_same_v<Acc, float>) column_lse_float_avx2(p, begin, end);
-    } else
+        if constexpr (std::is_same_v<Acc, float>) column_lse_float_avx2(p, begin, end);
 #endif
-    {
-      column_lse_range<Acc, false>(p, begin, end);
-    }
-  }
+      },
+      [&](int64_t begin, int64_t end) { column_lse_range<Acc, false>(p, begin, end); });
 }
 
 template <typename Acc, bool kAvx2>
@@ -228,19 +238,14 @@ __attribute__((target("avx2,fma"))) void symmetric_grad_float_avx2(const Symmetr
 
 template <typename Acc>
 void symmetric_grad_typed(const SymmetricGradParams& p) {
-#pragma omp parallel if (p.rows * p.cols > kParallelElements)
-  {
-    const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
-    const int64_t begin = p.rows * id / threads, end = p.rows * (id + 1) / threads;
+  parallel_ranges<Acc>(
+      p.rows, p.rows * p.cols,
+      [&](int64_t begin, int64_t end) {
 #if defined(LLKERN_X86_CLONES)
-    if (std::is_same_v<Acc, float> && cpu::cpu_has_avx2_fma()) {
-      if constexpr (std::is_same_v<Acc, float>) symmetric_grad_float_avx2(p, begin, end);
-    } else
+        if constexpr (std::is_same_v<Acc, float>) symmetric_grad_float_avx2(p, begin, end);
 #endif
-    {
-      symmetric_grad_range<Acc, false>(p, begin, end);
-    }
-  }
+      },
+      [&](int64_t begin, int64_t end) { symmetric_grad_range<Acc, false>(p, begin, end); });
 }
 
 template <typename Acc, bool kAvx2>
@@ -291,20 +296,16 @@ __attribute__((target("avx2,fma"))) void gaussian_rows_float_avx2(const Gaussian
 
 template <typename Acc>
 void gaussian_rows_typed(const GaussianRowsParams& p) {
-#pragma omp parallel if (p.rows * p.cols > kParallelElements)
-  {
-    const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
-    const int64_t begin = p.rows * id / threads, end = p.rows * (id + 1) / threads;
-    std::vector<Acc> scratch(p.write_grad ? 0 : static_cast<size_t>(p.cols));
+  // Without write_grad the squares go to a scratch row per thread instead of over the dots.
+  const auto scratch_row = [&]() { return std::vector<Acc>(p.write_grad ? 0 : static_cast<size_t>(p.cols)); };
+  parallel_ranges<Acc>(
+      p.rows, p.rows * p.cols,
+      [&](int64_t begin, int64_t end) {
 #if defined(LLKERN_X86_CLONES)
-    if (std::is_same_v<Acc, float> && cpu::cpu_has_avx2_fma()) {
-      if constexpr (std::is_same_v<Acc, float>) gaussian_rows_float_avx2(p, begin, end, scratch.data());
-    } else
+        if constexpr (std::is_same_v<Acc, float>) gaussian_rows_float_avx2(p, begin, end, scratch_row().data());
 #endif
-    {
-      gaussian_rows_range<Acc, false>(p, begin, end, scratch.data());
-    }
-  }
+      },
+      [&](int64_t begin, int64_t end) { gaussian_rows_range<Acc, false>(p, begin, end, scratch_row().data()); });
 }
 
 }  // namespace

@@ -22,6 +22,7 @@ from llkern.reference.similarity import (
     _check_labels,
     _check_temperature,
     check_embeddings,
+    check_views,
     info_nce_reference,
     renyi_mutual_information_reference,
     supcon_reference,
@@ -32,16 +33,6 @@ __all__ = ["info_nce", "renyi_mutual_information", "supcon_loss"]
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _check_pair(name: str, z1: torch.Tensor, z2: torch.Tensor) -> None:
-    check_embeddings(name, "z1", z1)
-    check_embeddings(name, "z2", z2)
-    if z1.shape != z2.shape:
-        raise ValueError(f"{name}: expected z1 and z2 of the same shape, got {list(z1.shape)} and {list(z2.shape)}")
-    if z1.device != z2.device or z1.dtype != z2.dtype:
-        raise ValueError(f"{name}: expected z1 and z2 on one device with one dtype, got {z1.device}/{z1.dtype} "
-                         f"and {z2.device}/{z2.dtype}")
 
 
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.07, *, symmetric: bool = False,
@@ -62,7 +53,7 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.07, *, s
         The mean loss, float32 (float64 for float64 inputs). N = 1 gives 0.
     """
     name = "llkern.info_nce"
-    _check_pair(name, z1, z2)
+    check_views(name, z1, z2)
     tau = _check_temperature(name, temperature)
     if use_kernel("info_nce", z1.device, impl):
         return torch.ops.llkern.info_nce(z1, z2, tau, bool(symmetric), bool(normalize),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "check_embeddings",
+    "check_views",
     "default_sigma",
     "gram_gaussian",
     "info_nce_reference",
@@ -40,6 +41,17 @@ def check_embeddings(name: str, arg: str, z: object) -> None:
         raise ValueError(f"{name}: expected {arg} to have d >= 1 features, got shape {list(z.shape)}")
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(z).all()):
         raise ValueError(f"{name}: {arg} contains NaN or infinite values")
+
+
+def check_views(name: str, z1: object, z2: object) -> None:
+    """Clear errors for two views that are not embeddings of one shape, dtype and device."""
+    check_embeddings(name, "z1", z1)
+    check_embeddings(name, "z2", z2)
+    if z1.shape != z2.shape:
+        raise ValueError(f"{name}: expected z1 and z2 of the same shape, got {list(z1.shape)} and {list(z2.shape)}")
+    if z1.device != z2.device or z1.dtype != z2.dtype:
+        raise ValueError(f"{name}: expected z1 and z2 on one device with one dtype, got {z1.device}/{z1.dtype} "
+                         f"and {z2.device}/{z2.dtype}")
 
 
 def _check_temperature(name: str, temperature: object) -> float:
@@ -69,13 +81,7 @@ def info_nce_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 
     candidate is the positive).
     """
     name = "llkern.info_nce"
-    check_embeddings(name, "z1", z1)
-    check_embeddings(name, "z2", z2)
-    if z1.shape != z2.shape:
-        raise ValueError(f"{name}: expected z1 and z2 of the same shape, got {list(z1.shape)} and {list(z2.shape)}")
-    if z1.device != z2.device or z1.dtype != z2.dtype:
-        raise ValueError(f"{name}: expected z1 and z2 on one device with one dtype, got {z1.device}/{z1.dtype} "
-                         f"and {z2.device}/{z2.dtype}")
+    check_views(name, z1, z2)
     tau = _check_temperature(name, temperature)
     acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
     a, b = z1.to(acc), z2.to(acc)
