@@ -8,8 +8,9 @@ per block is kept: the best (``choose="argmax"``) or one sampled from ``softmax_
 generated and scored a chunk of blocks at a time, never all at once.
 
 The file (no pickle), every integer little-endian:
-``MAGIC`` (8 bytes) | u32 header length | header (UTF-8 JSON) | packed C-bit indices | raw bytes of
-the uncompressed tensors | u32 CRC-32 of everything before it. The header holds the format
+``MAGIC`` (8 bytes) | u32 header length | header (UTF-8 JSON, zlib-compressed: for a small model the
+header is a fair share of the file) | packed C-bit indices | raw bytes of the uncompressed tensors |
+u32 CRC-32 of everything before it. The header holds the format
 version, generator id, seed, C, block size, number of blocks, the architecture (an
 ``nn.Sequential`` of known layers, with their arguments), the coded tensors' names, shapes and ρ,
 and the uncompressed tensors' names, dtypes and shapes (BatchNorm statistics and the like).
@@ -172,7 +173,7 @@ def encode(net: MeanKLNetwork, path: str | Path, *, choose: str = "argmax", chun
                   for n, s, r in zip(net.names, net.shapes, net.log_rho.detach().exp().tolist(), strict=True)],
         "uncompressed": uncompressed,
     }
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     body = MAGIC + struct.pack("<I", len(header_bytes)) + header_bytes + _pack(indices, bits) + bytes(raw)
     blob = body + struct.pack("<I", zlib.crc32(body))
     path = Path(path)
@@ -219,7 +220,10 @@ def read(path: str | Path) -> tuple[dict, np.ndarray, bytes]:
         raise ValueError(f"{name}: {path} is truncated (the header runs past the end of the file)")
     if zlib.crc32(body) != stored:
         raise ValueError(f"{name}: {path} is corrupted or truncated (checksum mismatch)")
-    header = json.loads(body[start:start + header_length])
+    try:
+        header = json.loads(zlib.decompress(body[start:start + header_length]))
+    except (zlib.error, ValueError) as error:
+        raise ValueError(f"{name}: {path} has an unreadable header ({error})") from error
     if header.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{name}: {path} has format version {header.get('format_version')!r}; this llkern reads "
                          f"version {FORMAT_VERSION}")

@@ -106,9 +106,9 @@ def rewrite(path, header_change=None, body=None):
     blob = path.read_bytes()[:-4]
     if header_change is not None:
         (length,) = struct.unpack("<I", blob[len(MAGIC):len(MAGIC) + 4])
-        header = json.loads(blob[len(MAGIC) + 4:len(MAGIC) + 4 + length])
+        header = json.loads(zlib.decompress(blob[len(MAGIC) + 4:len(MAGIC) + 4 + length]))
         header.update(header_change)
-        new = json.dumps(header).encode()
+        new = zlib.compress(json.dumps(header).encode())
         blob = MAGIC + struct.pack("<I", len(new)) + new + blob[len(MAGIC) + 4 + length:]
     if body is not None:
         blob = body(blob)
@@ -138,6 +138,10 @@ def test_broken_files(tmp_path):
     path.write_bytes(good)
     rewrite(path, {"generator": "mt19937"})
     with pytest.raises(ValueError, match="generator"):
+        decode(path)
+    path.write_bytes(good)
+    rewrite(path, body=lambda blob: blob[:len(MAGIC) + 4] + b"not zlib" + blob[len(MAGIC) + 12:])
+    with pytest.raises(ValueError, match="unreadable header"):
         decode(path)
     path.write_bytes(good)
     rewrite(path, body=lambda blob: blob[:-50])  # consistent checksum, missing tensor bytes
