@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_result
-from gpu_transport import time_ms
+from gpu_transport import speedups, time_and_peak
 
 import llkern
 
@@ -86,21 +86,14 @@ def bench_shape(shape: tuple[int, ...], classes: int, dtype: torch.dtype) -> Non
     for label, fn in variants().items():
         step = step_of(fn)
         try:
-            ms, iqr = time_ms(step, reps=20, warmup=3)
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            # Above the inputs and their gradients (which any implementation must hold).
-            extra = (torch.cuda.max_memory_allocated() - base) / 2**20 - inputs_mib
+            ms, iqr, extra = time_and_peak(step, reps=20, warmup=3)
+            extra -= inputs_mib  # above the inputs' gradients, which any implementation must hold
         except Exception as error:  # a peer that cannot run this shape: say so, go on
             print(f"{label} failed on {list(shape)}: {error}")
             continue
         results[label] = (ms, iqr, extra)
     for label, (ms, iqr, extra) in results.items():
-        vs_eager = results["eager"][0] / ms if "eager" in results else float("nan")
-        vs_compile = results["torch.compile"][0] / ms if "torch.compile" in results else float("nan")
+        vs_eager, vs_compile = speedups(results, ms)
         append_result({"op": "aux_head_loss fwd+bwd", "shape": [*shape, classes],
                        "dtype": str(dtype).removeprefix("torch."), "impl": label, "median_ms": ms,
                        "iqr_ms": iqr, "extra_MiB": extra, "vs_eager": vs_eager, "vs_compile": vs_compile})

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_result
-from gpu_transport import time_and_peak
+from gpu_transport import speedups, time_and_peak
 
 import llkern
 
@@ -70,8 +70,7 @@ def main() -> None:
             continue
         results[label] = (ms, iqr, extra)
     for label, (ms, iqr, extra) in results.items():
-        vs_eager = results["eager"][0] / ms if "eager" in results else float("nan")
-        vs_compile = results["torch.compile"][0] / ms if "torch.compile" in results else float("nan")
+        vs_eager, vs_compile = speedups(results, ms)
         append_result({"op": "mean_kl_sample fwd+bwd", "shape": list(shape), "dtype": "float32", "impl": label,
                        "median_ms": ms, "iqr_ms": iqr, "extra_MiB": extra, "params_MiB": params_mib})
         print(f"| {label} | {ms:.3f} | {extra:.0f} | {vs_eager:.2f}x | {vs_compile:.2f}x |")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_result
-from gpu_transport import time_and_peak
+from gpu_transport import speedups, time_and_peak
 
 import llkern
 
@@ -70,8 +70,7 @@ def bench_shape(n: int, d: int, dtype: torch.dtype) -> None:
             continue
         results[label] = (ms, iqr, extra)
     for label, (ms, iqr, extra) in results.items():
-        vs_eager = results["eager"][0] / ms if "eager" in results else float("nan")
-        vs_compile = results["torch.compile"][0] / ms if "torch.compile" in results else float("nan")
+        vs_eager, vs_compile = speedups(results, ms)
         append_result({"op": "info_nce symmetric fwd+bwd", "shape": [n, d], "dtype": str(dtype).removeprefix("torch."),
                        "impl": label, "median_ms": ms, "iqr_ms": iqr, "extra_MiB": extra, "vs_eager": vs_eager,
                        "vs_compile": vs_compile})

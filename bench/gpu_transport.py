@@ -55,6 +55,12 @@ def time_and_peak(step, reps: int = 10, warmup: int = 2) -> tuple[float, float, 
     return ms, iqr, extra_mib(step)
 
 
+def speedups(results: dict, ms: float) -> tuple[float, float]:
+    """How many times faster than the "eager" and "torch.compile" rows of ``results`` (label -> (ms, ...))."""
+    vs = [results[label][0] / ms if label in results else float("nan") for label in ("eager", "torch.compile")]
+    return vs[0], vs[1]
+
+
 def copy_bandwidth(n: int) -> float:
     """GB/s of a device-to-device copy, counting bytes read and written."""
     src, dst = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")

@@ -80,7 +80,6 @@ class _Coded(nn.Module):
         # ρ per tensor: the spread of its initial weights (a He/Kaiming-sized prior)
         self.log_rho = nn.Parameter(torch.tensor([math.log(max(float(p.std()) if p.numel() > 1 else 0.1, 1e-3))
                                                   for p in initial]))
-        self._initial = torch.cat([p.reshape(-1) for p in initial])
         self.steps = 0
 
     @property
@@ -91,8 +90,11 @@ class _Coded(nn.Module):
         return self.log_rho.exp()[self.tensor_of_slot]
 
     def initial_blocks(self) -> torch.Tensor:
-        flat = torch.zeros(self.num_blocks * self.block_size, dtype=self._initial.dtype)
-        flat[self.slot_of_weight] = self._initial
+        """The model's current values of the coded tensors, in block layout (padding 0)."""
+        params = dict(self.model.named_parameters())
+        values = torch.cat([params[name].detach().reshape(-1) for name in self.names])
+        flat = torch.zeros(self.num_blocks * self.block_size, dtype=values.dtype)
+        flat[self.slot_of_weight] = values
         return flat.view(self.num_blocks, self.block_size)
 
     def unpack(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]:

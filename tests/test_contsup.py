@@ -44,18 +44,16 @@ def test_gradients_stay_local(mode):
     got = {k: [p.grad.clone() for p in [*net.blocks[k].parameters(), *net.heads[k].parameters(),
                                          *(encoders(net, k) if k else [])]] for k in range(4)}
     net.zero_grad()
-    inputs = [x]
-    for block in net.blocks:
-        inputs.append(block(net._module_input(len(inputs) - 1, inputs[-1].detach(), x, inputs[-2].detach()))
-                      .detach() if len(inputs) > 1 else block(x).detach())
+    boundaries = [x]  # boundaries[k]: module k's input before the context is added
     for k in range(4):
-        previous = x if k <= 1 else inputs[k - 1]
-        module_input = inputs[k] if k == 0 else net._module_input(k, inputs[k], x, previous)
-        loss = F.cross_entropy(net.heads[k](net.blocks[k](module_input)), y)
+        module_input = net._module_input(k, boundaries[k], x, boundaries[max(k - 1, 0)])
+        out = net.blocks[k](module_input)
+        loss = F.cross_entropy(net.heads[k](out), y)
         params = [*net.blocks[k].parameters(), *net.heads[k].parameters(), *(encoders(net, k) if k else [])]
         expected = torch.autograd.grad(loss, params)
         for g, e in zip(got[k], expected, strict=True):
             torch.testing.assert_close(g, e)
+        boundaries.append(out.detach())
 
 
 @pytest.mark.parametrize("mode", MODES)

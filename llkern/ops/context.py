@@ -182,8 +182,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    grads = torch.ops.llkern.context_add_backward(grad.contiguous() if not (grad.is_contiguous() or _channels_last(
-        grad)) else grad, ctx.scales, ctx.channels_last)
+    grads = torch.ops.llkern.context_add_backward(grad, ctx.scales, ctx.channels_last)  # any strides
     return grad, list(grads)
 
 

@@ -170,31 +170,21 @@ if extension_loaded() and hasattr(torch.ops.llkern, "info_nce"):
             _, d1, d2 = torch.ops.llkern.info_nce(*ctx.saved_tensors, *ctx.args, True)
         return _scaled(grad, d1, ctx.dtype), _scaled(grad, d2, ctx.dtype), None, None, None, None
 
-    def _setup_supcon(ctx, inputs, output):
-        z, labels, temperature, normalize, with_grad = inputs
-        ctx.args = (labels, temperature, normalize)
-        ctx.with_grad = with_grad
-        ctx.dtype = z.dtype
-        ctx.save_for_backward(output[1] if with_grad else z)
+    def _register_one_input(name: str, op) -> None:
+        """Autograd of an op ``(x, *args, with_grad) -> (loss, d loss / d x)`` (supcon, Rényi MI)."""
 
-    def _backward_supcon(ctx, grad, *_):
-        (saved,) = ctx.saved_tensors
-        d = saved if ctx.with_grad else torch.ops.llkern.supcon_loss(saved, *ctx.args, True)[1]
-        return _scaled(grad, d, ctx.dtype), None, None, None, None
+        def setup(ctx, inputs, output):
+            x, *args, with_grad = inputs
+            ctx.args, ctx.with_grad, ctx.dtype = args, with_grad, x.dtype
+            ctx.save_for_backward(output[1] if with_grad else x)
 
-    def _setup_renyi(ctx, inputs, output):
-        t, labels, sigma, label_sigma, with_grad = inputs
-        ctx.args = (labels, sigma, label_sigma)
-        ctx.with_grad = with_grad
-        ctx.dtype = t.dtype
-        ctx.save_for_backward(output[1] if with_grad else t)
+        def backward(ctx, grad, *_):
+            (saved,) = ctx.saved_tensors
+            d = saved if ctx.with_grad else op(saved, *ctx.args, True)[1]
+            return _scaled(grad, d, ctx.dtype), *([None] * (len(ctx.args) + 1))
 
-    def _backward_renyi(ctx, grad, *_):
-        (saved,) = ctx.saved_tensors
-        d = saved if ctx.with_grad else torch.ops.llkern.renyi_mutual_information(saved, *ctx.args, True)[1]
-        return _scaled(grad, d, ctx.dtype), None, None, None, None
+        torch.library.register_autograd(name, backward, setup_context=setup)
 
     torch.library.register_autograd("llkern::info_nce", _backward_info_nce, setup_context=_setup_info_nce)
-    torch.library.register_autograd("llkern::supcon_loss", _backward_supcon, setup_context=_setup_supcon)
-    torch.library.register_autograd("llkern::renyi_mutual_information", _backward_renyi,
-                                    setup_context=_setup_renyi)
+    _register_one_input("llkern::supcon_loss", torch.ops.llkern.supcon_loss)
+    _register_one_input("llkern::renyi_mutual_information", torch.ops.llkern.renyi_mutual_information)
