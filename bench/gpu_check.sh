@@ -34,6 +34,8 @@ timeout 120 $PY bench/gpu_context.py 2>&1 | tee -a "$OUT/bench.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 timeout 120 $PY bench/gpu_mean_kl.py 2>&1 | tee -a "$OUT/bench.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 120 $PY bench/gpu_miracle_select.py 2>&1 | tee -a "$OUT/bench.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 cp bench/results/results.jsonl "$OUT/results.jsonl" 2>/dev/null
 
 echo "== tests (CPU and CUDA)"
@@ -45,6 +47,6 @@ timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest -
   tests/test_transport.py tests/test_aux_head.py tests/test_similarity.py -k "cuda" 2>&1 | tee "$OUT/sanitizer.log" | tail -8
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest -q -p no:cacheprovider -x \
-  tests/test_context.py tests/test_mean_kl.py tests/test_random.py 2>&1 | tee -a "$OUT/sanitizer.log" | tail -4
+  tests/test_context.py tests/test_mean_kl.py tests/test_random.py tests/test_miracle_select.py 2>&1 | tee -a "$OUT/sanitizer.log" | tail -4
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status
