@@ -147,17 +147,42 @@ class MeanKLNetwork(_Coded):
         bound = (1 - delta) * self.rho_blocks().detach() * math.sqrt(2 * self.kappa_block / block_size)
         self.theta = nn.Parameter(torch.atanh((self.initial_blocks() / bound).clamp(-0.95, 0.95)))
         self.gamma = nn.Parameter(torch.zeros(self.num_blocks, block_size))
+        # Blocks already coded (llkern.miracle.encode): their weights are ρ times the chosen
+        # candidate's normals, whatever θ and γ say, so training the rest cannot move them.
+        self.register_buffer("coded", torch.zeros(self.num_blocks, dtype=torch.bool))
+        self.register_buffer("coded_normals", torch.zeros(self.num_blocks, block_size))
+
+    def fix_blocks(self, first: int, normals: torch.Tensor) -> None:
+        """Mark blocks ``first .. first + len(normals) − 1`` as coded, with weights ρ · ``normals``."""
+        if normals.dim() != 2 or normals.shape[1] != self.block_size or not \
+                0 <= first <= first + normals.shape[0] <= self.num_blocks:
+            raise ValueError(f"MeanKLNetwork.fix_blocks: expected normals of shape (n, {self.block_size}) for blocks "
+                             f"{first}.. within {self.num_blocks}, got {list(normals.shape)}")
+        last = first + normals.shape[0]
+        self.coded_normals[first:last] = normals.to(self.coded_normals)
+        self.coded[first:last] = True
+
+    def release_blocks(self) -> None:
+        """Forget every coded block: all weights are variational again."""
+        self.coded.zero_()
+
+    def _with_coded(self, blocks: torch.Tensor) -> torch.Tensor:
+        if not bool(self.coded.any()):
+            return blocks
+        fixed = self.rho_blocks() * self.coded_normals
+        return torch.where(self.coded[:, None], fixed.to(blocks.dtype), blocks)
 
     def sample_blocks(self, stream: int) -> torch.Tensor:
         nu = torch.zeros_like(self.theta)
-        return mean_kl_sample(self.theta, self.gamma, nu, self.rho_blocks(), seed=self.seed, stream=stream,
-                              kappa_block=self.kappa_block, delta=self.delta, impl=self.impl)
+        return self._with_coded(mean_kl_sample(self.theta, self.gamma, nu, self.rho_blocks(), seed=self.seed,
+                                               stream=stream, kappa_block=self.kappa_block, delta=self.delta,
+                                               impl=self.impl))
 
     def mean_blocks(self) -> torch.Tensor:
         zeros = torch.zeros_like(self.theta)
         _, mu, _ = mean_kl_reference(self.theta, self.gamma, zeros, self.rho_blocks(), zeros, self.kappa_block,
                                      self.delta)
-        return mu.to(self.theta.dtype)
+        return self._with_coded(mu.to(self.theta.dtype))
 
 
 class GaussianNetwork(_Coded):

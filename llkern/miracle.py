@@ -8,21 +8,20 @@ per block is kept: the best (``choose="argmax"``) or one sampled from ``softmax_
 generated and scored a chunk of blocks at a time, never all at once.
 
 The file (no pickle), every integer little-endian:
-``MAGIC`` (8 bytes) | u32 header length | header (UTF-8 JSON, zlib-compressed: for a small model the
-header is a fair share of the file) | packed C-bit indices | raw bytes of the uncompressed tensors |
-u32 CRC-32 of everything before it. The header holds the format
-version, generator id, seed, C, block size, number of blocks, the architecture (an
-``nn.Sequential`` of known layers, with their arguments), the coded tensors' names, shapes and ρ,
-and the uncompressed tensors' names, dtypes and shapes (BatchNorm statistics and the like).
+``MAGIC`` (8 bytes) | header (binary, llkern/miracle_header.py: format version, generator, seed, C,
+block size, number of blocks, the layers of the ``nn.Sequential`` with their arguments, ρ of every
+coded tensor, the dtypes of the uncompressed ones) | packed C-bit indices | raw bytes of the
+uncompressed tensors (BatchNorm statistics and the like) | u32 CRC-32 of everything before it.
+The coded and uncompressed tensors' names and shapes follow from the layers.
 :func:`decode` rebuilds an ordinary ``nn.Module`` from the file alone.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,27 +31,23 @@ from torch import nn
 from tqdm import tqdm
 
 from llkern.compression import MeanKLNetwork, coding_permutation
+from llkern.miracle_header import (
+    CODE_OF_DTYPE,
+    HeaderError,
+    build,
+    coded_and_uncompressed,
+    describe,
+    parse_header,
+    write_header,
+)
 from llkern.random import GENERATOR_ID, normals, stream_bits
 from llkern.reference.mean_kl import mean_kl_reference
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "EncodeReport", "chosen_weights", "decode", "encode", "read"]
 
 MAGIC = b"LLKMIRA\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHOICES = ("argmax", "sample")
-# Layers the architecture spec can name, with the constructor arguments it records.
-LAYERS = {
-    "Conv2d": ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"),
-    "Linear": ("in_features", "out_features"),
-    "BatchNorm2d": ("num_features", "eps", "momentum", "affine", "track_running_stats"),
-    "BatchNorm1d": ("num_features", "eps", "momentum", "affine", "track_running_stats"),
-    "ReLU": (),
-    "MaxPool2d": ("kernel_size", "stride", "padding"),
-    "AvgPool2d": ("kernel_size", "stride", "padding"),
-    "Flatten": ("start_dim", "end_dim"),
-}
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -68,34 +63,6 @@ class EncodeReport:
     @property
     def ratio(self) -> float:
         return self.float32_bytes / self.file_bytes
-
-
-def _architecture(model: nn.Module) -> list[dict]:
-    if not isinstance(model, nn.Sequential):
-        raise ValueError("llkern.miracle.encode: the file format describes nn.Sequential models only, got "
-                         f"{type(model).__name__}")
-    spec = []
-    for i, layer in enumerate(model):
-        kind = type(layer).__name__
-        if kind not in LAYERS or type(layer) is not getattr(nn, kind):
-            raise ValueError(f"llkern.miracle.encode: layer {i} ({kind}) is not one the file format can describe: "
-                             f"{sorted(LAYERS)}")
-        args = {name: getattr(layer, name) for name in LAYERS[kind]}
-        if kind in ("Conv2d", "Linear"):
-            args["bias"] = layer.bias is not None
-        spec.append({"type": kind, "args": args})
-    return spec
-
-
-def _build(spec: list[dict]) -> nn.Sequential:
-    layers = []
-    for i, entry in enumerate(spec):
-        kind = entry.get("type")
-        if kind not in LAYERS:
-            raise ValueError(f"llkern.miracle.decode: layer {i} has unknown type {kind!r}")
-        args = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["args"].items()}
-        layers.append(getattr(nn, kind)(**args))
-    return nn.Sequential(*layers)
 
 
 def _candidate_scores(mu, sigma, rho, seed, first_block, bits, block_size) -> np.ndarray:
@@ -122,59 +89,80 @@ def _unpack(data: bytes, count: int, bits: int) -> np.ndarray:
     return (as_bits.reshape(count, bits).astype(np.int64) << np.arange(bits)).sum(axis=1)
 
 
+def _chosen_normals(seed: int, first_block: int, indices: np.ndarray, block_size: int) -> np.ndarray:
+    """The normals of candidate ``indices[i]`` of block ``first_block + i``: ``(len(indices), block_size)``."""
+    j = np.arange(block_size, dtype=np.uint64)
+    return np.stack([normals(seed, first_block + i, np.uint64(k) * np.uint64(block_size) + j)
+                     for i, k in enumerate(indices)])
+
+
 def encode(net: MeanKLNetwork, path: str | Path, *, choose: str = "argmax", chunk_blocks: int = 64,
-           progress: bool = True) -> EncodeReport:
+           retrain: Callable[[MeanKLNetwork], None] | None = None, progress: bool = True) -> EncodeReport:
     """Code ``net``'s weights (one C-bit index per block) and write the file to ``path``.
+
+    Blocks are coded in order, ``chunk_blocks`` at a time. Each coded block is fixed in ``net``
+    (:meth:`~llkern.compression.MeanKLNetwork.fix_blocks`), so afterwards ``net`` computes exactly
+    what :func:`decode` will rebuild. With ``retrain``, the blocks not yet coded are trained after
+    every chunk to make up for the ones just fixed (MIRACLE's retraining); ``retrain(net)`` runs
+    the caller's training steps on ``net`` (the coded blocks no longer move) and returns.
 
     Args:
         net: a trained :class:`MeanKLNetwork` whose model is an ``nn.Sequential`` of Conv2d, Linear,
             BatchNorm, ReLU, pooling and Flatten layers.
         path: where to write.
         choose: ``"argmax"`` (the best candidate) or ``"sample"`` (MIRACLE's choice by the scores).
-        chunk_blocks: blocks scored together.
+        chunk_blocks: blocks coded between two retraining calls (and scored together).
+        retrain: optional training callback, called after every chunk but the last.
         progress: a progress bar over the blocks.
     """
     if not isinstance(net, MeanKLNetwork):
         raise TypeError(f"llkern.miracle.encode: expected a MeanKLNetwork, got {type(net).__name__}")
     if choose not in CHOICES:
         raise ValueError(f"llkern.miracle.encode: expected choose to be one of {CHOICES}, got {choose!r}")
-    spec = _architecture(net.model)
-    with torch.no_grad():
-        zeros = torch.zeros_like(net.theta, dtype=torch.float64)
-        rho = net.rho_blocks().double()
-        _, mu, sigma = mean_kl_reference(net.theta, net.gamma, zeros, rho, zeros, net.kappa_block, net.delta)
-    mu, sigma, rho = mu.numpy(), sigma.numpy(), rho.numpy()
+    if isinstance(chunk_blocks, bool) or not isinstance(chunk_blocks, int) or chunk_blocks < 1:
+        raise ValueError(f"llkern.miracle.encode: expected chunk_blocks to be an int >= 1, got {chunk_blocks!r}")
+    if retrain is not None and not callable(retrain):
+        raise TypeError(f"llkern.miracle.encode: expected retrain to be callable or None, got {type(retrain).__name__}")
+    spec = describe(net.model, "llkern.miracle.encode")
+    _, uncompressed = coded_and_uncompressed(net.model)
+    rebuilt = coded_and_uncompressed(build(spec))[1]
+    if [(n, t.shape) for n, t in uncompressed] != [(n, t.shape) for n, t in rebuilt]:
+        raise ValueError("llkern.miracle.encode: the model's tensors other than the coded ones differ from those its "
+                         "layers create; the file cannot describe them")
     bits, block_size, num_blocks = net.bits_per_block, net.block_size, net.num_blocks
     indices = np.empty(num_blocks, dtype=np.int64)
-    for first in tqdm(range(0, num_blocks, chunk_blocks), desc="MIRACLE encode", unit="chunk", disable=not progress):
+    net.release_blocks()
+    bar = tqdm(total=num_blocks, desc="MIRACLE encode", unit="block", disable=not progress)
+    for first in range(0, num_blocks, chunk_blocks):
         last = min(first + chunk_blocks, num_blocks)
-        scores = _candidate_scores(mu[first:last], sigma[first:last], rho[first:last], net.seed, first, bits,
-                                      block_size)
+        with torch.no_grad():  # the posterior now: retraining moves it between chunks
+            rho = net.rho_blocks()[first:last].double()
+            zeros = torch.zeros_like(rho)
+            _, mu, sigma = mean_kl_reference(net.theta[first:last], net.gamma[first:last], zeros, rho, zeros,
+                                             net.kappa_block, net.delta)
+        scores = _candidate_scores(mu.numpy(), sigma.numpy(), rho.numpy(), net.seed, first, bits, block_size)
         if choose == "sample":  # Gumbel-max: argmax of score + Gumbel noise = a draw from softmax(score)
             for i in range(last - first):
                 x0, _ = stream_bits(net.seed, num_blocks + first + i, np.arange(2**bits, dtype=np.uint64))
                 u = ((x0 >> np.uint32(8)).astype(np.float64) + 0.5) * 2.0**-24
                 scores[i] += -np.log(-np.log(u))
         indices[first:last] = scores.argmax(axis=1)
-    params = dict(net.model.named_parameters())
-    buffers = dict(net.model.named_buffers())
-    raw, uncompressed = bytearray(), []
-    for name, tensor in [*((n, p) for n, p in params.items() if n not in net.names), *buffers.items()]:
+        net.fix_blocks(first, torch.from_numpy(_chosen_normals(net.seed, first, indices[first:last], block_size)))
+        bar.update(last - first)
+        if retrain is not None and last < num_blocks:
+            retrain(net)
+    bar.close()
+    raw, dtypes = bytearray(), []
+    for name, tensor in uncompressed:
         data = tensor.detach().cpu().contiguous()
-        dtype = str(data.dtype).removeprefix("torch.")
-        if dtype not in DTYPES:
+        if data.dtype not in CODE_OF_DTYPE:
             raise ValueError(f"llkern.miracle.encode: cannot store {name} of dtype {data.dtype}")
-        uncompressed.append({"name": name, "dtype": dtype, "shape": list(data.shape)})
+        dtypes.append(data.dtype)
         raw += data.reshape(-1).view(torch.uint8).numpy().tobytes()
-    header = {
-        "format_version": FORMAT_VERSION, "generator": GENERATOR_ID, "seed": net.seed, "bits_per_block": bits,
-        "block_size": block_size, "num_blocks": num_blocks, "architecture": spec,
-        "coded": [{"name": n, "shape": list(s), "rho": float(r)}
-                  for n, s, r in zip(net.names, net.shapes, net.log_rho.detach().exp().tolist(), strict=True)],
-        "uncompressed": uncompressed,
-    }
-    header_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
-    body = MAGIC + struct.pack("<I", len(header_bytes)) + header_bytes + _pack(indices, bits) + bytes(raw)
+    rho = net.log_rho.detach().exp().float().tolist()
+    header = write_header(version=FORMAT_VERSION, seed=net.seed, bits=bits, block_size=block_size,
+                          num_blocks=num_blocks, spec=spec, rho=rho, dtypes=dtypes)
+    body = MAGIC + header + _pack(indices, bits) + bytes(raw)
     blob = body + struct.pack("<I", zlib.crc32(body))
     path = Path(path)
     path.write_bytes(blob)
@@ -193,10 +181,7 @@ def chosen_weights(header: dict, indices: np.ndarray) -> dict[str, torch.Tensor]
     order = coding_permutation(total, seed)  # slot i holds weight order[i]
     rho_of_slot = np.ones(num_blocks * block_size)
     rho_of_slot[:total] = rho_of_weight[order]
-    j = np.arange(block_size, dtype=np.uint64)
-    blocks = np.empty((num_blocks, block_size))
-    for b in range(num_blocks):
-        blocks[b] = normals(seed, b, np.uint64(indices[b]) * np.uint64(block_size) + j)
+    blocks = _chosen_normals(seed, 0, indices, block_size)
     flat_slots = blocks.reshape(-1) * rho_of_slot
     weights = np.empty(total)
     weights[order] = flat_slots[:total]
@@ -211,27 +196,22 @@ def read(path: str | Path) -> tuple[dict, np.ndarray, bytes]:
     """A file's header, its block indices and the raw bytes of its uncompressed tensors (checked)."""
     blob = Path(path).read_bytes()
     name = "llkern.miracle.decode"
-    if len(blob) < len(MAGIC) + 8 or blob[:len(MAGIC)] != MAGIC:
+    if len(blob) < len(MAGIC) + 4 or blob[:len(MAGIC)] != MAGIC:
         raise ValueError(f"{name}: {path} is not an llkern MIRACLE file (bad magic or too short)")
     body, stored = blob[:-4], struct.unpack("<I", blob[-4:])[0]
-    (header_length,) = struct.unpack("<I", blob[len(MAGIC):len(MAGIC) + 4])
-    start = len(MAGIC) + 4
-    if start + header_length > len(body):
-        raise ValueError(f"{name}: {path} is truncated (the header runs past the end of the file)")
     if zlib.crc32(body) != stored:
         raise ValueError(f"{name}: {path} is corrupted or truncated (checksum mismatch)")
     try:
-        header = json.loads(zlib.decompress(body[start:start + header_length]))
-    except (zlib.error, ValueError) as error:
+        header, offset = parse_header(body, len(MAGIC))
+    except HeaderError as error:
         raise ValueError(f"{name}: {path} has an unreadable header ({error})") from error
-    if header.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{name}: {path} has format version {header.get('format_version')!r}; this llkern reads "
+    if header["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{name}: {path} has format version {header['format_version']}; this llkern reads "
                          f"version {FORMAT_VERSION}")
-    if header.get("generator") != GENERATOR_ID:
-        raise ValueError(f"{name}: {path} uses generator {header.get('generator')!r}; this llkern has {GENERATOR_ID}")
+    if header["generator"] != GENERATOR_ID:
+        raise ValueError(f"{name}: {path} uses generator {header['generator']!r}; this llkern has {GENERATOR_ID}")
     bits, count = header["bits_per_block"], header["num_blocks"]
     index_bytes = (count * bits + 7) // 8
-    offset = start + header_length
     if offset + index_bytes > len(body):
         raise ValueError(f"{name}: {path} is truncated (the indices run past the end of the file)")
     indices = _unpack(body[offset:offset + index_bytes], count, bits)
@@ -241,11 +221,11 @@ def read(path: str | Path) -> tuple[dict, np.ndarray, bytes]:
 def decode(path: str | Path) -> nn.Module:
     """The model a MIRACLE file describes, with its coded weights regenerated: an ordinary module."""
     header, indices, raw = read(path)
-    model = _build(header["architecture"])
+    model = build(header["architecture"])
     state = chosen_weights(header, indices)
     offset = 0
     for entry in header["uncompressed"]:
-        dtype = DTYPES[entry["dtype"]]
+        dtype = entry["dtype"]
         nbytes = math.prod(entry["shape"]) * torch.empty((), dtype=dtype).element_size()
         if offset + nbytes > len(raw):
             raise ValueError(f"llkern.miracle.decode: {path} is truncated (tensor {entry['name']})")
@@ -253,5 +233,7 @@ def decode(path: str | Path) -> nn.Module:
             torch.empty(0, dtype=torch.uint8)
         state[entry["name"]] = data.view(dtype).reshape(entry["shape"]).clone()
         offset += nbytes
+    if offset != len(raw):
+        raise ValueError(f"llkern.miracle.decode: {path} has {len(raw) - offset} bytes after its last tensor")
     model.load_state_dict(state, strict=True)
     return model

@@ -1,7 +1,6 @@
 """MIRACLE coding and its file format: the round trip, the encoder's choice checked against the
 Triton generator, and every way a file can be broken."""
 
-import json
 import struct
 import zlib
 
@@ -13,6 +12,7 @@ from torch.func import functional_call
 
 from llkern.compression import MeanKLNetwork
 from llkern.miracle import FORMAT_VERSION, MAGIC, chosen_weights, decode, encode, read
+from llkern.miracle_header import _varint, describe, parse_header
 from llkern.ops.context import triton_available
 from llkern.reference.mean_kl import mean_kl_reference
 
@@ -102,17 +102,16 @@ def test_sampled_choice_is_seeded(tmp_path):
     assert (sampled != best).any()  # a draw, not always the best
 
 
-def rewrite(path, header_change=None, body=None):
-    blob = path.read_bytes()[:-4]
-    if header_change is not None:
-        (length,) = struct.unpack("<I", blob[len(MAGIC):len(MAGIC) + 4])
-        header = json.loads(zlib.decompress(blob[len(MAGIC) + 4:len(MAGIC) + 4 + length]))
-        header.update(header_change)
-        new = zlib.compress(json.dumps(header).encode())
-        blob = MAGIC + struct.pack("<I", len(new)) + new + blob[len(MAGIC) + 4 + length:]
-    if body is not None:
-        blob = body(blob)
+def rewrite(path, body):
+    """Rewrite the file with ``body(blob)`` in place of its contents, and a checksum that matches."""
+    blob = body(path.read_bytes()[:-4])
     path.write_bytes(blob + struct.pack("<I", zlib.crc32(blob)))
+
+
+def first_layer_offset(header):
+    """Where the first layer's type code is: after magic, version, generator, seed and four varints."""
+    fields = (header["bits_per_block"], header["block_size"], header["num_blocks"], len(header["architecture"]))
+    return len(MAGIC) + 2 + 4 + sum(len(_varint(v)) for v in fields)
 
 
 def test_broken_files(tmp_path):
@@ -120,6 +119,7 @@ def test_broken_files(tmp_path):
     path = tmp_path / "m.llkm"
     encode(net, path, progress=False)
     good = path.read_bytes()
+    header, _, _ = read(path)
     path.write_bytes(good[:len(good) // 2])
     with pytest.raises(ValueError, match=r"truncated|checksum"):
         decode(path)
@@ -131,22 +131,64 @@ def test_broken_files(tmp_path):
     path.write_bytes(b"NOTAFILE" + good[8:])
     with pytest.raises(ValueError, match="magic"):
         decode(path)
-    path.write_bytes(good)
-    rewrite(path, {"format_version": FORMAT_VERSION + 1})
-    with pytest.raises(ValueError, match="format version"):
-        decode(path)
-    path.write_bytes(good)
-    rewrite(path, {"generator": "mt19937"})
-    with pytest.raises(ValueError, match="generator"):
-        decode(path)
-    path.write_bytes(good)
-    rewrite(path, body=lambda blob: blob[:len(MAGIC) + 4] + b"not zlib" + blob[len(MAGIC) + 12:])
-    with pytest.raises(ValueError, match="unreadable header"):
-        decode(path)
-    path.write_bytes(good)
-    rewrite(path, body=lambda blob: blob[:-50])  # consistent checksum, missing tensor bytes
-    with pytest.raises(ValueError, match="truncated"):
-        decode(path)
+    cases = [
+        (lambda blob: blob[:8] + bytes([FORMAT_VERSION + 1]) + blob[9:], "format version 3"),
+        (lambda blob: blob[:8] + bytes([1]) + blob[9:], "format version 1"),
+        (lambda blob: blob[:9] + bytes([7]) + blob[10:], "generator"),
+        (lambda blob: blob[:len(MAGIC) + 9], "unreadable header .it ends inside the header"),
+        (lambda blob: blob[:first_layer_offset(header)] + bytes([99]) + blob[first_layer_offset(header) + 1:],
+         "unknown layer type code 99"),
+        (lambda blob: blob[:-50], "truncated"),  # missing tensor bytes
+        (lambda blob: blob + b"\0\0", "2 bytes after its last tensor"),
+    ]
+    for body, message in cases:
+        path.write_bytes(good)
+        rewrite(path, body)
+        with pytest.raises(ValueError, match=message):
+            decode(path)
+
+
+def test_header_is_small(tmp_path):
+    # 6 layers with their arguments, 4 coded tensors' ρ and 5 BatchNorm tensors' dtypes take 82
+    # bytes (version 1's compressed JSON: 240); the file is magic + header + indices + BN + CRC
+    net = small_net()
+    report = encode(net, tmp_path / "m.llkm", progress=False)
+    _, header_end = parse_header((tmp_path / "m.llkm").read_bytes(), len(MAGIC))
+    bn_bytes = 4 * 4 * 4 + 8
+    index_bytes = -(-net.num_blocks * net.bits_per_block // 8)
+    assert report.file_bytes == header_end + index_bytes + bn_bytes + 4
+    assert header_end - len(MAGIC) == 82
+
+
+def test_retraining_between_chunks(tmp_path):
+    # With a retrain callback the blocks not yet coded train after every chunk; the coded ones do
+    # not move, and afterwards the network computes exactly what the file decodes to.
+    net = small_net()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    optimizer = torch.optim.SGD([net.theta, net.gamma, net.log_rho], lr=0.5)
+    seen = []
+
+    def retrain(coding):
+        seen.append(int(coding.coded.sum()))
+        before, rho_before = coding.mean_blocks().detach(), coding.rho_blocks().detach()
+        coding.train()
+        for _ in range(2):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(coding(x), y).backward()
+            optimizer.step()
+        after, rho_after = coding.mean_blocks().detach(), coding.rho_blocks().detach()
+        coded = coding.coded
+        assert not torch.equal(rho_after, rho_before)
+        # a coded block's weights are ρ times its fixed normals: only ρ moves them
+        torch.testing.assert_close(after[coded] / rho_after[coded], before[coded] / rho_before[coded])
+        assert not torch.allclose(after[~coded], before[~coded])  # the rest trains
+
+    encode(net, tmp_path / "m.llkm", chunk_blocks=4, retrain=retrain, progress=False)
+    assert seen == list(range(4, net.num_blocks, 4))
+    assert bool(net.coded.all())
+    model = decode(tmp_path / "m.llkm").eval()
+    net.eval()
+    torch.testing.assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
 
 
 def test_encode_errors(tmp_path):
@@ -157,3 +199,11 @@ def test_encode_errors(tmp_path):
         encode(model, tmp_path / "x")
     with pytest.raises(ValueError, match="choose"):
         encode(small_net(), tmp_path / "x", choose="best")
+    with pytest.raises(ValueError, match="chunk_blocks"):
+        encode(small_net(), tmp_path / "x", chunk_blocks=0)
+    with pytest.raises(TypeError, match="retrain"):
+        encode(small_net(), tmp_path / "x", retrain=3)
+    for layer in (nn.Conv2d(1, 1, 3, padding="same"), nn.MaxPool2d(2, return_indices=True),
+                  nn.AvgPool2d(2, divisor_override=3)):
+        with pytest.raises(ValueError, match="option the file format cannot describe"):
+            describe(nn.Sequential(layer), "where")

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from llkern.triton_kernels.philox import stream_normal
 
-NEWTON_STEPS = 12
+NEWTON_STEPS = tl.constexpr(12)  # a global the compiled kernel reads must be a constexpr
 
 
 @triton.jit
@@ -76,7 +76,8 @@ def _state(theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, 
     return idx, mask, live, share, kappa, theta, nu, rho, t, root, mu, u, r, sigma, eps
 
 
-@triton.jit
+# seed or stream equal to 1 would otherwise be specialised into a Python constant, which has no .to()
+@triton.jit(do_not_specialize=["seed", "stream"])
 def mean_kl_forward(theta_ptr, gamma_ptr, nu_ptr, rho_ptr, w_ptr, num_blocks, block_size, seed, stream,
                     kappa_block, delta, ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     idx, mask, _, _, _, _, _, _, _, _, mu, _, _, sigma, eps = _state(
@@ -85,7 +86,7 @@ def mean_kl_forward(theta_ptr, gamma_ptr, nu_ptr, rho_ptr, w_ptr, num_blocks, bl
     tl.store(w_ptr + idx, (mu + sigma * eps).to(w_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "stream"])
 def mean_kl_backward(grad_ptr, theta_ptr, gamma_ptr, nu_ptr, rho_ptr, d_theta_ptr, d_gamma_ptr, d_rho_ptr,
                      num_blocks, block_size, seed, stream, kappa_block, delta,
                      ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):

@@ -9,10 +9,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-M0: tl.constexpr = 0xD2511F53
-M1: tl.constexpr = 0xCD9E8D57
-W0: tl.constexpr = 0x9E3779B9
-W1: tl.constexpr = 0xBB67AE85
+# Compiled Triton reads a global only if its value is a tl.constexpr (an annotation is not enough;
+# the interpreter accepts either).
+M0 = tl.constexpr(0xD2511F53)
+M1 = tl.constexpr(0xCD9E8D57)
+W0 = tl.constexpr(0x9E3779B9)
+W1 = tl.constexpr(0xBB67AE85)
 
 
 @triton.jit
@@ -51,7 +53,7 @@ def stream_normal(seed, stream, n):
     return tl.sqrt(-2.0 * tl.log(u0)) * tl.cos(6.283185307179586 * u1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "stream", "first"])
 def fill_stream(out_x0, out_x1, out_z, seed, stream, first, count, BLOCK: tl.constexpr):
     """Draws first .. first+count−1 of a stream: words 0, 1 (as int64 holding uint32) and normals."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
