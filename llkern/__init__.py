@@ -27,6 +27,7 @@ from llkern.modules import TransportPenalty
 from llkern.ops.aux_head import aux_head_loss
 from llkern.ops.context import context_add
 from llkern.ops.mean_kl import mean_kl_sample
+from llkern.ops.miracle_encode import miracle_select
 from llkern.ops.transport import transport_penalty
 
 __version__ = "0.1.0"
@@ -58,6 +59,7 @@ __all__ = [
     "losses",
     "mean_kl_sample",
     "memory",
+    "miracle_select",
     "run_module",
     "transport_penalty",
 ]

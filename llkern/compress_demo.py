@@ -69,26 +69,32 @@ def _accuracy(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y:
 
 
 def _train(step: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer, batches, steps: int,
-           desc: str, progress: bool) -> None:
+           desc: str, progress: bool, schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
     for _ in tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False):
         optimizer.zero_grad(set_to_none=True)
         step(next(batches)).backward()
         optimizer.step()
+        if schedule is not None:
+            schedule.step()
 
 
 def run(out: str | Path, *, bits: int = 10, block_size: int = 72, pretrain_steps: int = 1500,
-        steps: int = 1500, retrain_steps: int = 20, chunk_blocks: int = 64, lr: float = 1e-3,
-        variational_lr: float = 1e-2, batch_size: int = 64, choose: str = "argmax", seed: int = 0,
-        progress: bool = True) -> CompressionResult:
+        steps: int = 3000, retrain_steps: int = 20, chunk_blocks: int = 64, lr: float = 1e-3,
+        variational_lr: float = 2e-2, budget_lr: float = 5e-2, retrain_fraction: float = 0.1, batch_size: int = 64,
+        choose: str = "argmax", seed: int = 0, impl: str = "auto", progress: bool = True) -> CompressionResult:
     """Train, compress, decode and evaluate; the file is written to ``out``.
 
     Args:
         out: the MIRACLE file to write.
         bits, block_size: C bits per coding block of ``block_size`` weights.
         pretrain_steps: Adam steps (``lr``) of the uncompressed model.
-        steps: Adam steps (``variational_lr``) of the Mean-KL model.
-        retrain_steps: steps on the blocks not yet coded after each chunk of ``chunk_blocks``.
+        steps: Adam steps of the Mean-KL model, the learning rates decayed to 0 on a cosine:
+            ``variational_lr`` for θ (the means) and ρ (the priors), ``budget_lr`` for γ (how each
+            block's budget is split among its weights, which has to move further).
+        retrain_steps: steps on the blocks not yet coded after each chunk of ``chunk_blocks``, at
+            ``retrain_fraction`` of the peak learning rates.
         batch_size, choose, seed: batches, the encoder's choice, and the seed of everything.
+        impl: the encoder's candidate scoring (:func:`llkern.miracle.encode`).
         progress: progress bars.
     """
     start = time.perf_counter()
@@ -105,19 +111,28 @@ def run(out: str | Path, *, bits: int = 10, block_size: int = 72, pretrain_steps
     accuracy_uncompressed = _accuracy(model, x_test, y_test)
 
     net = MeanKLNetwork(model, bits_per_block=bits, block_size=block_size, seed=seed)
+
+    def groups(scale: float) -> list[dict]:
+        return [{"params": [net.theta, net.log_rho], "lr": scale * variational_lr},
+                {"params": [net.gamma], "lr": scale * budget_lr}]
+
+    variational = torch.optim.Adam(groups(1.0))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(variational, max(steps, 1))
     net.train()
-    variational = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=variational_lr)
-    _train(lambda i: F.cross_entropy(net(x[i]), y[i]), variational, batches, steps, "Mean-KL", progress)
+    _train(lambda i: F.cross_entropy(net(x[i]), y[i]), variational, batches, steps, "Mean-KL", progress,
+           schedule)
     net.eval()
     accuracy_posterior_mean = _accuracy(net, x_test, y_test)
 
+    retraining = torch.optim.Adam(groups(retrain_fraction))
+
     def retrain(coding: nn.Module) -> None:
         coding.train()
-        _train(lambda i: F.cross_entropy(coding(x[i]), y[i]), variational, batches, retrain_steps, "retrain", False)
+        _train(lambda i: F.cross_entropy(coding(x[i]), y[i]), retraining, batches, retrain_steps, "retrain", False)
         coding.eval()
 
     report = miracle.encode(net, out, choose=choose, chunk_blocks=chunk_blocks,
-                            retrain=retrain if retrain_steps > 0 else None, progress=progress)
+                            retrain=retrain if retrain_steps > 0 else None, impl=impl, progress=progress)
     decoded = miracle.decode(out).eval()
     accuracy_decoded = _accuracy(decoded, x_test, y_test)
     return CompressionResult(weights=sum(net.sizes), float32_bytes=report.float32_bytes, file_bytes=report.file_bytes,
@@ -133,17 +148,19 @@ def main(argv: list[str] | None = None) -> CompressionResult:
     parser.add_argument("--bits", type=int, default=10, help="C, bits per coding block")
     parser.add_argument("--block-size", type=int, default=72, help="weights per coding block")
     parser.add_argument("--pretrain-steps", type=int, default=1500)
-    parser.add_argument("--steps", type=int, default=1500, help="Mean-KL training steps")
+    parser.add_argument("--steps", type=int, default=3000, help="Mean-KL training steps")
     parser.add_argument("--retrain-steps", type=int, default=20, help="steps after each coded chunk (0: none)")
     parser.add_argument("--chunk-blocks", type=int, default=64)
     parser.add_argument("--choose", choices=miracle.CHOICES, default="argmax")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--impl", choices=("auto", "kernel", "reference"), default="auto",
+                        help="the encoder's candidate scoring: Triton kernel or NumPy reference")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     result = run(args.out, bits=args.bits, block_size=args.block_size, pretrain_steps=args.pretrain_steps,
                  steps=args.steps, retrain_steps=args.retrain_steps, chunk_blocks=args.chunk_blocks,
-                 choose=args.choose, seed=args.seed, progress=not args.no_progress)
+                 choose=args.choose, seed=args.seed, impl=args.impl, progress=not args.no_progress)
     print(f"LeNet-5-Caffe for digits, {result.weights} weights: {result.float32_bytes} bytes in float32")
     print(f"MIRACLE file {args.out}: {result.file_bytes} bytes, {result.ratio:.0f}× smaller "
           f"({args.bits} bits per block of {args.block_size})")

@@ -5,7 +5,8 @@ N(0, ρ²) with llkern's Philox stream ``(seed, b)`` (draw ``k · block_size + j
 docs/random.md), scored by ``log q(w_k) − log p(w_k)`` under the trained posterior, and one index
 per block is kept: the best (``choose="argmax"``) or one sampled from ``softmax_k(score)``
 (``"sample"``, by the Gumbel-max trick on the stream ``(seed, b + num_blocks)``). Candidates are
-generated and scored a chunk of blocks at a time, never all at once.
+generated and scored by :func:`llkern.ops.miracle_encode.miracle_select` (a Triton kernel, or its
+float64 NumPy reference), a tile of candidates at a time, never all at once.
 
 The file (no pickle), every integer little-endian:
 ``MAGIC`` (8 bytes) | header (binary, llkern/miracle_header.py: format version, generator, seed, C,
@@ -40,7 +41,8 @@ from llkern.miracle_header import (
     parse_header,
     write_header,
 )
-from llkern.random import GENERATOR_ID, normals, stream_bits
+from llkern.ops.miracle_encode import miracle_select
+from llkern.random import GENERATOR_ID, normals
 from llkern.reference.mean_kl import mean_kl_reference
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "EncodeReport", "chosen_weights", "decode", "encode", "read"]
@@ -65,20 +67,6 @@ class EncodeReport:
         return self.float32_bytes / self.file_bytes
 
 
-def _candidate_scores(mu, sigma, rho, seed, first_block, bits, block_size) -> np.ndarray:
-    """Scores (blocks, 2^C) of this chunk's candidates: log q − log p summed over each block."""
-    blocks = mu.shape[0]
-    k = np.arange(2**bits, dtype=np.uint64)[:, None] * np.uint64(block_size) + np.arange(block_size, dtype=np.uint64)
-    scores = np.empty((blocks, 2**bits))
-    for i in range(blocks):
-        eps = normals(seed, first_block + i, k)  # (2^C, block_size)
-        w = rho[i] * eps
-        log_q = -0.5 * ((w - mu[i]) / sigma[i]) ** 2 - np.log(sigma[i])
-        log_p = -0.5 * eps**2 - np.log(rho[i])
-        scores[i] = (log_q - log_p).sum(axis=1)
-    return scores
-
-
 def _pack(indices: np.ndarray, bits: int) -> bytes:
     as_bits = ((indices[:, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1)  # least significant first
     return np.packbits(as_bits, bitorder="little").tobytes()
@@ -97,7 +85,8 @@ def _chosen_normals(seed: int, first_block: int, indices: np.ndarray, block_size
 
 
 def encode(net: MeanKLNetwork, path: str | Path, *, choose: str = "argmax", chunk_blocks: int = 64,
-           retrain: Callable[[MeanKLNetwork], None] | None = None, progress: bool = True) -> EncodeReport:
+           retrain: Callable[[MeanKLNetwork], None] | None = None, impl: str = "auto",
+           progress: bool = True) -> EncodeReport:
     """Code ``net``'s weights (one C-bit index per block) and write the file to ``path``.
 
     Blocks are coded in order, ``chunk_blocks`` at a time. Each coded block is fixed in ``net``
@@ -113,6 +102,8 @@ def encode(net: MeanKLNetwork, path: str | Path, *, choose: str = "argmax", chun
         choose: ``"argmax"`` (the best candidate) or ``"sample"`` (MIRACLE's choice by the scores).
         chunk_blocks: blocks coded between two retraining calls (and scored together).
         retrain: optional training callback, called after every chunk but the last.
+        impl: of the candidate scoring, :func:`llkern.ops.miracle_encode.miracle_select` (``"auto"``:
+            the Triton kernel where Triton runs, else the float64 NumPy reference).
         progress: a progress bar over the blocks.
     """
     if not isinstance(net, MeanKLNetwork):
@@ -140,13 +131,9 @@ def encode(net: MeanKLNetwork, path: str | Path, *, choose: str = "argmax", chun
             zeros = torch.zeros_like(rho)
             _, mu, sigma = mean_kl_reference(net.theta[first:last], net.gamma[first:last], zeros, rho, zeros,
                                              net.kappa_block, net.delta)
-        scores = _candidate_scores(mu.numpy(), sigma.numpy(), rho.numpy(), net.seed, first, bits, block_size)
-        if choose == "sample":  # Gumbel-max: argmax of score + Gumbel noise = a draw from softmax(score)
-            for i in range(last - first):
-                x0, _ = stream_bits(net.seed, num_blocks + first + i, np.arange(2**bits, dtype=np.uint64))
-                u = ((x0 >> np.uint32(8)).astype(np.float64) + 0.5) * 2.0**-24
-                scores[i] += -np.log(-np.log(u))
-        indices[first:last] = scores.argmax(axis=1)
+        indices[first:last] = miracle_select(mu.to(net.theta.dtype), sigma.to(net.theta.dtype),
+                                             rho.to(net.theta.dtype), seed=net.seed, bits=bits, first_block=first,
+                                             num_blocks_total=num_blocks, choose=choose, impl=impl)[0].cpu().numpy()
         net.fix_blocks(first, torch.from_numpy(_chosen_normals(net.seed, first, indices[first:last], block_size)))
         bar.update(last - first)
         if retrain is not None and last < num_blocks:

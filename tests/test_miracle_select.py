@@ -106,21 +106,24 @@ def test_ties_go_to_the_lowest_index():
     assert indices.tolist() == expected
 
 
-def test_reference_chooses_what_the_encoder_chooses(monkeypatch):
-    # the encoder's own scoring (llkern.miracle) on a chunk of blocks, against the reference chunked
-    # into several candidate chunks: the same float64 arithmetic, so the same scores bit for bit
-    from llkern.miracle import _candidate_scores
+def test_reference_scores_restated(monkeypatch):
+    # log q − log p of every candidate written out again here, against the reference chunked into
+    # several candidate chunks: the same float64 arithmetic, so the same scores bit for bit
+    from llkern.random import normals
 
     monkeypatch.setattr(miracle_encode, "REFERENCE_CHUNK", 7 * 20)  # chunks of 20 candidates
     mu, sigma, rho = posterior(4, 7, torch.float64)
-    mu, sigma, rho = (t.cpu() for t in (mu, sigma, rho))
+    mu, sigma, rho = (t.cpu().numpy() for t in (mu, sigma, rho))
     seed, bits, first, total = 99, 6, 3, 10
-    encoder = _candidate_scores(mu.numpy(), sigma.numpy(), rho.numpy(), seed, first, bits, 7)
+    k = np.arange(2**bits, dtype=np.uint64)[:, None] * np.uint64(7) + np.arange(7, dtype=np.uint64)
+    encoder = np.stack([((-0.5 * ((rho[i] * normals(seed, first + i, k) - mu[i]) / sigma[i]) ** 2 - np.log(sigma[i]))
+                         - (-0.5 * normals(seed, first + i, k) ** 2 - np.log(rho[i]))).sum(axis=1) for i in range(4)])
+    mu, sigma, rho = (torch.from_numpy(t) for t in (mu, sigma, rho))
     indices, scores = miracle_select_reference(mu, sigma, rho, seed=seed, bits=bits, first_block=first,
                                                num_blocks_total=total)
     assert indices.tolist() == encoder.argmax(axis=1).tolist()
     assert np.array_equal(scores.numpy(), encoder.max(axis=1))
-    for i in range(4):  # llkern.miracle.encode's Gumbel-max, restated
+    for i in range(4):  # the Gumbel-max of docs, restated
         from llkern.random import stream_bits
 
         x0, _ = stream_bits(seed, total + first + i, np.arange(2**bits, dtype=np.uint64))
