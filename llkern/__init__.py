@@ -29,6 +29,7 @@ from llkern.ops.context import context_add
 from llkern.ops.mean_kl import mean_kl_sample
 from llkern.ops.miracle_encode import miracle_select
 from llkern.ops.transport import transport_penalty
+from llkern.split import SplitPlan, split
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "MemoryReport",
     "MutualInformation",
     "ProjectionHead",
+    "SplitPlan",
     "StepResult",
     "SupervisedContrastive",
     "TransportPenalty",
@@ -61,5 +63,6 @@ __all__ = [
     "memory",
     "miracle_select",
     "run_module",
+    "split",
     "transport_penalty",
 ]
