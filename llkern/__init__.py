@@ -29,7 +29,7 @@ from llkern.ops.context import context_add
 from llkern.ops.mean_kl import mean_kl_sample
 from llkern.ops.miracle_encode import miracle_select
 from llkern.ops.transport import transport_penalty
-from llkern.split import SplitPlan, split
+from llkern.planner import SplitPlan, split
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import llkern
 from llkern.models import PreActBlock
-from llkern.split import SplitPlan, linear_partition, split
+from llkern.planner import SplitPlan, linear_partition, split
 
 
 def _brute_force(cost, n, k):
