@@ -62,3 +62,12 @@ def test_triton_kernels_is_a_subpackage(tmp_path):
     subpackage, top_level = out.stdout.split()
     assert Path(subpackage).parent == ROOT / "triton_kernels"
     assert top_level == "None" or Path(top_level).parent != ROOT / "triton_kernels"
+
+
+def test_every_package_is_installed():
+    # setup.py lists the packages: a new folder left out would be missing from a wheel (an editable
+    # install still finds it, so nothing else would notice)
+    setup = load_setup()
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "llkern").rglob("__init__.py")}
+    found |= {"llkern.triton_kernels"}
+    assert set(setup.PACKAGES) == found
