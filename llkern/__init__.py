@@ -30,6 +30,7 @@ from llkern.ops.mean_kl import mean_kl_sample
 from llkern.ops.miracle_encode import miracle_select
 from llkern.ops.transport import transport_penalty
 from llkern.planner import SplitPlan, split
+from llkern.trainer import LocalTrainer
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "LocalLoss",
     "LocalLossOutput",
     "LocalNet",
+    "LocalTrainer",
     "MemoryMeter",
     "MemoryReport",
     "MutualInformation",

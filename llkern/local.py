@@ -13,7 +13,8 @@ Residual-block protocol (TRGL's per-block transport penalty): a block that defin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -71,9 +72,10 @@ class Boundary:
 
 @dataclass
 class StepResult:
-    """What :meth:`LocalNet.local_step` returns: one entry per module (accuracy is None without logits)."""
+    """What :meth:`LocalNet.local_step` returns: one entry per module (accuracy is None without logits;
+    loss and accuracy are None, terms empty, for a module the step did not train)."""
 
-    losses: list[float]
+    losses: list[float | None]
     accuracies: list[float | None]
     terms: list[dict[str, float]]
     boundaries: list[Boundary] = field(default_factory=list)
@@ -85,6 +87,19 @@ def _accuracy(result, target: torch.Tensor) -> torch.Tensor | None:
     if result.logits is not None:
         return (result.logits.detach().argmax(dim=-1) == target).float().mean()
     return None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def _float32_context(ctx: LocalContext) -> LocalContext:
+    """``ctx`` with its floating tensors cast to float32 (the cast keeps the graph to the module)."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.float() if t.is_floating_point() else t
+
+    return LocalContext(ctx.k, ctx.num_modules, cast(ctx.inputs), cast(ctx.outputs), ctx.target, ctx.head,
+                        [cast(r) for r in ctx.residuals])
 
 
 def _as_list(name: str, spec, num_modules: int, build) -> list:
@@ -220,14 +235,40 @@ class LocalNet(nn.Module):
             return boundary
         return self.context(k, boundary, image, previous)
 
-    def local_step(self, x: torch.Tensor, target: torch.Tensor, *, keep_boundaries: bool = False) -> StepResult:
+    def local_step(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        keep_boundaries: bool = False,
+        modules: int | Iterable[int] | None = None,
+        backward: Callable[[int, torch.Tensor], None] | None = None,
+        after_backward: Callable[[int], None] | None = None,
+        autocast: torch.dtype | None = None,
+    ) -> StepResult:
         """One local training step: for each module, forward, local loss, backward.
 
         Gradients accumulate into ``.grad`` as with ``loss.backward()``; zero them and step the
-        optimizer(s) yourself. Module k's input is module k−1's output, detached. LocalNet drops
-        its reference to that boundary as soon as module k's backward is done (module k's first
-        layer saved it), unless ``keep_boundaries=True``; the returned :class:`Boundary` objects
-        then raise on access.
+        optimizer(s) yourself (or in ``after_backward``). Module k's input is module k−1's output,
+        detached. LocalNet drops its reference to that boundary as soon as module k's backward is
+        done (module k's first layer saved it), unless ``keep_boundaries=True``; the returned
+        :class:`Boundary` objects then raise on access.
+
+        Args:
+            modules: the modules trained in this step (an index or indices, negative counts from the
+                end); default all. The modules before the last trained one that are not trained run
+                forward only, under ``torch.no_grad`` (no graph, no saved activations); the modules
+                after it are not run. Untrained modules get ``None`` losses and accuracies and empty
+                terms. ``modules=k`` is the sequential (MOLE) regime's step.
+            backward: ``backward(k, loss)`` runs module k's backward in place of ``loss.backward()``
+                (a gradient scaler scales the loss here).
+            after_backward: ``after_backward(k)`` is called once module k's backward is done and its
+                graph freed, before module k+1 runs: an optimizer step there frees module k's
+                gradients before the next module allocates its own.
+            autocast: a dtype (``torch.bfloat16``, ``torch.float16``) to run the modules' forward under
+                ``torch.autocast`` on ``x``'s device; default None (no autocast). Heads and local losses
+                then run in float32 on the module's output cast to float32 (autocast also keeps
+                cross-entropy in float32, and the fused head op needs the weight's dtype).
         """
         if x.shape[0] == 0:
             raise ValueError("LocalNet.local_step: expected a non-empty batch, got x of shape "
@@ -235,22 +276,43 @@ class LocalNet(nn.Module):
         if target.shape[0] != x.shape[0]:
             raise ValueError(f"LocalNet.local_step: expected target with {x.shape[0]} entries (the batch of x), "
                              f"got shape {list(target.shape)}")
-        losses, accuracies, terms, boundaries = [], [], [], []
+        trained = self._trained_modules(modules)
+        last = max(trained)
+        losses: list[torch.Tensor | None] = [None] * self.num_modules
+        accuracies: list[torch.Tensor | None] = [None] * self.num_modules
+        terms: list[dict[str, torch.Tensor]] = [{} for _ in range(self.num_modules)]
+        boundaries: list[Boundary] = []
         image = x.detach()
         h = image
         # The R context of module k reads module k−1's input boundary: keep boundaries one module longer.
         keep_previous = self.context is not None and "R" in self.context.mode
         for k, (block, head, loss_fn) in enumerate(zip(self.blocks, self.heads, self.losses, strict=True)):
-            residuals: list[torch.Tensor] = []
+            if k > last:
+                break
             previous = image if k <= 1 or not keep_previous else boundaries[k - 2].tensor
-            module_input = self._module_input(k, h, image, previous)
-            out = run_module(block, module_input, residuals)
-            result = loss_fn(LocalContext(k, self.num_modules, module_input.detach(), out, target, head, residuals))
-            result.loss.backward()
-            losses.append(result.loss.detach())
-            accuracies.append(_accuracy(result, target))
-            terms.append({name: value.detach() for name, value in result.terms.items()})
-            del result, residuals, module_input, previous
+            if k not in trained:
+                # A frozen (or not yet trained) module in front of a trained one: its output only.
+                with torch.no_grad(), _autocast(x.device, autocast):
+                    out = block(self._module_input(k, h, image, previous))
+                del previous
+            else:
+                residuals: list[torch.Tensor] = []
+                with _autocast(x.device, autocast):
+                    module_input = self._module_input(k, h, image, previous)
+                    out = run_module(block, module_input, residuals)
+                ctx = LocalContext(k, self.num_modules, module_input.detach(), out, target, head, residuals)
+                if autocast is not None:
+                    ctx = _float32_context(ctx)
+                result = loss_fn(ctx)
+                del ctx  # with autocast it holds float32 copies that the backward does not need
+                if backward is None:
+                    result.loss.backward()
+                else:
+                    backward(k, result.loss)
+                losses[k] = result.loss.detach()
+                accuracies[k] = _accuracy(result, target)
+                terms[k] = {name: value.detach() for name, value in result.terms.items()}
+                del result, residuals, module_input, previous
             # Module k's graph is gone; its input boundary is no longer needed (with the R context,
             # module k+1 still reads it, and the boundary before is the one now free).
             done = k - 2 if keep_previous else k - 1
@@ -259,14 +321,30 @@ class LocalNet(nn.Module):
             h = out.detach()
             del out
             boundaries.append(Boundary(k, h))
+            if k in trained and after_backward is not None:
+                after_backward(k)
         del h
         if not keep_boundaries:
             for boundary in boundaries[-2:]:
                 boundary.release()
         # One host synchronisation for all the scalars.
-        scalars = losses + [a for a in accuracies if a is not None] + [v for d in terms for v in d.values()]
+        scalars = ([t for t in losses if t is not None] + [a for a in accuracies if a is not None]
+                   + [v for d in terms for v in d.values()])
         values = iter(torch.stack([t.float().reshape(()) for t in scalars]).tolist())
-        flat = [next(values) for _ in losses]
+        flat = [None if t is None else next(values) for t in losses]
         accs = [None if a is None else next(values) for a in accuracies]
         named = [{n: next(values) for n in d} for d in terms]
         return StepResult(flat, accs, named, boundaries)
+
+    def _trained_modules(self, modules: int | Iterable[int] | None) -> set[int]:
+        if modules is None:
+            return set(range(self.num_modules))
+        indices = [modules] if isinstance(modules, int) else list(modules)
+        if not indices:
+            raise ValueError("LocalNet.local_step: expected at least one module to train, got modules=[]")
+        trained = set()
+        for k in indices:
+            if isinstance(k, bool) or not isinstance(k, int) or not -self.num_modules <= k < self.num_modules:
+                raise IndexError(f"LocalNet.local_step: module {k!r} is out of range for {self.num_modules} modules")
+            trained.add(k % self.num_modules)
+        return trained

@@ -1,0 +1,687 @@
+"""Training a :class:`llkern.LocalNet`: :class:`LocalTrainer`.
+
+One optimizer per module (block k, head k, loss k and the context encoders that feed module k),
+stepped right after that module's backward, so that module k's gradients are applied and freed
+before module k+1 allocates its own. On top of :meth:`LocalNet.local_step` the trainer adds:
+
+* modes: ``"simultaneous"`` (every module on every batch) and ``"sequential"`` (MOLE's regime:
+  module k for its epochs, then frozen, then module k+1);
+* precision: fp32, bf16 autocast, fp16 autocast with one gradient scaler per module;
+* per-module gradient-norm clipping and learning-rate schedules;
+* data parallelism: gradients averaged over the processes per module (DDP's arithmetic, one
+  all-reduce per module after its backward);
+* ``fit`` with per-epoch log rows (per-module loss and accuracy, step time, peak saved bytes),
+  a progress bar, JSON/CSV logs, checkpoints and exact resume.
+
+Example::
+
+    trainer = llkern.LocalTrainer(net, optimizer=lambda p: torch.optim.Adam(p, lr=2e-3), precision="bf16")
+    rows = trainer.fit((x_train, y_train), epochs=10, eval_data=(x_test, y_test), log="log.json")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llkern.local import LocalNet, StepResult
+from llkern.memory import MemoryMeter
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+MODES = ("simultaneous", "sequential")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SCHEDULER_INTERVALS = ("epoch", "step")
+CHECKPOINT_VERSION = 1
+
+
+def default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The default optimizer factory: SGD, learning rate 0.1, momentum 0.9."""
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def module_parts(net: LocalNet, k: int) -> list[nn.Module]:
+    """The sub-modules that module ``k`` trains: block k, head k, loss k and, with a context supply,
+    the encoders that feed module k (k ≥ 1)."""
+    parts = [net.blocks[k], net.heads[k], net.losses[k]]
+    if net.context is not None and k >= 1:
+        if "E" in net.context.mode:
+            parts.append(net.context.image_encoders[k - 1])
+        if "R" in net.context.mode:
+            parts.append(net.context.previous_encoders[k - 1])
+    return parts
+
+
+def module_parameters(net: LocalNet) -> list[list[nn.Parameter]]:
+    """The parameters each module's optimizer owns (see :func:`module_parts`).
+
+    A parameter shared by several modules belongs to the first of them only: two optimizers
+    stepping one tensor would apply its gradient twice.
+    """
+    seen: set[int] = set()
+    groups = []
+    for k in range(net.num_modules):
+        group = []
+        for part in module_parts(net, k):
+            for p in part.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    group.append(p)
+        groups.append(group)
+    return groups
+
+
+def _per_module(name: str, spec: Any, num_modules: int) -> list[Any]:
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != num_modules:
+            raise ValueError(f"LocalTrainer: expected {num_modules} {name} (one per module), got {len(spec)}")
+        return list(spec)
+    return [spec] * num_modules
+
+
+def _flat_apply(tensors: list[torch.Tensor], op: Callable[[torch.Tensor], None]) -> None:
+    """Apply an in-place collective ``op`` to ``tensors`` through one flat buffer per (device, dtype):
+    one message per bucket instead of one per tensor."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    with torch.no_grad():
+        for group in buckets.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            op(flat)
+            for t, chunk in zip(group, flat.split([t.numel() for t in group]), strict=True):
+                t.copy_(chunk.view_as(t))
+
+
+def _warn_unowned(net: LocalNet, groups: list[list[nn.Parameter]]) -> None:
+    """Warn about parameters no module owns (a LocalNet subclass's extras): no optimizer steps them."""
+    owned = {id(p) for group in groups for p in group}
+    extra = [name for name, p in net.named_parameters() if id(p) not in owned]
+    if extra:
+        warnings.warn(f"LocalTrainer: parameters outside every module are not trained: {extra[:5]}", stacklevel=3)
+
+
+def _mean_or_none(total: float, count: int) -> float | None:
+    return total / count if count else None
+
+
+def _csv_rows(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """Flatten list-valued fields into ``name_0, name_1, ...`` columns."""
+    flat_rows = []
+    for row in rows:
+        flat: dict[str, Any] = {}
+        for key, value in row.items():
+            if isinstance(value, list):
+                for i, v in enumerate(value):
+                    flat[f"{key}_{i}"] = "" if v is None else v
+            else:
+                flat[key] = "" if value is None else value
+        flat_rows.append(flat)
+    fields: list[str] = []
+    for flat in flat_rows:
+        fields += [f for f in flat if f not in fields]
+    return fields, flat_rows
+
+
+def write_log(rows: list[dict], path: str | os.PathLike[str]) -> None:
+    """Write log rows to ``path``: ``.json`` (a list of rows), ``.jsonl`` (a row per line) or ``.csv``
+    (list-valued fields as ``name_0, name_1, ...`` columns)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: a reader never sees half a log
+    with open(tmp, "w", newline="") as f:
+        if suffix == ".json":
+            json.dump(rows, f, indent=1)
+        elif suffix == ".jsonl":
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        elif suffix == ".csv":
+            fields, flat_rows = _csv_rows(rows)
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(flat_rows)
+        else:
+            raise ValueError(f"LocalTrainer: expected a log path ending in .json, .jsonl or .csv, got {str(path)!r}")
+    os.replace(tmp, path)
+
+
+class LocalTrainer:
+    """Trains a :class:`llkern.LocalNet` with one optimizer per module.
+
+    Args:
+        net: the network; its parameters must be materialised (build it with ``example_input``).
+        mode: ``"simultaneous"`` (every module trained on every batch) or ``"sequential"`` (module k
+            trained for ``epochs_per_module[k]`` epochs, then frozen, then module k+1).
+        optimizer: a factory ``f(params) -> torch.optim.Optimizer`` called once per module with that
+            module's parameters (:func:`module_parameters`), or a list of K factories. Default SGD,
+            lr 0.1, momentum 0.9.
+        scheduler: None, a factory ``f(optimizer) -> LR scheduler`` called per module, or a list of K
+            (None entries allowed).
+        scheduler_interval: ``"epoch"`` (step the schedulers at the end of each epoch) or ``"step"``
+            (after each optimizer step, e.g. for ``OneCycleLR``). In sequential mode a module's
+            scheduler advances only while that module trains.
+        precision: ``"fp32"``, ``"bf16"`` (``torch.autocast``) or ``"fp16"`` (autocast and one
+            ``torch.amp.GradScaler`` per module). Heads and losses run in float32 (see
+            :meth:`LocalNet.local_step`).
+        clip_grad_norm: None, or the largest gradient 2-norm of each module (its own parameters
+            only, after unscaling); default None.
+        epochs_per_module: sequential mode's epochs per module, an int or K ints; default 1.
+        distributed: average the gradients over the processes of ``process_group`` (an initialised
+            ``torch.distributed`` group), per module, as ``DistributedDataParallel`` does.
+        process_group: the group for ``distributed`` (default: the world).
+        broadcast_buffers: with ``distributed``, copy rank 0's buffers (BatchNorm statistics) to every
+            process before each step, as DDP does by default.
+        measure_memory: record the peak bytes saved for backward per epoch in ``fit`` (a
+            :class:`llkern.MemoryMeter` around the steps; it costs a Python call per saved tensor).
+        seed: seed of the generator that shuffles tensor data in ``fit``; default: drawn from
+            torch's global generator.
+
+    ``step(x, y)`` trains on one batch; ``fit`` runs epochs; ``evaluate`` measures loss and accuracy;
+    ``save``/``load`` checkpoint and resume.
+    """
+
+    def __init__(
+        self,
+        net: LocalNet,
+        *,
+        mode: str = "simultaneous",
+        optimizer: OptimizerFactory | Sequence[OptimizerFactory] = default_optimizer,
+        scheduler: SchedulerFactory | Sequence[SchedulerFactory | None] | None = None,
+        scheduler_interval: str = "epoch",
+        precision: str = "fp32",
+        clip_grad_norm: float | None = None,
+        epochs_per_module: int | Sequence[int] = 1,
+        distributed: bool = False,
+        process_group: Any = None,
+        broadcast_buffers: bool = True,
+        measure_memory: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(net, LocalNet):
+            raise TypeError(f"LocalTrainer: expected net to be a llkern.LocalNet, got {type(net).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"LocalTrainer: expected mode to be one of {MODES}, got {mode!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"LocalTrainer: expected precision to be one of {tuple(PRECISIONS)}, got {precision!r}")
+        if scheduler_interval not in SCHEDULER_INTERVALS:
+            raise ValueError(f"LocalTrainer: expected scheduler_interval to be one of {SCHEDULER_INTERVALS}, "
+                             f"got {scheduler_interval!r}")
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ValueError(f"LocalTrainer: expected clip_grad_norm > 0 or None, got {clip_grad_norm!r}")
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in net.parameters()):
+            raise ValueError("LocalTrainer: the net has lazily sized parameters; build the LocalNet with "
+                             "example_input=... so that its heads are sized before the optimizers are made")
+        self.net = net
+        self.mode = mode
+        self.precision = precision
+        self.clip_grad_norm = clip_grad_norm
+        self.scheduler_interval = scheduler_interval
+        self.measure_memory = measure_memory
+        K = net.num_modules
+        params = next(iter(net.parameters()), None)
+        self.device = params.device if params is not None else torch.device("cpu")
+
+        epochs = _per_module("epochs_per_module", epochs_per_module, K)
+        if any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in epochs):
+            raise ValueError(f"LocalTrainer: expected epochs_per_module to be positive ints, got {epochs_per_module!r}")
+        self.epochs_per_module = epochs
+        self._phase_ends = np.cumsum(epochs).tolist()
+
+        self.module_params = module_parameters(net)
+        _warn_unowned(net, self.module_params)
+        self.module_parts = [module_parts(net, k) for k in range(K)]
+        self.optimizers = [factory(group) for factory, group in
+                           zip(_per_module("optimizers", optimizer, K), self.module_params, strict=True)]
+        self.schedulers = [None if factory is None else factory(opt) for factory, opt in
+                           zip(_per_module("schedulers", scheduler, K), self.optimizers, strict=True)]
+        # One scaler per module: an overflow in module k's gradients skips module k's step only
+        # (its scale halves); the other modules' gradients are finite and their steps go ahead.
+        self.scalers = ([torch.amp.GradScaler(self.device.type) for _ in range(K)] if precision == "fp16"
+                        else [None] * K)
+        self.grad_norms: list[torch.Tensor | None] = [None] * K  # before clipping, from the last step
+
+        self.distributed = distributed
+        self.broadcast_buffers = broadcast_buffers
+        self.process_group = process_group
+        self.rank, self.world_size = 0, 1
+        if distributed:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError("LocalTrainer(distributed=True): call torch.distributed.init_process_group first")
+            self.rank = dist.get_rank(process_group)
+            self.world_size = dist.get_world_size(process_group)
+            self._source = dist.get_global_rank(process_group, 0) if process_group is not None else 0
+            # As DDP's constructor: every replica starts from rank 0's parameters and buffers.
+            self._broadcast([*net.parameters(), *net.buffers()])
+
+        if seed is None:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        if distributed:
+            # one shuffle for all processes: each takes its share of the same global batches
+            shared = torch.tensor([seed], dtype=torch.int64, device=self.device)
+            self._broadcast([shared])
+            seed = int(shared.item())
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0          # epochs completed
+        self.global_step = 0    # steps completed
+        self.history: list[dict] = []
+        self._phase_applied: int | None = None
+
+    # --- modes --------------------------------------------------------------------------------------------------
+
+    @property
+    def num_modules(self) -> int:
+        return self.net.num_modules
+
+    @property
+    def total_epochs(self) -> int | None:
+        """Sequential mode's epoch count (the sum of ``epochs_per_module``); None in simultaneous mode."""
+        return self._phase_ends[-1] if self.mode == "sequential" else None
+
+    @property
+    def active_module(self) -> int | None:
+        """The module sequential mode trains in the current epoch (the last one once all phases are
+        done); None in simultaneous mode."""
+        if self.mode != "sequential":
+            return None
+        for k, end in enumerate(self._phase_ends):
+            if self.epoch < end:
+                return k
+        return self.num_modules - 1
+
+    def trained_modules(self) -> list[int]:
+        """The modules the next step trains."""
+        return list(range(self.num_modules)) if self.mode == "simultaneous" else [self.active_module]
+
+    def _sync_phase(self) -> None:
+        """Sequential mode: freeze the modules before the active one.
+
+        A frozen module stops requiring gradients and runs in eval mode: BatchNorm normalises with
+        its running statistics and stops updating them, so the features it hands on are a fixed
+        function of the input, the same that inference uses (in train mode they would depend on the
+        batch and the statistics would drift away from those its head and the later modules were
+        trained with). Its optimizer's state (momentum, Adam moments) is dropped: it is never
+        stepped again."""
+        if self.mode != "sequential":
+            return
+        active = self.active_module
+        if active == self._phase_applied:
+            return
+        for k, group in enumerate(self.module_params):
+            for p in group:
+                p.requires_grad_(k >= active)
+            if k < active:
+                self.optimizers[k].state.clear()
+        self._phase_applied = active
+
+    def _set_train_modes(self) -> None:
+        self.net.train()
+        active = self.active_module
+        if active is None:
+            return
+        for k in range(active):
+            for part in self.module_parts[k]:
+                part.eval()
+        for part in self.module_parts[active]:  # a part shared with a frozen module trains with the active one
+            part.train()
+
+    # --- one step -----------------------------------------------------------------------------------------------
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        return PRECISIONS[self.precision]
+
+    def _broadcast(self, tensors: list[torch.Tensor]) -> None:
+        import torch.distributed as dist
+
+        _flat_apply(tensors, lambda flat: dist.broadcast(flat, src=self._source, group=self.process_group))
+
+    def _all_reduce_mean(self, grads: list[torch.Tensor]) -> None:
+        import torch.distributed as dist
+
+        def reduce(flat: torch.Tensor) -> None:
+            flat.div_(self.world_size)  # divide first, as DDP does: the sum of large gradients stays finite
+            dist.all_reduce(flat, group=self.process_group)
+
+        _flat_apply(grads, reduce)
+
+    def _backward(self, k: int, loss: torch.Tensor) -> None:
+        scaler = self.scalers[k]
+        (loss if scaler is None else scaler.scale(loss)).backward()
+
+    def _after_backward(self, k: int) -> None:
+        """Module k's update, run inside local_step before module k+1's forward: average the gradients
+        over the processes, unscale, clip, step, free the gradients."""
+        params = [p for p in self.module_params[k] if p.grad is not None]
+        optimizer, scaler = self.optimizers[k], self.scalers[k]
+        if params:
+            if self.distributed:
+                # Every process runs the same modules in the same order, so the collectives match;
+                # a parameter without a gradient must lack it on every process (as DDP requires).
+                self._all_reduce_mean([p.grad for p in params])
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if self.clip_grad_norm is not None:
+                self.grad_norms[k] = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped when module k's gradients hold inf/NaN
+                scaler.update()
+            else:
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.scheduler_interval == "step" and self.schedulers[k] is not None:
+            self.schedulers[k].step()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        """Train on one batch: per trained module, forward, local loss, backward and its optimizer step.
+
+        In sequential mode only :attr:`active_module` trains; the modules before it run forward only,
+        the ones after it not at all. The net is put in train mode (frozen modules in eval mode)."""
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        self._sync_phase()
+        self._set_train_modes()
+        modules = self.trained_modules()
+        for k in modules:  # gradients left by the caller would be added to this step's
+            self.optimizers[k].zero_grad(set_to_none=True)
+        if self.distributed and self.broadcast_buffers:
+            buffers = list(self.net.buffers())
+            if buffers:
+                self._broadcast(buffers)
+        result = self.net.local_step(x, y, modules=modules, backward=self._backward,
+                                     after_backward=self._after_backward, autocast=self._autocast_dtype())
+        self.global_step += 1
+        return result
+
+    def end_epoch(self) -> None:
+        """Count an epoch as done: step the epoch-interval schedulers of the modules trained in it
+        (``fit`` calls this; call it yourself when you drive ``step``)."""
+        if self.scheduler_interval == "epoch":
+            for k in self.trained_modules():
+                if self.schedulers[k] is not None:
+                    self.schedulers[k].step()
+        self.epoch += 1
+
+    # --- evaluation ---------------------------------------------------------------------------------------------
+
+    def _eval_batches(self, x: torch.Tensor | Batches, y: torch.Tensor | None, batch_size: int) -> Iterator:
+        if y is None:
+            yield from x
+        else:
+            for start in range(0, len(x), batch_size):
+                yield x[start:start + batch_size], y[start:start + batch_size]
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor | Batches, y: torch.Tensor | None = None, *, exit: int | str = -1,
+                 batch_size: int = 512) -> dict[str, Any]:
+        """Cross-entropy and accuracy of head ``exit`` (default the last; ``"all"`` for every head).
+
+        ``x, y`` are tensors (evaluated in batches of ``batch_size``), or ``x`` is an iterable of
+        ``(x, y)`` batches and ``y`` None. Runs in eval mode under the trainer's autocast and restores
+        the net's mode. Returns ``{"loss": ..., "accuracy": ...}``, floats (lists of K for ``"all"``).
+        """
+        was_training = self.net.training
+        self.net.eval()
+        every = exit == "all"
+        count = 0
+        losses = torch.zeros(self.num_modules if every else 1, dtype=torch.float64)
+        correct = torch.zeros_like(losses)
+        try:
+            for xb, yb in self._eval_batches(x, y, batch_size):
+                xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+                with contextlib.ExitStack() as stack:
+                    if self._autocast_dtype() is not None:
+                        stack.enter_context(torch.autocast(self.device.type, dtype=self._autocast_dtype()))
+                    outputs = self.net.forward_all(xb) if every else [self.net(xb, exit=exit)]
+                target = yb.reshape(-1)
+                for i, logits in enumerate(outputs):
+                    logits = logits.float().reshape(target.shape[0], -1)
+                    losses[i] += F.cross_entropy(logits, target, reduction="sum").item()
+                    correct[i] += (logits.argmax(dim=-1) == target).sum().item()
+                count += target.shape[0]
+        finally:
+            self.net.train(was_training)
+        if count == 0:
+            raise ValueError("LocalTrainer.evaluate: expected a non-empty evaluation set")
+        loss, accuracy = (losses / count).tolist(), (correct / count).tolist()
+        return {"loss": loss, "accuracy": accuracy} if every else {"loss": loss[0], "accuracy": accuracy[0]}
+
+    # --- fit ----------------------------------------------------------------------------------------------------
+
+    def _train_batches(self, data: Any, batch_size: int, shuffle: bool) -> tuple[Iterator, int | None]:
+        if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+            x, y = data
+            if len(x) != len(y):
+                raise ValueError(f"LocalTrainer.fit: expected x and y with the same number of samples, got "
+                                 f"{len(x)} and {len(y)}")
+            n = len(x)
+            order = torch.randperm(n, generator=self.generator) if shuffle else torch.arange(n)
+
+            def batches() -> Iterator:
+                for start in range(0, n, batch_size):
+                    index = order[start:start + batch_size]
+                    if self.distributed:
+                        # batch_size is the global batch: each process takes its contiguous share, so
+                        # the step averages what one process would on the whole batch.
+                        index = torch.tensor_split(index, self.world_size)[self.rank]
+                        if len(index) == 0:  # every process sees the same sizes and skips together
+                            continue
+                    yield x[index], y[index]
+
+            return batches(), math.ceil(n / batch_size)
+        return iter(data), (len(data) if hasattr(data, "__len__") else None)
+
+    def fit(
+        self,
+        data: Batches | tuple[torch.Tensor, torch.Tensor],
+        epochs: int | None = None,
+        *,
+        batch_size: int = 64,
+        shuffle: bool = True,
+        eval_data: Batches | tuple[torch.Tensor, torch.Tensor] | None = None,
+        eval_exit: int | str = -1,
+        progress: bool = True,
+        log: Callable[[dict], None] | str | os.PathLike[str] | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+    ) -> list[dict]:
+        """Train until ``epochs`` epochs are done in total (a resumed trainer continues where it stopped).
+
+        Args:
+            data: an iterable of ``(x, y)`` batches (a ``DataLoader``; with ``distributed`` give each
+                process its shard), or ``(x, y)`` tensors, cut into batches of ``batch_size`` (the
+                global batch with ``distributed``: each process takes its share) and shuffled with the
+                trainer's generator.
+            epochs: the total epoch count; in sequential mode default and at most
+                ``sum(epochs_per_module)``.
+            eval_data: ``(x, y)`` tensors or an iterable of batches, evaluated after each epoch at head
+                ``eval_exit`` (an index, or ``"all"``).
+            progress: show a tqdm progress bar (on rank 0 only with ``distributed``).
+            log: a callable given each row, or a path (``.json``, ``.jsonl``, ``.csv``) rewritten with
+                the whole history after each epoch (by rank 0 only with ``distributed``).
+            checkpoint: a path the trainer is saved to after each epoch (see :meth:`save`).
+
+        Returns:
+            :attr:`history`, one JSON-able row per epoch: ``epoch`` (1-based), ``mode``,
+            ``active_module``, ``steps``, ``samples``, ``loss`` and ``accuracy`` (per module, sample
+            means over the epoch on this process; None for a module not trained), ``lr`` (per module,
+            the first parameter group's), ``loss_scale`` (fp16, per module), ``step_time_s`` (mean),
+            ``epoch_time_s``, ``peak_saved_bytes`` and ``cuda_peak_bytes`` (the epoch's peaks, see
+            :class:`llkern.MemoryMeter`), ``eval_loss`` and ``eval_accuracy``.
+        """
+        if epochs is None:
+            if self.mode != "sequential":
+                raise ValueError("LocalTrainer.fit: give epochs (sequential mode defaults to sum(epochs_per_module))")
+            epochs = self.total_epochs
+        if self.mode == "sequential" and epochs > self.total_epochs:
+            raise ValueError(f"LocalTrainer.fit: sequential mode trains for sum(epochs_per_module) = "
+                             f"{self.total_epochs} epochs, got epochs={epochs}")
+        if batch_size < 1:
+            raise ValueError(f"LocalTrainer.fit: expected batch_size >= 1, got {batch_size}")
+        from tqdm import tqdm
+
+        lead = self.rank == 0
+        K = self.num_modules
+        while self.epoch < epochs:
+            batches, total = self._train_batches(data, batch_size, shuffle)
+            loss_sum, acc_sum = [0.0] * K, [0.0] * K
+            loss_n, acc_n = [0] * K, [0] * K
+            steps = samples = 0
+            step_time = 0.0
+            meter = MemoryMeter(exclude=self.net.parameters()) if self.measure_memory else None
+            bar = tqdm(batches, total=total, desc=f"epoch {self.epoch + 1}/{epochs}", leave=False,
+                       disable=not (progress and lead))
+            started = time.perf_counter()
+            with meter if meter is not None else contextlib.nullcontext():
+                for xb, yb in bar:
+                    t0 = time.perf_counter()
+                    result = self.step(xb, yb)
+                    step_time += time.perf_counter() - t0
+                    n = len(yb)
+                    steps, samples = steps + 1, samples + n
+                    for k in range(K):
+                        if result.losses[k] is not None:
+                            loss_sum[k] += result.losses[k] * n
+                            loss_n[k] += n
+                        if result.accuracies[k] is not None:
+                            acc_sum[k] += result.accuracies[k] * n
+                            acc_n[k] += n
+                    bar.set_postfix_str(" ".join(f"{v:.3f}" for v in result.losses if v is not None), refresh=False)
+            bar.close()
+            epoch_time = time.perf_counter() - started
+            if steps == 0:
+                raise ValueError("LocalTrainer.fit: the training data gave no batch")
+            active = self.active_module
+            self.end_epoch()
+            row: dict[str, Any] = {
+                "epoch": self.epoch,
+                "mode": self.mode,
+                "active_module": active,
+                "steps": steps,
+                "samples": samples,
+                "loss": [_mean_or_none(loss_sum[k], loss_n[k]) for k in range(K)],
+                "accuracy": [_mean_or_none(acc_sum[k], acc_n[k]) for k in range(K)],
+                "lr": [float(opt.param_groups[0]["lr"]) for opt in self.optimizers],
+                "loss_scale": ([float(s.get_scale()) for s in self.scalers] if self.precision == "fp16" else None),
+                "step_time_s": step_time / steps,
+                "epoch_time_s": epoch_time,
+                "peak_saved_bytes": meter.peak_saved_bytes if meter is not None else None,
+                "cuda_peak_bytes": meter.cuda_peak_bytes if meter is not None else None,
+                "eval_loss": None,
+                "eval_accuracy": None,
+            }
+            if eval_data is not None:
+                if isinstance(eval_data, (tuple, list)) and len(eval_data) == 2 \
+                        and isinstance(eval_data[0], torch.Tensor):
+                    evaluated = self.evaluate(eval_data[0], eval_data[1], exit=eval_exit)
+                else:
+                    evaluated = self.evaluate(eval_data, exit=eval_exit)
+                row["eval_loss"], row["eval_accuracy"] = evaluated["loss"], evaluated["accuracy"]
+            self.history.append(row)
+            if lead and log is not None:
+                if callable(log):
+                    log(row)
+                else:
+                    write_log(self.history, log)
+            if checkpoint is not None and lead:
+                self.save(checkpoint)
+        return self.history
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: the net, optimizers, schedulers, scalers, epoch and step
+        counts, history, the data generator and the global RNG states (torch, CUDA, NumPy, Python)."""
+        numpy_state = np.random.get_state()
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # as plain types and a tensor, so that the checkpoint loads with weights_only=True
+            "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]),
+            "python": random.getstate(),
+        }
+        return {
+            "version": CHECKPOINT_VERSION,
+            "mode": self.mode,
+            "precision": self.precision,
+            "num_modules": self.num_modules,
+            "net": self.net.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "schedulers": [None if s is None else s.state_dict() for s in self.schedulers],
+            "scalers": [None if s is None else s.state_dict() for s in self.scalers],
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "history": self.history,
+            "generator": self.generator.get_state(),
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, restore_rng: bool = True) -> None:
+        """Restore :meth:`state_dict`'s output into this trainer (built with the same net layout,
+        mode, precision and factories)."""
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"LocalTrainer: checkpoint version {state.get('version')!r} is not "
+                             f"{CHECKPOINT_VERSION}")
+        for key, mine in (("mode", self.mode), ("precision", self.precision), ("num_modules", self.num_modules)):
+            if state[key] != mine:
+                raise ValueError(f"LocalTrainer: the checkpoint has {key}={state[key]!r}, this trainer {mine!r}")
+        self.net.load_state_dict(state["net"])
+        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(s)
+        for sched, s in zip(self.schedulers, state["schedulers"], strict=True):
+            if (sched is None) != (s is None):
+                raise ValueError("LocalTrainer: the checkpoint's schedulers do not match this trainer's")
+            if sched is not None:
+                sched.load_state_dict(s)
+        for scaler, s in zip(self.scalers, state["scalers"], strict=True):
+            if scaler is not None and s is not None:
+                scaler.load_state_dict(s)
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        self.generator.set_state(state["generator"])
+        self._phase_applied = None
+        self._sync_phase()
+        if restore_rng:
+            rng = state["rng"]
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            name, keys, *rest = rng["numpy"]
+            np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), *rest))
+            version, internal, gauss = rng["python"]
+            random.setstate((version, tuple(internal), gauss))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`state_dict` to ``path`` (``torch.save``; written whole, then renamed)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: str | os.PathLike[str], *, restore_rng: bool = True) -> LocalTrainer:
+        """Resume from a checkpoint written by :meth:`save` into this trainer (build it as the saved one
+        was: the factories are code, not state). ``fit(..., epochs=E)`` then continues to epoch E.
+        Loads with ``weights_only=True``. Returns ``self``."""
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        # RNG states must stay CPU byte tensors whatever map_location did
+        state["rng"]["torch"] = state["rng"]["torch"].cpu()
+        state["rng"]["cuda"] = [s.cpu() for s in state["rng"]["cuda"]]
+        state["generator"] = state["generator"].cpu()
+        self.load_state_dict(state, restore_rng=restore_rng)
+        return self
+
