@@ -1,0 +1,3 @@
+from llkern.cli import main
+
+main()

@@ -1,0 +1,242 @@
+"""The ``llkern`` command line.
+
+    llkern train [--recipe FILE] [--model digits-resnet] [-k 4] [--split saved_bytes] [--loss ce]
+                 [--mode simultaneous] [--data digits] [--epochs 10] [--precision fp32] [--seed 0]
+                 [--log run.json] [--checkpoint run.pt] [--resume] ...
+    llkern compress ...   (the MIRACLE demonstration: python -m llkern.compress_demo --help)
+
+``train`` builds the model, cuts it into K local modules with the split planner
+(:func:`llkern.split`), trains them with :class:`llkern.LocalTrainer` (a progress bar; one log row
+per epoch with each module's loss and accuracy, the step time and the peak saved bytes) and prints
+the test accuracy of the last head. ``-k 1`` is end-to-end training of the same model. A recipe is
+a JSON file of option values (``{"model": "resnet32", "k": 4, ...}``, names as the long options with
+``_`` for ``-``); options given on the command line override it. recipes/ holds the published
+settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["build_parser", "main", "train"]
+
+MODELS = ("digits-resnet", "digits-lenet", "mlp", "transformer", "resnet32", "resnet110", "vgg11", "vgg16")
+LOSSES = ("ce", "trgl", "supcon", "mi")
+DATA = ("digits", "cifar10")
+
+
+def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The parser; ``defaults`` (a recipe's values) replace train's defaults."""
+    parser = argparse.ArgumentParser(prog="llkern", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a network with local learning")
+    train.add_argument("--recipe", help="a JSON file of option values (the command line overrides it)")
+    train.add_argument("--model", choices=MODELS, default="digits-resnet")
+    train.add_argument("-k", "--modules", dest="k", type=int, default=4, help="K local modules (1: end to end)")
+    train.add_argument("--split", choices=("layers", "params", "saved_bytes"), default="saved_bytes",
+                       help="how the planner balances the modules")
+    train.add_argument("--loss", choices=LOSSES, default="ce",
+                       help="local loss: cross-entropy, TRGL (--tau), supervised contrastive, mutual information")
+    train.add_argument("--tau", type=float, default=1.0, help="TRGL's transport weight 1/τ")
+    train.add_argument("--mode", choices=("simultaneous", "sequential"), default="simultaneous")
+    train.add_argument("--epochs", type=int, default=10,
+                       help="epochs in all (sequential mode: each module gets epochs / K)")
+    train.add_argument("--data", choices=DATA, default="digits")
+    train.add_argument("--data-root", help="CIFAR-10's folder (the binary or Python distribution, extracted)")
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
+    train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: sgd 0.1, adam 2e-3)")
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--schedule", choices=("constant", "cosine", "onecycle"), default="onecycle")
+    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    train.add_argument("--clip", type=float, default=None, help="largest gradient norm per module")
+    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--log", help="per-epoch log file (.json, .jsonl or .csv)")
+    train.add_argument("--checkpoint", help="save the trainer here after each epoch")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from --checkpoint (with the same options: a schedule's length is the first "
+                            "run's --epochs)")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(**(defaults or {}))
+    commands.add_parser("compress", help="MIRACLE compression demo (python -m llkern.compress_demo --help)",
+                        add_help=False)
+    return parser
+
+
+def _parse(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Parse ``argv``; with ``--recipe``, the recipe's values become the defaults the command line overrides."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "recipe", None) is None:
+        return parser, args
+    path = Path(args.recipe)
+    if not path.is_file():
+        parser.error(f"--recipe: {path} does not exist")
+    try:
+        recipe = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        parser.error(f"--recipe: {path} is not valid JSON ({error})")
+    if not isinstance(recipe, dict):
+        parser.error(f"--recipe: {path} must hold a JSON object of option values")
+    recipe.pop("description", None)  # a recipe may say what it reproduces
+    unknown = sorted(set(recipe) - set(vars(parser.parse_args(["train"]))))
+    if unknown:
+        parser.error(f"--recipe: {path} has unknown options {unknown}")
+    parser = build_parser(recipe)
+    return parser, parser.parse_args(argv)
+
+
+def _data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from llkern.datasets import load_cifar10, load_digits
+
+    if args.data == "digits":
+        return load_digits(seed=args.seed)
+    if args.data_root is None:
+        raise SystemExit("llkern train: --data cifar10 needs --data-root (the extracted CIFAR-10 folder; nothing "
+                         "is downloaded)")
+    x, y = load_cifar10(args.data_root, train=True, normalize=True)
+    x_test, y_test = load_cifar10(args.data_root, train=False, normalize=True)
+    return x, y, x_test, y_test
+
+
+def _model(name: str, example: torch.Tensor) -> nn.Sequential:
+    """The model as one nn.Sequential of cuttable units."""
+    from llkern import models
+
+    channels = example.shape[1] if example.dim() == 4 else None
+    if name == "digits-resnet":
+        model = models.digits_resnet(1)[0]
+    elif name == "digits-lenet":
+        model = models.digits_lenet()
+    elif name == "mlp":
+        model = models.mlp(in_features=example[0].numel())
+    elif name == "transformer":
+        model = models.transformer_encoder(in_channels=channels or 1, image_size=example.shape[-1])
+    else:
+        model = {"resnet32": models.resnet32, "resnet110": models.resnet110, "vgg11": models.vgg11,
+                 "vgg16": models.vgg16}[name]()
+    try:
+        with torch.no_grad():
+            model.eval()(example[:2])
+    except RuntimeError as error:
+        raise SystemExit(f"llkern train: model {name} does not take this data's inputs of shape "
+                         f"{list(example.shape[1:])} ({error})") from error
+    return model.train()
+
+
+def _body(model: nn.Sequential) -> tuple[nn.Sequential, bool]:
+    """The model without its final linear classifier (every module's auxiliary head classifies, the
+    last one in its place), and whether its features are token-shaped (then the heads are token
+    classifiers: LayerNorm, mean over tokens, linear, as the model's own)."""
+    from llkern.models import TokenClassifier
+
+    children = list(model.named_children())
+    name, last = children[-1]
+    if isinstance(last, TokenClassifier):
+        return nn.Sequential(OrderedDict(children[:-1])), True
+    if isinstance(last, nn.Linear):
+        return nn.Sequential(OrderedDict(children[:-1])), False
+    if isinstance(last, nn.Sequential) and isinstance(last[-1], nn.Linear):  # keep its activation, pooling
+        return nn.Sequential(OrderedDict([*children[:-1], (f"{name}_features", last[:-1])])), False
+    return model, False  # no classifier of its own (digits-resnet ends with BN-ReLU)
+
+
+def _loss(args: argparse.Namespace) -> Any:
+    import llkern
+
+    if args.loss == "ce":
+        return llkern.CrossEntropy()
+    if args.loss == "trgl":
+        return llkern.TransportRegularized(tau=args.tau)
+    if args.loss == "supcon":
+        return llkern.SupervisedContrastive()
+    return llkern.MutualInformation()
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run ``llkern train`` with parsed arguments; returns the final evaluation and the log rows."""
+    import llkern
+    from llkern.heads import contrastive_heads
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    x, y, x_test, y_test = _data(args)
+    model, tokens = _body(_model(args.model, x[:8]))
+    if args.k == 1:
+        modules = [model]  # end to end: one module, one head, the whole graph kept
+    else:
+        plan = llkern.split(model, args.k, by=args.split, example_input=x[:32])
+        print(plan)
+        modules = plan.modules
+    num_classes = int(y.max()) + 1
+    heads = None
+    if args.loss == "supcon":
+        heads = contrastive_heads(num_classes, args.k)
+    elif tokens:
+        from llkern.models import TokenClassifier
+
+        def heads(k: int, shape: torch.Size) -> nn.Module:
+            return TokenClassifier(shape[-1], num_classes)
+    net = llkern.LocalNet(modules, num_classes=num_classes, heads=heads, losses=_loss(args),
+                          example_input=x[:2]).to(device)
+    lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 2e-3)
+    epochs_per_module = max(1, args.epochs // args.k) if args.mode == "sequential" else 1
+    steps_per_epoch = -(-len(y) // args.batch_size)
+    phase_epochs = epochs_per_module if args.mode == "sequential" else args.epochs
+
+    def optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if args.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+
+    def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+        if args.schedule == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=phase_epochs * steps_per_epoch)
+        if args.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, phase_epochs * steps_per_epoch)
+        return None
+
+    trainer = llkern.LocalTrainer(net, mode=args.mode, optimizer=optimizer,
+                                  scheduler=scheduler if args.schedule != "constant" else None,
+                                  scheduler_interval="step", precision=args.precision, clip_grad_norm=args.clip,
+                                  epochs_per_module=epochs_per_module, measure_memory=True, seed=args.seed)
+    if args.resume:
+        if not args.checkpoint or not Path(args.checkpoint).is_file():
+            raise SystemExit("llkern train: --resume needs --checkpoint pointing at a saved trainer")
+        trainer.load(args.checkpoint)
+    epochs = epochs_per_module * args.k if args.mode == "sequential" else args.epochs
+    x, y, x_test, y_test = (t.to(device) for t in (x, y, x_test, y_test))
+    rows = trainer.fit((x, y), epochs, batch_size=args.batch_size, eval_data=(x_test, y_test),
+                       progress=not args.no_progress, log=args.log, checkpoint=args.checkpoint)
+    result = trainer.evaluate(x_test, y_test, exit="all")
+    accuracies = ", ".join(f"{100 * a:.2f}" for a in result["accuracy"])
+    print(f"test accuracy per head (%): {accuracies}; last head {100 * result['accuracy'][-1]:.2f} %")
+    return {"evaluation": result, "history": rows}
+
+
+def main(argv: list[str] | None = None) -> Any:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compress"]:
+        from llkern.compress_demo import main as compress
+
+        return compress(argv[1:])
+    parser, args = _parse(argv)
+    if args.k < 1:
+        parser.error(f"-k/--modules: expected K >= 1, got {args.k}")
+    if args.epochs < 1:
+        parser.error(f"--epochs: expected at least 1, got {args.epochs}")
+    return train(args)
+
+
+if __name__ == "__main__":
+    main()

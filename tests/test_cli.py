@@ -1,0 +1,94 @@
+"""The ``llkern`` command line: train on digits and on CIFAR-format files, recipes, logs, resume, errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from llkern.cli import main
+
+
+def run(*argv):
+    return main(["train", "--no-progress", *argv])
+
+
+def test_train_digits_local_logs_every_epoch(tmp_path):
+    torch.set_num_threads(1)
+    log = tmp_path / "run.json"
+    out = run("--epochs", "3", "-k", "2", "--log", str(log))
+    rows = json.loads(log.read_text())
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all(len(r["loss"]) == 2 and r["peak_saved_bytes"] > 0 and r["step_time_s"] > 0 for r in rows)
+    assert rows[-1]["loss"][1] < rows[0]["loss"][1]
+    assert out["evaluation"]["accuracy"][-1] > 0.8  # digits in 3 epochs, the last of two heads
+
+
+def test_end_to_end_is_one_module(tmp_path):
+    torch.set_num_threads(1)
+    out = run("--epochs", "1", "-k", "1", "--model", "mlp")
+    assert len(out["evaluation"]["accuracy"]) == 1
+
+
+def test_transformer_gets_token_heads():
+    torch.set_num_threads(1)
+    out = run("--epochs", "1", "-k", "2", "--model", "transformer", "--split", "layers")
+    assert len(out["evaluation"]["accuracy"]) == 2 and out["evaluation"]["accuracy"][-1] > 0.2
+
+
+def test_recipe_and_override(tmp_path):
+    torch.set_num_threads(1)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"description": "test", "model": "mlp", "k": 3, "epochs": 1, "split": "layers"}))
+    out = run("--recipe", str(recipe), "-k", "2")  # the command line wins over the recipe
+    assert len(out["history"][0]["loss"]) == 2
+    recipe.write_text(json.dumps({"modle": "mlp"}))
+    with pytest.raises(SystemExit):
+        run("--recipe", str(recipe))
+
+
+def test_resume_continues(tmp_path):
+    torch.set_num_threads(1)
+    checkpoint = tmp_path / "run.pt"
+    # a constant learning rate: a schedule's length is fixed by the first run's --epochs
+    common = ("-k", "2", "--model", "mlp", "--schedule", "constant", "--checkpoint", str(checkpoint))
+    run("--epochs", "1", *common)
+    out = run("--epochs", "2", *common, "--resume")
+    assert [r["epoch"] for r in out["history"]] == [1, 2]
+
+
+def write_cifar_binary(root, n=16):
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        images = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        (folder / name).write_bytes(np.concatenate([labels[:, None], images], axis=1).tobytes())
+
+
+def test_cifar_files_through_the_loader(tmp_path):
+    torch.set_num_threads(1)
+    write_cifar_binary(tmp_path)
+    out = run("--data", "cifar10", "--data-root", str(tmp_path), "--model", "resnet32", "-k", "2",
+              "--epochs", "1", "--batch-size", "16")
+    assert out["history"][0]["samples"] == 5 * 16
+
+
+def test_errors(tmp_path):
+    with pytest.raises(SystemExit, match="data-root"):
+        run("--data", "cifar10")
+    with pytest.raises(SystemExit, match="does not take"):
+        run("--model", "resnet32", "--epochs", "1")  # 3×32×32 model on 1×8×8 digits
+    with pytest.raises(SystemExit):
+        run("-k", "0")
+    with pytest.raises(SystemExit, match="resume"):
+        run("--resume", "--epochs", "1")
+
+
+def test_console_entry_point():
+    result = subprocess.run([sys.executable, "-m", "llkern", "train", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "--split" in result.stdout
