@@ -11,16 +11,32 @@ Quick start::
 from llkern import functional, heads, losses, memory
 from llkern._ext import extension_loaded, kernel_available
 from llkern.context import ContextSupply
-from llkern.heads import LinearHead, ProjectionHead, contrastive_heads
+from llkern.heads import (
+    InfoProHead,
+    LinearHead,
+    MLPSRHead,
+    ProjectionHead,
+    ReconstructionDecoder,
+    TokenHead,
+    contrastive_heads,
+    infopro_heads,
+    mlp_sr_heads,
+    reconstruction_decoders,
+    token_heads,
+)
 from llkern.local import Boundary, LocalNet, StepResult, run_module
 from llkern.losses import (
+    Composite,
     CrossEntropy,
+    LinearSchedule,
     LocalContext,
     LocalLoss,
     LocalLossOutput,
     MutualInformation,
+    Reconstruction,
     SupervisedContrastive,
     TransportRegularized,
+    infopro_schedule,
 )
 from llkern.memory import MemoryMeter, MemoryReport
 from llkern.modules import TransportPenalty
@@ -36,21 +52,28 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Boundary",
+    "Composite",
     "ContextSupply",
     "CrossEntropy",
+    "InfoProHead",
     "LinearHead",
+    "LinearSchedule",
     "LocalContext",
     "LocalLoss",
     "LocalLossOutput",
     "LocalNet",
     "LocalTrainer",
+    "MLPSRHead",
     "MemoryMeter",
     "MemoryReport",
     "MutualInformation",
     "ProjectionHead",
+    "Reconstruction",
+    "ReconstructionDecoder",
     "SplitPlan",
     "StepResult",
     "SupervisedContrastive",
+    "TokenHead",
     "TransportPenalty",
     "TransportRegularized",
     "aux_head_loss",
@@ -59,12 +82,17 @@ __all__ = [
     "extension_loaded",
     "functional",
     "heads",
+    "infopro_heads",
+    "infopro_schedule",
     "kernel_available",
     "losses",
     "mean_kl_sample",
     "memory",
     "miracle_select",
+    "mlp_sr_heads",
+    "reconstruction_decoders",
     "run_module",
     "split",
+    "token_heads",
     "transport_penalty",
 ]

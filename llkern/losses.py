@@ -1,9 +1,10 @@
 """Local losses: what each module of a :class:`llkern.LocalNet` minimises.
 
 A local loss is an ``nn.Module`` whose ``forward`` takes a :class:`LocalContext` (the
-module's detached input, its output, its head, the targets, and the residual branches of
-its blocks) and returns a :class:`LocalLossOutput`. Write a new objective by subclassing
-:class:`LocalLoss`.
+module's detached input, its output, its head, the targets, the residual branches of
+its blocks and, where given, the network's input image) and returns a :class:`LocalLossOutput`.
+Write a new objective by subclassing :class:`LocalLoss`; combine objectives with weights or
+per-module schedules in :class:`Composite`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +35,9 @@ class LocalContext:
     target: torch.Tensor
     head: nn.Module
     residuals: list[torch.Tensor] = field(default_factory=list)  # r(x) of blocks with forward_residual
+    # The network's input (detached), for losses that reconstruct it (Reconstruction); None where the
+    # caller does not pass it.
+    image: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,7 +100,8 @@ class TransportRegularized(LocalLoss):
     """TRGL: a task loss plus the transport penalty ``(1/2τ_k)·mean(r²)``.
 
     Args:
-        task: the task loss (default :class:`CrossEntropy`).
+        task: the task loss (default None: :class:`CrossEntropy`); ``False`` for the penalty alone (terms:
+            ``"transport"`` only), e.g. as one term of a :class:`Composite`.
         tau: τ (TRGL used 1 for K = 4, 8, 16 and 100 for K = 2 on ResNet-110).
         tau_schedule: ``"constant"`` or ``"varying"`` (τ/2 on the first ⌊K/2⌋ modules).
         on: ``"blocks"`` sums the penalty over the residual branches of the module's blocks
@@ -105,20 +111,23 @@ class TransportRegularized(LocalLoss):
         impl: implementation switch of the op.
     """
 
-    def __init__(self, task: LocalLoss | None = None, tau: float = 1.0, tau_schedule: str = "constant",
+    def __init__(self, task: LocalLoss | bool | None = None, tau: float = 1.0, tau_schedule: str = "constant",
                  on: str = "blocks", reduction: str = "mean", impl: str = "auto") -> None:
         super().__init__()
+        if task is not None and task is not False and not isinstance(task, LocalLoss):
+            raise TypeError(f"TransportRegularized: expected task to be a llkern.losses.LocalLoss, None or False, "
+                            f"got {type(task).__name__}")
         if on not in ("blocks", "module"):
             raise ValueError(f"TransportRegularized: expected on to be 'blocks' or 'module', got {on!r}")
         if not tau > 0:
             raise ValueError(f"TransportRegularized: expected tau > 0, got {tau!r}")
         transport_tau(0, 1, tau, tau_schedule)  # validates the schedule name
-        self.task = task if task is not None else CrossEntropy()
+        self.task = None if task is False else (task if task is not None else CrossEntropy())
         self.tau, self.tau_schedule, self.on, self.reduction, self.impl = tau, tau_schedule, on, reduction, impl
         self._warned_no_residual: set[int] = set()
 
     def forward(self, ctx: LocalContext) -> LocalLossOutput:
-        out = self.task(ctx)
+        out = self.task(ctx) if self.task is not None else LocalLossOutput(_no_loss(ctx))
         tau = transport_tau(ctx.k, ctx.num_modules, self.tau, self.tau_schedule)
         if self.on == "module":
             if ctx.outputs.shape != ctx.inputs.shape:
@@ -137,7 +146,14 @@ class TransportRegularized(LocalLoss):
             penalty = out.loss.new_zeros(())
         terms = dict(out.terms)
         terms["transport"] = penalty.detach()
-        return LocalLossOutput(out.loss + penalty.to(out.loss.dtype), out.logits, terms)
+        return LocalLossOutput(out.loss + penalty.to(out.loss.dtype), out.logits, terms, correct=out.correct,
+                               counted=out.counted)
+
+
+def _no_loss(ctx: LocalContext) -> torch.Tensor:
+    """A loss of 0 that ``backward()`` accepts: a leaf that requires grad, so the module gets no gradient
+    (its ``.grad`` stays untouched) instead of an error or NaNs from ``0 · outputs``."""
+    return torch.zeros((), dtype=torch.float32, device=ctx.outputs.device, requires_grad=True)
 
 
 def _positive_number(name: str, arg: str, value: object) -> float:
@@ -288,3 +304,292 @@ class MutualInformation(_LastModuleTask):
             t, sigma = t / sigma.to(t.dtype), 1.0
         mi = renyi_mutual_information(t, ctx.target, sigma=sigma, label_sigma=self.label_sigma)
         return LocalLossOutput(-mi, None, {"mi": mi.detach()})
+
+
+# --- reconstruction (InfoPro) -------------------------------------------------------------------------------------
+
+def _weight(name: str, arg: str, value: object) -> float:
+    """A loss weight: a finite number >= 0 (0 switches a term off)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {arg} to be a number, got {type(value).__name__}")
+    if not (math.isfinite(float(value)) and float(value) >= 0.0):
+        raise ValueError(f"{name}: expected {arg} to be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+DecoderFactory = Callable[[int, torch.Size], nn.Module]
+
+
+class Reconstruction(LocalLoss):
+    """InfoPro's reconstruction term: ``weight · MSE(decoder_k(outputs), image)``, the network's input image
+    reconstructed from module k's output (:class:`llkern.heads.ReconstructionDecoder`).
+
+    InfoPro's decoder ends in a sigmoid and a binary cross-entropy against the image in [0, 1]; llkern's inputs
+    are standardised (not in [0, 1]), so the decoder is linear and the loss the mean squared error
+    ``F.mse_loss(decoder(outputs), image)`` (mean over every element). The image is ``ctx.image``; where the caller
+    leaves it None, module 0 uses its own input (in :class:`llkern.LocalNet` module 0's input is the image) and
+    any other module raises. Term ``"recon"``: the MSE, unweighted. No logits.
+
+    Args:
+        decoders: one ``nn.Module`` (the decoder of whichever module this loss serves: build one loss per
+            module with a loss factory), a list of K modules (module k uses ``decoders[k]``), or a factory
+            ``f(k, feature_shape) -> nn.Module`` such as :func:`llkern.heads.reconstruction_decoders`, built for
+            ``feature_shapes`` (here, or later by :meth:`build`; build it before creating the optimizer).
+        weight: a factor ≥ 0 on the MSE (default 1; in a :class:`Composite` leave it 1 and weigh the term there).
+        feature_shapes: the K module output shapes for a decoder factory
+            (:func:`llkern.heads.feature_shapes`).
+
+    With :class:`llkern.LocalTrainer` give each module its own loss (``losses=lambda k, K: ...``): the trainer
+    gives module k the parameters of ``net.losses[k]``, so K decoders in one shared loss would all go to module 0.
+    """
+
+    def __init__(self, decoders: nn.Module | Sequence[nn.Module] | DecoderFactory, weight: float = 1.0, *,
+                 feature_shapes: Sequence[torch.Size | tuple[int, ...]] | None = None) -> None:
+        super().__init__()
+        self.weight = _weight("Reconstruction", "weight", weight)
+        self.factory: DecoderFactory | None = None
+        self.shared = False  # one decoder for every module this loss serves
+        if isinstance(decoders, (list, tuple, nn.ModuleList)):
+            if len(decoders) == 0:
+                raise ValueError("Reconstruction: expected decoders to hold at least one decoder, got an empty list")
+            for k, decoder in enumerate(decoders):
+                if not isinstance(decoder, nn.Module):
+                    raise TypeError(f"Reconstruction: expected decoders[{k}] to be an nn.Module, "
+                                    f"got {type(decoder).__name__}")
+            self.decoders = nn.ModuleList(decoders)
+        elif isinstance(decoders, nn.Module):
+            self.decoders = nn.ModuleList([decoders])
+            self.shared = True
+        elif callable(decoders):
+            self.factory = decoders
+            self.decoders = nn.ModuleList()
+        else:
+            raise TypeError(f"Reconstruction: expected decoders to be an nn.Module, a list of them or a factory "
+                            f"f(k, feature_shape), got {type(decoders).__name__}")
+        if feature_shapes is not None:
+            if self.factory is None:
+                raise ValueError("Reconstruction: feature_shapes is for a decoder factory; the decoders were given")
+            self.build(feature_shapes)
+
+    @property
+    def built(self) -> bool:
+        """Whether the decoders exist (always, unless a factory awaits :meth:`build`)."""
+        return len(self.decoders) > 0
+
+    def build(self, feature_shapes: Sequence[torch.Size | tuple[int, ...]]) -> None:
+        """Build the decoders from the factory: decoder k = ``factory(k, feature_shapes[k])``.
+
+        Args:
+            feature_shapes: the K module output shapes, e.g. ``llkern.heads.feature_shapes(blocks, x[:2])``.
+        """
+        if self.factory is None:
+            raise RuntimeError("Reconstruction.build: the decoders were given as modules, not as a factory")
+        shapes = list(feature_shapes)
+        if not shapes:
+            raise ValueError("Reconstruction: expected feature_shapes to hold one shape per module, got none")
+        decoders = []
+        for k, shape in enumerate(shapes):
+            decoder = self.factory(k, torch.Size(shape))
+            if not isinstance(decoder, nn.Module):
+                raise TypeError(f"Reconstruction: expected the decoder factory to return an nn.Module for module {k}, "
+                                f"got {type(decoder).__name__}")
+            decoders.append(decoder)
+        self.decoders = nn.ModuleList(decoders)
+
+    def decoder(self, k: int, num_modules: int) -> tuple[nn.Module, str]:
+        """Module ``k``'s decoder and how to name it in an error."""
+        if self.shared:
+            return self.decoders[0], "decoders"
+        if not self.built:
+            raise RuntimeError("Reconstruction: the decoder factory has no decoders yet; give feature_shapes="
+                               "llkern.heads.feature_shapes(blocks, example_input), or call build(feature_shapes) "
+                               "before creating the optimizer")
+        if len(self.decoders) != num_modules:
+            raise ValueError(f"Reconstruction: expected decoders to hold {num_modules} decoders (one per module), "
+                             f"got {len(self.decoders)}")
+        return self.decoders[k], f"decoders[{k}]"
+
+    @staticmethod
+    def target_image(ctx: LocalContext) -> torch.Tensor:
+        """The image to reconstruct: ``ctx.image``, or module 0's own input where ``ctx.image`` is None."""
+        if ctx.image is not None:
+            return ctx.image.detach()
+        if ctx.k == 0:
+            return ctx.inputs.detach()
+        raise RuntimeError(f"Reconstruction: module {ctx.k} needs the network's input image, but LocalContext.image "
+                           "is None (the caller must pass image=...; only module 0 can use its own input)")
+
+    def forward(self, ctx: LocalContext) -> LocalLossOutput:
+        decoder, arg = self.decoder(ctx.k, ctx.num_modules)
+        image = self.target_image(ctx)
+        reconstruction = decoder(ctx.outputs)
+        if reconstruction.shape != image.shape:
+            raise ValueError(f"Reconstruction: expected {arg} (module {ctx.k}'s decoder) to return the input image's "
+                             f"shape {list(image.shape)}, got {list(reconstruction.shape)}")
+        mse = F.mse_loss(reconstruction, image.to(reconstruction.dtype))
+        loss = mse if self.weight == 1.0 else self.weight * mse
+        return LocalLossOutput(loss, None, {"recon": mse.detach()})
+
+
+# --- weights, schedules and composite losses ----------------------------------------------------------------------
+
+Schedule = Callable[[int, int], float]
+
+
+class LinearSchedule:
+    """A per-module weight ``w(k, K)`` varying linearly from ``first`` (module 0) to ``last``.
+
+    ``final=None``: over all modules, ``w = first + (last − first)·k/(K−1)`` (``first`` for K = 1).
+    ``final`` given (InfoPro): modules 0..K−2 go from ``first`` to ``last``, ``w = first + (last − first)·k/(K−2)``
+    (``first`` for K = 2), and the last module, trained by the task loss alone in InfoPro, gets ``final``.
+
+    Args:
+        first: the weight of module 0 (≥ 0).
+        last: the weight of module K−1, or of K−2 with ``final`` (≥ 0).
+        final: the weight of module K−1, or None.
+    """
+
+    def __init__(self, first: float, last: float, *, final: float | None = None) -> None:
+        self.first = _weight("LinearSchedule", "first", first)
+        self.last = _weight("LinearSchedule", "last", last)
+        self.final = None if final is None else _weight("LinearSchedule", "final", final)
+
+    def __call__(self, k: int, num_modules: int) -> float:
+        if isinstance(num_modules, bool) or not isinstance(num_modules, int) or num_modules < 1:
+            raise ValueError(f"LinearSchedule: expected num_modules to be an int >= 1, got {num_modules!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_modules:
+            raise IndexError(f"LinearSchedule: module {k!r} is out of range for {num_modules} modules")
+        scheduled = num_modules
+        if self.final is not None:
+            if k == num_modules - 1:
+                return self.final
+            scheduled = num_modules - 1
+        ratio = k / (scheduled - 1) if scheduled > 1 else 0.0
+        return self.first * (1.0 - ratio) + self.last * ratio
+
+    def __repr__(self) -> str:
+        final = "" if self.final is None else f", final={self.final}"
+        return f"LinearSchedule(first={self.first}, last={self.last}{final})"
+
+
+# InfoPro's published (λ1, λ2) of its first and last local module (modules 0 and K−2), CIFAR-10, from the
+# authors' run script (blackfeather-wang/InfoPro-Pytorch, "Experiments on CIFAR-SVHN-STL10/comand.sh": --ixx_1
+# --ixy_1 --ixx_2 --ixy_2), λ1 on the reconstruction and λ2 on the contrastive loss. "resnet110*" is InfoPro*
+# (modules balanced by memory). With K = 2 only ``first`` is used.
+INFOPRO_WEIGHTS: dict[tuple[str, int], tuple[tuple[float, float], tuple[float, float]]] = {
+    ("resnet32", 2): ((5.0, 1.0), (0.0, 0.0)),
+    ("resnet32", 4): ((6.0, 0.0), (1.0, 2.0)),
+    ("resnet32", 8): ((5.0, 0.0), (0.0, 2.0)),
+    ("resnet32", 16): ((5.0, 0.05), (0.2, 0.5)),
+    ("resnet110", 2): ((5.0, 0.5), (0.0, 0.0)),
+    ("resnet110", 4): ((1.0, 0.0), (0.0, 1.0)),
+    ("resnet110", 8): ((5.0, 0.0), (0.0, 1.0)),
+    ("resnet110", 16): ((5.0, 0.0), (0.5, 1.0)),
+    ("resnet110*", 2): ((5.0, 0.1), (0.0, 0.0)),
+    ("resnet110*", 3): ((5.0, 0.0), (5.0, 0.1)),
+    ("resnet110*", 4): ((5.0, 0.0), (5.0, 0.1)),
+}
+
+
+def infopro_schedule(first: tuple[float, float], last: tuple[float, float],
+                     final: tuple[float, float] = (0.0, 1.0)) -> tuple[LinearSchedule, LinearSchedule]:
+    """InfoPro's weights as two per-module schedules ``(λ1, λ2)``: λ1 weighs the reconstruction term, λ2 the
+    cross-entropy or contrastive term; both vary linearly from module 0 (``first``) to module K−2 (``last``),
+    as InfoPro's code (``ratio = k/(K−2)``, 0 for K = 2), and the last module gets ``final`` (default
+    ``(0, 1)``: InfoPro trains it by the cross-entropy alone).
+
+    ``llkern.losses.INFOPRO_WEIGHTS[("resnet32", 4)]`` holds the published ``(first, last)`` for CIFAR-10::
+
+        recon, task = infopro_schedule(*INFOPRO_WEIGHTS["resnet32", 4])
+        losses = lambda k, K: Composite([(Reconstruction(decoders[k]), recon), (SupervisedContrastive(), task)])
+
+    With :class:`SupervisedContrastive` (whose last module is trained by cross-entropy) λ2 = 1 at the last module
+    gives exactly InfoPro's last module.
+
+    Args:
+        first: ``(λ1, λ2)`` of module 0.
+        last: ``(λ1, λ2)`` of module K−2.
+        final: ``(λ1, λ2)`` of module K−1.
+    """
+    pairs = {"first": first, "last": last, "final": final}
+    for arg, pair in pairs.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"infopro_schedule: expected {arg} to be a pair (λ1, λ2), got {pair!r}")
+    return (LinearSchedule(first[0], last[0], final=final[0]), LinearSchedule(first[1], last[1], final=final[1]))
+
+
+class Composite(LocalLoss):
+    """A weighted sum of local losses: ``Σ_i w_i(k, K) · term_i(ctx)``.
+
+    Each weight is a number ≥ 0 or a per-module schedule ``f(k, K) -> float`` (:class:`LinearSchedule`,
+    :func:`infopro_schedule`). A term whose weight is 0 at module k is not evaluated there (no head or decoder
+    call; its terms are not reported). The terms report each sub-loss's own terms, unweighted
+    (``"ce"``, ``"supcon"``, ``"recon"``, ``"transport"``, ``"mi"``; a term without named terms reports its loss
+    under its class name in lower case); a name already taken by an earlier term gets the suffix ``_i``, i the
+    term's index. The accuracy (logits, or the fused head's counts) comes from the first evaluated term that gives
+    it. A module where every weight is 0 gets a loss of 0 and no gradient.
+
+    Any :class:`LocalLoss` composes: :class:`CrossEntropy`, :class:`SupervisedContrastive`,
+    :class:`Reconstruction`, :class:`MutualInformation`, and the transport penalty alone as
+    ``TransportRegularized(task=False)`` (``TransportRegularized()`` includes its own cross-entropy). Note that
+    :class:`SupervisedContrastive` and :class:`MutualInformation` train the last module by cross-entropy.
+
+    Args:
+        terms: ``[(loss, weight), ...]``, at least one; a bare :class:`LocalLoss` has weight 1.
+    """
+
+    def __init__(self, terms: Sequence[tuple[LocalLoss, float | Schedule] | LocalLoss]) -> None:
+        super().__init__()
+        if not isinstance(terms, (list, tuple)):
+            raise TypeError(f"Composite: expected terms to be a list of (LocalLoss, weight) pairs, "
+                            f"got {type(terms).__name__}")
+        if not terms:
+            raise ValueError("Composite: expected terms to hold at least one (LocalLoss, weight) pair, got none")
+        losses, weights = [], []
+        for i, item in enumerate(terms):
+            if isinstance(item, LocalLoss):
+                loss, weight = item, 1.0
+            elif isinstance(item, (tuple, list)) and len(item) == 2:
+                loss, weight = item
+            else:
+                raise TypeError(f"Composite: expected terms[{i}] to be a (LocalLoss, weight) pair, got {item!r}")
+            if not isinstance(loss, LocalLoss):
+                raise TypeError(f"Composite: expected terms[{i}][0] to be a llkern.losses.LocalLoss, "
+                                f"got {type(loss).__name__}")
+            if not callable(weight):
+                weight = _weight("Composite", f"the weight of terms[{i}]", weight)
+            losses.append(loss)
+            weights.append(weight)
+        self.terms = nn.ModuleList(losses)
+        self.schedules: list[float | Schedule] = weights
+
+    def weights(self, k: int, num_modules: int) -> list[float]:
+        """The weights of the terms at module ``k`` of ``num_modules``."""
+        values = []
+        for i, weight in enumerate(self.schedules):
+            if callable(weight):
+                weight = _weight("Composite", f"the schedule of terms[{i}] at module {k} of {num_modules}",
+                                 weight(k, num_modules))
+            values.append(weight)
+        return values
+
+    def forward(self, ctx: LocalContext) -> LocalLossOutput:
+        total: torch.Tensor | None = None
+        terms: dict[str, torch.Tensor] = {}
+        accuracy: LocalLossOutput | None = None
+        for i, (term, weight) in enumerate(zip(self.terms, self.weights(ctx.k, ctx.num_modules), strict=True)):
+            if weight == 0.0:
+                continue  # switched off at this module: skip its head/decoder entirely
+            out = term(ctx)
+            weighted = out.loss if weight == 1.0 else weight * out.loss
+            total = weighted if total is None else total + weighted
+            named = out.terms or {type(term).__name__.lower(): out.loss}
+            for name, value in named.items():
+                terms[name if name not in terms else f"{name}_{i}"] = value.detach()
+            if accuracy is None and (out.logits is not None or (out.correct is not None and out.counted is not None)):
+                accuracy = out
+        if total is None:
+            total = _no_loss(ctx)
+        if accuracy is None:
+            return LocalLossOutput(total, None, terms)
+        return LocalLossOutput(total, accuracy.logits, terms, correct=accuracy.correct, counted=accuracy.counted)
