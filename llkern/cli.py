@@ -47,6 +47,8 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     train.add_argument("--loss", choices=LOSSES, default="ce",
                        help="local loss: cross-entropy, TRGL (--tau), supervised contrastive, mutual information")
     train.add_argument("--tau", type=float, default=1.0, help="TRGL's transport weight 1/τ")
+    train.add_argument("--context", choices=("E", "R", "RE"), default=None,
+                       help="ContSup context supply for modules 1..K-1 (image encoder, previous boundary, both)")
     train.add_argument("--mode", choices=("simultaneous", "sequential"), default="simultaneous")
     train.add_argument("--epochs", type=int, default=10,
                        help="epochs in all (sequential mode: each module gets epochs / K)")
@@ -188,7 +190,7 @@ def train(args: argparse.Namespace) -> dict:
         def heads(k: int, shape: torch.Size) -> nn.Module:
             return TokenClassifier(shape[-1], num_classes)
     net = llkern.LocalNet(modules, num_classes=num_classes, heads=heads, losses=_loss(args),
-                          example_input=x[:2]).to(device)
+                          example_input=x[:2], context=args.context).to(device)
     lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 2e-3)
     epochs_per_module = max(1, args.epochs // args.k) if args.mode == "sequential" else 1
     steps_per_epoch = -(-len(y) // args.batch_size)

@@ -22,7 +22,7 @@ from torch import nn
 
 from llkern.context import ContextSupply
 from llkern.heads import LinearHead, feature_channels
-from llkern.losses import CrossEntropy, LocalContext, LocalLoss
+from llkern.losses import CrossEntropy, LocalContext, LocalLoss, Reconstruction
 
 HeadFactory = Callable[[int, "torch.Size | None"], nn.Module]
 LossFactory = Callable[[int, int], LocalLoss]
@@ -99,7 +99,7 @@ def _float32_context(ctx: LocalContext) -> LocalContext:
         return t.float() if t.is_floating_point() else t
 
     return LocalContext(ctx.k, ctx.num_modules, cast(ctx.inputs), cast(ctx.outputs), ctx.target, ctx.head,
-                        [cast(r) for r in ctx.residuals])
+                        [cast(r) for r in ctx.residuals], image=None if ctx.image is None else cast(ctx.image))
 
 
 def _as_list(name: str, spec, num_modules: int, build) -> list:
@@ -179,6 +179,11 @@ class LocalNet(nn.Module):
             if not isinstance(loss, LocalLoss):
                 raise TypeError(f"LocalNet: expected losses[{k}] to be a llkern.losses.LocalLoss, "
                                 f"got {type(loss).__name__}")
+        if example_input is not None:  # decoders made by a factory are sized from the module outputs
+            for loss in self.losses:
+                for m in loss.modules():
+                    if isinstance(m, Reconstruction) and m.factory is not None and not m.built:
+                        m.build(shapes)
         self.context: ContextSupply | None = None
         if context is not None:
             if example_input is None:
@@ -300,7 +305,8 @@ class LocalNet(nn.Module):
                 with _autocast(x.device, autocast):
                     module_input = self._module_input(k, h, image, previous)
                     out = run_module(block, module_input, residuals)
-                ctx = LocalContext(k, self.num_modules, module_input.detach(), out, target, head, residuals)
+                ctx = LocalContext(k, self.num_modules, module_input.detach(), out, target, head, residuals,
+                                   image=image)
                 if autocast is not None:
                     ctx = _float32_context(ctx)
                 result = loss_fn(ctx)

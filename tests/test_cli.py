@@ -3,12 +3,13 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from llkern.cli import main
+from llkern.cli import _parse, main
 
 
 def run(*argv):
@@ -92,3 +93,21 @@ def test_console_entry_point():
     result = subprocess.run([sys.executable, "-m", "llkern", "train", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "--split" in result.stdout
+
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.json"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipes_parse(recipe):
+    _, args = _parse(["train", "--recipe", str(recipe), "--data-root", "somewhere"])
+    assert args.model and args.k >= 1 and args.epochs >= 1
+
+
+def test_contsup_recipe_runs_on_cifar_files(tmp_path):
+    # a published setting, pointed at (tiny) CIFAR-10 files, with a short budget
+    torch.set_num_threads(1)
+    write_cifar_binary(tmp_path)
+    out = run("--recipe", str(RECIPES[0].parent / "contsup-resnet32-k4-RE.json"), "--data-root", str(tmp_path),
+              "--epochs", "1", "--batch-size", "16")
+    assert len(out["evaluation"]["accuracy"]) == 4

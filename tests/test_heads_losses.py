@@ -167,7 +167,7 @@ def digits():
 
 
 class WithImage(LocalLoss):
-    """Passes the network's input as ``ctx.image``, what LocalNet would do (it does not yet)."""
+    """Passes the network's input as ``ctx.image`` (what LocalNet does), for losses called outside it."""
 
     def __init__(self, inner, batch):
         super().__init__()
@@ -236,8 +236,7 @@ def test_decoders_train_with_reconstruction_in_localnet(digits):
 
 
 def test_reconstruction_of_module_0_in_localnet_needs_no_image(digits):
-    """LocalNet does not pass ctx.image yet: module 0 reconstructs its own input; InfoPro's schedule switches
-    reconstruction off on the last module, so K = 2 InfoPro runs as LocalNet is."""
+    """Module 0 reconstructs the image; InfoPro's schedule switches reconstruction off on the last module (K = 2)."""
     x, y = digits
     torch.manual_seed(0)
     blocks = digits_resnet(2, width=8)
@@ -494,3 +493,26 @@ def test_exports():
                  "reconstruction_decoders", "token_heads", "Composite", "Reconstruction", "LinearSchedule",
                  "infopro_schedule"):
         assert name in llkern.__all__ and hasattr(llkern, name)
+
+
+def test_infopro_k4_in_localnet(digits):
+    # LocalNet passes the image to every module's loss and builds factory decoders from example_input:
+    # InfoPro's reconstruction + cross-entropy on K = 4 modules trains without any wrapper
+    torch.manual_seed(0)
+    x, y = digits
+    blocks = digits_resnet(4)
+    recon, task = llkern.infopro_schedule((1.0, 0.5), (0.2, 1.0))
+    net = llkern.LocalNet(blocks, heads=llkern.infopro_heads(10, 4), example_input=x[:2],
+                          losses=lambda k, K: llkern.Composite([
+                              (llkern.Reconstruction(llkern.reconstruction_decoders(x.shape[1:])), recon),
+                              (llkern.CrossEntropy(), task)]))
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+    first = None
+    for step in range(12):
+        optimizer.zero_grad()
+        batch = slice(32 * (step % 4), 32 * (step % 4 + 1))
+        result = net.local_step(x[batch], y[batch])
+        optimizer.step()
+        first = first or result.terms
+    assert all("recon" in terms for terms in result.terms[:3]) and "recon" not in result.terms[3]
+    assert result.terms[2]["recon"] < first[2]["recon"]
