@@ -29,7 +29,8 @@ from torch import nn
 __all__ = ["build_parser", "main", "train"]
 
 MODELS = ("digits-resnet", "digits-lenet", "mlp", "transformer", "resnet32", "resnet110", "vgg11", "vgg16")
-LOSSES = ("ce", "trgl", "supcon", "mi")
+LOSSES = ("ce", "trgl", "supcon", "mi", "infopro")
+HEADS = ("auto", "linear", "mlp-sr", "infopro")
 DATA = ("digits", "cifar10")
 
 
@@ -45,7 +46,14 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     train.add_argument("--split", choices=("layers", "params", "saved_bytes"), default="saved_bytes",
                        help="how the planner balances the modules")
     train.add_argument("--loss", choices=LOSSES, default="ce",
-                       help="local loss: cross-entropy, TRGL (--tau), supervised contrastive, mutual information")
+                       help="local loss: cross-entropy, TRGL (--tau), supervised contrastive, mutual information, "
+                            "InfoPro (reconstruction + supervised contrastive; published weights for ResNet-32/110)")
+    train.add_argument("--heads", choices=HEADS, default="auto",
+                       help="auxiliary heads (auto: linear; projection heads for supcon, InfoPro's for infopro, "
+                            "token classifiers for the transformer)")
+    train.add_argument("--relu-masks", action="store_true", help="save 1-bit ReLU masks (llkern.activation_memory)")
+    train.add_argument("--recompute-bn-relu", action="store_true",
+                       help="recompute BatchNorm+ReLU in the backward instead of saving their outputs")
     train.add_argument("--tau", type=float, default=1.0, help="TRGL's transport weight 1/τ")
     train.add_argument("--context", choices=("E", "R", "RE"), default=None,
                        help="ContSup context supply for modules 1..K-1 (image encoder, previous boundary, both)")
@@ -153,7 +161,7 @@ def _body(model: nn.Sequential) -> tuple[nn.Sequential, bool]:
     return model, False  # no classifier of its own (digits-resnet ends with BN-ReLU)
 
 
-def _loss(args: argparse.Namespace) -> Any:
+def _loss(args: argparse.Namespace, modules: list[nn.Module], example: torch.Tensor) -> Any:
     import llkern
 
     if args.loss == "ce":
@@ -162,18 +170,51 @@ def _loss(args: argparse.Namespace) -> Any:
         return llkern.TransportRegularized(tau=args.tau)
     if args.loss == "supcon":
         return llkern.SupervisedContrastive()
-    return llkern.MutualInformation()
+    if args.loss == "mi":
+        return llkern.MutualInformation()
+    from llkern.losses import INFOPRO_WEIGHTS
+
+    # InfoPro's published (λ1, λ2) where there are some; else reconstruction 1 → 0, contrastive 1
+    weights = INFOPRO_WEIGHTS.get((args.model, args.k), ((1.0, 1.0), (0.0, 1.0)))
+    recon, task = llkern.infopro_schedule(*weights)
+    decoder = llkern.reconstruction_decoders(example.shape[1:])
+    shapes = llkern.heads.feature_shapes(modules, example[:2])
+    return lambda k, K: llkern.Composite([(llkern.Reconstruction(decoder(k, shapes[k])), recon),
+                                          (llkern.SupervisedContrastive(), task)])
+
+
+def _heads(args: argparse.Namespace, num_classes: int, tokens: bool) -> Any:
+    import llkern
+    from llkern.heads import contrastive_heads, mlp_sr_heads
+
+    kind = args.heads
+    if kind == "auto":
+        kind = {"supcon": "projection", "infopro": "infopro"}.get(args.loss, "token" if tokens else "linear")
+    if kind == "linear":
+        return None
+    if kind == "projection":
+        return contrastive_heads(num_classes, args.k)
+    if kind == "infopro":
+        return llkern.infopro_heads(num_classes, args.k, out_dim=128 if args.loss in ("supcon", "infopro") else None)
+    if kind == "mlp-sr":
+        return mlp_sr_heads(num_classes)
+    from llkern.models import TokenClassifier
+
+    return lambda k, shape: TokenClassifier(shape[-1], num_classes)
 
 
 def train(args: argparse.Namespace) -> dict:
     """Run ``llkern train`` with parsed arguments; returns the final evaluation and the log rows."""
     import llkern
-    from llkern.heads import contrastive_heads
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     x, y, x_test, y_test = _data(args)
     model, tokens = _body(_model(args.model, x[:8]))
+    if args.relu_masks or args.recompute_bn_relu:
+        from llkern.activation_memory import convert
+
+        convert(model, relu_masks=args.relu_masks, bn_relu_recompute=args.recompute_bn_relu)
     if args.k == 1:
         modules = [model]  # end to end: one module, one head, the whole graph kept
     else:
@@ -181,15 +222,8 @@ def train(args: argparse.Namespace) -> dict:
         print(plan)
         modules = plan.modules
     num_classes = int(y.max()) + 1
-    heads = None
-    if args.loss == "supcon":
-        heads = contrastive_heads(num_classes, args.k)
-    elif tokens:
-        from llkern.models import TokenClassifier
-
-        def heads(k: int, shape: torch.Size) -> nn.Module:
-            return TokenClassifier(shape[-1], num_classes)
-    net = llkern.LocalNet(modules, num_classes=num_classes, heads=heads, losses=_loss(args),
+    heads = _heads(args, num_classes, tokens)
+    net = llkern.LocalNet(modules, num_classes=num_classes, heads=heads, losses=_loss(args, modules, x),
                           example_input=x[:2], context=args.context).to(device)
     lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 2e-3)
     epochs_per_module = max(1, args.epochs // args.k) if args.mode == "sequential" else 1
@@ -221,8 +255,11 @@ def train(args: argparse.Namespace) -> dict:
     rows = trainer.fit((x, y), epochs, batch_size=args.batch_size, eval_data=(x_test, y_test),
                        progress=not args.no_progress, log=args.log, checkpoint=args.checkpoint)
     result = trainer.evaluate(x_test, y_test, exit="all")
-    accuracies = ", ".join(f"{100 * a:.2f}" for a in result["accuracy"])
-    print(f"test accuracy per head (%): {accuracies}; last head {100 * result['accuracy'][-1]:.2f} %")
+    if args.loss in ("supcon", "mi", "infopro"):  # heads 0..K-2 are projections, not classifiers
+        print(f"test accuracy of the last head: {100 * result['accuracy'][-1]:.2f} %")
+    else:
+        accuracies = ", ".join(f"{100 * a:.2f}" for a in result["accuracy"])
+        print(f"test accuracy per head (%): {accuracies}; last head {100 * result['accuracy'][-1]:.2f} %")
     return {"evaluation": result, "history": rows}
 
 

@@ -111,3 +111,11 @@ def test_contsup_recipe_runs_on_cifar_files(tmp_path):
     out = run("--recipe", str(RECIPES[0].parent / "contsup-resnet32-k4-RE.json"), "--data-root", str(tmp_path),
               "--epochs", "1", "--batch-size", "16")
     assert len(out["evaluation"]["accuracy"]) == 4
+
+
+@pytest.mark.parametrize("options", [("--loss", "infopro", "-k", "3"), ("--heads", "mlp-sr", "-k", "2"),
+                                     ("--relu-masks", "--recompute-bn-relu", "-k", "2")])
+def test_heads_losses_and_activation_options(options):
+    torch.set_num_threads(1)
+    out = run("--epochs", "1", *options)
+    assert out["evaluation"]["accuracy"][-1] > 0.3
