@@ -36,6 +36,10 @@ timeout 120 $PY bench/gpu_mean_kl.py 2>&1 | tee -a "$OUT/bench.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 timeout 120 $PY bench/gpu_miracle_select.py 2>&1 | tee -a "$OUT/bench.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# the MIRACLE round trip on the GPU: Mean-KL sampling and candidate selection through the Triton kernels
+timeout 300 $PY -m llkern.compress_demo --out "$OUT/lenet.mira" --no-progress --device cuda \
+  --json "$OUT/compress.json" 2>&1 | tee -a "$OUT/bench.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 cp bench/results/results.jsonl "$OUT/results.jsonl" 2>/dev/null
 
 echo "== tests (CPU and CUDA)"

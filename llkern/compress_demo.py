@@ -79,9 +79,10 @@ def _train(step: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.
 
 
 def run(out: str | Path, *, bits: int = 10, block_size: int = 72, pretrain_steps: int = 1500,
-        steps: int = 3000, retrain_steps: int = 20, chunk_blocks: int = 64, lr: float = 1e-3,
+        steps: int = 3000, retrain_steps: int = 30, chunk_blocks: int = 32, lr: float = 1e-3,
         variational_lr: float = 2e-2, budget_lr: float = 5e-2, retrain_fraction: float = 0.1, batch_size: int = 64,
-        choose: str = "argmax", seed: int = 0, impl: str = "auto", progress: bool = True) -> CompressionResult:
+        choose: str = "argmax", seed: int = 0, impl: str = "auto", device: str | torch.device = "cpu",
+        progress: bool = True) -> CompressionResult:
     """Train, compress, decode and evaluate; the file is written to ``out``.
 
     Args:
@@ -95,22 +96,26 @@ def run(out: str | Path, *, bits: int = 10, block_size: int = 72, pretrain_steps
             ``retrain_fraction`` of the peak learning rates.
         batch_size, choose, seed: batches, the encoder's choice, and the seed of everything.
         impl: the encoder's candidate scoring (:func:`llkern.miracle.encode`).
+        device: where to train and encode (on a GPU the Triton kernels sample and score); the
+            decoded model is evaluated on the CPU, as a user of the file would.
         progress: progress bars.
     """
     start = time.perf_counter()
     torch.manual_seed(seed)
     x, y, x_test, y_test = load_digits(seed=seed)
+    x_cpu, y_cpu = x_test, y_test
+    x, y, x_test, y_test = (t.to(device) for t in (x, y, x_test, y_test))
     generator = torch.Generator().manual_seed(seed)
     batches = _batches(len(y), batch_size, generator)
 
-    model = digits_lenet_caffe()
+    model = digits_lenet_caffe().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     _train(lambda i: F.cross_entropy(model(x[i]), y[i]), optimizer, batches, pretrain_steps, "uncompressed",
            progress)
     model.eval()
     accuracy_uncompressed = _accuracy(model, x_test, y_test)
 
-    net = MeanKLNetwork(model, bits_per_block=bits, block_size=block_size, seed=seed)
+    net = MeanKLNetwork(model.cpu(), bits_per_block=bits, block_size=block_size, seed=seed).to(device)
 
     def groups(scale: float) -> list[dict]:
         return [{"params": [net.theta, net.log_rho], "lr": scale * variational_lr},
@@ -134,7 +139,7 @@ def run(out: str | Path, *, bits: int = 10, block_size: int = 72, pretrain_steps
     report = miracle.encode(net, out, choose=choose, chunk_blocks=chunk_blocks,
                             retrain=retrain if retrain_steps > 0 else None, impl=impl, progress=progress)
     decoded = miracle.decode(out).eval()
-    accuracy_decoded = _accuracy(decoded, x_test, y_test)
+    accuracy_decoded = _accuracy(decoded, x_cpu, y_cpu)
     return CompressionResult(weights=sum(net.sizes), float32_bytes=report.float32_bytes, file_bytes=report.file_bytes,
                              ratio=report.ratio, accuracy_uncompressed=accuracy_uncompressed,
                              accuracy_posterior_mean=accuracy_posterior_mean, accuracy_decoded=accuracy_decoded,
@@ -149,18 +154,22 @@ def main(argv: list[str] | None = None) -> CompressionResult:
     parser.add_argument("--block-size", type=int, default=72, help="weights per coding block")
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--steps", type=int, default=3000, help="Mean-KL training steps")
-    parser.add_argument("--retrain-steps", type=int, default=20, help="steps after each coded chunk (0: none)")
-    parser.add_argument("--chunk-blocks", type=int, default=64)
+    parser.add_argument("--retrain-steps", type=int, default=30, help="steps after each coded chunk (0: none)")
+    parser.add_argument("--chunk-blocks", type=int, default=32)
+    parser.add_argument("--retrain-fraction", type=float, default=0.1,
+                        help="retraining learning rates as a fraction of the peak ones")
     parser.add_argument("--choose", choices=miracle.CHOICES, default="argmax")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--impl", choices=("auto", "kernel", "reference"), default="auto",
                         help="the encoder's candidate scoring: Triton kernel or NumPy reference")
+    parser.add_argument("--device", default="cpu", help="where to train and encode (e.g. cuda)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     result = run(args.out, bits=args.bits, block_size=args.block_size, pretrain_steps=args.pretrain_steps,
                  steps=args.steps, retrain_steps=args.retrain_steps, chunk_blocks=args.chunk_blocks,
-                 choose=args.choose, seed=args.seed, impl=args.impl, progress=not args.no_progress)
+                 retrain_fraction=args.retrain_fraction,
+                 choose=args.choose, seed=args.seed, impl=args.impl, device=args.device, progress=not args.no_progress)
     print(f"LeNet-5-Caffe for digits, {result.weights} weights: {result.float32_bytes} bytes in float32")
     print(f"MIRACLE file {args.out}: {result.file_bytes} bytes, {result.ratio:.0f}× smaller "
           f"({args.bits} bits per block of {args.block_size})")
