@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -111,6 +112,23 @@ def _as_list(name: str, spec, num_modules: int, build) -> list:
         raise TypeError(f"LocalNet: expected {name} to be a list of {num_modules} modules or a factory "
                         f"callable, got {type(spec).__name__}")
     return [build(spec, k) for k in range(num_modules)]
+
+
+class _ExportedWithContext(nn.Module):
+    """Modules 0..k of a LocalNet with its context encoders, and head k: ``LocalNet.forward(x, exit=k)``."""
+
+    def __init__(self, net: LocalNet, k: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(net.blocks[:k + 1])
+        self.context = net.context
+        self.head = net.heads[k]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, previous = x, x
+        for k, block in enumerate(self.blocks):
+            module_input = h if k == 0 else self.context(k, h, x, previous)
+            h, previous = block(module_input), h
+        return self.head(h)
 
 
 class LocalNet(nn.Module):
@@ -232,6 +250,69 @@ class LocalNet(nn.Module):
             h, previous = block(self._module_input(k, h, x, previous)), h
             logits.append(head(h))
         return logits
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, *, threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits and, per sample, the head that gave them (early exit).
+
+        With ``threshold`` None every sample goes through all modules to the last head. With a
+        threshold in (0, 1], a sample leaves at the first head whose softmax confidence (largest class
+        probability) reaches it; the modules after that run only for the samples still in. Heads must
+        give class logits (not projections). Runs in the net's current mode; call ``eval()`` first.
+
+        Returns:
+            ``(logits, exits)``: ``(B, classes)`` logits and int64 ``(B,)`` head indices.
+        """
+        if threshold is not None and not 0.0 < threshold <= 1.0:
+            raise ValueError(f"LocalNet.predict: expected threshold in (0, 1] or None, got {threshold!r}")
+        if threshold is None:
+            logits = self(x)
+            return logits, torch.full((x.shape[0],), self.num_modules - 1, dtype=torch.int64, device=x.device)
+        out: torch.Tensor | None = None
+        exits = torch.full((x.shape[0],), self.num_modules - 1, dtype=torch.int64, device=x.device)
+        live = torch.arange(x.shape[0], device=x.device)  # the samples still going
+        h, previous, image = x, x, x
+        for k, (block, head) in enumerate(zip(self.blocks, self.heads, strict=True)):
+            h, previous = block(self._module_input(k, h, image, previous)), h
+            logits = head(h)
+            if logits.dim() != 2:
+                raise ValueError(f"LocalNet.predict: head {k} gives logits of shape {list(logits.shape)}; early exit "
+                                 "needs (batch, classes)")
+            if out is None:
+                out = logits.new_empty((x.shape[0], logits.shape[1]))
+            done = logits.softmax(dim=1).amax(dim=1) >= threshold if k < self.num_modules - 1 else \
+                torch.ones_like(live, dtype=torch.bool)
+            out[live[done]] = logits[done]
+            exits[live[done]] = k
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            live, h, previous, image = live[keep], h[keep], previous[keep], image[keep]
+        return out, exits
+
+    def export(self, exit: int = -1) -> nn.Module:
+        """The trained network as a plain module without the auxiliary heads it does not use: modules
+        0..``exit`` and head ``exit`` (default the last), as an ``nn.Sequential`` (with a context supply,
+        a module that also runs its encoders). Shares the parameters; ``copy.deepcopy`` it to detach."""
+        k_exit = exit % self.num_modules if -self.num_modules <= exit < self.num_modules else None
+        if k_exit is None:
+            raise IndexError(f"LocalNet.export: exit={exit} is out of range for {self.num_modules} modules")
+        if self.context is None:
+            return nn.Sequential(*self.blocks[:k_exit + 1], self.heads[k_exit])
+        return _ExportedWithContext(self, k_exit)
+
+    def save(self, path: str | Path) -> None:
+        """Write the whole net — modules, heads, losses, context encoders and their configuration — to
+        ``path`` (``torch.save`` of the module: :meth:`load` unpickles it, so load only files you trust)."""
+        torch.save({"llkern_local_net": 1, "net": self}, path)
+
+    @staticmethod
+    def load(path: str | Path, map_location: str | torch.device | None = None) -> LocalNet:
+        """A net written by :meth:`save`. It unpickles Python objects: only load files you trust."""
+        blob = torch.load(path, map_location=map_location, weights_only=False)
+        if not isinstance(blob, dict) or blob.get("llkern_local_net") != 1 or not isinstance(blob.get("net"), LocalNet):
+            raise ValueError(f"LocalNet.load: {path} is not a LocalNet written by LocalNet.save")
+        return blob["net"]
 
     def _module_input(self, k: int, boundary: torch.Tensor, image: torch.Tensor,
                       previous: torch.Tensor) -> torch.Tensor:

@@ -235,3 +235,61 @@ def test_keep_boundaries():
             h = net.blocks[k](h)
             assert not result.boundaries[k].tensor.requires_grad
             assert result.boundaries[k].tensor.shape == h.shape
+
+
+@pytest.mark.parametrize("context", [None, "R"])
+def test_predict_with_confidence_exit(context):
+    torch.manual_seed(0)
+    x, y = batch(24)
+    net = llkern.LocalNet(digits_resnet(3, width=8), num_classes=10, example_input=x[:2], context=context)
+    for _ in range(3):  # heads that disagree in confidence
+        net.local_step(x, y)
+        with torch.no_grad():
+            for p in net.parameters():
+                if p.grad is not None:
+                    p -= 0.05 * p.grad
+                    p.grad = None
+    net.eval()
+    with torch.no_grad():
+        every = net.forward_all(x)
+    logits, exits = net.predict(x)
+    torch.testing.assert_close(logits, every[-1])
+    assert (exits == 2).all()
+    logits, exits = net.predict(x, threshold=1e-6)  # every sample leaves at head 0
+    torch.testing.assert_close(logits, every[0])
+    assert (exits == 0).all()
+    confidence = torch.stack([e.softmax(1).amax(1) for e in every[:-1]])
+    threshold = float(confidence[0].median())
+    logits, exits = net.predict(x, threshold=threshold)
+    for i in range(len(x)):  # each sample's logits are its exit head's, and no earlier head was confident
+        k = int(exits[i])
+        torch.testing.assert_close(logits[i], every[k][i])
+        assert all(confidence[j, i] < threshold for j in range(k))
+        assert k == 2 or confidence[k, i] >= threshold
+    assert 0 < int((exits == 0).sum()) < len(x)
+    with pytest.raises(ValueError, match="threshold"):
+        net.predict(x, threshold=1.5)
+
+
+@pytest.mark.parametrize("context", [None, "RE"])
+def test_export_and_save_load(tmp_path, context):
+    torch.manual_seed(0)
+    x, y = batch(8)
+    net = llkern.LocalNet(digits_resnet(3, width=8), num_classes=10, example_input=x[:2], context=context)
+    net.local_step(x, y)
+    net.eval()
+    for k in (0, 1, -1):
+        exported = net.export(k).eval()
+        torch.testing.assert_close(exported(x), net(x, exit=k))
+        used = {id(p) for p in exported.parameters()}
+        assert not any(id(p) in used for p in net.heads[(k + 1) % 3 if k != -1 else 0].parameters())
+    assert isinstance(net.export(), nn.Sequential) == (context is None)
+    with pytest.raises(IndexError, match="exit"):
+        net.export(3)
+    net.save(tmp_path / "net.pt")
+    loaded = llkern.LocalNet.load(tmp_path / "net.pt").eval()
+    torch.testing.assert_close(loaded(x), net(x))
+    assert loaded.num_modules == 3 and (loaded.context is None) == (context is None)
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a LocalNet"):
+        llkern.LocalNet.load(tmp_path / "other.pt")
