@@ -40,6 +40,10 @@ timeout 120 $PY bench/gpu_miracle_select.py 2>&1 | tee -a "$OUT/bench.txt"
 timeout 300 $PY -m llkern.compress_demo --out "$OUT/lenet.mira" --no-progress --device cuda \
   --json "$OUT/compress.json" 2>&1 | tee -a "$OUT/bench.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# issue 6's memory table: ResNet-110, batch 1024, the allocator's peak beside the meter's (table + PNG)
+timeout 300 $PY bench/memory_table.py --model resnet110 --batch 1024 --device cuda --ks 2 4 8 16 \
+  --out "$OUT/memory-resnet110-cuda" 2>&1 | tee -a "$OUT/bench.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 cp bench/results/results.jsonl "$OUT/results.jsonl" 2>/dev/null
 
 echo "== tests (CPU and CUDA)"
