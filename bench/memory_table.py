@@ -110,6 +110,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     except ImportError:
         activation_memory = None
     for k in args.ks:
+        if k > len(base):
+            print(f"K={k}: more than the model's {len(base)} units, skipped")
+            continue
+
         def checkpointed(k: int = k) -> None:
             zero_grads(model)
             F.cross_entropy(checkpoint_sequential(model, k, x, use_reentrant=False), y).backward()
@@ -121,9 +125,10 @@ def run(args: argparse.Namespace) -> list[dict]:
             variants.append(("local, balanced + masks/recompute", "saved_bytes", True))
         for method, by, smaller in variants:
             local_model = copy.deepcopy(base)
-            if smaller:
-                activation_memory.convert(local_model, relu_masks=True, bn_relu_recompute=True)
             plan = llkern.split(local_model, k, by=by, example_input=x[:8])
+            if smaller:  # per module, after planning: a module's first conv cannot recompute a detached input
+                for module in plan.modules:
+                    activation_memory.convert(module, relu_masks=True, bn_relu_recompute=True)
             net = llkern.LocalNet(plan.modules, num_classes=10, example_input=x[:2]).to(device)
 
             def local(net: llkern.LocalNet = net) -> None:

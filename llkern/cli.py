@@ -32,6 +32,11 @@ MODELS = ("digits-resnet", "digits-lenet", "mlp", "transformer", "resnet32", "re
 LOSSES = ("ce", "trgl", "supcon", "mi", "infopro")
 HEADS = ("auto", "linear", "mlp-sr", "infopro")
 DATA = ("digits", "cifar10")
+# every option with a fixed set of values: argparse checks the command line, _parse checks a recipe
+CHOICES = {"model": MODELS, "split": ("layers", "params", "saved_bytes"), "loss": LOSSES, "heads": HEADS,
+           "context": (None, "E", "R", "RE"), "mode": ("simultaneous", "sequential"), "data": DATA,
+           "optimizer": ("sgd", "adam"), "schedule": ("constant", "cosine", "onecycle"),
+           "precision": ("fp32", "bf16", "fp16")}
 
 
 def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
@@ -43,7 +48,7 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     train.add_argument("--recipe", help="a JSON file of option values (the command line overrides it)")
     train.add_argument("--model", choices=MODELS, default="digits-resnet")
     train.add_argument("-k", "--modules", dest="k", type=int, default=4, help="K local modules (1: end to end)")
-    train.add_argument("--split", choices=("layers", "params", "saved_bytes"), default="saved_bytes",
+    train.add_argument("--split", choices=CHOICES["split"], default="saved_bytes",
                        help="how the planner balances the modules")
     train.add_argument("--loss", choices=LOSSES, default="ce",
                        help="local loss: cross-entropy, TRGL (--tau), supervised contrastive, mutual information, "
@@ -55,19 +60,19 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     train.add_argument("--recompute-bn-relu", action="store_true",
                        help="recompute BatchNorm+ReLU in the backward instead of saving their outputs")
     train.add_argument("--tau", type=float, default=1.0, help="TRGL's transport weight 1/τ")
-    train.add_argument("--context", choices=("E", "R", "RE"), default=None,
+    train.add_argument("--context", choices=CHOICES["context"][1:], default=None,
                        help="ContSup context supply for modules 1..K-1 (image encoder, previous boundary, both)")
-    train.add_argument("--mode", choices=("simultaneous", "sequential"), default="simultaneous")
+    train.add_argument("--mode", choices=CHOICES["mode"], default="simultaneous")
     train.add_argument("--epochs", type=int, default=10,
                        help="epochs in all (sequential mode: each module gets epochs / K)")
     train.add_argument("--data", choices=DATA, default="digits")
     train.add_argument("--data-root", help="CIFAR-10's folder (the binary or Python distribution, extracted)")
     train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
+    train.add_argument("--optimizer", choices=CHOICES["optimizer"], default="adam")
     train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: sgd 0.1, adam 2e-3)")
     train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--schedule", choices=("constant", "cosine", "onecycle"), default="onecycle")
-    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    train.add_argument("--schedule", choices=CHOICES["schedule"], default="onecycle")
+    train.add_argument("--precision", choices=CHOICES["precision"], default="fp32")
     train.add_argument("--clip", type=float, default=None, help="largest gradient norm per module")
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     train.add_argument("--seed", type=int, default=0)
@@ -102,6 +107,9 @@ def _parse(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace
     unknown = sorted(set(recipe) - set(vars(parser.parse_args(["train"]))))
     if unknown:
         parser.error(f"--recipe: {path} has unknown options {unknown}")
+    for name, value in recipe.items():  # argparse checks choices on the command line only, not on defaults
+        if name in CHOICES and value not in CHOICES[name]:
+            parser.error(f"--recipe: {path} sets {name} to {value!r}; expected one of {list(CHOICES[name])}")
     parser = build_parser(recipe)
     return parser, parser.parse_args(argv)
 
@@ -172,6 +180,8 @@ def _loss(args: argparse.Namespace, modules: list[nn.Module], example: torch.Ten
         return llkern.SupervisedContrastive()
     if args.loss == "mi":
         return llkern.MutualInformation()
+    if args.loss != "infopro":
+        raise ValueError(f"llkern train: unknown loss {args.loss!r}")
     from llkern.losses import INFOPRO_WEIGHTS
 
     # InfoPro's published (λ1, λ2) where there are some; else reconstruction 1 → 0, contrastive 1
@@ -211,16 +221,19 @@ def train(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     x, y, x_test, y_test = _data(args)
     model, tokens = _body(_model(args.model, x[:8]))
-    if args.relu_masks or args.recompute_bn_relu:
-        from llkern.activation_memory import convert
-
-        convert(model, relu_masks=args.relu_masks, bn_relu_recompute=args.recompute_bn_relu)
     if args.k == 1:
         modules = [model]  # end to end: one module, one head, the whole graph kept
     else:
         plan = llkern.split(model, args.k, by=args.split, example_input=x[:32])
         print(plan)
         modules = plan.modules
+    if args.relu_masks or args.recompute_bn_relu:
+        from llkern.activation_memory import convert
+
+        # after planning, per module: the planner chains units end to end, where a converted conv would skip
+        # saving an input that it must save at a module boundary (a detached input cannot be recomputed)
+        for module in modules:
+            convert(module, relu_masks=args.relu_masks, bn_relu_recompute=args.recompute_bn_relu)
     num_classes = int(y.max()) + 1
     heads = _heads(args, num_classes, tokens)
     net = llkern.LocalNet(modules, num_classes=num_classes, heads=heads, losses=_loss(args, modules, x),

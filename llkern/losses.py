@@ -383,7 +383,7 @@ class Reconstruction(LocalLoss):
             feature_shapes: the K module output shapes, e.g. ``llkern.heads.feature_shapes(blocks, x[:2])``.
         """
         if self.factory is None:
-            raise RuntimeError("Reconstruction.build: the decoders were given as modules, not as a factory")
+            raise RuntimeError("Reconstruction.build: the decoders were given as modules, or are built already")
         shapes = list(feature_shapes)
         if not shapes:
             raise ValueError("Reconstruction: expected feature_shapes to hold one shape per module, got none")
@@ -395,6 +395,7 @@ class Reconstruction(LocalLoss):
                                 f"got {type(decoder).__name__}")
             decoders.append(decoder)
         self.decoders = nn.ModuleList(decoders)
+        self.factory = None  # done with it; a closure would also keep the loss from pickling (LocalNet.save)
 
     def decoder(self, k: int, num_modules: int) -> tuple[nn.Module, str]:
         """Module ``k``'s decoder and how to name it in an error."""

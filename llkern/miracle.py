@@ -115,11 +115,21 @@ def encode(net: MeanKLNetwork, path: str | Path, *, choose: str = "argmax", chun
     if retrain is not None and not callable(retrain):
         raise TypeError(f"llkern.miracle.encode: expected retrain to be callable or None, got {type(retrain).__name__}")
     spec = describe(net.model, "llkern.miracle.encode")
-    _, uncompressed = coded_and_uncompressed(net.model)
-    rebuilt = coded_and_uncompressed(build(spec))[1]
+    coded, uncompressed = coded_and_uncompressed(net.model)
+    with torch.device("meta"):
+        rebuilt_coded, rebuilt = coded_and_uncompressed(build(spec))
+    # what the decoder will rebuild from the layers alone must be what is coded and stored (a layer used
+    # twice in the Sequential, or an extra buffer, would write a file that cannot be read back)
+    if [(n, t.shape) for n, t in coded] != [(n, t.shape) for n, t in rebuilt_coded] or \
+            [n for n, _ in coded] != list(net.names):
+        raise ValueError("llkern.miracle.encode: the model's coded tensors differ from those its layers create "
+                         "(a layer used twice?); the file cannot describe them")
     if [(n, t.shape) for n, t in uncompressed] != [(n, t.shape) for n, t in rebuilt]:
         raise ValueError("llkern.miracle.encode: the model's tensors other than the coded ones differ from those its "
                          "layers create; the file cannot describe them")
+    for name, tensor in uncompressed:  # before coding: a failure here must not leave blocks half coded
+        if tensor.dtype not in CODE_OF_DTYPE:
+            raise ValueError(f"llkern.miracle.encode: cannot store {name} of dtype {tensor.dtype}")
     bits, block_size, num_blocks = net.bits_per_block, net.block_size, net.num_blocks
     indices = np.empty(num_blocks, dtype=np.int64)
     net.release_blocks()
@@ -140,10 +150,8 @@ def encode(net: MeanKLNetwork, path: str | Path, *, choose: str = "argmax", chun
             retrain(net)
     bar.close()
     raw, dtypes = bytearray(), []
-    for name, tensor in uncompressed:
+    for _, tensor in uncompressed:
         data = tensor.detach().cpu().contiguous()
-        if data.dtype not in CODE_OF_DTYPE:
-            raise ValueError(f"llkern.miracle.encode: cannot store {name} of dtype {data.dtype}")
         dtypes.append(data.dtype)
         raw += data.reshape(-1).view(torch.uint8).numpy().tobytes()
     rho = net.log_rho.detach().exp().float().tolist()
@@ -208,7 +216,8 @@ def read(path: str | Path) -> tuple[dict, np.ndarray, bytes]:
 def decode(path: str | Path) -> nn.Module:
     """The model a MIRACLE file describes, with its coded weights regenerated: an ordinary module."""
     header, indices, raw = read(path)
-    model = build(header["architecture"])
+    with torch.random.fork_rng(devices=[]):  # decoding leaves torch's random state as it was
+        model = build(header["architecture"])
     state = chosen_weights(header, indices)
     offset = 0
     for entry in header["uncompressed"]:

@@ -53,6 +53,9 @@ DTYPES = {1: torch.float32, 2: torch.float64, 3: torch.float16, 4: torch.bfloat1
 CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPES.items()}
 
 
+MAX_BLOCK_SIZE = 1 << 24  # far above any useful block; bounds what a crafted header can make a decoder allocate
+
+
 class HeaderError(ValueError):
     """The header cannot be read: cut short, or a value no encoder writes."""
 
@@ -189,7 +192,7 @@ def parse_header(blob: bytes, offset: int) -> tuple[dict, int]:
         return header, reader.offset
     (header["seed"],) = struct.unpack("<I", reader.take(4))
     header["bits_per_block"], header["block_size"], header["num_blocks"] = (reader.varint() for _ in range(3))
-    if not 1 <= header["bits_per_block"] <= 32 or header["block_size"] < 1:
+    if not 1 <= header["bits_per_block"] <= 32 or not 1 <= header["block_size"] <= MAX_BLOCK_SIZE:
         raise HeaderError(f"C = {header['bits_per_block']} bits per block of {header['block_size']}")
     spec = []
     for _ in range(reader.varint()):
@@ -199,7 +202,8 @@ def parse_header(blob: bytes, offset: int) -> tuple[dict, int]:
         kind = TYPE_OF_CODE[code]
         spec.append({"type": kind, "args": {name: reader.argument(k) for name, k in LAYERS[kind][1]}})
     header["architecture"] = spec
-    coded, uncompressed = coded_and_uncompressed(build(spec))
+    with torch.device("meta"):  # names and shapes only: no memory, no initialisation, no draw from torch's RNG
+        coded, uncompressed = coded_and_uncompressed(build(spec))
     rho = struct.unpack(f"<{len(coded)}f", reader.take(4 * len(coded)))
     if not all(r > 0 and math.isfinite(r) for r in rho):
         raise HeaderError("a prior standard deviation ρ is not a finite positive number")

@@ -71,17 +71,23 @@ def module_parts(net: LocalNet, k: int) -> list[nn.Module]:
 def module_parameters(net: LocalNet) -> list[list[nn.Parameter]]:
     """The parameters each module's optimizer owns (see :func:`module_parts`).
 
-    A parameter shared by several modules belongs to the first of them only: two optimizers
-    stepping one tensor would apply its gradient twice.
+    A parameter in the parts of two modules (one loss object with parameters given for every
+    module, a head passed twice) is an error: its gradient from the later module would arrive
+    after the earlier module's optimizer had stepped and cleared it, and would never be applied.
     """
-    seen: set[int] = set()
+    owner: dict[int, int] = {}
     groups = []
     for k in range(net.num_modules):
         group = []
         for part in module_parts(net, k):
             for p in part.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
+                if id(p) in owner and owner[id(p)] != k:
+                    raise ValueError(
+                        f"LocalTrainer: a parameter of shape {list(p.shape)} belongs to modules {owner[id(p)]} and "
+                        f"{k} (one {type(part).__name__} shared by both?); each module needs its own heads and "
+                        "losses with parameters: pass a list, or a factory f(k, K) for the losses")
+                if id(p) not in owner:
+                    owner[id(p)] = k
                     group.append(p)
         groups.append(group)
     return groups
@@ -476,11 +482,14 @@ class LocalTrainer:
                 for start in range(0, n, batch_size):
                     index = order[start:start + batch_size]
                     if self.distributed:
-                        # batch_size is the global batch: each process takes its contiguous share, so
-                        # the step averages what one process would on the whole batch.
-                        index = torch.tensor_split(index, self.world_size)[self.rank]
-                        if len(index) == 0:  # every process sees the same sizes and skips together
+                        # batch_size is the global batch: each process takes an equal contiguous share, so
+                        # the step averages what one process would on the whole batch. The last
+                        # len % world_size samples are left out (every process computes the same sizes,
+                        # so all skip a batch too small to share together and the collectives stay paired).
+                        usable = len(index) - len(index) % self.world_size
+                        if usable == 0:
                             continue
+                        index = index[:usable].view(self.world_size, -1)[self.rank]
                     yield x[index], y[index]
 
             return batches(), math.ceil(n / batch_size)
@@ -504,8 +513,8 @@ class LocalTrainer:
         Args:
             data: an iterable of ``(x, y)`` batches (a ``DataLoader``; with ``distributed`` give each
                 process its shard), or ``(x, y)`` tensors, cut into batches of ``batch_size`` (the
-                global batch with ``distributed``: each process takes its share) and shuffled with the
-                trainer's generator.
+                global batch with ``distributed``: each process takes an equal share, and a batch's last
+                ``len % world_size`` samples are left out) and shuffled with the trainer's generator.
             epochs: the total epoch count; in sequential mode default and at most
                 ``sum(epochs_per_module)``.
             eval_data: ``(x, y)`` tensors or an iterable of batches, evaluated after each epoch at head

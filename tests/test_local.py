@@ -275,7 +275,11 @@ def test_predict_with_confidence_exit(context):
 def test_export_and_save_load(tmp_path, context):
     torch.manual_seed(0)
     x, y = batch(8)
-    net = llkern.LocalNet(digits_resnet(3, width=8), num_classes=10, example_input=x[:2], context=context)
+    # losses with decoders built from a factory: LocalNet.save must pickle them too
+    net = llkern.LocalNet(digits_resnet(3, width=8), num_classes=10, example_input=x[:2], context=context,
+                          losses=lambda k, K: llkern.Composite([
+                              (llkern.Reconstruction(llkern.reconstruction_decoders(x.shape[1:])), 1.0),
+                              (llkern.CrossEntropy(), 1.0)]))
     net.local_step(x, y)
     net.eval()
     for k in (0, 1, -1):

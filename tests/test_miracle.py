@@ -207,3 +207,23 @@ def test_encode_errors(tmp_path):
                   nn.AvgPool2d(2, divisor_override=3)):
         with pytest.raises(ValueError, match="option the file format cannot describe"):
             describe(nn.Sequential(layer), "where")
+
+
+def test_encode_refuses_what_it_cannot_describe(tmp_path):
+    shared = nn.Linear(8, 8)
+    net = MeanKLNetwork(nn.Sequential(nn.Flatten(), shared, nn.ReLU(), shared), impl="reference")
+    with pytest.raises(ValueError, match="used twice"):
+        encode(net, tmp_path / "x", progress=False)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4))
+    model[2].running_mean = model[2].running_mean.to(torch.int32)  # a dtype the file has no code for
+    net = MeanKLNetwork(model, impl="reference")
+    with pytest.raises(ValueError, match=r"cannot store 2\.running_mean"):
+        encode(net, tmp_path / "x", progress=False)
+    assert not bool(net.coded.any())  # refused before any block was coded
+
+
+def test_decoding_leaves_the_random_state_alone(tmp_path):
+    encode(small_net(), tmp_path / "m.llkm", progress=False)
+    state = torch.random.get_rng_state()
+    decode(tmp_path / "m.llkm")
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -441,3 +441,14 @@ def test_digits_local_k4_within_two_points_of_end_to_end():
     print(f"digits accuracy: {accuracy}, {time.perf_counter() - started:.1f} s")
     assert accuracy["end_to_end"] > 0.95
     assert accuracy["local"] >= accuracy["end_to_end"] - 0.02
+
+
+def test_a_loss_with_parameters_shared_by_modules_is_refused():
+    # one Reconstruction (with its decoders) given for every module: module 1's decoder gradient would
+    # arrive after module 0's optimizer had stepped and cleared it, and never be applied
+    x = torch.randn(4, 1, 8, 8)
+    shared = llkern.Composite([(llkern.Reconstruction(llkern.reconstruction_decoders(x.shape[1:])), 1.0),
+                               (llkern.CrossEntropy(), 1.0)])
+    net = llkern.LocalNet(digits_resnet(2, width=8), num_classes=10, losses=shared, example_input=x[:2])
+    with pytest.raises(ValueError, match="belongs to modules 0 and 1"):
+        llkern.LocalTrainer(net)
