@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from llkern.cli import _parse, main
+from llkern.cli import CHOICES, _parse, main
 
 
 def run(*argv):
@@ -48,6 +48,9 @@ def test_recipe_and_override(tmp_path):
     recipe.write_text(json.dumps({"modle": "mlp"}))
     with pytest.raises(SystemExit):
         run("--recipe", str(recipe))
+    recipe.write_text(json.dumps({"loss": "TRGL"}))  # a value argparse would refuse on the command line
+    with pytest.raises(SystemExit):
+        run("--recipe", str(recipe))
 
 
 def test_resume_continues(tmp_path):
@@ -55,9 +58,10 @@ def test_resume_continues(tmp_path):
     checkpoint = tmp_path / "run.pt"
     # a constant learning rate: a schedule's length is fixed by the first run's --epochs
     common = ("-k", "2", "--model", "mlp", "--schedule", "constant", "--checkpoint", str(checkpoint))
-    run("--epochs", "1", *common)
+    first = run("--epochs", "1", *common)
     out = run("--epochs", "2", *common, "--resume")
     assert [r["epoch"] for r in out["history"]] == [1, 2]
+    assert out["history"][0] == first["history"][0]  # epoch 1 was loaded, not trained again
 
 
 def write_cifar_binary(root, n=16):
@@ -101,7 +105,12 @@ RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.js
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipes_parse(recipe):
     _, args = _parse(["train", "--recipe", str(recipe), "--data-root", "somewhere"])
-    assert args.model and args.k >= 1 and args.epochs >= 1
+    values = json.loads(recipe.read_text())
+    for name, value in values.items():  # every value the recipe sets reaches the arguments, and is valid
+        if name != "description":
+            assert getattr(args, name) == value, name
+        if name in CHOICES:
+            assert value in CHOICES[name], name
 
 
 def test_contsup_recipe_runs_on_cifar_files(tmp_path):
