@@ -153,19 +153,25 @@ def _make_input(shape, layout):
     return x
 
 
+def _same_forward_backward(ref, new, x, *, rtol_out, rtol_grad):
+    """Run ``ref`` and ``new`` on copies of ``x`` with one random upstream gradient; their outputs and input
+    gradients must agree. Returns ``new``'s output."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ref(xa), new(xb)
+    g = torch.randn(ya.shape, dtype=F64)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(yb, ya, rtol=rtol_out, atol=1e-12)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=rtol_grad, atol=1e-12)
+    return yb
+
+
 def _compare_steps(ref, new, shape, layout, steps, train):
     ref.train(train)
     new.train(train)
     ref_bn = ref[0] if isinstance(ref, nn.Sequential) else ref
     for _ in range(steps):
-        x = _make_input(shape, layout)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = ref(xa), new(xb)
-        g = torch.randn(ya.shape, dtype=F64)
-        ya.backward(g)
-        yb.backward(g)
-        torch.testing.assert_close(yb, ya, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-10, atol=1e-12)
+        _same_forward_backward(ref, new, _make_input(shape, layout), rtol_out=1e-12, rtol_grad=1e-10)
     for (name, p), q in zip(ref_bn.named_parameters(), new.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -280,15 +286,8 @@ def test_bn_relu_conv_matches_plain(conv_kwargs, layout):
     for train in (True, False):
         ref.train(train)
         new.train(train)
-        x = _make_input((3, 7, 6, 5), layout)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = ref(xa), new(xb)
+        yb = _same_forward_backward(ref, new, _make_input((3, 7, 6, 5), layout), rtol_out=1e-12, rtol_grad=1e-10)
         assert yb.grad_fn is not None and "BatchNormReLUConv2d" in type(yb.grad_fn).__name__
-        g = torch.randn(ya.shape, dtype=F64)
-        ya.backward(g)
-        yb.backward(g)
-        torch.testing.assert_close(yb, ya, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-10, atol=1e-12)
         for (name, p), q in zip(ref.named_parameters(), new.parameters(), strict=True):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
     torch.testing.assert_close(new[0].running_var, ref[0].running_var, rtol=1e-12, atol=1e-12)
@@ -463,14 +462,8 @@ def test_convert_digits_resnet_is_exact(options):
     for train, batch in ((True, 12), (True, 5), (False, 3)):
         reference.train(train)
         converted.train(train)
-        x = torch.randn(batch, 1, 8, 8, dtype=F64)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = reference(xa), converted(xb)
-        g = torch.randn(ya.shape, dtype=F64)
-        ya.backward(g)
-        yb.backward(g)
-        torch.testing.assert_close(yb, ya, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-9, atol=1e-12)
+        _same_forward_backward(reference, converted, torch.randn(batch, 1, 8, 8, dtype=F64), rtol_out=1e-10,
+                               rtol_grad=1e-9)
     for (name, p), q in zip(reference.named_parameters(), converted.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
     for (name, a), b in zip(reference.named_buffers(), converted.buffers(), strict=True):
