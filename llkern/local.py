@@ -321,6 +321,31 @@ class LocalNet(nn.Module):
             return boundary
         return self.context(k, boundary, image, previous)
 
+    def module_parts(self, k: int) -> list[nn.Module]:
+        """The sub-modules that module ``k`` trains: block k, head k, loss k and, with a context supply,
+        the encoders that feed module k (k ≥ 1)."""
+        parts = [self.blocks[k], self.heads[k], self.losses[k]]
+        if self.context is not None and k >= 1:
+            if "E" in self.context.mode:
+                parts.append(self.context.image_encoders[k - 1])
+            if "R" in self.context.mode:
+                parts.append(self.context.previous_encoders[k - 1])
+        return parts
+
+    def _module_step(self, k: int, h: torch.Tensor, image: torch.Tensor, previous: torch.Tensor,
+                     target: torch.Tensor, autocast: torch.dtype | None):
+        """Module k's training forward: its input (with the context terms), the block, the local loss.
+        Returns ``(output, loss output)``; the caller runs the backward."""
+        residuals: list[torch.Tensor] = []
+        with _autocast(h.device, autocast):
+            module_input = self._module_input(k, h, image, previous)
+            out = run_module(self.blocks[k], module_input, residuals)
+        ctx = LocalContext(k, self.num_modules, module_input.detach(), out, target, self.heads[k], residuals,
+                           image=image)
+        if autocast is not None:
+            ctx = _float32_context(ctx)
+        return out, self.losses[k](ctx)
+
     def local_step(
         self,
         x: torch.Tensor,
@@ -331,6 +356,7 @@ class LocalNet(nn.Module):
         backward: Callable[[int, torch.Tensor], None] | None = None,
         after_backward: Callable[[int], None] | None = None,
         autocast: torch.dtype | None = None,
+        wrappers: Sequence[nn.Module | None] | None = None,
     ) -> StepResult:
         """One local training step: for each module, forward, local loss, backward.
 
@@ -355,6 +381,10 @@ class LocalNet(nn.Module):
                 ``torch.autocast`` on ``x``'s device; default None (no autocast). Heads and local losses
                 then run in float32 on the module's output cast to float32 (autocast also keeps
                 cross-entropy in float32, and the fused head op needs the weight's dtype).
+            wrappers: K modules (or None entries) through which module k's training forward runs instead
+                of directly: ``wrappers[k](h, image, previous, target, autocast)`` must return what
+                ``ModuleStep(net, k)`` does. This is how ``LocalTrainer`` puts each module under its own
+                ``DistributedDataParallel(ModuleStep(net, k))``.
         """
         if x.shape[0] == 0:
             raise ValueError("LocalNet.local_step: expected a non-empty batch, got x of shape "
@@ -363,6 +393,9 @@ class LocalNet(nn.Module):
             raise ValueError(f"LocalNet.local_step: expected target with {x.shape[0]} entries (the batch of x), "
                              f"got shape {list(target.shape)}")
         trained = self._trained_modules(modules)
+        if wrappers is not None and len(wrappers) != self.num_modules:
+            raise ValueError(f"LocalNet.local_step: expected {self.num_modules} wrappers (one per module, None "
+                             f"for none), got {len(wrappers)}")
         last = max(trained)
         losses: list[torch.Tensor | None] = [None] * self.num_modules
         accuracies: list[torch.Tensor | None] = [None] * self.num_modules
@@ -372,7 +405,7 @@ class LocalNet(nn.Module):
         h = image
         # The R context of module k reads module k−1's input boundary: keep boundaries one module longer.
         keep_previous = self.context is not None and "R" in self.context.mode
-        for k, (block, head, loss_fn) in enumerate(zip(self.blocks, self.heads, self.losses, strict=True)):
+        for k, block in enumerate(self.blocks):
             if k > last:
                 break
             previous = image if k <= 1 or not keep_previous else boundaries[k - 2].tensor
@@ -382,16 +415,10 @@ class LocalNet(nn.Module):
                     out = block(self._module_input(k, h, image, previous))
                 del previous
             else:
-                residuals: list[torch.Tensor] = []
-                with _autocast(x.device, autocast):
-                    module_input = self._module_input(k, h, image, previous)
-                    out = run_module(block, module_input, residuals)
-                ctx = LocalContext(k, self.num_modules, module_input.detach(), out, target, head, residuals,
-                                   image=image)
-                if autocast is not None:
-                    ctx = _float32_context(ctx)
-                result = loss_fn(ctx)
-                del ctx  # with autocast it holds float32 copies that the backward does not need
+                if wrappers is not None and wrappers[k] is not None:
+                    out, result = wrappers[k](h, image, previous, target, autocast)
+                else:
+                    out, result = self._module_step(k, h, image, previous, target, autocast)
                 if backward is None:
                     result.loss.backward()
                 else:
@@ -399,7 +426,7 @@ class LocalNet(nn.Module):
                 losses[k] = result.loss.detach()
                 accuracies[k] = _accuracy(result, target)
                 terms[k] = {name: value.detach() for name, value in result.terms.items()}
-                del result, residuals, module_input, previous
+                del result, previous
             # Module k's graph is gone; its input boundary is no longer needed (with the R context,
             # module k+1 still reads it, and the boundary before is the one now free).
             done = k - 2 if keep_previous else k - 1
@@ -435,3 +462,27 @@ class LocalNet(nn.Module):
                 raise IndexError(f"LocalNet.local_step: module {k!r} is out of range for {self.num_modules} modules")
             trained.add(k % self.num_modules)
         return trained
+
+
+class ModuleStep(nn.Module):
+    """Module ``k`` of a :class:`LocalNet` as one ``nn.Module`` whose forward is its training forward.
+
+    Its sub-modules are module k's parts (:meth:`LocalNet.module_parts`: block, head, loss, context
+    encoders) and nothing else, so a wrapper that hooks an ``nn.Module``'s parameters sees exactly
+    the parameters module k trains: ``DistributedDataParallel(ModuleStep(net, k))`` all-reduces module
+    k's gradients during module k's own backward, bucket by bucket as they are formed.
+    ``forward(h, image, previous, target, autocast)`` returns ``(output, LocalLossOutput)``; pass
+    the wrappers to :meth:`LocalNet.local_step` (``wrappers=``).
+    """
+
+    def __init__(self, net: LocalNet, k: int) -> None:
+        super().__init__()
+        if not 0 <= k < net.num_modules:
+            raise IndexError(f"ModuleStep: module {k} is out of range for {net.num_modules} modules")
+        self.parts = nn.ModuleList(net.module_parts(k))
+        self.k = k
+        object.__setattr__(self, "net", net)  # a plain reference: the net's other modules stay unregistered
+
+    def forward(self, h: torch.Tensor, image: torch.Tensor, previous: torch.Tensor, target: torch.Tensor,
+                autocast: torch.dtype | None = None):
+        return self.net._module_step(self.k, h, image, previous, target, autocast)

@@ -8,8 +8,9 @@ before module k+1 allocates its own. On top of :meth:`LocalNet.local_step` the t
   module k for its epochs, then frozen, then module k+1);
 * precision: fp32, bf16 autocast, fp16 autocast with one gradient scaler per module;
 * per-module gradient-norm clipping and learning-rate schedules;
-* data parallelism: gradients averaged over the processes per module (DDP's arithmetic, one
-  all-reduce per module after its backward);
+* data parallelism: each module under its own ``torch.nn.parallel.DistributedDataParallel``
+  (:class:`llkern.local.ModuleStep`), so module k's gradients are all-reduced during module k's
+  backward, before its optimizer steps;
 * ``fit`` with per-epoch log rows (per-module loss and accuracy, step time, peak saved bytes),
   a progress bar, JSON/CSV logs, checkpoints and exact resume.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import json
 import math
 import os
@@ -38,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llkern.local import LocalNet, StepResult
+from llkern.local import LocalNet, ModuleStep, StepResult
 from llkern.memory import MemoryMeter
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -57,15 +59,8 @@ def default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
 
 
 def module_parts(net: LocalNet, k: int) -> list[nn.Module]:
-    """The sub-modules that module ``k`` trains: block k, head k, loss k and, with a context supply,
-    the encoders that feed module k (k ≥ 1)."""
-    parts = [net.blocks[k], net.heads[k], net.losses[k]]
-    if net.context is not None and k >= 1:
-        if "E" in net.context.mode:
-            parts.append(net.context.image_encoders[k - 1])
-        if "R" in net.context.mode:
-            parts.append(net.context.previous_encoders[k - 1])
-    return parts
+    """The sub-modules that module ``k`` trains (:meth:`LocalNet.module_parts`)."""
+    return net.module_parts(k)
 
 
 def module_parameters(net: LocalNet) -> list[list[nn.Parameter]]:
@@ -187,11 +182,17 @@ class LocalTrainer:
         clip_grad_norm: None, or the largest gradient 2-norm of each module (its own parameters
             only, after unscaling); default None.
         epochs_per_module: sequential mode's epochs per module, an int or K ints; default 1.
-        distributed: average the gradients over the processes of ``process_group`` (an initialised
-            ``torch.distributed`` group), per module, as ``DistributedDataParallel`` does.
+        distributed: data parallel over the processes of ``process_group`` (an initialised
+            ``torch.distributed`` group): module k's training forward runs through
+            ``DistributedDataParallel(ModuleStep(net, k))`` (:attr:`ddp`), which averages module k's
+            gradients over the processes during its backward. Every process must run the same steps.
         process_group: the group for ``distributed`` (default: the world).
-        broadcast_buffers: with ``distributed``, copy rank 0's buffers (BatchNorm statistics) to every
-            process before each step, as DDP does by default.
+        broadcast_buffers: with ``distributed``, DDP copies rank 0's buffers of a module (BatchNorm
+            statistics) to every process before that module's forward (DDP's default).
+        find_unused_parameters: with ``distributed``, DDP's option of that name: needed when a module
+            has parameters that its local loss does not use (the heads of the modules before the last
+            under :class:`llkern.losses.MutualInformation`); default False. DDP names the unused
+            parameters in its error when it is needed.
         measure_memory: record the peak bytes saved for backward per epoch in ``fit`` (a
             :class:`llkern.MemoryMeter` around the steps; it costs a Python call per saved tensor).
         seed: seed of the generator that shuffles tensor data in ``fit``; default: drawn from
@@ -215,6 +216,7 @@ class LocalTrainer:
         distributed: bool = False,
         process_group: Any = None,
         broadcast_buffers: bool = True,
+        find_unused_parameters: bool = False,
         measure_memory: bool = True,
         seed: int | None = None,
     ) -> None:
@@ -273,9 +275,24 @@ class LocalTrainer:
             self.rank = dist.get_rank(process_group)
             self.world_size = dist.get_world_size(process_group)
             self._source = dist.get_global_rank(process_group, 0) if process_group is not None else 0
-            # As DDP's constructor: every replica starts from rank 0's parameters and buffers.
+            # Every replica starts from rank 0's parameters and buffers, those outside every module too
+            # (each DDP constructor below broadcasts its own module's again).
             self._broadcast([*net.parameters(), *net.buffers()])
+            from torch.nn.parallel import DistributedDataParallel
 
+            # One DDP per module (a local step makes K backwards, one per module; a DDP expects one
+            # backward per forward through it). A module without a trainable parameter needs none.
+            # torch ≥ 2.13 names the per-forward buffer broadcast forward_sync_buffers (and warns on the old name)
+            sync_option = ("forward_sync_buffers" if "forward_sync_buffers" in
+                           inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers")
+            self.ddp = [
+                DistributedDataParallel(ModuleStep(net, k), process_group=process_group,
+                                        find_unused_parameters=find_unused_parameters,
+                                        **{sync_option: broadcast_buffers})
+                if any(p.requires_grad for p in self.module_params[k]) else None
+                for k in range(K)]
+        else:
+            self.ddp = None
         if seed is None:
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
         if distributed:
@@ -357,29 +374,16 @@ class LocalTrainer:
 
         _flat_apply(tensors, lambda flat: dist.broadcast(flat, src=self._source, group=self.process_group))
 
-    def _all_reduce_mean(self, grads: list[torch.Tensor]) -> None:
-        import torch.distributed as dist
-
-        def reduce(flat: torch.Tensor) -> None:
-            flat.div_(self.world_size)  # divide first, as DDP does: the sum of large gradients stays finite
-            dist.all_reduce(flat, group=self.process_group)
-
-        _flat_apply(grads, reduce)
-
     def _backward(self, k: int, loss: torch.Tensor) -> None:
         scaler = self.scalers[k]
         (loss if scaler is None else scaler.scale(loss)).backward()
 
     def _after_backward(self, k: int) -> None:
-        """Module k's update, run inside local_step before module k+1's forward: average the gradients
-        over the processes, unscale, clip, step, free the gradients."""
+        """Module k's update, run inside local_step before module k+1's forward (with ``distributed``,
+        its DDP has averaged the gradients during the backward): unscale, clip, step, free the gradients."""
         params = [p for p in self.module_params[k] if p.grad is not None]
         optimizer, scaler = self.optimizers[k], self.scalers[k]
         if params:
-            if self.distributed:
-                # Every process runs the same modules in the same order, so the collectives match;
-                # a parameter without a gradient must lack it on every process (as DDP requires).
-                self._all_reduce_mean([p.grad for p in params])
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if self.clip_grad_norm is not None:
@@ -405,12 +409,17 @@ class LocalTrainer:
         modules = self.trained_modules()
         for k in modules:  # gradients left by the caller would be added to this step's
             self.optimizers[k].zero_grad(set_to_none=True)
-        if self.distributed and self.broadcast_buffers:
-            buffers = list(self.net.buffers())
-            if buffers:
-                self._broadcast(buffers)
-        result = self.net.local_step(x, y, modules=modules, backward=self._backward,
-                                     after_backward=self._after_backward, autocast=self._autocast_dtype())
+        try:
+            result = self.net.local_step(x, y, modules=modules, backward=self._backward,
+                                         after_backward=self._after_backward, autocast=self._autocast_dtype(),
+                                         wrappers=self.ddp)
+        except RuntimeError as error:
+            if self.distributed and "find_unused_parameters" in str(error):
+                raise RuntimeError(
+                    "LocalTrainer(distributed=True): a module has parameters its local loss did not use (the "
+                    "heads of all but the last module under MutualInformation, say); pass "
+                    "LocalTrainer(..., find_unused_parameters=True)") from error
+            raise
         self.global_step += 1
         return result
 

@@ -264,22 +264,43 @@ def test_gradient_clipping_bounds_each_module_norm():
 STEPS, SHARD = 4, 16
 
 
+def mi_net(seed=0):
+    """MOLE's losses: the heads of modules 0 and 1 are unused, so DDP needs find_unused_parameters."""
+    return small_net(seed=seed, losses=lambda k, K: llkern.MutualInformation())
+
+
 def _ddp_worker(rank, world, port, x, y, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         # Different initialisations per rank: the trainer broadcasts rank 0's parameters.
-        results = {}
-        for name, net in (("plain", plain_net(seed=rank)), ("bn", small_net(seed=rank))):
-            trainer = LocalTrainer(net, distributed=True, optimizer=sgd(0.1, 0.9))
+        results, kinds = {}, {}
+        cases = (("plain", plain_net(seed=rank), {}), ("bn", small_net(seed=rank), {}),
+                 ("sequential", small_net(seed=rank), {"mode": "sequential"}),
+                 ("mi", mi_net(seed=rank), {"find_unused_parameters": True}))
+        for name, net, options in cases:
+            trainer = LocalTrainer(net, distributed=True, optimizer=sgd(0.1, 0.9), **options)
             for s in range(STEPS):
                 batch = slice(s * world * SHARD + rank * SHARD, s * world * SHARD + (rank + 1) * SHARD)
                 trainer.step(x[batch], y[batch])
+                if name == "sequential" and s % 2 == 1:
+                    trainer.end_epoch()  # modules 0 then 1, two steps each
             results[name] = net.state_dict()
+            kinds[name] = [isinstance(w, DistributedDataParallel) for w in trainer.ddp]
+        results["kinds"] = kinds
+        # without find_unused_parameters, unused heads are named as the cause at the next step (on every rank)
+        trainer = LocalTrainer(mi_net(seed=rank), distributed=True, optimizer=sgd())
+        trainer.step(x[:SHARD], y[:SHARD])
+        try:
+            trainer.step(x[:SHARD], y[:SHARD])
+            results["unused_error"] = ""
+        except RuntimeError as error:
+            results["unused_error"] = str(error)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -300,10 +321,17 @@ def test_data_parallel_two_gloo_processes_match_one_process_on_the_whole_batch(t
     mp.start_processes(_ddp_worker, args=(world, free_port(), x, y, str(tmp_path)), nprocs=world, join=True,
                        start_method=start_method)
     replicas = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
-    for name in ("plain", "bn"):  # the replicas' parameters stay identical, BatchNorm or not
-        net = plain_net() if name == "plain" else small_net()
+    # every module ran under its own DistributedDataParallel
+    assert all("find_unused_parameters=True" in replica["unused_error"] for replica in replicas)
+    assert all(replica["kinds"][name] == [True] * 3 for replica in replicas for name in replica["kinds"])
+    nets = {"plain": plain_net(), "bn": small_net(), "sequential": small_net(), "mi": mi_net()}
+    for name, net in nets.items():  # the replicas' parameters stay identical: BatchNorm, sequential, unused heads
         for key, _ in net.named_parameters():
             assert torch.equal(replicas[0][name][key], replicas[1][name][key]), (name, key)
+    # sequential: module 2 was never trained, modules 0 and 1 were
+    for key, value in small_net(seed=0).named_parameters():
+        if key.startswith("blocks."):
+            assert torch.equal(replicas[0]["sequential"][key], value) == key.startswith("blocks.2."), key
     # BatchNorm's running statistics come from each process's shard, as with DDP: equal at the start of
     # a step (rank 0's are broadcast), different after it.
     # Without BatchNorm (whose batch statistics are per process) the averaged gradients are those of
@@ -314,6 +342,26 @@ def test_data_parallel_two_gloo_processes_match_one_process_on_the_whole_batch(t
         trainer.step(x[s * world * SHARD:(s + 1) * world * SHARD], y[s * world * SHARD:(s + 1) * world * SHARD])
     for key, value in net.state_dict().items():
         torch.testing.assert_close(replicas[0]["plain"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_module_step_wraps_exactly_one_module_and_gives_the_same_step():
+    from llkern.local import ModuleStep
+
+    nets = [small_net(context="RE"), small_net(context="RE")]
+    steps = [ModuleStep(nets[1], k) for k in range(3)]
+    for k, step in enumerate(steps):  # module k's parts, and no other parameter of the net
+        expected = {id(p) for part in nets[1].module_parts(k) for p in part.parameters()}
+        assert {id(p) for p in step.parameters()} == expected
+    x, y = data(16)
+    plain = nets[0].local_step(x, y)
+    wrapped = nets[1].local_step(x, y, wrappers=steps)
+    assert plain.losses == wrapped.losses
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+    with pytest.raises(ValueError, match="expected 3 wrappers"):
+        nets[1].local_step(x, y, wrappers=steps[:2])
+    with pytest.raises(IndexError, match="out of range"):
+        ModuleStep(nets[1], 3)
 
 
 def test_distributed_needs_a_process_group():
