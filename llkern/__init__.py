@@ -8,9 +8,10 @@ Quick start::
     optimizer.step()
 """
 
-from llkern import functional, heads, losses, memory
+from llkern import functional, graph, heads, losses, memory
 from llkern._ext import extension_loaded, kernel_available
 from llkern.context import ContextSupply
+from llkern.graph import Graph, GraphConv, GraphReadout, graph_conv, normalized_adjacency
 from llkern.heads import (
     InfoProHead,
     LinearHead,
@@ -55,6 +56,9 @@ __all__ = [
     "Composite",
     "ContextSupply",
     "CrossEntropy",
+    "Graph",
+    "GraphConv",
+    "GraphReadout",
     "InfoProHead",
     "LinearHead",
     "LinearSchedule",
@@ -81,6 +85,8 @@ __all__ = [
     "contrastive_heads",
     "extension_loaded",
     "functional",
+    "graph",
+    "graph_conv",
     "heads",
     "infopro_heads",
     "infopro_schedule",
@@ -90,6 +96,7 @@ __all__ = [
     "memory",
     "miracle_select",
     "mlp_sr_heads",
+    "normalized_adjacency",
     "reconstruction_decoders",
     "run_module",
     "split",

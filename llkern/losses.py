@@ -264,11 +264,20 @@ class MutualInformation(_LastModuleTask):
         sigma_scale: the factor on ``d_rms`` for ``sigma="rms"`` (default 0.5).
         label_sigma: width of the labels' kernel; None (default) is the label-equality indicator.
         pool: mean-pool (B,C,H,W) features over H, W instead of flattening them (default False).
+        readout: a callable (an ``nn.Module`` to keep the net picklable) mapping the module's output to
+            the ``(B, d)`` rows T, in place of ``pool``/flattening; e.g. :class:`llkern.graph.GraphReadout`
+            (one row per graph of a padded batch). Default None.
+        ignore_index: rows whose label is this value are left out of I(T; Y) (semi-supervised node
+            classification: the unlabelled nodes), as :class:`CrossEntropy`'s ``ignore_index``; the width
+            ``"rms"`` is then measured on the kept rows. None keeps every row. Default -100. A batch
+            without a kept row gives a loss of 0 without gradient. Selecting the rows reads the labels
+            on the host (one synchronisation per call).
         last_module_task: as in :class:`SupervisedContrastive`.
     """
 
     def __init__(self, sigma: float | str = "rms", *, sigma_scale: float = 0.5, label_sigma: float | None = None,
-                 pool: bool = False, last_module_task: LocalLoss | bool = True) -> None:
+                 pool: bool = False, readout: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 ignore_index: int | None = -100, last_module_task: LocalLoss | bool = True) -> None:
         name = "MutualInformation"
         super().__init__(name, last_module_task)
         if isinstance(sigma, str):
@@ -280,9 +289,24 @@ class MutualInformation(_LastModuleTask):
         self.sigma_scale = _positive_number(name, "sigma_scale", sigma_scale)
         self.label_sigma = None if label_sigma is None else _positive_number(name, "label_sigma", label_sigma)
         self.pool = bool(pool)
+        if readout is not None and not callable(readout):
+            raise TypeError(f"{name}: expected readout to be a callable (an nn.Module) or None, "
+                            f"got {type(readout).__name__}")
+        self.readout = readout
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+            raise TypeError(f"{name}: expected ignore_index to be an int or None, got {type(ignore_index).__name__}")
+        self.ignore_index = ignore_index
 
     def representation(self, outputs: torch.Tensor) -> torch.Tensor:
-        """T: the module's output as (B, d) rows (pooled over H, W with ``pool``, else flattened)."""
+        """T: the module's output as (B, d) rows (``readout``'s, else pooled over H, W with ``pool``, else
+        flattened)."""
+        if self.readout is not None:
+            t = self.readout(outputs)
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != outputs.shape[0]:
+                shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"MutualInformation: expected readout to return ({outputs.shape[0]}, d) rows, "
+                                 f"got {shape}")
+            return t
         if self.pool and outputs.dim() == 4:
             outputs = outputs.mean(dim=(2, 3))
         return outputs.flatten(1) if outputs.dim() > 2 else outputs
@@ -299,10 +323,18 @@ class MutualInformation(_LastModuleTask):
 
     def local(self, ctx: LocalContext) -> LocalLossOutput:
         t = self.representation(ctx.outputs)
+        target = ctx.target
+        if self.ignore_index is not None and target.dim() == 1 and target.shape[0] == t.shape[0]:
+            keep = target != self.ignore_index
+            if not bool(keep.all()):  # the labelled rows only
+                if not bool(keep.any()):
+                    zero = _no_loss(ctx)
+                    return LocalLossOutput(zero, None, {"mi": zero.detach()})
+                t, target = t[keep], target[keep]
         sigma = self.width(t)
         if isinstance(sigma, torch.Tensor):  # differentiate through σ: I(T; Y) at width σ is I(T/σ; Y) at width 1
             t, sigma = t / sigma.to(t.dtype), 1.0
-        mi = renyi_mutual_information(t, ctx.target, sigma=sigma, label_sigma=self.label_sigma)
+        mi = renyi_mutual_information(t, target, sigma=sigma, label_sigma=self.label_sigma)
         return LocalLossOutput(-mi, None, {"mi": mi.detach()})
 
 

@@ -1,4 +1,4 @@
-"""Reference models: small digits networks, CIFAR ResNets, VGG, an MLP, a transformer encoder.
+"""Reference models: small digits networks, CIFAR ResNets, VGG, an MLP, a transformer encoder, GCNs.
 
 Every model but the digits helpers is a flat ``nn.Sequential`` of cuttable units (stem or embedding,
 blocks or layers, a classifier head as its own last entry), so that a split planner can cut it between
@@ -8,6 +8,7 @@ became this package.
 """
 
 from llkern.models.digits import PreActBlock, digits_lenet, digits_lenet_caffe, digits_resnet
+from llkern.models.gcn import GCNLayer, GraphHead, gcn_graphs, gcn_nodes
 from llkern.models.mlp import mlp
 from llkern.models.resnet import BasicBlock, PadShortcut, cifar_resnet, resnet32, resnet110
 from llkern.models.transformer import (
@@ -23,6 +24,8 @@ from llkern.models.vgg import VGG_CONFIGS, vgg, vgg11, vgg16
 __all__ = [
     "VGG_CONFIGS",
     "BasicBlock",
+    "GCNLayer",
+    "GraphHead",
     "PadShortcut",
     "PatchEmbed",
     "PreActBlock",
@@ -34,6 +37,8 @@ __all__ = [
     "digits_lenet",
     "digits_lenet_caffe",
     "digits_resnet",
+    "gcn_graphs",
+    "gcn_nodes",
     "mlp",
     "resnet32",
     "resnet110",
