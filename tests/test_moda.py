@@ -189,7 +189,7 @@ def test_model_without_relu_is_refused():
         moda.MODALocalLoss(nn.Linear(3, 3))
 
 
-def test_local_loss_in_localnet():
+def test_local_loss_in_localnet(tmp_path):
     torch.manual_seed(0)
     model = digits_cnn(4)
     blocks = [model[:6], model[6:13], model[13:17]]
@@ -216,6 +216,12 @@ def test_local_loss_in_localnet():
     ctx = llkern.losses.LocalContext(0, 3, x, out, y, net.heads[0])
     with pytest.raises(RuntimeError, match="no ReLU output"):
         net.losses[0](ctx)
+    # saved and loaded, the hooks go with the copy and record into the copy's losses
+    net.train()
+    net.save(tmp_path / "net.pt")
+    loaded = llkern.LocalNet.load(tmp_path / "net.pt")
+    assert set(loaded.local_step(x, y).terms[2]) == {"ce", "affinity", "dispersion", "compactness"}
+    assert all(loss._recorded == [] for loss in net.losses)
 
 
 # --- extraction --------------------------------------------------------------------------------------------
