@@ -133,6 +133,27 @@ def test_low_precision_error_relative_to_pytorch(device, dtype):
         assert err(g, r) <= 2 * err(t, r) + 1e-6
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_autocast_casts_float32_weights_to_the_16_bit_features(device, impl):
+    features, weight, bias, target = make((16, 8, 3, 3), 5, device, torch.bfloat16)
+    weight32, bias32 = (t.detach().float().requires_grad_() for t in (weight, bias))
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        loss = aux_head_loss(features, weight32, bias32, target, impl=impl)
+    d_w32, d_b32 = torch.autograd.grad(loss, [weight32, bias32])
+    # the same as the op in bf16 on bf16 parameters, with the gradients widened to the float32 parameters
+    expected = aux_head_loss(features, weight, bias, target, impl=impl)
+    d_w, d_b = torch.autograd.grad(expected, [weight, bias])
+    assert torch.equal(loss, expected)
+    assert d_w32.dtype == torch.float32 and torch.equal(d_w32, d_w.float()) and torch.equal(d_b32, d_b.float())
+    # outside autocast the mismatch is an error that names it; so is a mismatch autocast would not make
+    with pytest.raises(TypeError, match="dtype of features"):
+        aux_head_loss(features, weight32, bias32, target, impl=impl)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16), \
+            pytest.raises(TypeError, match="dtype of features"):
+        aux_head_loss(features, weight32.double(), None, target, impl=impl)
+
+
 def test_all_targets_ignored_gives_zero_loss_and_zero_gradients():
     features, weight, bias, target = make((4, 5), 3)
     target.fill_(-100)

@@ -11,6 +11,7 @@ torch.compile traces through, are here.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
@@ -65,6 +66,26 @@ def _check(features, weight, bias, target, ignore_index, label_smoothing, reduct
         raise ValueError(f"{name}: expected reduction to be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def _autocast_inputs(features, weight, bias):
+    """Cast ``weight`` and ``bias`` to the features' 16-bit dtype when autocast to that dtype is on."""
+    if not (isinstance(features, torch.Tensor) and isinstance(weight, torch.Tensor)) \
+            or weight.dtype == features.dtype or not torch.amp.is_autocast_available(features.device.type) \
+            or not torch.is_autocast_enabled(features.device.type):
+        return features, weight, bias
+    low = torch.get_autocast_dtype(features.device.type)
+    if features.dtype != low or weight.dtype != torch.float32:
+        return features, weight, bias  # not the autocast pattern: _check names the mismatch
+    if isinstance(bias, torch.Tensor) and bias.dtype == torch.float32:
+        bias = bias.to(low)
+    return features, weight.to(low), bias
+
+
 def _check_labels_reference(target: torch.Tensor, classes: int, ignore_index: int) -> None:
     bad = (target != ignore_index) & ((target < 0) | (target >= classes))
     if bad.any():
@@ -95,8 +116,8 @@ def aux_head_loss(
 
     Args:
         features: ``(B,C,H,W)``, ``(B,C)`` or ``(B,T,C)``; float32, float64, bfloat16 or float16.
-        weight: ``(classes, C)``, the dtype of ``features``.
-        bias: ``(classes,)`` or None.
+        weight: ``(classes, C)``, the dtype of ``features`` (see autocast below).
+        bias: ``(classes,)`` or None, the dtype of ``weight``.
         target: int64 or int32 class indices, ``(B,)`` (``(B,T)`` for tokens).
         ignore_index: targets equal to it contribute neither loss nor gradient.
         label_smoothing: ε in [0, 1].
@@ -107,7 +128,14 @@ def aux_head_loss(
 
     Returns:
         The loss (float32; float64 for float64 inputs), and with ``return_correct`` an int64 count.
+
+    Autocast: under ``torch.autocast`` on the features' device, 16-bit features with float32
+    weight and bias (a head of float32 parameters on a module run under autocast) run in the
+    autocast dtype, as ``F.linear`` would: weight and bias are cast, and their gradients reach the
+    float32 parameters through the cast. The kernel accumulates in float32 either way. Inputs that
+    already share a dtype are left as they are.
     """
+    features, weight, bias = _autocast_inputs(features, weight, bias)
     _check(features, weight, bias, target, ignore_index, label_smoothing, reduction)
     if use_kernel("aux_head_loss", features.device, impl):
         needs_grad = torch.is_grad_enabled() and any(
@@ -117,8 +145,10 @@ def aux_head_loss(
     else:
         if not torch.compiler.is_compiling():
             _check_labels_reference(target, weight.shape[0], ignore_index)
-        loss, correct = aux_head_loss_reference(features, weight, bias, target, ignore_index,
-                                                float(label_smoothing), reduction)
+        # the reference picks its own accumulation dtype: autocast must not re-cast its steps
+        with _no_autocast(features.device.type):
+            loss, correct = aux_head_loss_reference(features, weight, bias, target, ignore_index,
+                                                    float(label_smoothing), reduction)
     return (loss, correct) if return_correct else loss
 
 
