@@ -12,6 +12,13 @@ the test accuracy of the last head. ``-k 1`` is end-to-end training of the same 
 a JSON file of option values (``{"model": "resnet32", "k": 4, ...}``, names as the long options with
 ``_`` for ``-``); options given on the command line override it. recipes/ holds the published
 settings.
+
+MOLE (docs/mole.md): ``--loss mi --mode sequential`` on digits as vectors (``--data digits-vectors
+--model mlp``), as images (``--data digits --model digits-cnn``) and on graphs with ``--model gcn``:
+``--data karate`` (node classification on Zachary's karate club, ``--labelled-per-class`` labelled
+members per faction, the others predicted; the whole graph is one batch and an epoch is 10 steps on
+it) or ``--data synthetic-graphs`` (graph classification on synthetic networkx graphs). A GCN is cut
+into K modules of whole graph-convolution layers (``--gcn-depth`` layers, K ≤ depth).
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ from torch import nn
 
 __all__ = ["build_parser", "main", "train"]
 
-MODELS = ("digits-resnet", "digits-lenet", "mlp", "transformer", "resnet32", "resnet110", "vgg11", "vgg16")
+MODELS = ("digits-resnet", "digits-lenet", "digits-cnn", "mlp", "transformer", "resnet32", "resnet110", "vgg11",
+          "vgg16", "gcn")
 LOSSES = ("ce", "trgl", "supcon", "mi", "infopro")
 HEADS = ("auto", "linear", "mlp-sr", "infopro")
-DATA = ("digits", "cifar10")
+DATA = ("digits", "digits-vectors", "cifar10", "karate", "synthetic-graphs")
+GRAPH_DATA = ("karate", "synthetic-graphs")
+GRAPH_LOSSES = ("ce", "mi")
 # every option with a fixed set of values: argparse checks the command line, _parse checks a recipe
 CHOICES = {"model": MODELS, "split": ("layers", "params", "saved_bytes"), "loss": LOSSES, "heads": HEADS,
            "context": (None, "E", "R", "RE"), "mode": ("simultaneous", "sequential"), "data": DATA,
@@ -67,9 +77,17 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
                        help="epochs in all (sequential mode: each module gets epochs / K)")
     train.add_argument("--data", choices=DATA, default="digits")
     train.add_argument("--data-root", help="CIFAR-10's folder (the binary or Python distribution, extracted)")
+    train.add_argument("--labelled-per-class", type=int, default=3,
+                       help="karate: labelled members per faction (the others are predicted)")
+    train.add_argument("--gcn-depth", type=int, default=None,
+                       help="gcn: graph-convolution layers (default 2 for karate, 3 for synthetic-graphs)")
+    train.add_argument("--gcn-hidden", type=int, default=None,
+                       help="gcn: hidden features (default 16 for karate, 32 for synthetic-graphs)")
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--optimizer", choices=CHOICES["optimizer"], default="adam")
-    train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: sgd 0.1, adam 2e-3)")
+    train.add_argument("--lr", type=float, default=None,
+                       help="peak learning rate (default: sgd 0.1, adam 2e-3; adam on karate 1e-2, "
+                            "synthetic-graphs 5e-3)")
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--schedule", choices=CHOICES["schedule"], default="onecycle")
     train.add_argument("--precision", choices=CHOICES["precision"], default="fp32")
@@ -119,6 +137,9 @@ def _data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
     if args.data == "digits":
         return load_digits(seed=args.seed)
+    if args.data == "digits-vectors":
+        x, y, x_test, y_test = load_digits(seed=args.seed)
+        return x.flatten(1), y, x_test.flatten(1), y_test
     if args.data_root is None:
         raise SystemExit("llkern train: --data cifar10 needs --data-root (the extracted CIFAR-10 folder; nothing "
                          "is downloaded)")
@@ -136,6 +157,10 @@ def _model(name: str, example: torch.Tensor) -> nn.Sequential:
         model = models.digits_resnet(1)[0]
     elif name == "digits-lenet":
         model = models.digits_lenet()
+    elif name == "digits-cnn":
+        model = models.digits_lenet_caffe()
+    elif name == "gcn":
+        raise SystemExit("llkern train: --model gcn needs graph data (--data karate or --data synthetic-graphs)")
     elif name == "mlp":
         model = models.mlp(in_features=example[0].numel())
     elif name == "transformer":
@@ -213,10 +238,134 @@ def _heads(args: argparse.Namespace, num_classes: int, tokens: bool) -> Any:
     return lambda k, shape: TokenClassifier(shape[-1], num_classes)
 
 
+def _trainer(args: argparse.Namespace, net: Any, steps_per_epoch: int, default_lr: float = 2e-3,
+             measure_memory: bool = True) -> tuple[Any, int]:
+    """The LocalTrainer of ``args`` (optimizer, schedule per training phase, mode, precision), resumed from
+    ``--checkpoint`` with ``--resume``; and the epochs per module."""
+    import llkern
+
+    lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else default_lr)
+    epochs_per_module = max(1, args.epochs // args.k) if args.mode == "sequential" else 1
+    phase_epochs = epochs_per_module if args.mode == "sequential" else args.epochs
+
+    def optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if args.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+
+    def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+        if args.schedule == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=phase_epochs * steps_per_epoch)
+        if args.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, phase_epochs * steps_per_epoch)
+        return None
+
+    trainer = llkern.LocalTrainer(net, mode=args.mode, optimizer=optimizer,
+                                  scheduler=scheduler if args.schedule != "constant" else None,
+                                  scheduler_interval="step", precision=args.precision, clip_grad_norm=args.clip,
+                                  epochs_per_module=epochs_per_module, measure_memory=measure_memory,
+                                  seed=args.seed)
+    if args.resume:
+        if not args.checkpoint or not Path(args.checkpoint).is_file():
+            raise SystemExit("llkern train: --resume needs --checkpoint pointing at a saved trainer")
+        trainer.load(args.checkpoint)
+    return trainer, epochs_per_module
+
+
+NODE_STEPS_PER_EPOCH = 10  # karate: the whole graph is one batch; an epoch is this many steps on it
+
+
+@torch.no_grad()
+def _node_accuracies(net: Any, x: torch.Tensor, target: torch.Tensor) -> list[float]:
+    """Per head, the accuracy on the nodes whose ``target`` is not ignore_index (-100)."""
+    was_training = net.training
+    net.eval()
+    try:
+        logits = net.forward_all(x)
+    finally:
+        net.train(was_training)
+    keep = target != -100
+    return [(out.argmax(dim=1)[keep] == target[keep]).float().mean().item() for out in logits]
+
+
+def _train_graph(args: argparse.Namespace) -> dict:
+    """``llkern train --model gcn --data karate|synthetic-graphs``: a GCN cut into K modules of whole layers."""
+    import llkern
+    from llkern.graph import Graph
+    from llkern.graph_data import karate_club, split_graphs, synthetic_graphs
+    from llkern.heads import LinearHead
+    from llkern.models import GraphHead, gcn_graphs, gcn_nodes
+
+    if args.model != "gcn":
+        raise SystemExit(f"llkern train: --data {args.data} is graph data; it needs --model gcn, got {args.model}")
+    if args.data not in GRAPH_DATA:
+        raise SystemExit(f"llkern train: --model gcn needs graph data (--data {' or --data '.join(GRAPH_DATA)}), "
+                         f"got --data {args.data}")
+    if args.loss not in GRAPH_LOSSES:
+        raise SystemExit(f"llkern train: a GCN trains with --loss {' or '.join(GRAPH_LOSSES)}, got {args.loss}")
+    if args.context or args.relu_masks or args.recompute_bn_relu or args.heads not in ("auto", "linear"):
+        raise SystemExit("llkern train: --context, --relu-masks, --recompute-bn-relu and --heads other than linear "
+                         "are for image models, not for --model gcn")
+    nodes = args.data == "karate"
+    depth = args.gcn_depth if args.gcn_depth is not None else (2 if nodes else 3)
+    hidden = args.gcn_hidden if args.gcn_hidden is not None else (16 if nodes else 32)
+    if depth < 1 or hidden < 1:
+        raise SystemExit(f"llkern train: expected --gcn-depth and --gcn-hidden >= 1, got {depth} and {hidden}")
+    if args.k > depth:
+        raise SystemExit(f"llkern train: -k/--modules: a GCN of {depth} layers (--gcn-depth) makes at most {depth} "
+                         f"modules of whole layers, got K={args.k}")
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    if nodes:
+        data = karate_club(args.labelled_per_class, seed=args.seed)
+        graph = Graph(data.adjacency)
+        num_classes = data.num_classes
+        model = gcn_nodes(graph, data.x.shape[1], num_classes, hidden=hidden, depth=depth, dropout=0.5)
+        x, target = data.x.to(device), data.train_target().to(device)
+        train_data: Any = [(x, target)] * NODE_STEPS_PER_EPOCH
+        example, steps_per_epoch, default_lr = data.x, NODE_STEPS_PER_EPOCH, 1e-2
+    else:
+        train_set, test_set = split_graphs(synthetic_graphs(seed=args.seed), 0.3, seed=args.seed)
+        graph = Graph()
+        num_classes = len(train_set.class_names)
+        model = gcn_graphs(graph, train_set.num_features, num_classes, hidden=hidden, depth=depth)
+        train_data = train_set.batches(graph, args.batch_size, shuffle=True, seed=args.seed)
+        example, _ = train_set.batch(graph, [0, 1])
+        steps_per_epoch, default_lr = len(train_data), 5e-3
+    layers = list(model)[:depth]  # the GCNLayer units; the readout and the linear classifier are the heads' job
+    bounds = [round(i * depth / args.k) for i in range(args.k + 1)]
+    modules = [nn.Sequential(*layers[bounds[i]:bounds[i + 1]]) for i in range(args.k)]
+    heads = [LinearHead(num_classes, hidden) if nodes else GraphHead(num_classes, hidden, graph) for _ in modules]
+    readout = None if nodes else model.readout
+    losses = [llkern.MutualInformation(readout=readout) if args.loss == "mi" else llkern.CrossEntropy()
+              for _ in modules]
+    net = llkern.LocalNet(modules, heads=heads, losses=losses, example_input=example).to(device)
+    # no saved-bytes meter: llkern.MemoryMeter reads every saved tensor's storage, which a sparse Â has not
+    trainer, epochs_per_module = _trainer(args, net, steps_per_epoch, default_lr, measure_memory=False)
+    epochs = epochs_per_module * args.k if args.mode == "sequential" else args.epochs
+    eval_data = None if nodes else test_set.batches(graph, 256)
+    rows = trainer.fit(train_data, epochs, eval_data=eval_data, progress=not args.no_progress, log=args.log,
+                       checkpoint=args.checkpoint)
+    if nodes:
+        result: dict[str, Any] = {"accuracy": _node_accuracies(net, x, data.test_target().to(device))}
+        what = f"{int((~data.labelled).sum())} unlabelled members"
+    else:
+        result = trainer.evaluate(test_set.batches(graph, 256), exit="all")
+        what = f"{len(test_set)} test graphs"
+    if args.loss == "mi":  # heads 0..K-2 are untrained
+        print(f"test accuracy of the last head on the {what}: {100 * result['accuracy'][-1]:.2f} %")
+    else:
+        accuracies = ", ".join(f"{100 * a:.2f}" for a in result["accuracy"])
+        print(f"test accuracy per head on the {what} (%): {accuracies}")
+    return {"evaluation": result, "history": rows}
+
+
 def train(args: argparse.Namespace) -> dict:
     """Run ``llkern train`` with parsed arguments; returns the final evaluation and the log rows."""
     import llkern
 
+    if args.data in GRAPH_DATA or args.model == "gcn":
+        return _train_graph(args)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     x, y, x_test, y_test = _data(args)
@@ -238,31 +387,8 @@ def train(args: argparse.Namespace) -> dict:
     heads = _heads(args, num_classes, tokens)
     net = llkern.LocalNet(modules, num_classes=num_classes, heads=heads, losses=_loss(args, modules, x),
                           example_input=x[:2], context=args.context).to(device)
-    lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 2e-3)
-    epochs_per_module = max(1, args.epochs // args.k) if args.mode == "sequential" else 1
     steps_per_epoch = -(-len(y) // args.batch_size)
-    phase_epochs = epochs_per_module if args.mode == "sequential" else args.epochs
-
-    def optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        if args.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-
-    def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
-        if args.schedule == "onecycle":
-            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=phase_epochs * steps_per_epoch)
-        if args.schedule == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, phase_epochs * steps_per_epoch)
-        return None
-
-    trainer = llkern.LocalTrainer(net, mode=args.mode, optimizer=optimizer,
-                                  scheduler=scheduler if args.schedule != "constant" else None,
-                                  scheduler_interval="step", precision=args.precision, clip_grad_norm=args.clip,
-                                  epochs_per_module=epochs_per_module, measure_memory=True, seed=args.seed)
-    if args.resume:
-        if not args.checkpoint or not Path(args.checkpoint).is_file():
-            raise SystemExit("llkern train: --resume needs --checkpoint pointing at a saved trainer")
-        trainer.load(args.checkpoint)
+    trainer, epochs_per_module = _trainer(args, net, steps_per_epoch)
     epochs = epochs_per_module * args.k if args.mode == "sequential" else args.epochs
     x, y, x_test, y_test = (t.to(device) for t in (x, y, x_test, y_test))
     rows = trainer.fit((x, y), epochs, batch_size=args.batch_size, eval_data=(x_test, y_test),

@@ -128,3 +128,51 @@ def test_heads_losses_and_activation_options(options):
     torch.set_num_threads(1)
     out = run("--epochs", "1", *options)
     assert out["evaluation"]["accuracy"][-1] > 0.3
+
+
+# --- MOLE's data and models (issue 7): digits as vectors and images, graphs ----------------------------------
+
+@pytest.mark.parametrize("options,bar", [
+    (("--model", "mlp", "--data", "digits-vectors", "-k", "3", "--split", "layers", "--epochs", "3"), 0.6),
+    (("--model", "digits-cnn", "--data", "digits", "-k", "3", "--split", "layers", "--epochs", "3"), 0.6),
+    (("--model", "gcn", "--data", "karate", "-k", "2", "--epochs", "6"), 0.7),
+    (("--model", "gcn", "--data", "synthetic-graphs", "-k", "3", "--epochs", "15", "--batch-size", "32"), 0.6),
+])
+def test_mole_data_and_models(options, bar, tmp_path):
+    torch.set_num_threads(1)
+    log = tmp_path / "run.json"
+    out = run("--loss", "mi", "--mode", "sequential", "--log", str(log), *options)
+    k = int(options[options.index("-k") + 1])
+    rows = json.loads(log.read_text())
+    assert [r["active_module"] for r in rows] == [m for m in range(k) for _ in range(len(rows) // k)]
+    assert len(out["evaluation"]["accuracy"]) == k and out["evaluation"]["accuracy"][-1] > bar
+
+
+def test_graph_end_to_end_and_checkpoint(tmp_path):
+    torch.set_num_threads(1)
+    checkpoint = tmp_path / "run.pt"
+    common = ("--model", "gcn", "--data", "karate", "-k", "1", "--schedule", "constant", "--checkpoint",
+              str(checkpoint))
+    first = run("--epochs", "1", *common)
+    out = run("--epochs", "2", *common, "--resume")
+    assert [r["epoch"] for r in out["history"]] == [1, 2] and out["history"][0] == first["history"][0]
+    assert out["evaluation"]["accuracy"][0] > 0.5
+
+
+def test_graph_errors():
+    with pytest.raises(SystemExit, match="graph data"):
+        run("--model", "gcn", "--data", "digits")
+    with pytest.raises(SystemExit, match="needs --model gcn"):
+        run("--model", "mlp", "--data", "karate")
+    with pytest.raises(SystemExit, match="--loss ce or mi"):
+        run("--model", "gcn", "--data", "karate", "--loss", "trgl")
+    with pytest.raises(SystemExit, match="at most 2 modules"):
+        run("--model", "gcn", "--data", "karate", "-k", "3")
+    with pytest.raises(SystemExit, match="does not take"):
+        run("--model", "digits-cnn", "--data", "digits-vectors", "--epochs", "1")
+
+
+def test_mole_recipe_runs():
+    torch.set_num_threads(1)
+    out = run("--recipe", str(RECIPES[0].parent / "mole-karate-k2.json"), "--epochs", "4")
+    assert len(out["history"]) == 4 and out["evaluation"]["accuracy"][-1] > 0.6
