@@ -208,8 +208,25 @@ def table(args: argparse.Namespace, results: dict, seconds: dict) -> list[str]:
         time_per = " / ".join(f"{seconds[name, m] / len(args.seeds):.1f}" for m in ("mole", "e2e"))
         lines.append(f"| {name} | {k} | {args.epochs or EPOCHS[name]} | {_mean_std(mole)} | {_mean_std(e2e)} | "
                      f"{gap:+.2f} | {per[0]} | {per[1]} | {time_per} |")
-    return [f"`{command.strip()}` (seeds {', '.join(map(str, args.seeds))}; torch {torch.__version__}, CPU, "
-            "1 thread)", "", *lines]
+    header = [
+        "# MOLE against end-to-end training of the same model (CPU, 2026-11-23)", "",
+        f"`{command.strip()}` (seeds {', '.join(map(str, args.seeds))}; torch {torch.__version__}, CPU, 1 thread).", "",
+        "Test accuracy of the last head. MOLE: `LocalTrainer(mode=\"sequential\")`, module k trained alone for E/K "
+        "epochs by `MutualInformation` (−I(T; Y), matrix-based Rényi-2, T the module's output, for graphs the "
+        "per-graph masked-mean readout), then frozen; the last module by cross-entropy. End to end: the same layers "
+        "and last head, one module, cross-entropy, E epochs. Same initial weights, data, AdamW and one-cycle "
+        "schedule per phase. The seed sets the split, the labelled nodes, the weights and the order.", "",
+        "- digits-mlp: scikit-learn digits as 64-vectors (1437 train / 360 test), MLP 64→256→256→256→10, "
+        "a module per hidden layer; lr 2e-3, batch 64.",
+        "- digits-cnn: digits as 1×8×8 images, LeNet-5-Caffe (conv-pool | conv-pool | 200→500 MLP); lr 2e-3, batch 64.",
+        "- karate: Zachary's karate club (networkx), 3 labelled members per faction, the other 28 predicted; "
+        "2-layer GCN (identity features, 16 hidden, dropout 0.5) on the sparse normalised adjacency, a module per "
+        "layer; full batch, an epoch is 10 steps; lr 1e-2, weight decay 5e-4.",
+        "- graphs: **synthetic** graphs from networkx generators (Erdős–Rényi, Barabási–Albert, Watts–Strogatz, "
+        "2-D grids; 100 each, 12–24 nodes, one-hot degree features), 280 train / 120 test; 3-layer GCN (32 hidden) "
+        "on block-diagonal sparse adjacencies of padded batches, masked-mean readout; lr 5e-3, batch 32.", "",
+    ]
+    return header + lines
 
 
 if __name__ == "__main__":
