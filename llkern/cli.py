@@ -275,19 +275,6 @@ def _trainer(args: argparse.Namespace, net: Any, steps_per_epoch: int, default_l
 NODE_STEPS_PER_EPOCH = 10  # karate: the whole graph is one batch; an epoch is this many steps on it
 
 
-@torch.no_grad()
-def _node_accuracies(net: Any, x: torch.Tensor, target: torch.Tensor) -> list[float]:
-    """Per head, the accuracy on the nodes whose ``target`` is not ignore_index (-100)."""
-    was_training = net.training
-    net.eval()
-    try:
-        logits = net.forward_all(x)
-    finally:
-        net.train(was_training)
-    keep = target != -100
-    return [(out.argmax(dim=1)[keep] == target[keep]).float().mean().item() for out in logits]
-
-
 def _train_graph(args: argparse.Namespace) -> dict:
     """``llkern train --model gcn --data karate|synthetic-graphs``: a GCN cut into K modules of whole layers."""
     import llkern
@@ -340,14 +327,14 @@ def _train_graph(args: argparse.Namespace) -> dict:
     losses = [llkern.MutualInformation(readout=readout) if args.loss == "mi" else llkern.CrossEntropy()
               for _ in modules]
     net = llkern.LocalNet(modules, heads=heads, losses=losses, example_input=example).to(device)
-    # no saved-bytes meter: llkern.MemoryMeter reads every saved tensor's storage, which a sparse Â has not
-    trainer, epochs_per_module = _trainer(args, net, steps_per_epoch, default_lr, measure_memory=False)
+    trainer, epochs_per_module = _trainer(args, net, steps_per_epoch, default_lr)
     epochs = epochs_per_module * args.k if args.mode == "sequential" else args.epochs
     eval_data = None if nodes else test_set.batches(graph, 256)
     rows = trainer.fit(train_data, epochs, eval_data=eval_data, progress=not args.no_progress, log=args.log,
                        checkpoint=args.checkpoint)
     if nodes:
-        result: dict[str, Any] = {"accuracy": _node_accuracies(net, x, data.test_target().to(device))}
+        # the whole graph is one batch; the labelled (training) nodes are ignore_index in the test target
+        result: dict[str, Any] = trainer.evaluate([(x, data.test_target().to(device))], exit="all")
         what = f"{int((~data.labelled).sum())} unlabelled members"
     else:
         result = trainer.evaluate(test_set.batches(graph, 256), exit="all")

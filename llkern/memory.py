@@ -24,13 +24,14 @@ import torch
 class _Saved:
     """What autograd holds instead of a saved tensor while the meter is active."""
 
-    __slots__ = ("__weakref__", "key", "meter", "tensor")
+    __slots__ = ("__weakref__", "keys", "meter", "tensor")
 
-    def __init__(self, meter: MemoryMeter, key: tuple, tensor: torch.Tensor) -> None:
-        self.meter, self.key, self.tensor = meter, key, tensor
+    def __init__(self, meter: MemoryMeter, keys: list[tuple], tensor: torch.Tensor) -> None:
+        self.meter, self.keys, self.tensor = meter, keys, tensor
 
     def __del__(self) -> None:
-        self.meter._drop(self.key)
+        for key in self.keys:
+            self.meter._drop(key)
 
 
 @dataclass
@@ -45,6 +46,19 @@ class MemoryReport:
         if self.cuda_peak_bytes is not None:
             text += f", CUDA allocated peak {self.cuda_peak_bytes / 2**20:.2f} MiB above baseline"
         return text
+
+
+def _components(t: torch.Tensor) -> list[torch.Tensor]:
+    """The dense tensors holding ``t``'s memory: itself, or a sparse tensor's indices and values."""
+    if t.layout == torch.strided:
+        return [t]
+    if t.layout == torch.sparse_coo:
+        return [t._indices(), t._values()]
+    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [t.crow_indices(), t.col_indices(), t.values()]
+    if t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [t.ccol_indices(), t.row_indices(), t.values()]
+    return []  # a layout without storages to count
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -63,8 +77,8 @@ class MemoryMeter:
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor] = (), device: torch.device | str | None = None) -> None:
-        self._excluded = {_storage_key(t) for t in exclude
-                          if not isinstance(t, torch.nn.parameter.UninitializedParameter)}
+        self._excluded = {_storage_key(c) for t in exclude
+                          if not isinstance(t, torch.nn.parameter.UninitializedParameter) for c in _components(t)}
         self._counts: dict[tuple, int] = {}
         self._sizes: dict[tuple, int] = {}
         self.current_saved_bytes = 0
@@ -79,19 +93,24 @@ class MemoryMeter:
     def _pack(self, tensor: torch.Tensor):
         if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
             return tensor  # a parameter or a view of one (nn.Linear saves weight.t())
-        key = _storage_key(tensor)
-        nbytes = tensor.untyped_storage().nbytes()
-        if key in self._excluded or nbytes == 0:
+        keys = []
+        for part in _components(tensor):  # a sparse tensor counts its index and value storages
+            key = _storage_key(part)
+            nbytes = part.untyped_storage().nbytes()
+            if key in self._excluded or nbytes == 0:
+                continue
+            count = self._counts.get(key, 0)
+            if count == 0:
+                self._sizes[key] = nbytes
+                self.current_saved_bytes += nbytes
+                self.peak_saved_bytes = max(self.peak_saved_bytes, self.current_saved_bytes)
+            self._counts[key] = count + 1
+            keys.append(key)
+        if not keys:
             return tensor
-        count = self._counts.get(key, 0)
-        if count == 0:
-            self._sizes[key] = nbytes
-            self.current_saved_bytes += nbytes
-            self.peak_saved_bytes = max(self.peak_saved_bytes, self.current_saved_bytes)
-        self._counts[key] = count + 1
         # Hold a detached alias: an op's saved output would otherwise form a cycle (tensor ->
         # grad_fn -> saved handle -> tensor) through C++ that Python's gc cannot break.
-        return _Saved(self, key, tensor.detach())
+        return _Saved(self, keys, tensor.detach())
 
     @staticmethod
     def _unpack(handle):

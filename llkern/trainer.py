@@ -443,12 +443,14 @@ class LocalTrainer:
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor | Batches, y: torch.Tensor | None = None, *, exit: int | str = -1,
-                 batch_size: int = 512) -> dict[str, Any]:
+                 batch_size: int = 512, ignore_index: int = -100) -> dict[str, Any]:
         """Cross-entropy and accuracy of head ``exit`` (default the last; ``"all"`` for every head).
 
         ``x, y`` are tensors (evaluated in batches of ``batch_size``), or ``x`` is an iterable of
-        ``(x, y)`` batches and ``y`` None. Runs in eval mode under the trainer's autocast and restores
-        the net's mode. Returns ``{"loss": ..., "accuracy": ...}``, floats (lists of K for ``"all"``).
+        ``(x, y)`` batches and ``y`` None (a graph's nodes: ``[(features, target)]``). Targets equal
+        to ``ignore_index`` (unlabelled nodes) count in neither the loss nor the accuracy. Runs in eval
+        mode under the trainer's autocast and restores the net's mode. Returns
+        ``{"loss": ..., "accuracy": ...}``, floats (lists of K for ``"all"``).
         """
         was_training = self.net.training
         self.net.eval()
@@ -464,15 +466,17 @@ class LocalTrainer:
                         stack.enter_context(torch.autocast(self.device.type, dtype=self._autocast_dtype()))
                     outputs = self.net.forward_all(xb) if every else [self.net(xb, exit=exit)]
                 target = yb.reshape(-1)
+                counted = target != ignore_index
                 for i, logits in enumerate(outputs):
                     logits = logits.float().reshape(target.shape[0], -1)
-                    losses[i] += F.cross_entropy(logits, target, reduction="sum").item()
-                    correct[i] += (logits.argmax(dim=-1) == target).sum().item()
-                count += target.shape[0]
+                    losses[i] += F.cross_entropy(logits, target, reduction="sum", ignore_index=ignore_index).item()
+                    correct[i] += ((logits.argmax(dim=-1) == target) & counted).sum().item()
+                count += int(counted.sum())
         finally:
             self.net.train(was_training)
         if count == 0:
-            raise ValueError("LocalTrainer.evaluate: expected a non-empty evaluation set")
+            raise ValueError("LocalTrainer.evaluate: expected a non-empty evaluation set (with at least one target "
+                             f"other than ignore_index={ignore_index})")
         loss, accuracy = (losses / count).tolist(), (correct / count).tolist()
         return {"loss": loss, "accuracy": accuracy} if every else {"loss": loss[0], "accuracy": accuracy[0]}
 

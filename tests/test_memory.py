@@ -30,6 +30,24 @@ def test_counts_distinct_storages_and_views():
     assert meter.peak_saved_bytes == 8000 and meter.current_saved_bytes == 0
 
 
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_counts_a_saved_sparse_tensor_by_its_indices_and_values(layout):
+    indices = torch.tensor([[0, 1, 2, 2, 4], [1, 0, 2, 4, 3]])
+    adjacency = torch.sparse_coo_tensor(indices, torch.rand(5), (5, 5)).coalesce()
+    if layout == "csr":
+        adjacency = adjacency.to_sparse_csr()
+        parts = [adjacency.crow_indices(), adjacency.col_indices(), adjacency.values()]
+    else:
+        parts = [adjacency.indices(), adjacency.values()]
+    x = torch.randn(5, 3, requires_grad=True)
+    with MemoryMeter() as meter:
+        y = torch.sparse.mm(adjacency, x)  # saves the sparse matrix for x's gradient
+        assert meter.current_saved_bytes == sum(p.untyped_storage().nbytes() for p in parts)
+        y.sum().backward()
+    assert meter.current_saved_bytes == 0
+    torch.testing.assert_close(x.grad, adjacency.to_dense().t() @ torch.ones(5, 3))
+
+
 def test_graph_dropped_without_backward_is_released():
     a = torch.randn(1000, requires_grad=True)
     with MemoryMeter() as meter:

@@ -413,6 +413,15 @@ def test_fit_on_a_dataloader_and_evaluate_exits():
         logits = trainer.net(x, exit=1)
     assert evaluated["accuracy"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
     assert evaluated["loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    # unlabelled samples (ignore_index) count in neither the loss nor the accuracy
+    partial = y.clone()
+    partial[::3] = -100
+    keep = partial != -100
+    evaluated = trainer.evaluate([(x, partial)], exit=1)
+    assert evaluated["accuracy"] == pytest.approx((logits.argmax(1) == y)[keep].float().mean().item())
+    assert evaluated["loss"] == pytest.approx(nn.functional.cross_entropy(logits[keep], y[keep]).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="ignore_index"):
+        trainer.evaluate([(x, torch.full_like(y, -100))])
 
 
 @pytest.mark.parametrize("mode", ["simultaneous", "sequential"])
