@@ -19,6 +19,9 @@ MOLE (docs/mole.md): ``--loss mi --mode sequential`` on digits as vectors (``--d
 members per faction, the others predicted; the whole graph is one batch and an epoch is 10 steps on
 it) or ``--data synthetic-graphs`` (graph classification on synthetic networkx graphs). A GCN is cut
 into K modules of whole graph-convolution layers (``--gcn-depth`` layers, K ≤ depth).
+
+Data parallel: ``torchrun --nproc-per-node N -m llkern train --distributed ...`` (every module under its
+own ``DistributedDataParallel``; ``--batch-size`` is the global batch; write ``--log-file`` for ``--log``).
 """
 
 from __future__ import annotations
@@ -94,12 +97,18 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     train.add_argument("--clip", type=float, default=None, help="largest gradient norm per module")
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--log", help="per-epoch log file (.json, .jsonl or .csv)")
+    train.add_argument("--log", "--log-file", dest="log",
+                       help="per-epoch log file (.json, .jsonl or .csv); under torchrun write --log-file (torchrun "
+                            "takes --log for an abbreviation of its own options)")
     train.add_argument("--checkpoint", help="save the trainer here after each epoch")
     train.add_argument("--resume", action="store_true",
                        help="continue from --checkpoint (with the same options: a schedule's length is the first "
                             "run's --epochs)")
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--distributed", action="store_true",
+                       help="data parallel over the processes torchrun starts (gloo on the CPU, nccl on CUDA, one "
+                            "GPU per process by LOCAL_RANK); --batch-size is the global batch; rank 0 prints, logs "
+                            "and checkpoints")
     train.set_defaults(**(defaults or {}))
     commands.add_parser("compress", help="MIRACLE compression demo (python -m llkern.compress_demo --help)",
                         add_help=False)
@@ -264,7 +273,9 @@ def _trainer(args: argparse.Namespace, net: Any, steps_per_epoch: int, default_l
                                   scheduler=scheduler if args.schedule != "constant" else None,
                                   scheduler_interval="step", precision=args.precision, clip_grad_norm=args.clip,
                                   epochs_per_module=epochs_per_module, measure_memory=measure_memory,
-                                  seed=args.seed)
+                                  seed=args.seed, distributed=args.distributed,
+                                  # MOLE's modules before the last leave their heads unused
+                                  find_unused_parameters=args.distributed and args.loss == "mi")
     if args.resume:
         if not args.checkpoint or not Path(args.checkpoint).is_file():
             raise SystemExit("llkern train: --resume needs --checkpoint pointing at a saved trainer")
@@ -340,15 +351,55 @@ def _train_graph(args: argparse.Namespace) -> dict:
         result = trainer.evaluate(test_set.batches(graph, 256), exit="all")
         what = f"{len(test_set)} test graphs"
     if args.loss == "mi":  # heads 0..K-2 are untrained
-        print(f"test accuracy of the last head on the {what}: {100 * result['accuracy'][-1]:.2f} %")
+        _say(f"test accuracy of the last head on the {what}: {100 * result['accuracy'][-1]:.2f} %")
     else:
         accuracies = ", ".join(f"{100 * a:.2f}" for a in result["accuracy"])
-        print(f"test accuracy per head on the {what} (%): {accuracies}")
+        _say(f"test accuracy per head on the {what} (%): {accuracies}")
     return {"evaluation": result, "history": rows}
+
+
+def _say(*values: Any) -> None:
+    """``print`` on rank 0 only (every process runs the same script under torchrun)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(*values)
+
+
+def _start_distributed(args: argparse.Namespace) -> bool:
+    """Join torchrun's process group for ``--distributed``; True if this call started it."""
+    import os
+
+    import torch.distributed as dist
+
+    if args.data in GRAPH_DATA or args.model == "gcn":
+        raise SystemExit("llkern train: --distributed shards tensor data (digits, cifar10); graph data is one graph "
+                         "or a list of graph batches that every process would see whole")
+    if "WORLD_SIZE" not in os.environ or not dist.is_available():
+        raise SystemExit("llkern train: --distributed runs under torchrun (e.g. torchrun --nproc-per-node 2 -m llkern "
+                         "train --distributed ...), which sets RANK, WORLD_SIZE and MASTER_ADDR")
+    if torch.device(args.device).type == "cuda":
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if torch.device(args.device).type == "cuda" else "gloo")
+    return True
 
 
 def train(args: argparse.Namespace) -> dict:
     """Run ``llkern train`` with parsed arguments; returns the final evaluation and the log rows."""
+    started = _start_distributed(args) if args.distributed else False
+    try:
+        return _train(args)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace) -> dict:
     import llkern
 
     if args.data in GRAPH_DATA or args.model == "gcn":
@@ -361,7 +412,7 @@ def train(args: argparse.Namespace) -> dict:
         modules = [model]  # end to end: one module, one head, the whole graph kept
     else:
         plan = llkern.split(model, args.k, by=args.split, example_input=x[:32])
-        print(plan)
+        _say(plan)
         modules = plan.modules
     if args.relu_masks or args.recompute_bn_relu:
         from llkern.activation_memory import convert
@@ -382,10 +433,10 @@ def train(args: argparse.Namespace) -> dict:
                        progress=not args.no_progress, log=args.log, checkpoint=args.checkpoint)
     result = trainer.evaluate(x_test, y_test, exit="all")
     if args.loss in ("supcon", "mi", "infopro"):  # heads 0..K-2 are projections, not classifiers
-        print(f"test accuracy of the last head: {100 * result['accuracy'][-1]:.2f} %")
+        _say(f"test accuracy of the last head: {100 * result['accuracy'][-1]:.2f} %")
     else:
         accuracies = ", ".join(f"{100 * a:.2f}" for a in result["accuracy"])
-        print(f"test accuracy per head (%): {accuracies}; last head {100 * result['accuracy'][-1]:.2f} %")
+        _say(f"test accuracy per head (%): {accuracies}; last head {100 * result['accuracy'][-1]:.2f} %")
     return {"evaluation": result, "history": rows}
 
 

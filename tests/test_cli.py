@@ -176,3 +176,30 @@ def test_mole_recipe_runs():
     torch.set_num_threads(1)
     out = run("--recipe", str(RECIPES[0].parent / "mole-karate-k2.json"), "--epochs", "4")
     assert len(out["history"]) == 4 and out["evaluation"]["accuracy"][-1] > 0.6
+
+
+def test_distributed_under_torchrun(tmp_path):
+    """Two gloo processes started by torchrun: each trains on half of every global batch (DDP per module)."""
+    log = tmp_path / "run.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "llkern", "train", "--distributed", "--no-progress", "--model", "mlp", "-k", "2",
+               "--epochs", "2", "--batch-size", "128", "--loss", "mi", "--mode", "sequential", "--log-file", str(log)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(log.read_text())
+    train_samples = 1437  # load_digits' training split
+    # sequential: module 0 then module 1; each process took 64 of every 128 (the last 29-sample batch: 14)
+    assert [r["active_module"] for r in rows] == [0, 1]
+    assert all(r["samples"] == (train_samples // 128) * 64 + (train_samples % 128) // 2 for r in rows)
+    assert result.stdout.count("test accuracy of the last head") == 1  # rank 0 only
+    accuracy = float(result.stdout.split("test accuracy of the last head:")[1].split("%")[0])
+    assert accuracy > 80
+
+
+def test_distributed_needs_torchrun(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit, match="torchrun"):
+        run("--distributed", "--epochs", "1")
+    with pytest.raises(SystemExit, match="graph data"):
+        run("--distributed", "--model", "gcn", "--data", "karate")
