@@ -8,7 +8,7 @@ Quick start::
     optimizer.step()
 """
 
-from llkern import functional, graph, heads, losses, memory
+from llkern import functional, graph, heads, losses, memory, moda
 from llkern._ext import extension_loaded, kernel_available
 from llkern.context import ContextSupply
 from llkern.graph import Graph, GraphConv, GraphReadout, graph_conv, normalized_adjacency
@@ -40,6 +40,7 @@ from llkern.losses import (
     infopro_schedule,
 )
 from llkern.memory import MemoryMeter, MemoryReport
+from llkern.moda import MODALocalLoss, MODALoss, moda_local_losses
 from llkern.modules import TransportPenalty
 from llkern.ops.aux_head import aux_head_loss
 from llkern.ops.context import context_add
@@ -68,6 +69,8 @@ __all__ = [
     "LocalNet",
     "LocalTrainer",
     "MLPSRHead",
+    "MODALocalLoss",
+    "MODALoss",
     "MemoryMeter",
     "MemoryReport",
     "MutualInformation",
@@ -96,6 +99,8 @@ __all__ = [
     "memory",
     "miracle_select",
     "mlp_sr_heads",
+    "moda",
+    "moda_local_losses",
     "normalized_adjacency",
     "reconstruction_decoders",
     "run_module",

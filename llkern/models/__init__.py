@@ -10,6 +10,7 @@ became this package.
 from llkern.models.digits import PreActBlock, digits_lenet, digits_lenet_caffe, digits_resnet
 from llkern.models.gcn import GCNLayer, GraphHead, gcn_graphs, gcn_nodes
 from llkern.models.mlp import mlp
+from llkern.models.moda_cnn import digits_cnn
 from llkern.models.resnet import BasicBlock, PadShortcut, cifar_resnet, resnet32, resnet110
 from llkern.models.transformer import (
     PatchEmbed,
@@ -34,6 +35,7 @@ __all__ = [
     "TokenEmbed",
     "TransformerBlock",
     "cifar_resnet",
+    "digits_cnn",
     "digits_lenet",
     "digits_lenet_caffe",
     "digits_resnet",
