@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# On a GPU machine with no network, in one call: build the CUDA extension, benchmark (carry the
-# liger-kernel and cut-cross-entropy wheels for bench/gpu_aux_head.py's peers, inf-cl for
-# bench/gpu_similarity.py's), run the
-# tests (CUDA included) and compute-sanitizer on the ops' CUDA tests. Each stage has a time
-# limit so that one slow stage cannot cost the others; results are copied to $OUT as soon as
-# they exist. Logs and results go to $OUT (default /tmp/llkern-gpu); commit bench/results/.
+# On a GPU machine with no network: build the CUDA extension, benchmark, run the tests and
+# compute-sanitizer. The device tool allows 10 minutes a call, so the work comes in stages, each
+# under that limit and each with its own time limits inside (one slow step cannot cost the others):
+#
+#   bash bench/gpu_check.sh build        # pip install -e . with the CUDA kernels (~5 min the first time)
+#   bash bench/gpu_check.sh bench        # op benchmarks against eager / torch.compile / peers
+#   bash bench/gpu_check.sh system       # MIRACLE round trip, ResNet-110 memory table, torchrun + NCCL
+#   bash bench/gpu_check.sh tests        # the CUDA tests, then the rest of the suite (torch 2.11 there)
+#   bash bench/gpu_check.sh sanitizer    # compute-sanitizer memcheck on the ops' CUDA tests
+#   bash bench/gpu_check.sh              # all of them in one go (over 10 minutes)
+#
+# Carry the liger-kernel and cut-cross-entropy wheels for bench/gpu_aux_head.py's peers, inf-cl for
+# bench/gpu_similarity.py's. Logs and results go to $OUT (default /tmp/llkern-gpu); commit bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/llkern-gpu}
@@ -13,48 +20,68 @@ export LLKERN_CUDA=1 LLKERN_STRICT=1 MAX_JOBS=${MAX_JOBS:-16} LLKERN_CUDA_ARCHS=
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 status=0
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(build bench system tests sanitizer)
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-echo "== build (LLKERN_CUDA_ARCHS=$LLKERN_CUDA_ARCHS)"
-start=$(date +%s)
-if ! timeout 300 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; exit 1
-fi
-echo "built in $(( $(date +%s) - start )) s"
-$PY -c "import llkern; assert llkern.kernel_available('transport_penalty', 'cuda'), 'no CUDA kernels built'" || exit 1
+# run LIMIT LOG COMMAND...: a step with its own time limit, its output shown and appended to LOG
+run() {
+  local limit=$1 log=$2; shift 2
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "!! failed or timed out: $*"; status=1; }
+}
 
-echo "== benchmarks"
-timeout 150 $PY bench/gpu_transport.py 2>&1 | tee "$OUT/bench.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 150 $PY bench/gpu_aux_head.py 2>&1 | tee -a "$OUT/bench.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 200 $PY bench/gpu_similarity.py 2>&1 | tee -a "$OUT/bench.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 120 $PY bench/gpu_context.py 2>&1 | tee -a "$OUT/bench.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 120 $PY bench/gpu_mean_kl.py 2>&1 | tee -a "$OUT/bench.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 120 $PY bench/gpu_miracle_select.py 2>&1 | tee -a "$OUT/bench.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-# the MIRACLE round trip on the GPU: Mean-KL sampling and candidate selection through the Triton kernels
-timeout 300 $PY -m llkern.compress_demo --out "$OUT/lenet.mira" --no-progress --device cuda \
-  --json "$OUT/compress.json" 2>&1 | tee -a "$OUT/bench.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-# issue 6's memory table: ResNet-110, batch 1024, the allocator's peak beside the meter's (table + PNG)
-timeout 300 $PY bench/memory_table.py --model resnet110 --batch 1024 --device cuda --ks 2 4 8 16 \
-  --out "$OUT/memory-resnet110-cuda" 2>&1 | tee -a "$OUT/bench.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-cp bench/results/results.jsonl "$OUT/results.jsonl" 2>/dev/null
+check_built() {
+  $PY -c "import llkern; assert llkern.kernel_available('transport_penalty', 'cuda'), 'no CUDA kernels built'" \
+    || { echo "!! llkern is not built with CUDA here: run the build stage first"; exit 1; }
+}
 
-echo "== tests (CPU and CUDA)"
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests -m "not slow" 2>&1 | tee "$OUT/tests.log" | tail -15
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-echo "== compute-sanitizer memcheck on the CUDA op tests"
-timeout 180 compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest -q -p no:cacheprovider -x \
-  tests/test_transport.py tests/test_aux_head.py tests/test_similarity.py -k "cuda" 2>&1 | tee "$OUT/sanitizer.log" | tail -8
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest -q -p no:cacheprovider -x \
-  tests/test_context.py tests/test_mean_kl.py tests/test_random.py tests/test_miracle_select.py 2>&1 | tee -a "$OUT/sanitizer.log" | tail -4
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+for stage in "${stages[@]}"; do
+  case $stage in
+  build)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    echo "== build (LLKERN_CUDA_ARCHS=$LLKERN_CUDA_ARCHS)"
+    start=$(date +%s)
+    if ! timeout 540 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+      tail -40 "$OUT/build.log"; exit 1
+    fi
+    echo "built in $(( $(date +%s) - start )) s"
+    check_built ;;
+  bench)
+    check_built
+    echo "== benchmarks"
+    run 100 bench.txt $PY bench/gpu_transport.py
+    run 100 bench.txt $PY bench/gpu_aux_head.py
+    run 150 bench.txt $PY bench/gpu_similarity.py
+    run 60 bench.txt $PY bench/gpu_context.py
+    run 60 bench.txt $PY bench/gpu_mean_kl.py
+    run 60 bench.txt $PY bench/gpu_miracle_select.py
+    cp bench/results/results.jsonl "$OUT/results.jsonl" 2>/dev/null ;;
+  system)
+    check_built
+    echo "== system runs"
+    # issue 6's memory table: ResNet-110, batch 1024, the allocator's peak beside the meter's (table + PNG)
+    run 280 system.txt $PY bench/memory_table.py --model resnet110 --batch 1024 --device cuda --ks 2 4 8 16 \
+      --out "$OUT/memory-resnet110-cuda"
+    # data parallel through torchrun and NCCL: one DDP per module on the GPU (one process: the machine has one GPU)
+    run 90 system.txt $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m llkern train --distributed \
+      --device cuda -k 4 --epochs 2 --no-progress --precision bf16 --log-file "$OUT/ddp-nccl.json"
+    # the MIRACLE round trip on the GPU: Mean-KL sampling and candidate selection through the Triton kernels
+    run 200 system.txt $PY -m llkern.compress_demo --out "$OUT/lenet.mira" --no-progress --device cuda \
+      --json "$OUT/compress.json" ;;
+  tests)
+    check_built
+    echo "== tests: CUDA first, then the rest (this machine's torch and triton versions)"
+    run 240 tests.log $PY -m pytest -q -p no:cacheprovider tests -m "not slow" -k "cuda or gpu or sm90"
+    run 300 tests.log $PY -m pytest -q -p no:cacheprovider -x tests -m "not slow" -k "not (cuda or gpu or sm90)" ;;
+  sanitizer)
+    check_built
+    echo "== compute-sanitizer memcheck on the CUDA op tests"
+    run 240 sanitizer.log compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest -q -p no:cacheprovider \
+      -x tests/test_transport.py tests/test_aux_head.py tests/test_similarity.py -k "cuda"
+    run 240 sanitizer.log compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest -q -p no:cacheprovider \
+      -x tests/test_context.py tests/test_mean_kl.py tests/test_random.py tests/test_miracle_select.py ;;
+  *)
+    echo "unknown stage $stage (build, bench, system, tests, sanitizer)"; exit 2 ;;
+  esac
+done
 exit $status
