@@ -24,8 +24,9 @@ active collector and returns it unchanged.
 (``a > 0``) on at least ``tau`` of class c's samples (and at least ``min_keep`` of the layer, the most
 often active). :func:`extract` builds the module of a set of classes: the union of their masks, the
 network deep-copied with its Conv2d, Linear and BatchNorm layers sliced to the kept units, and the last
-layer's rows restricted to the classes. :func:`modularity_report` measures modules' sizes, accuracies
-and overlap.
+layer's rows restricted to the classes. In a residual block (``ResidualReLUBlock``) an identity shortcut's
+addition is done on the intersection of the input's and the output's kept units (:func:`extract`).
+:func:`modularity_report` measures modules' sizes, accuracies and overlap.
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from llkern.losses import CrossEntropy, LocalContext, LocalLoss, LocalLossOutput
+from llkern.models.moda_cnn import ResidualReLUBlock
 
 __all__ = [
     "ActivationCollector",
+    "ChannelMap",
     "ClassMasks",
     "MODALocalLoss",
     "MODALoss",
@@ -435,34 +438,93 @@ def class_masks(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor] | Iter
 _SLICED = (nn.Conv2d, nn.Linear)
 _CHANNELWISE = (nn.BatchNorm1d, nn.BatchNorm2d)
 _PASSIVE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Identity)
+_SUPPORTED = ("nn.Sequential of Conv2d, Linear, BatchNorm, ReLU, pooling, Flatten, Dropout and "
+              "llkern.models.moda_cnn.ResidualReLUBlock")
+
+
+class ChannelMap(nn.Module):
+    """An extracted identity shortcut: ``y[:, dst[k]] = x[:, src[k]]``, the other ``out_channels`` channels 0.
+
+    The input holds the block's kept input units and the output its kept output units; ``src``/``dst`` are
+    the positions of the units kept on both sides (the intersection), so the residual addition happens
+    only there. No parameters (two index buffers).
+    """
+
+    def __init__(self, src: torch.Tensor, dst: torch.Tensor, out_channels: int) -> None:
+        super().__init__()
+        if src.shape != dst.shape or src.dim() != 1:
+            raise ValueError(f"ChannelMap: expected src and dst of the same 1-d shape, got {list(src.shape)} "
+                             f"and {list(dst.shape)}")
+        self.out_channels = int(out_channels)
+        self.register_buffer("src", src.long().clone())
+        self.register_buffer("dst", dst.long().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros((x.shape[0], self.out_channels, *x.shape[2:]))
+        return out.index_copy(1, self.dst, x.index_select(1, self.src))
+
+    def extra_repr(self) -> str:
+        return f"{len(self.src)} of {self.out_channels} channels"
+
+
+def _check_leaf(prefix: str, m: nn.Module) -> None:
+    if isinstance(m, nn.Conv2d) and m.groups != 1:
+        raise NotImplementedError(f"extract: cannot slice grouped convolution {prefix!r} (groups={m.groups})")
+    if isinstance(m, nn.Flatten) and m.start_dim != 1:
+        raise NotImplementedError(f"extract: cannot slice Flatten {prefix!r} with start_dim={m.start_dim}")
+    if isinstance(m, (*_SLICED, *_CHANNELWISE, *_PASSIVE, nn.Flatten)):
+        return
+    residual = " (a residual block of a type extract does not know: it supports ResidualReLUBlock, whose " \
+        "ReLU after the addition is a module)" if hasattr(m, "forward_residual") or hasattr(m, "shortcut") else ""
+    raise NotImplementedError(f"extract: cannot slice {type(m).__name__} at {prefix!r}{residual}; supported: "
+                              f"{_SUPPORTED}")
+
+
+def _items(prefix: str, m: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The units of a (nested) ``nn.Sequential`` in forward order: layers and (unexpanded) residual blocks."""
+    if isinstance(m, nn.Sequential):
+        out: list[tuple[str, nn.Module]] = []
+        for name, child in m.named_children():
+            out += _items(f"{prefix}.{name}" if prefix else name, child)
+        return out
+    if isinstance(m, ResidualReLUBlock):
+        return [(prefix, m)]
+    _check_leaf(prefix, m)
+    return [(prefix, m)]
+
+
+def _block_parts(name: str, block: ResidualReLUBlock
+                 ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]] | None]:
+    """A residual block's branch layers and shortcut layers (None: an identity shortcut), checked."""
+    branch = _items(f"{name}.branch", block.branch)
+    shortcut = None if isinstance(block.shortcut, nn.Identity) else _items(f"{name}.shortcut", block.shortcut)
+    for part, layers in (("branch", branch), ("shortcut", shortcut or [])):
+        for layer_name, m in layers:
+            if isinstance(m, (ResidualReLUBlock, nn.Flatten)) or (part == "shortcut" and isinstance(m, nn.ReLU)):
+                raise NotImplementedError(f"extract: cannot slice {type(m).__name__} {layer_name!r} inside the "
+                                          f"{part} of residual block {name!r}")
+        producers = [i for i, (_, m) in enumerate(layers) if isinstance(m, _SLICED)]
+        if part == "branch" and not producers:
+            raise NotImplementedError(f"extract: the branch of residual block {name!r} has no Conv2d or Linear")
+        if producers and any(isinstance(m, nn.ReLU) for _, m in layers[producers[-1] + 1:]):
+            raise NotImplementedError(f"extract: the {part} of residual block {name!r} ends in a ReLU; the sum's "
+                                      "units must be those of the ReLU after the addition")
+    return branch, shortcut
 
 
 def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers of a (nested) ``nn.Sequential`` network, in order; anything else is refused."""
+    """The layers of a (nested) ``nn.Sequential`` network in forward order, residual blocks expanded
+    (branch, shortcut, the ReLU after the addition); anything else is refused."""
     if not isinstance(model, nn.Sequential):
-        raise NotImplementedError(f"extract: expected model to be an nn.Sequential (possibly nested) of Conv2d, "
-                                  f"Linear, BatchNorm, ReLU, pooling, Flatten and Dropout layers, got "
+        raise NotImplementedError(f"extract: expected model to be an {_SUPPORTED} (possibly nested), got "
                                   f"{type(model).__name__}")
     out: list[tuple[str, nn.Module]] = []
-
-    def walk(prefix: str, m: nn.Module) -> None:
-        if isinstance(m, nn.Sequential):
-            for name, child in m.named_children():
-                walk(f"{prefix}.{name}" if prefix else name, child)
-            return
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise NotImplementedError(f"extract: cannot slice grouped convolution {prefix!r} (groups={m.groups})")
-        if isinstance(m, nn.Flatten) and m.start_dim != 1:
-            raise NotImplementedError(f"extract: cannot slice Flatten {prefix!r} with start_dim={m.start_dim}")
-        if isinstance(m, (*_SLICED, *_CHANNELWISE, *_PASSIVE, nn.Flatten)):
-            out.append((prefix, m))
-            return
-        residual = " (a residual block: the intersection rule for skips is not implemented)" \
-            if hasattr(m, "forward_residual") or hasattr(m, "shortcut") else ""
-        raise NotImplementedError(f"extract: cannot slice {type(m).__name__} at {prefix!r}{residual}; supported: "
-                                  "nn.Sequential of Conv2d, Linear, BatchNorm, ReLU, pooling, Flatten, Dropout")
-
-    walk("", model)
+    for name, m in _items("", model):
+        if isinstance(m, ResidualReLUBlock):
+            branch, shortcut = _block_parts(name, m)
+            out += branch + (shortcut or []) + [(f"{name}.relu", m.relu)]
+        else:
+            out.append((name, m))
     return out
 
 
@@ -502,44 +564,81 @@ def _flatten_spatial(model: nn.Module, leaves: list[tuple[str, nn.Module]], inpu
     return sizes
 
 
+_Keep = torch.Tensor | None  # kept unit indices of a tensor (None: all)
+
+
+@dataclass
+class _Plan:
+    """Per sliced layer the kept input and output indices; per identity shortcut ``(src, dst, n_out)``."""
+
+    layers: dict[str, tuple[_Keep, _Keep]] = field(default_factory=dict)
+    shortcuts: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
+
+
 def _plan(model: nn.Module, classes: list[int], masks: ClassMasks, keep_all_outputs: bool
-          ) -> tuple[list[tuple[str, nn.Module]], dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]]:
-    """For each sliced layer, the kept input and output indices (None: all)."""
+          ) -> tuple[list[tuple[str, nn.Module]], _Plan]:
+    """For each sliced layer, the kept input and output indices (None: all); see :func:`extract`."""
     leaves = _leaves(model)
-    units = dict(zip(masks.layers, masks.union(classes), strict=True))
+    union = masks.union(classes)
+    units = {name: u.nonzero().flatten() for name, u in zip(masks.layers, union, strict=True)}
+    sizes = {name: u.numel() for name, u in zip(masks.layers, union, strict=True)}
     relu_names = {name for name, m in leaves if isinstance(m, nn.ReLU)}
     if relu_names != set(masks.layers):
         raise ValueError(f"extract: the masks' ReLU layers {masks.layers} are not the model's "
                          f"{sorted(relu_names)}; compute the masks on this model")
     spatial = _flatten_spatial(model, leaves, masks.input_shape)
-    producers = [i for i, (_, m) in enumerate(leaves) if isinstance(m, _SLICED)]
-    if not producers:
-        raise ValueError("extract: model has no Conv2d or Linear layer")
-    plan: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-    current: torch.Tensor | None = None  # kept indices of the tensor flowing at this point (None: all)
-    for i, (name, m) in enumerate(leaves):
-        if isinstance(m, _SLICED):
-            out_keep: torch.Tensor | None = None
-            for _, later in leaves[i + 1:]:
-                if isinstance(later, _SLICED):
-                    break
-                if isinstance(later, nn.ReLU):
-                    out_keep = units[_name_of(leaves, later)].nonzero().flatten()
-                    break
-            if i == producers[-1] and not keep_all_outputs:
-                n_out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-                bad = [c for c in classes if c >= n_out]
-                if bad:
-                    raise ValueError(f"extract: classes {bad} are beyond the {n_out} outputs of the last layer "
-                                     f"{name!r}")
-                out_keep = torch.tensor(classes, dtype=torch.long)
-            plan[name] = (current, out_keep)
-            current = out_keep
-        elif isinstance(m, _CHANNELWISE):
-            plan[name] = (current, current)
-        elif isinstance(m, nn.Flatten) and current is not None:
-            s = spatial[name]
-            current = (current[:, None] * s + torch.arange(s)).flatten()
+    top = _items("", model)
+    if not any(isinstance(m, _SLICED) for _, m in top):
+        raise ValueError("extract: model has no Conv2d or Linear layer outside residual blocks (the last layer "
+                         "must be one)")
+    plan = _Plan()
+
+    def run(items: list[tuple[str, nn.Module]], current: _Keep, end: _Keep, is_top: bool) -> _Keep:
+        """Plan ``items`` reading a tensor whose kept units are ``current``; the last Conv2d/Linear writes
+        ``end`` (at the top: the classes' rows). Returns the kept units of the output."""
+        producers = [i for i, (_, m) in enumerate(items) if isinstance(m, _SLICED)]
+        for i, (name, m) in enumerate(items):
+            if isinstance(m, ResidualReLUBlock):
+                branch, shortcut = _block_parts(name, m)
+                out = units[f"{name}.relu"]
+                run(branch, current, out, False)
+                if shortcut is not None:
+                    run(shortcut, current, out, False)
+                else:  # identity: the input units that are also output units are added, at their positions
+                    inp = torch.arange(sizes[f"{name}.relu"]) if current is None else current
+                    if not torch.equal(inp, out):
+                        both = torch.isin(out, inp)
+                        plan.shortcuts[name] = (torch.searchsorted(inp, out[both]), both.nonzero().flatten(),
+                                                len(out))
+                current = out
+            elif isinstance(m, _SLICED):
+                out_keep: _Keep = None
+                for _, later in items[i + 1:]:
+                    if isinstance(later, (*_SLICED, ResidualReLUBlock)):
+                        break
+                    if isinstance(later, nn.ReLU):
+                        out_keep = units[_name_of(items, later)]
+                        break
+                if i == producers[-1]:
+                    if not is_top:
+                        out_keep = end
+                    elif not keep_all_outputs:
+                        n_out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+                        bad = [c for c in classes if c >= n_out]
+                        if bad:
+                            raise ValueError(f"extract: classes {bad} are beyond the {n_out} outputs of the last "
+                                             f"layer {name!r}")
+                        out_keep = end
+                plan.layers[name] = (current, out_keep)
+                current = out_keep
+            elif isinstance(m, _CHANNELWISE):
+                plan.layers[name] = (current, current)
+            elif isinstance(m, nn.Flatten) and current is not None:
+                s = spatial[name]
+                current = (current[:, None] * s + torch.arange(s)).flatten()
+        return current
+
+    run(top, None, torch.tensor(classes, dtype=torch.long), True)
     return leaves, plan
 
 
@@ -591,23 +690,43 @@ def extract(model: nn.Module, classes: int | Iterable[int], masks: ClassMasks, *
     layer keeps those output rows, the next one those input columns (a Flatten expands a channel to its
     H·W features), BatchNorm layers keep those channels. The last Conv2d/Linear keeps the rows of
     ``classes``, in the order given (``keep_all_outputs=True``: all rows), so the module's logit j is
-    the full model's logit ``classes[j]`` computed with the dropped units set to 0 (exactly so when every
-    BatchNorm comes before its ReLU). ``model`` is not changed; the result is a deep copy with the
-    attribute ``moda_classes``.
+    the full model's logit ``classes[j]`` computed with the dropped units set to 0 — every ``nn.ReLU``
+    output multiplied by its union mask — exactly so when every BatchNorm comes before its ReLU (rounding
+    aside). ``model`` is not changed; the result is a deep copy with the attribute ``moda_classes``.
+
+    **Residual blocks** (:class:`llkern.models.moda_cnn.ResidualReLUBlock`, ``y = relu(branch(x) +
+    shortcut(x))``). The stream between blocks is the output of each block's ReLU after the addition, so
+    it has a mask like any ReLU layer: block k reads the units ``M_in`` (the previous ReLU's union mask)
+    and writes ``M_out`` (its own after-addition ReLU's). The branch is sliced as a Sequential whose last
+    Conv2d/BN write ``M_out``; a projection shortcut (1×1 conv, BN) reads ``M_in`` and writes ``M_out``.
+    An identity shortcut becomes a :class:`ChannelMap`: the addition ``r[c] + x[c]`` is done on the
+    intersection ``M_out ∩ M_in`` (the units both summands keep); on ``M_out \\ M_in`` the sum is ``r[c]``
+    alone, because ``x[c]`` is a dropped unit, 0 in the zeroed model; units outside ``M_out`` are not
+    computed, because the ReLU's output there is dropped. This is how we read MODA's "intersection of
+    masks" for skips: the addition is restricted to the channels kept on both sides, while every layer
+    keeps the union of the classes' masks. It keeps the exactness above: the module equals the full model
+    with the dropped units zeroed. (Shrinking the stream to the intersection of the masks of all the
+    layers that share it would drop units some class's mask keeps, and the logits would no longer be
+    those of the zeroed model.)
 
     Supported: ``nn.Sequential`` networks (nested ones too) of Conv2d (groups=1), Linear, BatchNorm1d/2d,
-    ReLU, pooling, Flatten, Dropout and Identity. Residual blocks raise ``NotImplementedError``.
+    ReLU, pooling, Flatten, Dropout, Identity and ``ResidualReLUBlock``; other modules (other residual
+    blocks included) raise ``NotImplementedError`` naming them.
     """
     classes = _check_classes("extract", classes, masks)
     leaves, plan = _plan(model, classes, masks, keep_all_outputs)
     small = copy.deepcopy(model)
     for name, m in leaves:
-        if name not in plan:
+        if name not in plan.layers:
             continue
-        keep_in, keep_out = plan[name]
+        keep_in, keep_out = plan.layers[name]
         parent_name, _, attr = name.rpartition(".")
         parent = small.get_submodule(parent_name)
         setattr(parent, attr, _sliced(m, keep_in, keep_out))
+    for name, (src, dst, n_out) in plan.shortcuts.items():
+        block = small.get_submodule(name)
+        device = next(block.parameters()).device
+        block.shortcut = ChannelMap(src, dst, n_out).to(device)
     small.moda_classes = tuple(classes)
     return small
 
@@ -620,9 +739,9 @@ def weight_masks(model: nn.Module, classes: int | Iterable[int], masks: ClassMas
     leaves, plan = _plan(model, classes, masks, keep_all_outputs)
     out: dict[str, torch.Tensor] = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in model.named_parameters()}
     for name, m in leaves:
-        if name not in plan:
+        if name not in plan.layers:
             continue
-        keep_in, keep_out = plan[name]
+        keep_in, keep_out = plan.layers[name]
         prefix = f"{name}." if name else ""
         if isinstance(m, _CHANNELWISE):
             if m.affine and keep_in is not None:
