@@ -1,6 +1,7 @@
 """MODA on digits (or CIFAR-10 from local files): train plainly and with MODA's losses, extract modules.
 
-    python -m llkern.moda_demo [--data digits|cifar10] [--data-root DIR] [--epochs E] [--out report.md]
+    python -m llkern.moda_demo [--data digits|cifar10] [--model cnn|resnet] [--data-root DIR] [--epochs E]
+                               [--out report.md]
 
 1. Train the same network from the same initial weights twice: cross-entropy only ("plain"), and
    cross-entropy + MODA's affinity, dispersion and compactness terms (1.0/1.0/0.3) on every ReLU output.
@@ -10,8 +11,10 @@
    its classes next to the full model's on the same samples, the composed accuracy of all the
    single-class modules, the overlap between modules, and MODA's published VGG16/CIFAR-10 figures.
 
-Digits: :func:`llkern.models.moda_cnn.digits_cnn` (three conv layers). CIFAR-10:
-:func:`llkern.models.vgg16` (``--width`` scales it), data read by :func:`llkern.datasets.load_cifar10`.
+``--model cnn`` (default): on digits :func:`llkern.models.moda_cnn.digits_cnn` (four conv layers), on
+CIFAR-10 :func:`llkern.models.vgg16` (``--width`` scales it). ``--model resnet``:
+:func:`llkern.models.moda_cnn.digits_resnet_moda` (a stem and three residual blocks; on CIFAR-10 with three
+input channels). CIFAR-10 is read by :func:`llkern.datasets.load_cifar10`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from tqdm import tqdm
 from llkern.datasets import load_cifar10, load_digits
 from llkern.moda import MODALoss, MODAReport, class_masks, count_weights, extract, modularity_report
 from llkern.models import vgg16
-from llkern.models.moda_cnn import digits_cnn
+from llkern.models.moda_cnn import digits_cnn, digits_resnet_moda
 
 __all__ = ["PUBLISHED", "DemoResult", "main", "run"]
 
@@ -145,28 +148,34 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).float().mean())
 
 
-def run(data: str = "digits", *, data_root: str | None = None, epochs: int | None = None, seed: int = 0,
-        width: int | None = None, tau: float = 0.9, min_keep: float = 0.005, batch_size: int = 64,
+def run(data: str = "digits", *, model: str = "cnn", data_root: str | None = None, epochs: int | None = None,
+        seed: int = 0, width: int | None = None, tau: float = 0.9, min_keep: float = 0.005, batch_size: int = 64,
         lr: float = 2e-3, affinity: float = 1.0, dispersion: float = 1.0, compactness: float = 0.3,
         pairs: tuple[tuple[int, int], ...] = DEFAULT_PAIRS, device: str | torch.device = "cpu",
         progress: bool = True) -> DemoResult:
     """Train plain and MODA, extract the single-class modules and ``pairs``, and measure them."""
     if data not in ("digits", "cifar10"):
         raise ValueError(f"moda_demo: expected data to be 'digits' or 'cifar10', got {data!r}")
+    if model not in ("cnn", "resnet"):
+        raise ValueError(f"moda_demo: expected model to be 'cnn' or 'resnet', got {model!r}")
     start = time.perf_counter()
     x, y, x_test, y_test = (t.to(device) for t in _load(data, data_root, seed))
     num_classes = int(max(y.max(), y_test.max())) + 1
     torch.manual_seed(seed)
-    if data == "digits":
-        epochs = 40 if epochs is None else epochs
-        model: nn.Module = digits_cnn(32 if width is None else width, num_classes=num_classes)
+    epochs = (40 if data == "digits" else 60) if epochs is None else epochs
+    net: nn.Module
+    if model == "resnet":
+        width = 32 if width is None else width
+        net = digits_resnet_moda(width, num_classes=num_classes, in_channels=x.shape[1])
+        name = f"digits_resnet_moda(width={width})"
+    elif data == "digits":
+        net = digits_cnn(32 if width is None else width, num_classes=num_classes)
         name = f"digits_cnn(width={32 if width is None else width})"
     else:
-        epochs = 60 if epochs is None else epochs
-        model = vgg16(num_classes=num_classes, width=64 if width is None else width)
+        net = vgg16(num_classes=num_classes, width=64 if width is None else width)
         name = f"vgg16(width={64 if width is None else width})"
-    model = model.to(device)
-    plain, moda = model, copy.deepcopy(model)
+    net = net.to(device)
+    plain, moda = net, copy.deepcopy(net)
     augment = data == "cifar10"
     _train(plain, lambda xb, yb: F.cross_entropy(plain(xb), yb), x, y, epochs, batch_size, lr, seed, "plain",
            progress, augment)
@@ -198,10 +207,13 @@ def main(argv: list[str] | None = None) -> DemoResult:
     parser = argparse.ArgumentParser(prog="python -m llkern.moda_demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=("digits", "cifar10"), default="digits")
+    parser.add_argument("--model", choices=("cnn", "resnet"), default="cnn",
+                        help="cnn: digits_cnn (digits) or VGG16 (CIFAR-10); resnet: digits_resnet_moda")
     parser.add_argument("--data-root", help="CIFAR-10: the directory holding the extracted archive")
     parser.add_argument("--epochs", type=int, help="training epochs (default: 40 digits, 60 CIFAR-10)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--width", type=int, help="model width (default: 32 digits_cnn, 64 VGG16)")
+    parser.add_argument("--width", type=int, help="model width (default: 32 digits_cnn and digits_resnet_moda, "
+                        "64 VGG16)")
     parser.add_argument("--tau", type=float, default=0.9, help="activation-frequency threshold of the masks")
     parser.add_argument("--min-keep", type=float, default=0.005, help="smallest fraction of a layer kept")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -214,8 +226,8 @@ def main(argv: list[str] | None = None) -> DemoResult:
     args = parser.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
-    result = run(args.data, data_root=args.data_root, epochs=args.epochs, seed=args.seed, width=args.width,
-                 tau=args.tau, min_keep=args.min_keep, batch_size=args.batch_size, lr=args.lr,
+    result = run(args.data, model=args.model, data_root=args.data_root, epochs=args.epochs, seed=args.seed,
+                 width=args.width, tau=args.tau, min_keep=args.min_keep, batch_size=args.batch_size, lr=args.lr,
                  pairs=tuple(args.pairs), device=args.device, progress=not args.no_progress)
     text = result.to_markdown()
     print(text)
