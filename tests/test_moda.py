@@ -1,5 +1,6 @@
 """MODA: the three activation losses against explicit loops, the ReLU collector, the losses in end-to-end
-and local training, module extraction (exact against zeroed units), errors, and the demo command."""
+and local training, module extraction (exact against zeroed units; Sequential and residual networks),
+errors, and the demo command."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from torch import nn
 import llkern
 from llkern import moda
 from llkern.moda_demo import main
-from llkern.models import PreActBlock
-from llkern.models.moda_cnn import digits_cnn
+from llkern.models import BasicBlock, PreActBlock
+from llkern.models.moda_cnn import ResidualReLUBlock, digits_cnn, digits_resnet_moda
 
 from .test_cifar import write_binary
 
@@ -317,6 +318,92 @@ def test_extraction_errors_name_the_argument():
         moda.extract(resnet, [0], res_masks)
 
 
+def resnet_trained_like(width: int = 6, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A float64 digits_resnet_moda with random BN shifts (many dead units) and random data."""
+    torch.manual_seed(seed)
+    model = digits_resnet_moda(width).double()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(-0.3, 1.0)
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(60, 1, 8, 8, dtype=torch.float64)
+    return model.eval(), x, torch.arange(60) % 5
+
+
+@pytest.mark.parametrize("classes", [[2], [3, 1], [0, 1, 2, 3, 4]])
+def test_residual_module_equals_full_model_with_dropped_units_zeroed(classes):
+    model, x, y = resnet_trained_like()
+    masks = moda.class_masks(model, (x, y), tau=0.6, batch_size=17)
+    assert "3.relu" in masks.layers and "4.branch.2" in masks.layers  # the ReLUs after additions and inside
+    small = moda.extract(model, classes, masks).eval()
+    x_new = torch.randn(25, 1, 8, 8, dtype=torch.float64)  # random inputs, not the ones of the masks
+    want = zeroed_logits(model, masks, classes, torch.cat([x, x_new]))
+    with torch.no_grad():
+        got = small(torch.cat([x, x_new]))
+    assert got.shape == (85, len(classes))
+    torch.testing.assert_close(got, want[:, classes], rtol=1e-12, atol=1e-12)
+    everything = moda.extract(model, classes, masks, keep_all_outputs=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(everything(x_new), want[60:], rtol=1e-12, atol=1e-12)
+    # identity shortcuts: additions on the intersection of the input's and the output's kept units
+    units = {name: u.nonzero().flatten() for name, u in zip(masks.layers, masks.union(classes), strict=True)}
+    partial = 0
+    for block, inp in (("3", "2"), ("5", "4.relu")):
+        sc = small.get_submodule(f"{block}.shortcut")
+        out_units, in_units = units[f"{block}.relu"], units[inp]
+        if torch.equal(out_units, in_units):
+            assert isinstance(sc, nn.Identity)
+            continue
+        assert isinstance(sc, moda.ChannelMap) and sc.out_channels == len(out_units)
+        torch.testing.assert_close(in_units[sc.src], out_units[sc.dst])  # the same units on both sides
+        assert len(sc.src) == int(torch.isin(out_units, in_units).sum())
+        partial += len(sc.src) < max(len(out_units), len(in_units))
+    assert partial > 0  # the intersection is a strict one somewhere
+    # a projection shortcut reads the input's units and writes the output's
+    proj = small.get_submodule("4.shortcut.0")
+    assert (proj.in_channels, proj.out_channels) == (len(units["3.relu"]), len(units["4.relu"]))
+    # physically smaller, and the kept entries are the module's parameters, name by name
+    kept = moda.weight_masks(model, classes, masks)
+    full, sliced = dict(model.named_parameters()), dict(small.named_parameters())
+    assert set(kept) == set(full) == set(sliced)
+    assert moda.count_weights(small) == sum(int(m.sum()) for m in kept.values()) < moda.count_weights(model)
+    for name, mask in kept.items():
+        assert int(mask.sum()) == sliced[name].numel(), name
+        if not name.startswith("8."):  # the classifier's rows are in the order of classes
+            assert torch.equal(full[name][mask], sliced[name].detach().flatten()), name
+
+
+def test_residual_extraction_refuses_unknown_blocks():
+    _, x, y = resnet_trained_like(4)
+
+    class TwoPaths(nn.Module):  # a residual-looking block extract does not know
+        def __init__(self) -> None:
+            super().__init__()
+            self.shortcut, self.conv, self.relu = nn.Identity(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.conv(x) + self.shortcut(x))
+
+    for block, name in ((TwoPaths(), "TwoPaths"), (BasicBlock(4, 4), "BasicBlock")):
+        net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), block, nn.Flatten(), nn.Linear(256, 5))
+        net_masks = moda.class_masks(net, (x.float(), y))
+        with pytest.raises(NotImplementedError, match=rf"{name}.*'2'.*residual"):
+            moda.extract(net, [0], net_masks)
+        with pytest.raises(NotImplementedError, match=name):
+            moda.weight_masks(net, [0], net_masks)
+    ends_in_relu = ResidualReLUBlock(4, 4)
+    ends_in_relu.branch.append(nn.ReLU())
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), ends_in_relu, nn.Flatten(), nn.Linear(256, 5))
+    with pytest.raises(NotImplementedError, match=r"branch of residual block '2' ends in a ReLU"):
+        moda.extract(net, [0], moda.class_masks(net, (x.float(), y)))
+    with pytest.raises(ValueError, match="compute the masks on this model"):
+        moda.extract(digits_resnet_moda(4).double(), [0], moda.class_masks(trained_like(4)[0], (x, y)))
+    with pytest.raises(ValueError, match="stride"):
+        ResidualReLUBlock(4, 4, stride=0)
+
+
 def test_report_sizes_accuracies_overlap():
     model, x, y = trained_like()
     masks = moda.class_masks(model, (x, y), tau=0.6)
@@ -342,6 +429,15 @@ def test_demo_short_run(tmp_path):
     assert result.accuracy_plain > 0.5 and result.accuracy_moda > 0.3  # chance: 0.1
     text = out.read_text()
     assert "2.7 %" in text and "91.86 %" in text and "| 3,8 |" in text
+
+
+def test_demo_resnet_short_run():
+    result = main(["--model", "resnet", "--epochs", "1", "--width", "4", "--pairs", "3,8", "--no-progress"])
+    assert result.model == "digits_resnet_moda(width=4)"
+    assert [r.classes for r in result.report.rows] == [(c,) for c in range(10)] + [(3, 8)]
+    assert all(0.0 < r.fraction <= 1.0 for r in result.report.rows)
+    with pytest.raises(SystemExit):
+        main(["--model", "mlp", "--no-progress"])
 
 
 def test_demo_cifar_path_on_a_tiny_file(tmp_path):
