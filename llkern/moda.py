@@ -588,9 +588,11 @@ def _plan(model: nn.Module, classes: list[int], masks: ClassMasks, keep_all_outp
                          f"{sorted(relu_names)}; compute the masks on this model")
     spatial = _flatten_spatial(model, leaves, masks.input_shape)
     top = _items("", model)
-    if not any(isinstance(m, _SLICED) for _, m in top):
-        raise ValueError("extract: model has no Conv2d or Linear layer outside residual blocks (the last layer "
-                         "must be one)")
+    kinds = [isinstance(m, _SLICED) for _, m in top if isinstance(m, (*_SLICED, ResidualReLUBlock))]
+    if not kinds or not kinds[-1]:
+        where = " after its last residual block (the last layer, whose rows are the classes, must be one)" \
+            if kinds else ""
+        raise ValueError(f"extract: model has no Conv2d or Linear layer{where}")
     plan = _Plan()
 
     def run(items: list[tuple[str, nn.Module]], current: _Keep, end: _Keep, is_top: bool) -> _Keep:

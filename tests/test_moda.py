@@ -398,6 +398,9 @@ def test_residual_extraction_refuses_unknown_blocks():
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), ends_in_relu, nn.Flatten(), nn.Linear(256, 5))
     with pytest.raises(NotImplementedError, match=r"branch of residual block '2' ends in a ReLU"):
         moda.extract(net, [0], moda.class_masks(net, (x.float(), y)))
+    ends_in_block = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), ResidualReLUBlock(4, 4))
+    with pytest.raises(ValueError, match="after its last residual block"):
+        moda.extract(ends_in_block, [0], moda.class_masks(ends_in_block, (x.float(), y)))
     with pytest.raises(ValueError, match="compute the masks on this model"):
         moda.extract(digits_resnet_moda(4).double(), [0], moda.class_masks(trained_like(4)[0], (x, y)))
     with pytest.raises(ValueError, match="stride"):
