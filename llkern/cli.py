@@ -273,9 +273,7 @@ def _trainer(args: argparse.Namespace, net: Any, steps_per_epoch: int, default_l
                                   scheduler=scheduler if args.schedule != "constant" else None,
                                   scheduler_interval="step", precision=args.precision, clip_grad_norm=args.clip,
                                   epochs_per_module=epochs_per_module, measure_memory=measure_memory,
-                                  seed=args.seed, distributed=args.distributed,
-                                  # MOLE's modules before the last leave their heads unused
-                                  find_unused_parameters=args.distributed and args.loss == "mi")
+                                  seed=args.seed, distributed=args.distributed)
     if args.resume:
         if not args.checkpoint or not Path(args.checkpoint).is_file():
             raise SystemExit("llkern train: --resume needs --checkpoint pointing at a saved trainer")

@@ -153,10 +153,19 @@ def graph_conv(x: torch.Tensor, adjacency: torch.Tensor, weight: torch.Tensor,
     Returns:
         ``(N, F_out)`` (or ``(B, n, F_out)``). The product runs in the cheaper order (``Â(XWᵀ)`` when
         ``F_out ≤ F_in``, else ``(ÂX)Wᵀ``); autograd gives ``dX = Âᵀ G W`` and ``dW = Gᵀ Â X`` through
-        the sparse product, without a gradient for ``Â``.
+        the sparse product, without a gradient for ``Â``. Under ``torch.autocast`` it runs in ``Â``'s
+        dtype (x, weight and bias are cast to it) and returns that dtype.
     """
     name = "llkern.graph_conv"
     _check_adjacency(name, adjacency)
+    if isinstance(x, torch.Tensor) and torch.amp.is_autocast_available(x.device.type) \
+            and torch.is_autocast_enabled(x.device.type):
+        # Under autocast the layer runs in Â's dtype: torch.sparse.mm has no 16-bit CSR kernel on the CPU, and
+        # its backward runs outside autocast, where a float32 Â meets a 16-bit gradient. The output stays in
+        # Â's dtype (as autocast's float32 ops do); the next layer casts it again.
+        dtype = adjacency.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return graph_conv(x.to(dtype), adjacency, weight.to(dtype), None if bias is None else bias.to(dtype))
     if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
         raise ValueError(f"{name}: expected x of shape (N, F) or (B, n, F), got "
                          f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")

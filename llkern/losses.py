@@ -323,19 +323,27 @@ class MutualInformation(_LastModuleTask):
 
     def local(self, ctx: LocalContext) -> LocalLossOutput:
         t = self.representation(ctx.outputs)
+        # a zero that still reaches the module's parameters: a batch without labelled rows gives them
+        # zero gradients, not none (under DistributedDataParallel every process must reduce the same ones)
+        # (one element is enough: autograd's edges are per tensor; a sum could overflow in 16 bits)
+        connected_zero = t.reshape(-1)[0] * 0.0
         target = ctx.target
-        if self.ignore_index is not None and target.dim() == 1 and target.shape[0] == t.shape[0]:
-            keep = target != self.ignore_index
-            if not bool(keep.all()):  # the labelled rows only
-                if not bool(keep.any()):
-                    zero = _no_loss(ctx)
-                    return LocalLossOutput(zero, None, {"mi": zero.detach()})
-                t, target = t[keep], target[keep]
+        if self.ignore_index is not None:
+            if target.dim() == 1 and target.shape[0] == t.shape[0]:
+                keep = target != self.ignore_index
+                if not bool(keep.all()):  # the labelled rows only
+                    if not bool(keep.any()):
+                        return LocalLossOutput(connected_zero, None, {"mi": connected_zero.detach()})
+                    t, target = t[keep], target[keep]
+            elif bool((target == self.ignore_index).any()):
+                raise ValueError(f"MutualInformation: target holds ignore_index={self.ignore_index}, which only a "
+                                 f"target of one label per row of T ({t.shape[0]},) can mark; got target of shape "
+                                 f"{list(target.shape)}")
         sigma = self.width(t)
         if isinstance(sigma, torch.Tensor):  # differentiate through σ: I(T; Y) at width σ is I(T/σ; Y) at width 1
             t, sigma = t / sigma.to(t.dtype), 1.0
         mi = renyi_mutual_information(t, target, sigma=sigma, label_sigma=self.label_sigma)
-        return LocalLossOutput(-mi, None, {"mi": mi.detach()})
+        return LocalLossOutput(connected_zero - mi, None, {"mi": mi.detach()})
 
 
 # --- reconstruction (InfoPro) -------------------------------------------------------------------------------------

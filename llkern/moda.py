@@ -615,9 +615,16 @@ def _plan(model: nn.Module, classes: list[int], masks: ClassMasks, keep_all_outp
                 current = out
             elif isinstance(m, _SLICED):
                 out_keep: _Keep = None
-                for _, later in items[i + 1:]:
+                for later_name, later in items[i + 1:]:
                     if isinstance(later, (*_SLICED, ResidualReLUBlock)):
                         break
+                    if isinstance(later, nn.Flatten) and any(isinstance(after, nn.ReLU) for _, after in
+                                                              items[items.index((later_name, later)) + 1:]
+                                                              if not isinstance(after, _SLICED)):
+                        raise NotImplementedError(
+                            f"extract: {later_name!r} (Flatten) comes between {name!r} and the ReLU after it: that "
+                            f"ReLU's units are flattened features, not {name!r}'s outputs; put the ReLU before the "
+                            "Flatten")
                     if isinstance(later, nn.ReLU):
                         out_keep = units[_name_of(items, later)]
                         break
@@ -718,6 +725,10 @@ def extract(model: nn.Module, classes: int | Iterable[int], masks: ClassMasks, *
     classes = _check_classes("extract", classes, masks)
     leaves, plan = _plan(model, classes, masks, keep_all_outputs)
     small = copy.deepcopy(model)
+    for m in small.modules():  # a MODALocalLoss's recording hooks (and a copy of the loss) are not the module's
+        for key, hook in list(m._forward_hooks.items()):
+            if isinstance(getattr(hook, "__self__", None), MODALocalLoss):
+                del m._forward_hooks[key]
     for name, m in leaves:
         if name not in plan.layers:
             continue

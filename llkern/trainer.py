@@ -191,8 +191,9 @@ class LocalTrainer:
             statistics) to every process before that module's forward (DDP's default).
         find_unused_parameters: with ``distributed``, DDP's option of that name: needed when a module
             has parameters that its local loss does not use (the heads of the modules before the last
-            under :class:`llkern.losses.MutualInformation`); default False. DDP names the unused
-            parameters in its error when it is needed.
+            under :class:`llkern.losses.MutualInformation`). Default None: True when a loss of the net
+            is a ``MutualInformation``, else False (the cheaper setting; the step after the first one
+            that leaves a parameter unused raises an error saying to set it).
         measure_memory: record the peak bytes saved for backward per epoch in ``fit`` (a
             :class:`llkern.MemoryMeter` around the steps; it costs a Python call per saved tensor).
         seed: seed of the generator that shuffles tensor data in ``fit``; default: drawn from
@@ -216,7 +217,7 @@ class LocalTrainer:
         distributed: bool = False,
         process_group: Any = None,
         broadcast_buffers: bool = True,
-        find_unused_parameters: bool = False,
+        find_unused_parameters: bool | None = None,
         measure_memory: bool = True,
         seed: int | None = None,
     ) -> None:
@@ -269,6 +270,16 @@ class LocalTrainer:
         self.rank, self.world_size = 0, 1
         if distributed:
             import torch.distributed as dist
+
+            from llkern.graph import Graph
+            from llkern.losses import MutualInformation
+
+            if any(isinstance(m, Graph) for m in net.modules()):
+                raise ValueError("LocalTrainer(distributed=True): the net holds a llkern.graph.Graph; data-parallel "
+                                 "training of graph models is not supported (a graph is not split into shards, and "
+                                 "its sparse buffers cannot be broadcast)")
+            if find_unused_parameters is None:
+                find_unused_parameters = any(isinstance(loss, MutualInformation) for loss in net.losses)
 
             if not (dist.is_available() and dist.is_initialized()):
                 raise RuntimeError("LocalTrainer(distributed=True): call torch.distributed.init_process_group first")

@@ -102,6 +102,24 @@ def test_graph_conv_gradcheck(layout):
     assert torch.autograd.gradgradcheck(lambda x, w: graph_conv(x, adjacency, w), (x, weight))
 
 
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_graph_conv_under_autocast_runs_in_the_adjacency_dtype(layout):
+    torch.manual_seed(2)
+    adjacency = normalized_adjacency(random_edges(11, 20), 11, layout=layout)
+    x = torch.randn(11, 4).bfloat16().requires_grad_()  # a 16-bit output of an earlier module
+    weight = torch.randn(3, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = graph_conv(x, adjacency, weight)
+    out.square().sum().backward()  # the backward runs outside autocast: float32 Â meets this gradient
+    x32, w32 = x.detach().float().requires_grad_(), weight.detach().clone().requires_grad_()
+    expected = graph_conv(x32, adjacency, w32)
+    expected.square().sum().backward()
+    assert out.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(weight.grad, w32.grad)
+    torch.testing.assert_close(x.grad, x32.grad.bfloat16())
+
+
 def test_graph_conv_module_and_graph_move_together():
     graph = Graph(normalized_adjacency(random_edges(6, 8), 6))
     conv = GraphConv(4, 3, graph)

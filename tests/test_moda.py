@@ -316,6 +316,21 @@ def test_extraction_errors_name_the_argument():
     res_masks = moda.class_masks(resnet, (x.float(), y))
     with pytest.raises(NotImplementedError, match=r"PreActBlock.*residual"):
         moda.extract(resnet, [0], res_masks)
+    # a ReLU after a Flatten has flattened units, not the conv's channels
+    flat_relu = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.ReLU(), nn.Linear(108, 5)).double()
+    flat_masks = moda.class_masks(flat_relu, (x, y))
+    with pytest.raises(NotImplementedError, match="Flatten"):
+        moda.extract(flat_relu, [0], flat_masks)
+
+
+def test_extracted_module_does_not_carry_a_local_loss_hooks():
+    model, x, y = trained_like()
+    loss = moda.MODALocalLoss(model)  # records the ReLU outputs of every forward of model
+    masks = moda.class_masks(model, (x, y))
+    small = moda.extract(model, [0, 1], masks)
+    assert all(not m._forward_hooks for m in small.modules())
+    assert any(m._forward_hooks for m in model.modules())  # the original keeps them
+    loss.remove()
 
 
 def resnet_trained_like(width: int = 6, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

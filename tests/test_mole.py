@@ -75,8 +75,20 @@ def test_mutual_information_with_no_labelled_row_is_zero():
     ctx = node_context(ignored=range(20))
     result = MutualInformation()(ctx)
     assert result.loss.item() == 0.0 and result.terms["mi"].item() == 0.0
-    result.loss.backward()  # accepted, and no gradient reaches the module
-    assert ctx.outputs.grad is None
+    result.loss.backward()  # a zero gradient reaches the module (DDP needs every process to reduce it)
+    assert ctx.outputs.grad is not None and (ctx.outputs.grad == 0).all()
+    # a single labelled row: I = 0, and still connected
+    one = node_context(ignored=range(1, 20))
+    result = MutualInformation()(one)
+    result.loss.backward()
+    assert result.loss.item() == 0.0 and (one.outputs.grad == 0).all()
+
+
+def test_mutual_information_refuses_ignore_index_it_cannot_place():
+    ctx = node_context()
+    per_token = LocalContext(0, 2, ctx.inputs, ctx.outputs, ctx.target.reshape(4, 5), ctx.head)
+    with pytest.raises(ValueError, match="ignore_index=-100"):
+        MutualInformation()(per_token)
 
 
 def test_last_module_cross_entropy_ignores_unlabelled_rows():

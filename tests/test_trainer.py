@@ -2,6 +2,7 @@
 processes), fit logs, evaluation, checkpoints and resume, and the digits accuracy of local training."""
 
 import csv
+import datetime
 import json
 import math
 import os
@@ -276,13 +277,14 @@ def _ddp_worker(rank, world, port, x, y, out_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a short timeout: a collective left unpaired fails the test in a minute instead of hanging it
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         # Different initialisations per rank: the trainer broadcasts rank 0's parameters.
         results, kinds = {}, {}
         cases = (("plain", plain_net(seed=rank), {}), ("bn", small_net(seed=rank), {}),
                  ("sequential", small_net(seed=rank), {"mode": "sequential"}),
-                 ("mi", mi_net(seed=rank), {"find_unused_parameters": True}))
+                 ("mi", mi_net(seed=rank), {}))  # find_unused_parameters: on by default for MI
         for name, net, options in cases:
             trainer = LocalTrainer(net, distributed=True, optimizer=sgd(0.1, 0.9), **options)
             for s in range(STEPS):
@@ -293,8 +295,15 @@ def _ddp_worker(rank, world, port, x, y, out_dir):
             results[name] = net.state_dict()
             kinds[name] = [isinstance(w, DistributedDataParallel) for w in trainer.ddp]
         results["kinds"] = kinds
-        # without find_unused_parameters, unused heads are named as the cause at the next step (on every rank)
-        trainer = LocalTrainer(mi_net(seed=rank), distributed=True, optimizer=sgd())
+        # a process whose shard has no labelled sample still reduces zero gradients with the others
+        net = mi_net(seed=rank)
+        trainer = LocalTrainer(net, distributed=True, optimizer=sgd(0.1))
+        for s in range(2):
+            target = y[:SHARD] if rank == 0 or s == 0 else torch.full_like(y[:SHARD], -100)
+            trainer.step(x[:SHARD], target)
+        results["unlabelled"] = net.state_dict()
+        # with find_unused_parameters=False, unused heads are named as the cause at the next step (on every rank)
+        trainer = LocalTrainer(mi_net(seed=rank), distributed=True, optimizer=sgd(), find_unused_parameters=False)
         trainer.step(x[:SHARD], y[:SHARD])
         try:
             trainer.step(x[:SHARD], y[:SHARD])
@@ -324,7 +333,8 @@ def test_data_parallel_two_gloo_processes_match_one_process_on_the_whole_batch(t
     # every module ran under its own DistributedDataParallel
     assert all("find_unused_parameters=True" in replica["unused_error"] for replica in replicas)
     assert all(replica["kinds"][name] == [True] * 3 for replica in replicas for name in replica["kinds"])
-    nets = {"plain": plain_net(), "bn": small_net(), "sequential": small_net(), "mi": mi_net()}
+    nets = {"plain": plain_net(), "bn": small_net(), "sequential": small_net(), "mi": mi_net(),
+            "unlabelled": mi_net()}
     for name, net in nets.items():  # the replicas' parameters stay identical: BatchNorm, sequential, unused heads
         for key, _ in net.named_parameters():
             assert torch.equal(replicas[0][name][key], replicas[1][name][key]), (name, key)
@@ -362,6 +372,23 @@ def test_module_step_wraps_exactly_one_module_and_gives_the_same_step():
         nets[1].local_step(x, y, wrappers=steps[:2])
     with pytest.raises(IndexError, match="out of range"):
         ModuleStep(nets[1], 3)
+
+
+def test_distributed_refuses_graph_models():
+    import torch.distributed as dist
+
+    from llkern.graph import Graph, normalized_adjacency
+    from llkern.models import gcn_nodes
+
+    graph = Graph(normalized_adjacency(torch.tensor([[0, 1, 2], [1, 2, 3]]), 4))
+    model = gcn_nodes(graph, 3, 2, hidden=4, depth=2)
+    net = llkern.LocalNet([model[0], model[1]], num_classes=2, example_input=torch.randn(4, 3))
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(ValueError, match="graph models"):
+            LocalTrainer(net, distributed=True)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_distributed_needs_a_process_group():

@@ -10,7 +10,7 @@ became this package.
 from llkern.models.digits import PreActBlock, digits_lenet, digits_lenet_caffe, digits_resnet
 from llkern.models.gcn import GCNLayer, GraphHead, gcn_graphs, gcn_nodes
 from llkern.models.mlp import mlp
-from llkern.models.moda_cnn import digits_cnn
+from llkern.models.moda_cnn import ResidualReLUBlock, digits_cnn, digits_resnet_moda
 from llkern.models.resnet import BasicBlock, PadShortcut, cifar_resnet, resnet32, resnet110
 from llkern.models.transformer import (
     PatchEmbed,
@@ -30,6 +30,7 @@ __all__ = [
     "PadShortcut",
     "PatchEmbed",
     "PreActBlock",
+    "ResidualReLUBlock",
     "SelfAttention",
     "TokenClassifier",
     "TokenEmbed",
@@ -39,6 +40,7 @@ __all__ = [
     "digits_lenet",
     "digits_lenet_caffe",
     "digits_resnet",
+    "digits_resnet_moda",
     "gcn_graphs",
     "gcn_nodes",
     "mlp",
