@@ -203,3 +203,9 @@ def test_distributed_needs_torchrun(monkeypatch):
         run("--distributed", "--epochs", "1")
     with pytest.raises(SystemExit, match="graph data"):
         run("--distributed", "--model", "gcn", "--data", "karate")
+
+
+def test_graph_model_trains_under_bf16():
+    torch.set_num_threads(1)
+    out = run("--model", "gcn", "--data", "karate", "--precision", "bf16", "--epochs", "3", "-k", "2", "--loss", "ce")
+    assert len(out["history"]) == 3 and all(np.isfinite(v) for v in out["history"][-1]["loss"])
