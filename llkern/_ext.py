@@ -53,6 +53,11 @@ def kernel_available(op: str, device_type: str) -> bool:
     return found
 
 
+def autocast_on(device_type: str) -> bool:
+    """True when ``torch.autocast`` is active for ``device_type`` (False for a device autocast does not know)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def use_kernel(op: str, device: torch.device, impl: str) -> bool:
     """Resolve ``impl`` for one call: True to run the compiled kernel, False for the reference."""
     if impl not in IMPLS:

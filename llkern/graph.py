@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llkern._ext import autocast_on
+
 __all__ = ["Graph", "GraphBatches", "GraphConv", "GraphReadout", "GraphSet", "adjacency_from_networkx",
            "block_diagonal", "graph_conv", "normalized_adjacency", "normalized_edges"]
 
@@ -158,8 +160,7 @@ def graph_conv(x: torch.Tensor, adjacency: torch.Tensor, weight: torch.Tensor,
     """
     name = "llkern.graph_conv"
     _check_adjacency(name, adjacency)
-    if isinstance(x, torch.Tensor) and torch.amp.is_autocast_available(x.device.type) \
-            and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, torch.Tensor) and autocast_on(x.device.type):
         # Under autocast the layer runs in Â's dtype: torch.sparse.mm has no 16-bit CSR kernel on the CPU, and
         # its backward runs outside autocast, where a float32 Â meets a 16-bit gradient. The output stays in
         # Â's dtype (as autocast's float32 ops do); the next layer casts it again.

@@ -615,17 +615,18 @@ def _plan(model: nn.Module, classes: list[int], masks: ClassMasks, keep_all_outp
                 current = out
             elif isinstance(m, _SLICED):
                 out_keep: _Keep = None
+                flatten: str | None = None  # a Flatten between this layer and its ReLU
                 for later_name, later in items[i + 1:]:
                     if isinstance(later, (*_SLICED, ResidualReLUBlock)):
                         break
-                    if isinstance(later, nn.Flatten) and any(isinstance(after, nn.ReLU) for _, after in
-                                                              items[items.index((later_name, later)) + 1:]
-                                                              if not isinstance(after, _SLICED)):
-                        raise NotImplementedError(
-                            f"extract: {later_name!r} (Flatten) comes between {name!r} and the ReLU after it: that "
-                            f"ReLU's units are flattened features, not {name!r}'s outputs; put the ReLU before the "
-                            "Flatten")
+                    if isinstance(later, nn.Flatten):
+                        flatten = later_name
                     if isinstance(later, nn.ReLU):
+                        if flatten is not None:
+                            raise NotImplementedError(
+                                f"extract: {flatten!r} (Flatten) comes between {name!r} and the ReLU after it: that "
+                                f"ReLU's units are flattened features, not {name!r}'s outputs; put the ReLU before "
+                                "the Flatten")
                         out_keep = units[_name_of(items, later)]
                         break
                 if i == producers[-1]:

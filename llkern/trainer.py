@@ -265,7 +265,6 @@ class LocalTrainer:
         self.grad_norms: list[torch.Tensor | None] = [None] * K  # before clipping, from the last step
 
         self.distributed = distributed
-        self.broadcast_buffers = broadcast_buffers
         self.process_group = process_group
         self.rank, self.world_size = 0, 1
         if distributed:

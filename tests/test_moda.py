@@ -321,6 +321,11 @@ def test_extraction_errors_name_the_argument():
     flat_masks = moda.class_masks(flat_relu, (x, y))
     with pytest.raises(NotImplementedError, match="Flatten"):
         moda.extract(flat_relu, [0], flat_masks)
+    # a Flatten with the ReLU after the next Linear is fine (the conv has no ReLU of its own: all its channels stay)
+    flat_linear = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(32, 6),
+                                nn.ReLU(), nn.Linear(6, 5)).double()
+    small = moda.extract(flat_linear, [0, 2], moda.class_masks(flat_linear, (x, y)))
+    assert small[-1].out_features == 2 and small[2].out_channels == 2
 
 
 def test_extracted_module_does_not_carry_a_local_loss_hooks():

@@ -16,7 +16,7 @@ import numbers
 
 import torch
 
-from llkern._ext import extension_loaded, use_kernel
+from llkern._ext import autocast_on, extension_loaded, use_kernel
 from llkern.reference.aux_head import aux_head_loss_reference
 
 REDUCTIONS = ("mean", "sum")
@@ -67,7 +67,7 @@ def _check(features, weight, bias, target, ignore_index, label_smoothing, reduct
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if not autocast_on(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
 
@@ -75,8 +75,7 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
 def _autocast_inputs(features, weight, bias):
     """Cast ``weight`` and ``bias`` to the features' 16-bit dtype when autocast to that dtype is on."""
     if not (isinstance(features, torch.Tensor) and isinstance(weight, torch.Tensor)) \
-            or weight.dtype == features.dtype or not torch.amp.is_autocast_available(features.device.type) \
-            or not torch.is_autocast_enabled(features.device.type):
+            or weight.dtype == features.dtype or not autocast_on(features.device.type):
         return features, weight, bias
     low = torch.get_autocast_dtype(features.device.type)
     if features.dtype != low or weight.dtype != torch.float32:
