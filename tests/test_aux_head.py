@@ -47,6 +47,7 @@ SHAPES = [  # (features shape, classes): odd sizes — 1 class, 7 channels, 97 t
     # vector paths: channels a multiple of 8 plus a tail, classes 4k + 2, rows over several blocks
     ((70, 64), 10),
     ((33, 27, 2, 2), 9),
+    ((37, 45, 3, 3), 7),  # 45 channels = a 32-channel tile, an 8-wide chunk and 5 more; 7 classes
     # classes x channels > 65536: the chunked path (logits a chunk of rows at a time, BLAS products)
     ((3, 70, 2, 2), 1000),
     ((5, 70), 1025),
@@ -240,7 +241,7 @@ def test_baseline_isa_path_matches_reference():
         "import torch, llkern\n"
         "from llkern.reference.aux_head import aux_head_loss_reference\n"
         "torch.manual_seed(0)\n"
-        "for shape, classes in [((70, 64), 10), ((33, 24, 2, 2), 9), ((5, 7), 1)]:\n"
+        "for shape, classes in [((70, 64), 10), ((33, 24, 2, 2), 9), ((37, 45, 3, 3), 7), ((5, 7), 1)]:\n"
         "    f = torch.randn(*shape, requires_grad=True)\n"
         "    c = shape[1] if len(shape) == 4 else shape[-1]\n"
         "    w = torch.randn(classes, c, requires_grad=True)\n"

@@ -52,19 +52,22 @@ Outputs aux_head_loss_cpu(
   int64_t correct = 0;
 
   at::Tensor rows;
+  const at::Tensor f = s.pooled && !s.channels_last ? features.contiguous() : features;
+  PoolParams pool;
   if (s.pooled) {
-    const at::Tensor f = s.channels_last ? features : features.contiguous();
     rows = at::empty({s.rows, s.channels}, acc_options);
-    pool_cpu(pool_params(f, s, rows));
+    pool = pool_params(f, s, rows);
   } else {
     rows = features.reshape({s.rows, s.channels}).contiguous();
   }
 
   if (fused_head_fits(s.rows, s.classes, s.channels)) {  // small head: one pass, no logits matrix
+    // image features are pooled block by block inside the pass
     at::Tensor grad_weight = with_grad ? at::empty({s.classes, s.channels}, acc_options) : at::empty({0}, acc_options);
     at::Tensor grad_bias = with_grad && b.defined() ? at::empty({s.classes}, acc_options) : at::empty({0}, acc_options);
     FusedHeadParams p;
     p.rows_data = rows.data_ptr();
+    p.pool = s.pooled ? &pool : nullptr;
     p.dtype = scalar_kind(rows, "rows");
     p.rows = s.rows;
     p.channels = s.channels;
@@ -86,6 +89,7 @@ Outputs aux_head_loss_cpu(
   }
 
   // Large head: logits one chunk of rows at a time, matrix products through ATen (BLAS).
+  if (s.pooled) pool_cpu(pool);
   rows = rows.to(acc);
   at::Tensor grad_weight = with_grad ? at::zeros({s.classes, s.channels}, acc_options) : at::empty({0}, acc_options);
   at::Tensor grad_bias = with_grad && bias.has_value() ? at::zeros({s.classes}, acc_options) : at::empty({0}, acc_options);

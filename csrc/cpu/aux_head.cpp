@@ -88,6 +88,11 @@ __attribute__((target("avx2,fma"))) void pool_planes_float_avx2(const float* in,
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= S; i += 16) {
+      // Eight lines ahead, non-temporal: the hardware prefetcher stops at each 4 KiB page, and
+      // features read once should not evict the cache's contents (the rest of the training
+      // step's code and data). Measured: pooling 0.83 -> 0.67 ms, the whole op 2.2 -> 1.8 ms.
+      // A prefetch past the end of the features is harmless: prefetches never fault.
+      _mm_prefetch(reinterpret_cast<const char*>(v + i) + 512, _MM_HINT_NTA);
       a0 = _mm256_add_ps(a0, _mm256_loadu_ps(v + i));
       a1 = _mm256_add_ps(a1, _mm256_loadu_ps(v + i + 8));
     }
@@ -98,46 +103,65 @@ __attribute__((target("avx2,fma"))) void pool_planes_float_avx2(const float* in,
 
 #endif
 
+// Pooling work comes in units: (b, c) planes of S contiguous values for contiguous features,
+// whole images for channels_last ones. Rows r0..r1 are units r0 C..r1 C, or r0..r1.
+inline int64_t pool_units_per_row(const PoolParams& p) { return p.channels_last ? 1 : p.channels; }
+
+// Means of the pooling units u0 <= u < u1 into the pooled rows (one thread).
 template <typename T>
-void pool_typed(const PoolParams& p) {
+void pool_units(const PoolParams& p, int64_t u0, int64_t u1) {
   using Acc = typename AccOf<T>::type;
   const T* in = static_cast<const T*>(p.features);
   Acc* out = static_cast<Acc*>(p.pooled);
   const int64_t C = p.channels, S = p.spatial;
   const Acc inv = Acc(1) / Acc(S);
   if (!p.channels_last) {
-    // Each (b, c) plane is S contiguous values; each thread takes one range of planes.
-    const int64_t planes = p.batch * C;
-#pragma omp parallel if (planes * S > 32768)
-    {
-      const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
-      const int64_t begin = planes * id / threads, end = planes * (id + 1) / threads;
-      bool done = false;
 #if defined(LLKERN_X86_CLONES)
-      if constexpr (std::is_same_v<T, float>) {
-        if (S % 8 == 0 && cpu_has_avx2_fma()) {
-          pool_planes_float_avx2(in, out, begin, end, S, inv);
-          done = true;
-        }
-      }
+    if constexpr (std::is_same_v<T, float>) {
+      if (S % 8 == 0 && cpu_has_avx2_fma()) return pool_planes_float_avx2(in, out, u0, u1, S, inv);
+    }
 #endif
-      if (!done) {
-        for (int64_t bc = begin; bc < end; ++bc) out[bc] = sum_values<T, Acc>(in + bc * S, S) * inv;
-      }
-    }
-  } else {
-    // (b, s, c): add the S rows of C channels of each image.
-#pragma omp parallel for schedule(static) if (p.batch * C * S > 32768)
-    for (int64_t b = 0; b < p.batch; ++b) {
-      Acc* row = out + b * C;
-      for (int64_t c = 0; c < C; ++c) row[c] = 0;
-      const T* image = in + b * S * C;
-      for (int64_t s = 0; s < S; ++s) {
-        for (int64_t c = 0; c < C; ++c) row[c] += Acc(to_float(image[s * C + c]));
-      }
-      for (int64_t c = 0; c < C; ++c) row[c] *= inv;
-    }
+    for (int64_t bc = u0; bc < u1; ++bc) out[bc] = sum_values<T, Acc>(in + bc * S, S) * inv;
+    return;
   }
+  for (int64_t b = u0; b < u1; ++b) {  // (b, s, c): add the S rows of C channels of each image
+    Acc* row = out + b * C;
+    for (int64_t c = 0; c < C; ++c) row[c] = 0;
+    const T* image = in + b * S * C;
+    for (int64_t s = 0; s < S; ++s) {
+      for (int64_t c = 0; c < C; ++c) row[c] += Acc(to_float(image[s * C + c]));
+    }
+    for (int64_t c = 0; c < C; ++c) row[c] *= inv;
+  }
+}
+
+template <typename T>
+void pool_typed(const PoolParams& p) {
+  const int64_t units = p.batch * pool_units_per_row(p);
+#pragma omp parallel if (p.batch * p.channels * p.spatial > 32768)
+  {
+    const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+    pool_units<T>(p, units * id / threads, units * (id + 1) / threads);
+  }
+}
+
+// The pooling of rows r0..r1 inside the fused pass, by the features' dtype.
+using PoolRowsFn = void (*)(const PoolParams&, int64_t, int64_t);
+
+template <typename T>
+void pool_rows(const PoolParams& p, int64_t r0, int64_t r1) {
+  const int64_t per_row = pool_units_per_row(p);
+  pool_units<T>(p, r0 * per_row, r1 * per_row);
+}
+
+inline PoolRowsFn pick_pool_rows(ScalarKind dtype) {
+  switch (dtype) {
+    case ScalarKind::kFloat32: return &pool_rows<float>;
+    case ScalarKind::kFloat64: return &pool_rows<double>;
+    case ScalarKind::kBFloat16: return &pool_rows<BF16>;
+    case ScalarKind::kFloat16: return &pool_rows<F16>;
+  }
+  return nullptr;
 }
 
 template <typename Acc>
@@ -204,7 +228,16 @@ void broadcast_typed(const BroadcastParams& p) {
         for (int64_t bc = 0; bc < p.batch * C; ++bc) {
           const __m128 v = _mm_set1_ps(g * dp[bc]);
           float* plane = out + bc * S;
-          for (int64_t s = 0; s < S; s += 4) _mm_stream_ps(plane + s, v);
+          // A whole 64-byte line per iteration: with one 16-byte store per iteration the loop's
+          // issue rate, not memory, set the speed (it varied by 25 % with the loop's alignment).
+          int64_t s = 0;
+          for (; s + 16 <= S; s += 16) {
+            _mm_stream_ps(plane + s, v);
+            _mm_stream_ps(plane + s + 4, v);
+            _mm_stream_ps(plane + s + 8, v);
+            _mm_stream_ps(plane + s + 12, v);
+          }
+          for (; s < S; s += 4) _mm_stream_ps(plane + s, v);
         }
         _mm_sfence();  // each writing thread orders its streaming stores before the region ends
       }
@@ -282,10 +315,174 @@ LLKERN_ALWAYS_INLINE inline void dots(const Acc* x, const Acc* w, int64_t C, Acc
   }
 }
 
-// One block of at most kFusedBlockRows rows of the fused head, row by row: logits as dot
-// products with the rows of W, the softmax from one exp per logit, then d x and the block's
-// d W, d b as axpys along the channels (contiguous, vectorised). `z` holds `classes` values,
-// `xbuf` one row in Acc.
+// Z (n x K) = X W^T without bias: pairs of rows by four classes, eight independent dot products
+// sharing their loads (a dot product alone waits on its own adds); leftovers one row or class at
+// a time.
+template <typename Acc>
+LLKERN_ALWAYS_INLINE inline void block_logits(const Acc* X, const Acc* W, int64_t n, int64_t K, int64_t C,
+                                              Acc* Z) {
+  using V = typename Lanes8<Acc>::type;
+  int64_t r = 0;
+  for (; r + 2 <= n; r += 2) {
+    const Acc *x0 = X + r * C, *x1 = x0 + C;
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+      const Acc* w = W + k * C;
+      V a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
+      int64_t c = 0;
+      for (; c + 8 <= C; c += 8) {
+        const V u = load8(x0 + c), v = load8(x1 + c);
+        const V w0 = load8(w + c), w1 = load8(w + C + c), w2 = load8(w + 2 * C + c), w3 = load8(w + 3 * C + c);
+        a0 += u * w0; a1 += u * w1; a2 += u * w2; a3 += u * w3;
+        b0 += v * w0; b1 += v * w1; b2 += v * w2; b3 += v * w3;
+      }
+      Acc* z0 = Z + r * K + k;
+      Acc* z1 = z0 + K;
+      z0[0] = sum8<Acc>(a0); z0[1] = sum8<Acc>(a1); z0[2] = sum8<Acc>(a2); z0[3] = sum8<Acc>(a3);
+      z1[0] = sum8<Acc>(b0); z1[1] = sum8<Acc>(b1); z1[2] = sum8<Acc>(b2); z1[3] = sum8<Acc>(b3);
+      for (; c < C; ++c) {
+        for (int j = 0; j < 4; ++j) {
+          z0[j] += x0[c] * w[j * C + c];
+          z1[j] += x1[c] * w[j * C + c];
+        }
+      }
+    }
+    for (; k < K; ++k) {
+      dots<1>(x0, W + k * C, C, Z + r * K + k);
+      dots<1>(x1, W + k * C, C, Z + (r + 1) * K + k);
+    }
+  }
+  for (; r < n; ++r) {
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) dots<4>(X + r * C, W + k * C, C, Z + r * K + k);
+    for (; k < K; ++k) dots<1>(X + r * C, W + k * C, C, Z + r * K + k);
+  }
+}
+
+// d W (K x C) += G^T X for the n rows of the block: tiles of two classes by 32 channels held in
+// registers across the rows, so d W is read and written once per block, not once per row.
+template <typename Acc>
+LLKERN_ALWAYS_INLINE inline void add_grad_weight(const Acc* G, const Acc* X, int64_t n, int64_t K, int64_t C,
+                                                 Acc* dW) {
+  using V = typename Lanes8<Acc>::type;
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    Acc *d0 = dW + k * C, *d1 = d0 + C;
+    int64_t c = 0;
+    for (; c + 32 <= C; c += 32) {
+      V a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
+      for (int64_t r = 0; r < n; ++r) {
+        const Acc* x = X + r * C + c;
+        const Acc g0 = G[r * K + k], g1 = G[r * K + k + 1];
+        const V x0 = load8(x), x1 = load8(x + 8), x2 = load8(x + 16), x3 = load8(x + 24);
+        a0 += g0 * x0; a1 += g0 * x1; a2 += g0 * x2; a3 += g0 * x3;
+        b0 += g1 * x0; b1 += g1 * x1; b2 += g1 * x2; b3 += g1 * x3;
+      }
+      store8(d0 + c, load8(d0 + c) + a0); store8(d0 + c + 8, load8(d0 + c + 8) + a1);
+      store8(d0 + c + 16, load8(d0 + c + 16) + a2); store8(d0 + c + 24, load8(d0 + c + 24) + a3);
+      store8(d1 + c, load8(d1 + c) + b0); store8(d1 + c + 8, load8(d1 + c + 8) + b1);
+      store8(d1 + c + 16, load8(d1 + c + 16) + b2); store8(d1 + c + 24, load8(d1 + c + 24) + b3);
+    }
+    for (; c + 8 <= C; c += 8) {
+      V a = {}, b = {};
+      for (int64_t r = 0; r < n; ++r) {
+        const V x = load8(X + r * C + c);
+        a += G[r * K + k] * x;
+        b += G[r * K + k + 1] * x;
+      }
+      store8(d0 + c, load8(d0 + c) + a);
+      store8(d1 + c, load8(d1 + c) + b);
+    }
+    for (; c < C; ++c) {
+      Acc a = 0, b = 0;
+      for (int64_t r = 0; r < n; ++r) {
+        a += G[r * K + k] * X[r * C + c];
+        b += G[r * K + k + 1] * X[r * C + c];
+      }
+      d0[c] += a;
+      d1[c] += b;
+    }
+  }
+  for (; k < K; ++k) {  // the last class of an odd count
+    Acc* d = dW + k * C;
+    int64_t c = 0;
+    for (; c + 8 <= C; c += 8) {
+      V a = {};
+      for (int64_t r = 0; r < n; ++r) a += G[r * K + k] * load8(X + r * C + c);
+      store8(d + c, load8(d + c) + a);
+    }
+    for (; c < C; ++c) {
+      Acc a = 0;
+      for (int64_t r = 0; r < n; ++r) a += G[r * K + k] * X[r * C + c];
+      d[c] += a;
+    }
+  }
+}
+
+// d X (n x C) = G W, written over d X: tiles of two rows by 32 channels held in registers across
+// the classes, each row of W loaded once per pair of rows.
+template <typename Acc>
+LLKERN_ALWAYS_INLINE inline void write_grad_rows(const Acc* G, const Acc* W, int64_t n, int64_t K, int64_t C,
+                                                 Acc* dX) {
+  using V = typename Lanes8<Acc>::type;
+  int64_t r = 0;
+  for (; r + 2 <= n; r += 2) {
+    const Acc *g0 = G + r * K, *g1 = g0 + K;
+    Acc *o0 = dX + r * C, *o1 = o0 + C;
+    int64_t c = 0;
+    for (; c + 32 <= C; c += 32) {
+      V a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const Acc* w = W + k * C + c;
+        const V w0 = load8(w), w1 = load8(w + 8), w2 = load8(w + 16), w3 = load8(w + 24);
+        a0 += g0[k] * w0; a1 += g0[k] * w1; a2 += g0[k] * w2; a3 += g0[k] * w3;
+        b0 += g1[k] * w0; b1 += g1[k] * w1; b2 += g1[k] * w2; b3 += g1[k] * w3;
+      }
+      store8(o0 + c, a0); store8(o0 + c + 8, a1); store8(o0 + c + 16, a2); store8(o0 + c + 24, a3);
+      store8(o1 + c, b0); store8(o1 + c + 8, b1); store8(o1 + c + 16, b2); store8(o1 + c + 24, b3);
+    }
+    for (; c + 8 <= C; c += 8) {
+      V a = {}, b = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const V w = load8(W + k * C + c);
+        a += g0[k] * w;
+        b += g1[k] * w;
+      }
+      store8(o0 + c, a);
+      store8(o1 + c, b);
+    }
+    for (; c < C; ++c) {
+      Acc a = 0, b = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        a += g0[k] * W[k * C + c];
+        b += g1[k] * W[k * C + c];
+      }
+      o0[c] = a;
+      o1[c] = b;
+    }
+  }
+  for (; r < n; ++r) {  // the last row of an odd count
+    const Acc* g = G + r * K;
+    Acc* o = dX + r * C;
+    int64_t c = 0;
+    for (; c + 8 <= C; c += 8) {
+      V a = {};
+      for (int64_t k = 0; k < K; ++k) a += g[k] * load8(W + k * C + c);
+      store8(o + c, a);
+    }
+    for (; c < C; ++c) {
+      Acc a = 0;
+      for (int64_t k = 0; k < K; ++k) a += g[k] * W[k * C + c];
+      o[c] = a;
+    }
+  }
+}
+
+// One block of at most kFusedBlockRows rows of the fused head, in three passes over the block:
+// logits as dot products with the rows of W and the softmax from one exp per logit, turned into
+// G = d loss / d logits (n x K, in `z`); then d W += G^T X, d b += column sums of G; then
+// d X = G W. Ignored rows have G = 0, hence zero gradients. `xbuf` holds the block's rows in Acc
+// when T is not Acc (kFusedBlockRows x C), `z` holds kFusedBlockRows x K values.
 template <typename T, typename Acc, bool kAvx2 = false>
 LLKERN_ALWAYS_INLINE inline void fused_block(const FusedHeadParams& p, int64_t row0, int64_t n, Acc* xbuf, Acc* z,
                                              Acc* dW, Acc* db, double& loss, int64_t& correct) {
@@ -293,102 +490,63 @@ LLKERN_ALWAYS_INLINE inline void fused_block(const FusedHeadParams& p, int64_t r
   const Acc* bias = static_cast<const Acc*>(p.bias);
   const int64_t C = p.channels, K = p.classes;
   const Acc eps = Acc(p.label_smoothing), eps_per_class = eps / Acc(K), scale = Acc(p.grad_scale);
-  Acc* grad_rows = static_cast<Acc*>(p.grad_rows);
-  for (int64_t row = row0; row < row0 + n; ++row) {
-    const int64_t y = p.target[row];
+  const Acc* X;  // the block's rows, n x C in Acc
+  if constexpr (std::is_same_v<T, Acc>) {
+    X = static_cast<const T*>(p.rows_data) + row0 * C;
+  } else {
+    const T* in = static_cast<const T*>(p.rows_data) + row0 * C;
+    for (int64_t i = 0; i < n * C; ++i) xbuf[i] = Acc(to_float(in[i]));
+    X = xbuf;
+  }
+  block_logits<Acc>(X, W, n, K, C, z);  // ignored rows too: simpler than skipping them, and cheap
+  for (int64_t r = 0; r < n; ++r) {
+    Acc* zr = z + r * K;
+    const int64_t y = p.target[row0 + r];
     if (y == p.ignore_index) {
-      if (p.write_grad) {
-        for (int64_t c = 0; c < C; ++c) grad_rows[row * C + c] = 0;
-      }
+      for (int64_t k = 0; k < K; ++k) zr[k] = 0;
       continue;
     }
-    const Acc* x;
-    if constexpr (std::is_same_v<T, Acc>) {
-      x = static_cast<const T*>(p.rows_data) + row * C;
-    } else {
-      const T* in = static_cast<const T*>(p.rows_data) + row * C;
-      for (int64_t c = 0; c < C; ++c) xbuf[c] = Acc(to_float(in[c]));
-      x = xbuf;
-    }
     int64_t k = 0;
-    for (; k + 4 <= K; k += 4) dots<4>(x, W + k * C, C, z + k);
-    for (; k < K; ++k) dots<1>(x, W + k * C, C, z + k);
     Acc max = 0, total = 0;
     int64_t argmax = 0;
     for (k = 0; k < K; ++k) {
-      const Acc zk = z[k] + (bias ? bias[k] : Acc(0));
-      z[k] = zk;
+      const Acc zk = zr[k] + (bias ? bias[k] : Acc(0));
+      zr[k] = zk;
       total += zk;
       if (k == 0 || zk > max) {
         max = zk;
         argmax = k;
       }
     }
-    const Acc z_true = z[y];
+    const Acc z_true = zr[y];
     Acc sum_exp = 0;
 #if defined(LLKERN_X86_CLONES)
     if constexpr (kAvx2) {
-      sum_exp = exp_shifted_sum_avx2(z, K, max);
+      sum_exp = exp_shifted_sum_avx2(zr, K, max);
     } else
 #endif
     {
       for (k = 0; k < K; ++k) {
-        z[k] = std::exp(z[k] - max);
-        sum_exp += z[k];
+        zr[k] = std::exp(zr[k] - max);
+        sum_exp += zr[k];
       }
     }
     const Acc lse = max + std::log(sum_exp);
     loss += double((Acc(1) - eps) * (lse - z_true) + eps * (lse - total / Acc(K)));
     correct += argmax == y;
     if (!p.write_grad) continue;
-    Acc* dx = grad_rows + row * C;
-    for (int64_t c = 0; c < C; ++c) dx[c] = 0;
     const Acc inv = scale / sum_exp;
-    for (k = 0; k < K; ++k) z[k] = z[k] * inv - scale * eps_per_class;  // z becomes d loss / d z
-    z[y] -= scale * (Acc(1) - eps);
-    if (db) {
-      for (k = 0; k < K; ++k) db[k] += z[k];
-    }
-    // Four classes per sweep over the channels: one load and store of d x per four rows of W.
-    // Written in vector lanes: the compiler will not vectorise six possibly aliasing pointers.
-    using V = typename Lanes8<Acc>::type;
-    for (k = 0; k + 4 <= K; k += 4) {
-      const Acc g0 = z[k], g1 = z[k + 1], g2 = z[k + 2], g3 = z[k + 3];
-      const Acc *w0 = W + k * C, *w1 = w0 + C, *w2 = w1 + C, *w3 = w2 + C;
-      Acc *d0 = dW + k * C, *d1 = d0 + C, *d2 = d1 + C, *d3 = d2 + C;
-      int64_t c = 0;
-      for (; c + 8 <= C; c += 8) {
-        const V xv = load8(x + c);
-        store8(dx + c, load8(dx + c) + ((g0 * load8(w0 + c) + g1 * load8(w1 + c)) +
-                                        (g2 * load8(w2 + c) + g3 * load8(w3 + c))));
-        store8(d0 + c, load8(d0 + c) + g0 * xv);
-        store8(d1 + c, load8(d1 + c) + g1 * xv);
-        store8(d2 + c, load8(d2 + c) + g2 * xv);
-        store8(d3 + c, load8(d3 + c) + g3 * xv);
-      }
-      for (; c < C; ++c) {
-        dx[c] += (g0 * w0[c] + g1 * w1[c]) + (g2 * w2[c] + g3 * w3[c]);
-        d0[c] += g0 * x[c];
-        d1[c] += g1 * x[c];
-        d2[c] += g2 * x[c];
-        d3[c] += g3 * x[c];
-      }
-    }
-    for (; k < K; ++k) {
-      const Acc g = z[k];
-      const Acc* w = W + k * C;
-      Acc* dw = dW + k * C;
-      int64_t c = 0;
-      for (; c + 8 <= C; c += 8) {
-        store8(dx + c, load8(dx + c) + g * load8(w + c));
-        store8(dw + c, load8(dw + c) + g * load8(x + c));
-      }
-      for (; c < C; ++c) {
-        dx[c] += g * w[c];
-        dw[c] += g * x[c];
-      }
+    for (k = 0; k < K; ++k) zr[k] = zr[k] * inv - scale * eps_per_class;  // z becomes d loss / d z
+    zr[y] -= scale * (Acc(1) - eps);
+  }
+  if (!p.write_grad) return;
+  if (db) {
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t k = 0; k < K; ++k) db[k] += z[r * K + k];
     }
   }
+  add_grad_weight<Acc>(z, X, n, K, C, dW);
+  write_grad_rows<Acc>(z, W, n, K, C, static_cast<Acc*>(p.grad_rows) + row0 * C);
 }
 
 template <typename Acc>
@@ -430,15 +588,19 @@ void fused_head_typed(const FusedHeadParams& p) {
   std::vector<Acc> partials(static_cast<size_t>(blocks * partial), Acc(0));
   std::vector<double> block_loss(static_cast<size_t>(blocks), 0.0);
   std::vector<int64_t> block_correct(static_cast<size_t>(blocks), 0);
-#pragma omp parallel if (p.rows * C * K > 32768)
+  const PoolRowsFn pool_fn = p.pool ? pick_pool_rows(p.pool->dtype) : nullptr;
+  const int64_t work = p.rows * C * (K + (p.pool ? p.pool->spatial : 0));
+#pragma omp parallel if (work > 32768)
   {
-    std::vector<Acc> xbuf(static_cast<size_t>(C)), z(static_cast<size_t>(K));
+    std::vector<Acc> xbuf(std::is_same_v<T, Acc> ? 0 : static_cast<size_t>(kFusedBlockRows * C));
+    std::vector<Acc> z(static_cast<size_t>(kFusedBlockRows * K));
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       Acc* dW = partials.data() + blk * partial;
       Acc* db = p.write_grad && p.grad_bias ? dW + K * C : nullptr;
       const int64_t row0 = blk * kFusedBlockRows;
       const int64_t n = std::min(p.rows - row0, kFusedBlockRows);
+      if (pool_fn) pool_fn(*p.pool, row0, row0 + n);
       block_fn(p, row0, n, xbuf.data(), z.data(), dW, db, block_loss[blk], block_correct[blk]);
     }
   }

@@ -75,9 +75,11 @@ struct BroadcastParams {
 // enough that per-block copies of d weight are cheap): logits = W x + b, cross-entropy and,
 // with write_grad, d rows, d weight, d bias, without forming a logits matrix. Rows go in fixed
 // blocks whose partial sums are added in order, so results do not depend on the thread count.
-// Image features are pooled first (pool_cpu, parallel over all (b, c) planes).
+// Image features are pooled in the same pass when `pool` is set: each block pools its own rows
+// into rows_data just before the head reads them (still in cache), in one parallel region.
 struct FusedHeadParams {
-  const void* rows_data = nullptr;  // (rows, C), contiguous
+  const void* rows_data = nullptr;  // (rows, C), contiguous; the pooled rows (Acc) when pool is set
+  const PoolParams* pool = nullptr;  // image features pooled into rows_data block by block, or null
   ScalarKind dtype = ScalarKind::kFloat32;
   int64_t rows = 0, channels = 0;
   const void* weight = nullptr;  // (classes, C) Acc, contiguous
