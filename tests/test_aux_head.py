@@ -86,6 +86,29 @@ def test_chunked_path_across_several_chunks():
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-7)
 
 
+IN_PASS_ROWS = 64 * torch.get_num_threads() + 5  # two 32-row blocks per CPU thread, and a partial one
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pooling_inside_the_head_pass(layout, dtype):
+    # With at least two 32-row blocks per thread the CPU kernel pools each block just before
+    # classifying it (fewer rows pool first, over all planes); 8x8 planes take the AVX2 loop.
+    # (16-bit features: test_low_precision_error_relative_to_pytorch.)
+    rows = IN_PASS_ROWS
+    features, weight, bias, target = make((rows, 24, 8, 8), 7, dtype=dtype, ignore_some=True)
+    if layout == "channels_last":
+        features = features.detach().to(memory_format=torch.channels_last).requires_grad_()
+    loss, correct = aux_head_loss(features, weight, bias, target, label_smoothing=0.1, return_correct=True,
+                                  impl="kernel")
+    grads = torch.autograd.grad(loss, [features, weight, bias])
+    ref_loss, ref_correct, ref_grads = reference64(features, weight, bias, target, label_smoothing=0.1)
+    assert correct.item() == ref_correct.item()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_channels_last_and_non_contiguous(device):
     features, weight, bias, target = make((4, 6, 5, 3), 9, device)
@@ -115,8 +138,9 @@ def test_channels_last_and_non_contiguous(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_error_relative_to_pytorch(device, dtype):
-    features, weight, bias, target = make((64, 32, 4, 4), 10, device, dtype)
+@pytest.mark.parametrize("shape", [(64, 32, 4, 4), (IN_PASS_ROWS, 24, 8, 8)])
+def test_low_precision_error_relative_to_pytorch(device, dtype, shape):
+    features, weight, bias, target = make(shape, 10, device, dtype)
     loss = aux_head_loss(features, weight, bias, target, impl="kernel")
     grads = torch.autograd.grad(loss, [features, weight, bias])
     ref_loss, _, ref_grads = reference64(features, weight, bias, target)

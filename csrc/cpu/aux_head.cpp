@@ -588,8 +588,12 @@ void fused_head_typed(const FusedHeadParams& p) {
   std::vector<Acc> partials(static_cast<size_t>(blocks * partial), Acc(0));
   std::vector<double> block_loss(static_cast<size_t>(blocks), 0.0);
   std::vector<int64_t> block_correct(static_cast<size_t>(blocks), 0);
-  const PoolRowsFn pool_fn = p.pool ? pick_pool_rows(p.pool->dtype) : nullptr;
-  const int64_t work = p.rows * C * (K + (p.pool ? p.pool->spatial : 0));
+  // With fewer blocks than two per thread, some threads would pool nothing: pool first then,
+  // over all (b, c) planes in parallel.
+  const bool pool_in_pass = p.pool && blocks >= 2 * int64_t(omp_get_max_threads());
+  if (p.pool && !pool_in_pass) pool_cpu(*p.pool);
+  const PoolRowsFn pool_fn = pool_in_pass ? pick_pool_rows(p.pool->dtype) : nullptr;
+  const int64_t work = p.rows * C * (K + (pool_in_pass ? p.pool->spatial : 0));
 #pragma omp parallel if (work > 32768)
   {
     std::vector<Acc> xbuf(std::is_same_v<T, Acc> ? 0 : static_cast<size_t>(kFusedBlockRows * C));
