@@ -589,7 +589,8 @@ void fused_head_typed(const FusedHeadParams& p) {
   std::vector<double> block_loss(static_cast<size_t>(blocks), 0.0);
   std::vector<int64_t> block_correct(static_cast<size_t>(blocks), 0);
   // With fewer blocks than two per thread, some threads would pool nothing: pool first then,
-  // over all (b, c) planes in parallel.
+  // over all (b, c) planes in parallel. Either way each plane is summed by the same loop in the
+  // same order, so the thread count changes where, not what.
   const bool pool_in_pass = p.pool && blocks >= 2 * int64_t(omp_get_max_threads());
   if (p.pool && !pool_in_pass) pool_cpu(*p.pool);
   const PoolRowsFn pool_fn = pool_in_pass ? pick_pool_rows(p.pool->dtype) : nullptr;

@@ -76,7 +76,8 @@ struct BroadcastParams {
 // with write_grad, d rows, d weight, d bias, without forming a logits matrix. Rows go in fixed
 // blocks whose partial sums are added in order, so results do not depend on the thread count.
 // Image features are pooled in the same pass when `pool` is set: each block pools its own rows
-// into rows_data just before the head reads them (still in cache), in one parallel region.
+// into rows_data just before the head reads them (still in cache), in one parallel region; with
+// fewer than two blocks per thread they are pooled first, over all (b, c) planes in parallel.
 struct FusedHeadParams {
   const void* rows_data = nullptr;  // (rows, C), contiguous; the pooled rows (Acc) when pool is set
   const PoolParams* pool = nullptr;  // image features pooled into rows_data block by block, or null
