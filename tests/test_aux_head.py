@@ -109,6 +109,43 @@ def test_pooling_inside_the_head_pass(layout, dtype):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6)
 
 
+def test_thread_count_changes_no_bit():
+    # 70 rows = three 32-row blocks: one thread pools inside the row pass, two threads pool first
+    # over all planes; the sums are the same either way, so the results are equal bit for bit.
+    features, weight, bias, target = make((70, 24, 8, 8), 7)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            loss = aux_head_loss(features, weight, bias, target, label_smoothing=0.1, impl="kernel")
+            results.append([loss, *torch.autograd.grad(loss, [features, weight, bias])])
+            with torch.no_grad():  # the forward alone (no gradients formed) agrees too
+                results[-1].append(aux_head_loss(features, weight, bias, target, label_smoothing=0.1, impl="kernel"))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(results[0][0], results[0][-1])
+
+
+def test_non_finite_features_of_ignored_rows_do_not_reach_the_gradients():
+    features, weight, bias, target = make((40, 16), 5, ignore_some=False)
+    target[[3, 35]] = -100
+    with torch.no_grad():
+        features[3, 2] = float("inf")
+        features[35, 0] = float("nan")
+    loss = aux_head_loss(features, weight, bias, target, impl="kernel")
+    grads = torch.autograd.grad(loss, [features, weight, bias])
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(grads[0][[3, 35]], torch.zeros(2, 16))
+    keep = target != -100
+    ref_loss, _, ref_grads = reference64(features[keep], weight, bias, target[keep])
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1].double(), ref_grads[1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[2].double(), ref_grads[2], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_channels_last_and_non_contiguous(device):
     features, weight, bias, target = make((4, 6, 5, 3), 9, device)
@@ -138,7 +175,8 @@ def test_channels_last_and_non_contiguous(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(64, 32, 4, 4), (IN_PASS_ROWS, 24, 8, 8)])
+# 4-D features pooled before or inside the row pass; 2-D and 3-D ones converted block by block
+@pytest.mark.parametrize("shape", [(64, 32, 4, 4), (IN_PASS_ROWS, 24, 8, 8), (IN_PASS_ROWS, 45), (3, 37, 40)])
 def test_low_precision_error_relative_to_pytorch(device, dtype, shape):
     features, weight, bias, target = make(shape, 10, device, dtype)
     loss = aux_head_loss(features, weight, bias, target, impl="kernel")
@@ -146,7 +184,9 @@ def test_low_precision_error_relative_to_pytorch(device, dtype, shape):
     ref_loss, _, ref_grads = reference64(features, weight, bias, target)
     # PyTorch eager in the same dtype.
     f, w, b = (t.detach().clone().requires_grad_() for t in (features, weight, bias))
-    torch_loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(f.mean((2, 3)), w, b), target)
+    rows = f.mean((2, 3)) if f.dim() == 4 else f
+    logits = torch.nn.functional.linear(rows, w, b).reshape(-1, w.shape[0])
+    torch_loss = torch.nn.functional.cross_entropy(logits, target.reshape(-1))
     torch_grads = torch.autograd.grad(torch_loss, [f, w, b])
 
     def err(a, r):
@@ -265,16 +305,19 @@ def test_baseline_isa_path_matches_reference():
         "import torch, llkern\n"
         "from llkern.reference.aux_head import aux_head_loss_reference\n"
         "torch.manual_seed(0)\n"
-        "for shape, classes in [((70, 64), 10), ((33, 24, 2, 2), 9), ((37, 45, 3, 3), 7), ((5, 7), 1)]:\n"
+        "for shape, classes in [((70, 64), 10), ((33, 24, 2, 2), 9), ((37, 45, 3, 3), 7), ((5, 7), 1),\n"
+        "                       ((64 * torch.get_num_threads() + 5, 20, 4, 4), 6)]:\n"
         "    f = torch.randn(*shape, requires_grad=True)\n"
         "    c = shape[1] if len(shape) == 4 else shape[-1]\n"
         "    w = torch.randn(classes, c, requires_grad=True)\n"
+        "    b = torch.randn(classes, requires_grad=True)\n"
         "    t = torch.randint(0, classes, shape[:1])\n"
-        "    loss = llkern.functional.aux_head_loss(f, w, None, t, label_smoothing=0.1, impl='kernel')\n"
-        "    g = torch.autograd.grad(loss, [f, w])\n"
-        "    f64, w64 = f.detach().double().requires_grad_(), w.detach().double().requires_grad_()\n"
-        "    ref, _ = aux_head_loss_reference(f64, w64, None, t, -100, 0.1, 'mean')\n"
-        "    r = torch.autograd.grad(ref, [f64, w64])\n"
+        "    t[::4] = -100\n"
+        "    loss = llkern.functional.aux_head_loss(f, w, b, t, label_smoothing=0.1, impl='kernel')\n"
+        "    g = torch.autograd.grad(loss, [f, w, b])\n"
+        "    f64, w64, b64 = (x.detach().double().requires_grad_() for x in (f, w, b))\n"
+        "    ref, _ = aux_head_loss_reference(f64, w64, b64, t, -100, 0.1, 'mean')\n"
+        "    r = torch.autograd.grad(ref, [f64, w64, b64])\n"
         "    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)\n"
         "    for a, b in zip(g, r):\n"
         "        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)\n"

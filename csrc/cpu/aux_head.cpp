@@ -336,16 +336,21 @@ LLKERN_ALWAYS_INLINE inline void block_logits(const Acc* X, const Acc* W, int64_
         a0 += u * w0; a1 += u * w1; a2 += u * w2; a3 += u * w3;
         b0 += v * w0; b1 += v * w1; b2 += v * w2; b3 += v * w3;
       }
-      Acc* z0 = Z + r * K + k;
-      Acc* z1 = z0 + K;
-      z0[0] = sum8<Acc>(a0); z0[1] = sum8<Acc>(a1); z0[2] = sum8<Acc>(a2); z0[3] = sum8<Acc>(a3);
-      z1[0] = sum8<Acc>(b0); z1[1] = sum8<Acc>(b1); z1[2] = sum8<Acc>(b2); z1[3] = sum8<Acc>(b3);
+      // the channel tail summed on its own, then added: the same rounding as dots<>, so a
+      // logit does not depend on where its row falls in the block
+      Acc t0[4] = {}, t1[4] = {};
       for (; c < C; ++c) {
         for (int j = 0; j < 4; ++j) {
-          z0[j] += x0[c] * w[j * C + c];
-          z1[j] += x1[c] * w[j * C + c];
+          t0[j] += x0[c] * w[j * C + c];
+          t1[j] += x1[c] * w[j * C + c];
         }
       }
+      Acc* z0 = Z + r * K + k;
+      Acc* z1 = z0 + K;
+      z0[0] = sum8<Acc>(a0) + t0[0]; z0[1] = sum8<Acc>(a1) + t0[1];
+      z0[2] = sum8<Acc>(a2) + t0[2]; z0[3] = sum8<Acc>(a3) + t0[3];
+      z1[0] = sum8<Acc>(b0) + t1[0]; z1[1] = sum8<Acc>(b1) + t1[1];
+      z1[2] = sum8<Acc>(b2) + t1[2]; z1[3] = sum8<Acc>(b3) + t1[3];
     }
     for (; k < K; ++k) {
       dots<1>(x0, W + k * C, C, Z + r * K + k);
@@ -359,11 +364,12 @@ LLKERN_ALWAYS_INLINE inline void block_logits(const Acc* X, const Acc* W, int64_
   }
 }
 
-// d W (K x C) += G^T X for the n rows of the block: tiles of two classes by 32 channels held in
+// d W (K x C) += G^T X over the m rows rows[0..m) of the block (those not ignored: a non-finite
+// ignored row must not reach d W through 0 * inf): tiles of two classes by 32 channels held in
 // registers across the rows, so d W is read and written once per block, not once per row.
 template <typename Acc>
-LLKERN_ALWAYS_INLINE inline void add_grad_weight(const Acc* G, const Acc* X, int64_t n, int64_t K, int64_t C,
-                                                 Acc* dW) {
+LLKERN_ALWAYS_INLINE inline void add_grad_weight(const Acc* G, const Acc* X, const int32_t* rows, int64_t m,
+                                                 int64_t K, int64_t C, Acc* dW) {
   using V = typename Lanes8<Acc>::type;
   int64_t k = 0;
   for (; k + 2 <= K; k += 2) {
@@ -371,7 +377,8 @@ LLKERN_ALWAYS_INLINE inline void add_grad_weight(const Acc* G, const Acc* X, int
     int64_t c = 0;
     for (; c + 32 <= C; c += 32) {
       V a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
-      for (int64_t r = 0; r < n; ++r) {
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t r = rows[i];
         const Acc* x = X + r * C + c;
         const Acc g0 = G[r * K + k], g1 = G[r * K + k + 1];
         const V x0 = load8(x), x1 = load8(x + 8), x2 = load8(x + 16), x3 = load8(x + 24);
@@ -385,7 +392,8 @@ LLKERN_ALWAYS_INLINE inline void add_grad_weight(const Acc* G, const Acc* X, int
     }
     for (; c + 8 <= C; c += 8) {
       V a = {}, b = {};
-      for (int64_t r = 0; r < n; ++r) {
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t r = rows[i];
         const V x = load8(X + r * C + c);
         a += G[r * K + k] * x;
         b += G[r * K + k + 1] * x;
@@ -395,7 +403,8 @@ LLKERN_ALWAYS_INLINE inline void add_grad_weight(const Acc* G, const Acc* X, int
     }
     for (; c < C; ++c) {
       Acc a = 0, b = 0;
-      for (int64_t r = 0; r < n; ++r) {
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t r = rows[i];
         a += G[r * K + k] * X[r * C + c];
         b += G[r * K + k + 1] * X[r * C + c];
       }
@@ -408,12 +417,12 @@ LLKERN_ALWAYS_INLINE inline void add_grad_weight(const Acc* G, const Acc* X, int
     int64_t c = 0;
     for (; c + 8 <= C; c += 8) {
       V a = {};
-      for (int64_t r = 0; r < n; ++r) a += G[r * K + k] * load8(X + r * C + c);
+      for (int64_t i = 0; i < m; ++i) a += G[rows[i] * K + k] * load8(X + rows[i] * C + c);
       store8(d + c, load8(d + c) + a);
     }
     for (; c < C; ++c) {
       Acc a = 0;
-      for (int64_t r = 0; r < n; ++r) a += G[r * K + k] * X[r * C + c];
+      for (int64_t i = 0; i < m; ++i) a += G[rows[i] * K + k] * X[rows[i] * C + c];
       d[c] += a;
     }
   }
@@ -498,7 +507,9 @@ LLKERN_ALWAYS_INLINE inline void fused_block(const FusedHeadParams& p, int64_t r
     for (int64_t i = 0; i < n * C; ++i) xbuf[i] = Acc(to_float(in[i]));
     X = xbuf;
   }
-  block_logits<Acc>(X, W, n, K, C, z);  // ignored rows too: simpler than skipping them, and cheap
+  block_logits<Acc>(X, W, n, K, C, z);  // ignored rows too (their logits are dropped below)
+  int32_t valid[kFusedBlockRows];  // the block's rows whose target is not ignored
+  int64_t m = 0;
   for (int64_t r = 0; r < n; ++r) {
     Acc* zr = z + r * K;
     const int64_t y = p.target[row0 + r];
@@ -506,6 +517,7 @@ LLKERN_ALWAYS_INLINE inline void fused_block(const FusedHeadParams& p, int64_t r
       for (int64_t k = 0; k < K; ++k) zr[k] = 0;
       continue;
     }
+    valid[m++] = int32_t(r);
     int64_t k = 0;
     Acc max = 0, total = 0;
     int64_t argmax = 0;
@@ -541,12 +553,18 @@ LLKERN_ALWAYS_INLINE inline void fused_block(const FusedHeadParams& p, int64_t r
   }
   if (!p.write_grad) return;
   if (db) {
-    for (int64_t r = 0; r < n; ++r) {
-      for (int64_t k = 0; k < K; ++k) db[k] += z[r * K + k];
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t k = 0; k < K; ++k) db[k] += z[valid[i] * K + k];
     }
   }
-  add_grad_weight<Acc>(z, X, n, K, C, dW);
-  write_grad_rows<Acc>(z, W, n, K, C, static_cast<Acc*>(p.grad_rows) + row0 * C);
+  add_grad_weight<Acc>(z, X, valid, m, K, C, dW);
+  Acc* dX = static_cast<Acc*>(p.grad_rows) + row0 * C;
+  write_grad_rows<Acc>(z, W, n, K, C, dX);
+  if (m < n) {  // ignored rows: exactly zero, whatever W holds
+    for (int64_t r = 0; r < n; ++r) {
+      if (p.target[row0 + r] == p.ignore_index) std::memset(dX + r * C, 0, sizeof(Acc) * C);
+    }
+  }
 }
 
 template <typename Acc>
