@@ -73,17 +73,21 @@ def test_matches_float64_reference(device, shape, classes, reduction, smoothing)
         torch.testing.assert_close(g.double().cpu(), r.cpu(), rtol=1e-4, atol=1e-6)
 
 
-def test_chunked_path_across_several_chunks():
-    # 4300 rows x 1000 classes: more logits than one 2^22-element chunk holds.
-    features, weight, bias, target = make((4300, 66), 1000)
-    loss, correct = aux_head_loss(features, weight, bias, target, label_smoothing=0.05, return_correct=True,
-                                  impl="kernel")
-    grads = torch.autograd.grad(loss, [features, weight, bias])
-    ref_loss, ref_correct, ref_grads = reference64(features, weight, bias, target, label_smoothing=0.05)
+def assert_kernel_matches_reference(features, weight, bias, target, grad_atol=1e-6, **kwargs):
+    """The kernel's loss, correct count and gradients against the float64 reference."""
+    loss, correct = aux_head_loss(features, weight, bias, target, return_correct=True, impl="kernel", **kwargs)
+    grads = torch.autograd.grad(loss, [t for t in (features, weight, bias) if t is not None])
+    ref_loss, ref_correct, ref_grads = reference64(features, weight, bias, target, **kwargs)
     assert correct.item() == ref_correct.item()
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     for g, r in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=grad_atol)
+
+
+def test_chunked_path_across_several_chunks():
+    # 4300 rows x 1000 classes: more logits than one 2^22-element chunk holds.
+    features, weight, bias, target = make((4300, 66), 1000)
+    assert_kernel_matches_reference(features, weight, bias, target, grad_atol=1e-7, label_smoothing=0.05)
 
 
 IN_PASS_ROWS = 64 * torch.get_num_threads() + 5  # two 32-row blocks per CPU thread, and a partial one
@@ -95,18 +99,10 @@ def test_pooling_inside_the_head_pass(layout, dtype):
     # With at least two 32-row blocks per thread the CPU kernel pools each block just before
     # classifying it (fewer rows pool first, over all planes); 8x8 planes take the AVX2 loop.
     # (16-bit features: test_low_precision_error_relative_to_pytorch.)
-    rows = IN_PASS_ROWS
-    features, weight, bias, target = make((rows, 24, 8, 8), 7, dtype=dtype, ignore_some=True)
+    features, weight, bias, target = make((IN_PASS_ROWS, 24, 8, 8), 7, dtype=dtype, ignore_some=True)
     if layout == "channels_last":
         features = features.detach().to(memory_format=torch.channels_last).requires_grad_()
-    loss, correct = aux_head_loss(features, weight, bias, target, label_smoothing=0.1, return_correct=True,
-                                  impl="kernel")
-    grads = torch.autograd.grad(loss, [features, weight, bias])
-    ref_loss, ref_correct, ref_grads = reference64(features, weight, bias, target, label_smoothing=0.1)
-    assert correct.item() == ref_correct.item()
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
-    for g, r in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6)
+    assert_kernel_matches_reference(features, weight, bias, target, label_smoothing=0.1)
 
 
 def test_thread_count_changes_no_bit():
