@@ -144,7 +144,7 @@ def test_small_temperature_is_stable():
 
 
 def test_large_batch_spans_several_blocks():
-    # more rows than one block holds (2^20 values / N rows per block): the block loop and the
+    # more rows than one block holds (2^21 values / N rows per block): the block loop and the
     # running column statistics are exercised
     z1, z2, labels = make(2500, 4)
     for op in OPS:
@@ -326,7 +326,7 @@ def test_op_rejects_bad_input_directly():
 def test_memory_stays_linear_in_n():
     # N = 8192: one N×N fp32 matrix is 256 MiB, the rows 0.5 MiB. Peak resident memory over the
     # forward + backward of each loss, in a fresh process (Linux VmHWM reset after set-up), must
-    # stay far below one matrix: the ops hold one 4 MiB block (two for Rényi), never the matrix.
+    # stay far below one matrix: the ops hold one 8 MiB block (two for Rényi), never the matrix.
     script = (
         "import torch, llkern\n"
         "def status(field):\n"
