@@ -62,7 +62,7 @@ Outputs aux_head_loss_cpu(
   }
 
   if (fused_head_fits(s.rows, s.classes, s.channels)) {  // small head: one pass, no logits matrix
-    // image features are pooled block by block inside the pass
+    // the pass pools image features itself, block by block or first (kernels/aux_head.h)
     at::Tensor grad_weight = with_grad ? at::empty({s.classes, s.channels}, acc_options) : at::empty({0}, acc_options);
     at::Tensor grad_bias = with_grad && b.defined() ? at::empty({s.classes}, acc_options) : at::empty({0}, acc_options);
     FusedHeadParams p;
