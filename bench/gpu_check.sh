@@ -3,6 +3,7 @@
 # compute-sanitizer. The device tool allows 10 minutes a call, so the work comes in stages, each
 # under that limit and each with its own time limits inside (one slow step cannot cost the others):
 #
+#   bash bench/gpu_check.sh verify       # build (or reuse a carried build), the op tests, the probe, a table
 #   bash bench/gpu_check.sh build        # pip install -e . with the CUDA kernels (~5 min the first time)
 #   bash bench/gpu_check.sh bench        # op benchmarks against eager / torch.compile / peers
 #   bash bench/gpu_check.sh system       # MIRACLE round trip, ResNet-110 memory table, torchrun + NCCL
@@ -35,8 +36,52 @@ check_built() {
     || { echo "!! llkern is not built with CUDA here: run the build stage first"; exit 1; }
 }
 
+# The build's identity: a hash of everything the compiled extension is made of.
+src_hash() { cat setup.py $(find csrc -type f | sort) | sha256sum | cut -c1-16; }
+
+# A deadline for the verify stage: every step's limit is cut so the whole stage ends inside 8.5 minutes.
+DEADLINE=$(( $(date +%s) + ${VERIFY_SECONDS:-500} ))
+left() { local l=$(( DEADLINE - $(date +%s) - ${2:-0} )); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 5 ] && l=5; echo $l; }
+
+# build_or_reuse: a carried build (.prebuilt/ holding _C*.so and its csrc hash) when the sources match,
+# else pip install -e . with the CUDA kernels. Copies the .so and its hash to $OUT either way.
+build_or_reuse() {
+  local hash; hash=$(src_hash)
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  if [ -f .prebuilt/csrc.sha ] && [ "$(cat .prebuilt/csrc.sha)" = "$hash" ] && ls .prebuilt/_C*.so >/dev/null 2>&1; then
+    echo "== reusing the carried build ($hash)"
+    cp .prebuilt/_C*.so llkern/
+    ln -sfn ../triton_kernels llkern/triton_kernels  # what the editable install's package_dir maps
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "== build (LLKERN_CUDA_ARCHS=$LLKERN_CUDA_ARCHS, csrc $hash)"
+    local start; start=$(date +%s)
+    if ! timeout "$(left 330 150)" $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+      tail -40 "$OUT/build.log"; echo "!! build failed"; exit 1
+    fi
+    echo "built in $(( $(date +%s) - start )) s"
+  fi
+  cp llkern/_C*.so "$OUT/" && echo "$hash" >"$OUT/csrc.sha"
+  check_built
+}
+
 for stage in "${stages[@]}"; do
   case $stage in
+  verify)
+    build_or_reuse
+    echo "== op tests on the GPU (no -x: every failure shows)"
+    run "$(left 240 100)" verify-tests.log $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 150 -rfE \
+      --junitxml="$OUT/verify-tests.xml" tests/test_transport.py tests/test_aux_head.py tests/test_similarity.py \
+      tests/test_context.py tests/test_mean_kl.py tests/test_miracle_select.py tests/test_random.py \
+      tests/test_triton_sm90.py tests/test_build.py
+    echo "== probe"
+    run "$(left 150 5)" verify-probe.log $PY bench/gpu_probe.py --json "$OUT/probe.json"
+    grep -E "passed|failed|error" "$OUT/verify-tests.log" | tail -3 ;;
+  smoke)
+    $PY -c "import llkern; assert llkern.kernel_available('transport_penalty', 'cuda')" 2>/dev/null || build_or_reuse
+    echo "== compute-sanitizer memcheck on every op once, forward and backward, at odd sizes"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run "$(left 240 0)" sanitizer.log compute-sanitizer --tool memcheck \
+      --error-exitcode 3 $PY bench/gpu_probe.py --smoke --json "$OUT/smoke.json" ;;
   build)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     echo "== build (LLKERN_CUDA_ARCHS=$LLKERN_CUDA_ARCHS)"
