@@ -56,7 +56,7 @@ build_or_reuse() {
   else
     echo "== build (LLKERN_CUDA_ARCHS=$LLKERN_CUDA_ARCHS, csrc $hash)"
     local start; start=$(date +%s)
-    if ! timeout "$(left 330 150)" $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+    if ! timeout "$(left 330 150)" $PY -m pip install -v --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
       tail -40 "$OUT/build.log"; echo "!! build failed"; exit 1
     fi
     echo "built in $(( $(date +%s) - start )) s"
@@ -74,8 +74,10 @@ for stage in "${stages[@]}"; do
       --junitxml="$OUT/verify-tests.xml" tests/test_transport.py tests/test_aux_head.py tests/test_similarity.py \
       tests/test_context.py tests/test_mean_kl.py tests/test_miracle_select.py tests/test_random.py \
       tests/test_triton_sm90.py tests/test_build.py
-    echo "== probe"
-    run "$(left 150 5)" verify-probe.log $PY bench/gpu_probe.py --json "$OUT/probe.json"
+    if [ "${VERIFY_PROBE:-1}" = 1 ]; then
+      echo "== probe"
+      run "$(left 150 5)" verify-probe.log $PY bench/gpu_probe.py --json "$OUT/probe.json"
+    fi
     grep -E "passed|failed|error" "$OUT/verify-tests.log" | tail -3 ;;
   smoke)
     $PY -c "import llkern; assert llkern.kernel_available('transport_penalty', 'cuda')" 2>/dev/null || build_or_reuse
@@ -86,7 +88,7 @@ for stage in "${stages[@]}"; do
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     echo "== build (LLKERN_CUDA_ARCHS=$LLKERN_CUDA_ARCHS)"
     start=$(date +%s)
-    if ! timeout 540 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+    if ! timeout 540 $PY -m pip install -v --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
       tail -40 "$OUT/build.log"; exit 1
     fi
     echo "built in $(( $(date +%s) - start )) s"

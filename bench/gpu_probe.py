@@ -99,14 +99,14 @@ def cases(smoke: bool) -> list[dict]:
         w, bias = rn(k, c, dtype=dtype, scale=0.3), rn(k, dtype=dtype, scale=0.1)
         tgt = torch.randint(0, k, (b,), generator=g).to(DEVICE)
         out.append(dict(op="aux_head_loss", dtype=tag, inputs=[feats, w, bias], mask=[True, True, True],
-                        fn=lambda f, w, bias, impl, t=tgt: LF.aux_head_loss(f, w, bias, t, impl=impl)))
+                        fn=lambda f, w, bias, impl, t=tgt: LF.aux_head_loss(f, w, bias, t.to(f.device), impl=impl)))
         # aux head, many classes (the chunked path)
         b, c, k = (37, 70, 1000) if smoke else (2048, 1024, 32000)
         feats = rn(b, c, dtype=dtype)
         w = rn(k, c, dtype=dtype, scale=1 / math.sqrt(c))
         tgt = torch.randint(0, k, (b,), generator=g).to(DEVICE)
         out.append(dict(op="aux_head_loss[tokens]", dtype=tag, inputs=[feats, w], mask=[True, True],
-                        fn=lambda f, w, impl, t=tgt: LF.aux_head_loss(f, w, None, t, impl=impl)))
+                        fn=lambda f, w, impl, t=tgt: LF.aux_head_loss(f, w, None, t.to(f.device), impl=impl)))
         # similarity losses
         n, d = (97, 7) if smoke else (4096, 128)
         z1, z2 = rn(n, d, dtype=dtype), rn(n, d, dtype=dtype)
@@ -114,10 +114,10 @@ def cases(smoke: bool) -> list[dict]:
         out.append(dict(op="info_nce", dtype=tag, inputs=[z1, z2], mask=[True, True],
                         fn=lambda a, b, impl: LF.info_nce(a, b, 0.1, impl=impl)))
         out.append(dict(op="supcon_loss", dtype=tag, inputs=[z1], mask=[True],
-                        fn=lambda a, impl, lab=labels: LF.supcon_loss(a, lab, 0.1, impl=impl)))
+                        fn=lambda a, impl, lab=labels: LF.supcon_loss(a, lab.to(a.device), 0.1, impl=impl)))
         nr = 97 if smoke else 2048
         out.append(dict(op="renyi_mutual_information", dtype=tag, inputs=[z1[:nr]], mask=[True],
-                        fn=lambda a, impl, lab=labels[:nr]: LF.renyi_mutual_information(a, lab, impl=impl)))
+                        fn=lambda a, impl, lab=labels[:nr]: LF.renyi_mutual_information(a, lab.to(a.device), impl=impl)))
         # context add (Triton)
         shape = (2, 3, 7, 5) if smoke else (16, 64, 64, 64)
         h = rn(*shape, dtype=dtype)

@@ -125,8 +125,14 @@ def test_thread_count_changes_no_bit():
     assert torch.equal(results[0][0], results[0][-1])
 
 
-def test_non_finite_features_of_ignored_rows_do_not_reach_the_gradients():
-    features, weight, bias, target = make((40, 16), 5, ignore_some=False)
+# (channels, classes): the CPU's fused path, and the chunked one (70 x 1000 > 65536) that CUDA always takes
+HEAD_PATHS = [(16, 5), (70, 1000)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels,classes", HEAD_PATHS)
+def test_non_finite_features_of_ignored_rows_do_not_reach_the_gradients(device, channels, classes):
+    features, weight, bias, target = make((40, channels), classes, device, ignore_some=False)
     target[[3, 35]] = -100
     with torch.no_grad():
         features[3, 2] = float("inf")
@@ -134,7 +140,7 @@ def test_non_finite_features_of_ignored_rows_do_not_reach_the_gradients():
     loss = aux_head_loss(features, weight, bias, target, impl="kernel")
     grads = torch.autograd.grad(loss, [features, weight, bias])
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
-    assert torch.equal(grads[0][[3, 35]], torch.zeros(2, 16))
+    assert torch.equal(grads[0][[3, 35]], torch.zeros(2, channels, device=device))
     keep = target != -100
     ref_loss, _, ref_grads = reference64(features[keep], weight, bias, target[keep])
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
@@ -196,8 +202,10 @@ def test_low_precision_error_relative_to_pytorch(device, dtype, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
-def test_autocast_casts_float32_weights_to_the_16_bit_features(device, impl):
-    features, weight, bias, target = make((16, 8, 3, 3), 5, device, torch.bfloat16)
+@pytest.mark.parametrize("channels,classes", HEAD_PATHS)
+def test_autocast_casts_float32_weights_to_the_16_bit_features(device, impl, channels, classes):
+    # (the chunked path once ran its products under autocast: 16-bit logits read as fp32, memory corrupted)
+    features, weight, bias, target = make((16, channels, 3, 3), classes, device, torch.bfloat16)
     weight32, bias32 = (t.detach().float().requires_grad_() for t in (weight, bias))
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         loss = aux_head_loss(features, weight32, bias32, target, impl=impl)

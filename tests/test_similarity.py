@@ -364,6 +364,12 @@ def test_cuda_matches_reference(op):
                         (1025, 3, torch.bfloat16), (3000, 16, torch.float32)]:
         z1, z2, labels = (t.cuda() for t in make(n, d, dtype))
         tol = 1e-10 if dtype == torch.float64 else (2 * torch.finfo(dtype).eps if dtype == torch.bfloat16 else 2e-5)
+        if dtype == torch.float32:
+            # or 4x PyTorch's own float32 error on the GPU (the reference run in float32 there): cuBLAS's
+            # float32 products round differently from the CPU's, by up to ~2e-5 at N = 3000
+            _, torch_grads = run(op, z1, z2, labels, "reference")
+            _, ref_grads = reference(op, z1, z2, labels)
+            tol = max(tol, 4 * max(relative_error(g, r) for g, r in zip(torch_grads, ref_grads, strict=True)))
         assert_matches(op, z1, z2, labels, tol)
 
 

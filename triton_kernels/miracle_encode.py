@@ -53,10 +53,14 @@ def miracle_select(mu_ptr, sigma_ptr, rho_ptr, index_ptr, score_ptr, block_size,
     rho = tl.load(rho_ptr + row * stride_rho_b + cols * stride_rho_j, mask=live, other=1.0)
     if F64:
         mu, sigma, rho = mu.to(tl.float64), sigma.to(tl.float64), rho.to(tl.float64)
+        ratio, shift = rho / sigma, mu / sigma
     else:
+        # Correctly rounded: float32 `/` compiles to an approximate reciprocal-multiply on the GPU, and
+        # ρ·(1/ρ) ≠ 1 for ~15 % of floats would break exact ties (σ = ρ must give ratio 1).
         mu, sigma, rho = mu.to(tl.float32), sigma.to(tl.float32), rho.to(tl.float32)
-    ratio = (rho / sigma)[None, :]
-    shift = (mu / sigma)[None, :]
+        ratio, shift = tl.div_rn(rho, sigma), tl.div_rn(mu, sigma)
+    ratio = ratio[None, :]
+    shift = shift[None, :]
     constant = tl.sum(tl.where(live, tl.log(rho) - tl.log(sigma), 0.0), axis=0)
     stream = first_block + row
     gumbel_stream = gumbel_first + row

@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <optional>
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
 #include "../kernels/aux_head.h"
 #include "common.h"
 
@@ -74,6 +76,9 @@ template <typename RowsPass>
 void chunked_head(const at::Tensor& rows, const at::Tensor& w, const at::Tensor& b, const at::Tensor& labels,
                   int64_t chunk_elements, const CrossEntropyRowsParams& base, at::Tensor& grad_rows,
                   at::Tensor& grad_weight, at::Tensor& grad_bias, RowsPass rows_pass) {
+  // The op is already below autocast (its inputs were cast by the caller); with the autocast key still
+  // live, addmm/mm would return 16-bit logits that the rows kernel reads as Acc (issue 15, A1).
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t chunk = std::max<int64_t>(1, chunk_elements / base.classes);
   for (int64_t start = 0; start < rows.size(0); start += chunk) {
     const int64_t len = std::min(chunk, rows.size(0) - start);
@@ -87,7 +92,10 @@ void chunked_head(const at::Tensor& rows, const at::Tensor& w, const at::Tensor&
     if (base.write_grad) {  // logits now hold d loss / d logits
       at::Tensor grad_x = grad_rows.narrow(0, start, len);
       at::mm_out(grad_x, logits, w);
-      grad_weight.addmm_(logits.t(), x);
+      // Ignored rows have zero d loss / d logits, but 0 * inf = NaN: leave their features out of dW
+      // (as the fused CPU path does), so non-finite features there cannot poison the weights.
+      const at::Tensor ignored = labels.narrow(0, start, len).eq(base.ignore_index).unsqueeze(1);
+      grad_weight.addmm_(logits.t(), x.masked_fill(ignored, 0));
       if (grad_bias.numel() > 0) grad_bias.add_(logits.sum(0));
     }
   }

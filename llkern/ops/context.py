@@ -25,10 +25,14 @@ __all__ = ["context_add", "context_add_reference", "triton_available"]
 NAME = "llkern.context_add"
 
 
+# Asked once at import: Dynamo refuses to trace the import system's find_spec inside a compiled region.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available(device: torch.device) -> bool:
     """True when the Triton kernels can run on ``device``: triton is installed and the device is a
     GPU, or the Triton interpreter is on (TRITON_INTERPRET=1)."""
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
