@@ -19,6 +19,12 @@ OUT=${OUT:-/tmp/llkern-gpu}
 mkdir -p "$OUT"
 export LLKERN_CUDA=1 LLKERN_STRICT=1 MAX_JOBS=${MAX_JOBS:-16} LLKERN_CUDA_ARCHS=${LLKERN_CUDA_ARCHS:-90a}
 export PYTHONUNBUFFERED=1
+# The device image sets CXX=/opt/gcc/bin/g++, a wrapper around the same GCC 13.3: an extension built with
+# it segfaulted on every C++ exception whose message formats a number (seen 2026-12-04 on the H200; built
+# with /usr/bin/g++ the same sources raise cleanly). Build with the system compiler unless told otherwise.
+if [ -x /usr/bin/g++ ]; then
+  export CXX=${LLKERN_CXX:-/usr/bin/g++} CC=${LLKERN_CC:-/usr/bin/gcc}
+fi
 PY=${PYTHON:-python3}
 status=0
 stages=("$@")

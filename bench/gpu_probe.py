@@ -117,7 +117,8 @@ def cases(smoke: bool) -> list[dict]:
                         fn=lambda a, impl, lab=labels: LF.supcon_loss(a, lab.to(a.device), 0.1, impl=impl)))
         nr = 97 if smoke else 2048
         out.append(dict(op="renyi_mutual_information", dtype=tag, inputs=[z1[:nr]], mask=[True],
-                        fn=lambda a, impl, lab=labels[:nr]: LF.renyi_mutual_information(a, lab.to(a.device), impl=impl)))
+                        fn=lambda a, impl, lab=labels[:nr]: LF.renyi_mutual_information(a, lab.to(a.device),
+                                                                                          impl=impl)))
         # context add (Triton)
         shape = (2, 3, 7, 5) if smoke else (16, 64, 64, 64)
         h = rn(*shape, dtype=dtype)
@@ -131,9 +132,11 @@ def cases(smoke: bool) -> list[dict]:
         theta, gamma = rn(blocks, size, dtype=dtype, scale=2.0), rn(blocks, size, dtype=dtype)
         nu = rn(blocks, size, dtype=dtype, scale=0.1)
         rho = (0.05 + torch.rand(blocks, size, generator=g, dtype=torch.float64)).to(dtype).to(DEVICE)
+        def sample(th, ga, rh, impl, nu=nu):
+            return LF.mean_kl_sample(th, ga, nu.to(th.device, th.dtype), rh, seed=3, stream=1, impl=impl)
+
         out.append(dict(op="mean_kl_sample", dtype=tag, inputs=[theta, gamma, rho], mask=[True, True, True],
-                        fn=lambda th, ga, rh, impl, nu=nu: LF.mean_kl_sample(th, ga, nu.to(th.device, th.dtype), rh, seed=3, stream=1,
-                                                                              impl=impl)))
+                        fn=sample))
         # MIRACLE candidate selection (Triton); no gradient. Timed against the float64 NumPy reference.
         blocks, size, bits = (5, 7, 6) if smoke else (64, 30, 12)
         rho = 0.05 + torch.rand(blocks, size, generator=g, dtype=torch.float64)

@@ -59,7 +59,8 @@ def miracle_select(mu_ptr, sigma_ptr, rho_ptr, index_ptr, score_ptr, block_size,
         # ρ·(1/ρ) ≠ 1 for ~15 % of floats would break exact ties (σ = ρ must give ratio 1).
         mu, sigma, rho = mu.to(tl.float32), sigma.to(tl.float32), rho.to(tl.float32)
         ratio, shift = tl.div_rn(rho, sigma), tl.div_rn(mu, sigma)
-    ratio = ratio[None, :]
+    one_minus_ratio = (1.0 - ratio)[None, :]
+    one_plus_ratio = (1.0 + ratio)[None, :]
     shift = shift[None, :]
     constant = tl.sum(tl.where(live, tl.log(rho) - tl.log(sigma), 0.0), axis=0)
     stream = first_block + row
@@ -80,8 +81,13 @@ def miracle_select(mu_ptr, sigma_ptr, rho_ptr, index_ptr, score_ptr, block_size,
             eps = _normal_f64(seed, stream, n)
         else:
             eps = stream_normal(seed, stream, n)
-        d = ratio * eps - shift
-        score = 0.5 * tl.sum(tl.where(live[None, :], (eps - d) * (eps + d), 0.0), axis=1)
+        # (ε − d)(ε + d) with d = rε − s, written as ((1 − r)ε + s)((1 + r)ε − s): the GPU contracts
+        # ε − rε into fma(a, b, −r·round(ab)) when ε = ab, which leaves ab's rounding error where σ = ρ,
+        # μ = 0 must give exactly 0 (ties then go to the lowest index); (1 − r) = 0 there makes it exact.
+        # It also avoids the cancellation in ε − d when r ≈ 1.
+        eps_minus_d = one_minus_ratio * eps + shift
+        eps_plus_d = one_plus_ratio * eps - shift
+        score = 0.5 * tl.sum(tl.where(live[None, :], eps_minus_d * eps_plus_d, 0.0), axis=1)
         if SAMPLE:
             x0, _ = stream_words(seed, gumbel_stream, k.to(tl.uint64))
             u = ((x0 >> 8).to(tl.float64) + 0.5) * TWO_M24
