@@ -75,3 +75,11 @@ def use_kernel(op: str, device: torch.device, impl: str) -> bool:
         warnings.warn(f"llkern.{op}: {why}; using the pure-PyTorch reference. To get the kernel, {BUILD_HINT}.",
                       stacklevel=3)
     return False
+
+
+def no_double_backward(op: str) -> None:
+    """Raise in a kernel's backward run with create_graph=True: the gradients the kernels form are not
+    themselves differentiable, and treating them as constants would make second derivatives silently zero."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(f"llkern.{op}: double backward (create_graph=True) is not supported by the "
+                                  "kernel; use impl='reference'")

@@ -12,6 +12,8 @@ from llkern._ext import kernel_available
 from llkern.ops.similarity import info_nce, renyi_mutual_information, supcon_loss
 from llkern.reference.similarity import info_nce_reference, renyi_mutual_information_reference, supcon_reference
 
+from .conftest import DEVICES
+
 pytestmark = pytest.mark.skipif(not kernel_available("info_nce", "cpu"), reason="llkern._C not built")
 
 SIZES = [(1, 3), (7, 1), (7, 3), (97, 129), (1025, 3)]
@@ -381,3 +383,26 @@ def test_cuda_opcheck():
         torch.library.opcheck(torch.ops.llkern.info_nce.default, (z1, z2, 0.1, True, True, with_grad))
         torch.library.opcheck(torch.ops.llkern.supcon_loss.default, (z1, labels, 0.1, True, with_grad))
         torch.library.opcheck(torch.ops.llkern.renyi_mutual_information.default, (z1, labels, None, 0.5, with_grad))
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_raises_instead_of_returning_zeros(op, device):
+    # The kernels' gradients are constants to autograd: a gradient penalty through them would be silently
+    # dropped (it once was). The kernel path refuses create_graph=True; the reference path supports it.
+    z1, z2, labels = (t.to(device) for t in make(7, 3, torch.float64))
+    for impl in ("kernel", "reference"):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        if op.startswith("info_nce"):
+            loss = info_nce(a, b, 0.3, symmetric=op.endswith("symmetric"), impl=impl)
+        elif op == "supcon":
+            loss = supcon_loss(a, labels, 0.3, impl=impl)
+        else:
+            loss = renyi_mutual_information(a, labels, sigma=sigma_for(a), impl=impl)
+        if impl == "kernel":
+            with pytest.raises(NotImplementedError, match="double backward"):
+                torch.autograd.grad(loss, a, create_graph=True)
+        else:
+            (g,) = torch.autograd.grad(loss, a, create_graph=True)
+            (gg,) = torch.autograd.grad(g.square().sum(), a)
+            assert gg.abs().max() > 0

@@ -17,7 +17,7 @@ import numbers
 
 import torch
 
-from llkern._ext import extension_loaded, use_kernel
+from llkern._ext import extension_loaded, no_double_backward, use_kernel
 from llkern.reference.similarity import (
     _check_labels,
     _check_temperature,
@@ -164,6 +164,7 @@ if extension_loaded() and hasattr(torch.ops.llkern, "info_nce"):
         ctx.save_for_backward(*(output[1:] if with_grad else (z1, z2)))
 
     def _backward_info_nce(ctx, grad, *_):
+        no_double_backward("info_nce")
         if ctx.with_grad:
             d1, d2 = ctx.saved_tensors
         else:
@@ -179,6 +180,7 @@ if extension_loaded() and hasattr(torch.ops.llkern, "info_nce"):
             ctx.save_for_backward(output[1] if with_grad else x)
 
         def backward(ctx, grad, *_):
+            no_double_backward(name.removeprefix("llkern::"))
             (saved,) = ctx.saved_tensors
             d = saved if ctx.with_grad else op(saved, *ctx.args, True)[1]
             return _scaled(grad, d, ctx.dtype), *([None] * (len(ctx.args) + 1))

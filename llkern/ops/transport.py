@@ -12,7 +12,7 @@ import numbers
 
 import torch
 
-from llkern._ext import extension_loaded, use_kernel
+from llkern._ext import extension_loaded, no_double_backward, use_kernel
 from llkern.reference.transport import transport_penalty_reference
 
 REDUCTIONS = ("mean", "sum_per_sample")
@@ -100,14 +100,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.reduction = reduction
 
 
-def _no_double_backward(op: str) -> None:
-    if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients are not differentiable
-        raise NotImplementedError(f"llkern.{op}: double backward (create_graph=True) is not supported by the "
-                                  "kernel; use impl='reference'")
-
-
 def _backward(ctx, grad, _grad_of_grad_y):
-    _no_double_backward("transport_penalty")
+    no_double_backward("transport_penalty")
     y, x, grad_y = ctx.saved_tensors
     if grad is None:
         return None, None, None, None, None
