@@ -41,6 +41,10 @@ def coding_permutation(total: int, seed: int) -> np.ndarray:
     return np.argsort(keys, kind="stable")
 
 
+# Weights one coded bit may stand for (block size ≤ this × C): 8192× smaller than float32, far beyond any
+# useful compression; the MIRACLE file reader enforces it too, so a header's bitstream bounds its weights.
+MAX_WEIGHTS_PER_BIT = 256
+
 class _Coded(nn.Module):
     """The shared part: which tensors are coded, the slot layout, ρ per tensor."""
 
@@ -51,6 +55,10 @@ class _Coded(nn.Module):
         for arg, value in (("bits_per_block", bits_per_block), ("block_size", block_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{type(self).__name__}: expected {arg} to be an int >= 1, got {value!r}")
+        if block_size > MAX_WEIGHTS_PER_BIT * bits_per_block:
+            raise ValueError(f"{type(self).__name__}: block_size {block_size} is more than {MAX_WEIGHTS_PER_BIT} "
+                             f"weights per coded bit at bits_per_block={bits_per_block} (a MIRACLE file could not "
+                             "hold it)")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise ValueError(f"{type(self).__name__}: expected seed to be an int in [0, 2^32), got {seed!r}")
         self.model = model

@@ -209,6 +209,13 @@ def read(path: str | Path) -> tuple[dict, np.ndarray, bytes]:
     index_bytes = (count * bits + 7) // 8
     if offset + index_bytes > len(body):
         raise ValueError(f"{name}: {path} is truncated (the indices run past the end of the file)")
+    # Everything the header asks for is paid for in the file: the indices (blocks × C bits) and the
+    # uncompressed tensors' bytes, exactly. Checked before anything is allocated.
+    payload = index_bytes + header["uncompressed_bytes"]
+    if offset + payload != len(body):
+        raise ValueError(f"{name}: {path} holds {len(body) - offset} bytes after its header, but the header describes "
+                         f"{payload} ({count} blocks of {bits} bits and {header['uncompressed_bytes']} bytes of "
+                         "uncompressed tensors)")
     indices = _unpack(body[offset:offset + index_bytes], count, bits)
     return header, indices, body[offset + index_bytes:]
 

@@ -25,11 +25,11 @@ import struct
 import torch
 from torch import nn
 
-from llkern.compression import COMPRESSIBLE
+from llkern.compression import COMPRESSIBLE, MAX_WEIGHTS_PER_BIT
 from llkern.random import GENERATOR_ID
 
-__all__ = ["DTYPES", "GENERATORS", "LAYERS", "HeaderError", "build", "coded_and_uncompressed", "describe",
-           "parse_header", "write_header"]
+__all__ = ["DTYPES", "GENERATORS", "LAYERS", "MAX_WEIGHTS_PER_BIT", "HeaderError", "build", "coded_and_uncompressed",
+           "describe", "parse_header", "write_header"]
 
 GENERATORS = {1: GENERATOR_ID}
 # type code and (argument, kind) of every layer the header can describe
@@ -53,7 +53,7 @@ DTYPES = {1: torch.float32, 2: torch.float64, 3: torch.float16, 4: torch.bfloat1
 CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPES.items()}
 
 
-MAX_BLOCK_SIZE = 1 << 24  # far above any useful block; bounds what a crafted header can make a decoder allocate
+MAX_BLOCK_SIZE = 1 << 24  # far above any useful block
 
 
 class HeaderError(ValueError):
@@ -194,6 +194,11 @@ def parse_header(blob: bytes, offset: int) -> tuple[dict, int]:
     header["bits_per_block"], header["block_size"], header["num_blocks"] = (reader.varint() for _ in range(3))
     if not 1 <= header["bits_per_block"] <= 32 or not 1 <= header["block_size"] <= MAX_BLOCK_SIZE:
         raise HeaderError(f"C = {header['bits_per_block']} bits per block of {header['block_size']}")
+    # (so the weights a file asks a decoder to make are bounded by its bitstream, blocks × C bits: a forged
+    # header cannot turn 45 bytes into a 4096×4096 layer)
+    if header["block_size"] > MAX_WEIGHTS_PER_BIT * header["bits_per_block"]:
+        raise HeaderError(f"blocks of {header['block_size']} weights for {header['bits_per_block']} bits each: more "
+                          f"than {MAX_WEIGHTS_PER_BIT} weights per coded bit")
     spec = []
     for _ in range(reader.varint()):
         code = reader.varint()
@@ -216,4 +221,6 @@ def parse_header(blob: bytes, offset: int) -> tuple[dict, int]:
         raise HeaderError(f"unknown dtype code in {list(codes)}")
     header["uncompressed"] = [{"name": n, "dtype": DTYPES[code], "shape": list(t.shape)}
                               for (n, t), code in zip(uncompressed, codes, strict=True)]
+    header["uncompressed_bytes"] = sum(math.prod(t.shape) * DTYPES[code].itemsize
+                                       for (_, t), code in zip(uncompressed, codes, strict=True))
     return header, reader.offset

@@ -138,8 +138,8 @@ def test_broken_files(tmp_path):
         (lambda blob: blob[:len(MAGIC) + 9], "unreadable header .it ends inside the header"),
         (lambda blob: blob[:first_layer_offset(header)] + bytes([99]) + blob[first_layer_offset(header) + 1:],
          "unknown layer type code 99"),
-        (lambda blob: blob[:-50], "truncated"),  # missing tensor bytes
-        (lambda blob: blob + b"\0\0", "2 bytes after its last tensor"),
+        (lambda blob: blob[:-50], "truncated|but the header describes"),  # missing tensor bytes
+        (lambda blob: blob + b"\0\0", "but the header describes"),
     ]
     for body, message in cases:
         path.write_bytes(good)
@@ -227,3 +227,70 @@ def test_decoding_leaves_the_random_state_alone(tmp_path):
     state = torch.random.get_rng_state()
     decode(tmp_path / "m.llkm")
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def forged(tmp_path, *, bits, block_size, num_blocks, spec, rho, dtypes, payload):
+    """A MIRACLE file with this header and ``payload`` bytes after it, checksummed like a real one."""
+    from llkern.miracle_header import write_header
+
+    body = MAGIC + write_header(version=FORMAT_VERSION, seed=1, bits=bits, block_size=block_size,
+                                num_blocks=num_blocks, spec=spec, rho=rho, dtypes=dtypes) + payload
+    path = tmp_path / "forged.llkm"
+    path.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+    return path
+
+
+def linear(n_in, n_out):
+    return {"type": "Linear", "args": {"in_features": n_in, "out_features": n_out, "bias": False}}
+
+
+def batchnorm(n):
+    return {"type": "BatchNorm1d", "args": {"num_features": n, "eps": 1e-5, "momentum": 0.1, "affine": False,
+                                            "track_running_stats": True}}
+
+
+@pytest.mark.parametrize("case", ["huge block", "blocks unpaid", "buffers unpaid", "extra bytes"])
+def test_forged_headers_are_refused_before_anything_is_allocated(tmp_path, monkeypatch, case):
+    # A 45-byte file once asked for a 4096x4096 Linear in one block of 2^24 weights: 3 GB and 51 s to decode.
+    # Every weight a header asks for must be paid for in the file (blocks x C bits, the uncompressed bytes).
+    import llkern.miracle as miracle
+
+    def never(*_, **__):
+        raise AssertionError("the decoder allocated the model of a forged header")
+
+    monkeypatch.setattr(miracle, "build", never)
+    monkeypatch.setattr(miracle, "chosen_weights", never)
+    n = 4096 * 4096
+    if case == "huge block":  # one block of 2^24 weights for 24 bits
+        path = forged(tmp_path, bits=24, block_size=1 << 24, num_blocks=1, spec=[linear(4096, 4096)], rho=[0.1],
+                      dtypes=[], payload=b"\0" * 3)
+        match = "weights per coded bit"
+    elif case == "blocks unpaid":  # the largest blocks allowed, but the indices are missing
+        bits, size = 32, 32 * 256
+        path = forged(tmp_path, bits=bits, block_size=size, num_blocks=-(-n // size), spec=[linear(4096, 4096)],
+                      rho=[0.1], dtypes=[], payload=b"\0" * 16)
+        match = "truncated"
+    elif case == "buffers unpaid":  # a billion-feature BatchNorm: its running statistics are not in the file
+        path = forged(tmp_path, bits=10, block_size=30, num_blocks=1, spec=[linear(3, 2), batchnorm(10**9)],
+                      rho=[0.1], dtypes=[torch.float32, torch.float32, torch.int64], payload=b"\0" * 2 + b"\0" * 64)
+        match = "but the header describes"
+    else:  # an honest small header with bytes the header does not describe
+        path = forged(tmp_path, bits=10, block_size=30, num_blocks=1, spec=[linear(3, 2)], rho=[0.1], dtypes=[],
+                      payload=b"\0" * 2 + b"\0" * 7)
+        match = "but the header describes"
+    with pytest.raises(ValueError, match=match):
+        decode(path)
+
+
+def test_an_honest_small_forged_file_decodes(tmp_path):
+    # the same writer, with the payload the header asks for, gives a model: the refusals above are not blanket
+    path = forged(tmp_path, bits=10, block_size=30, num_blocks=1, spec=[linear(3, 2)], rho=[0.1], dtypes=[],
+                  payload=b"\x05\x00")
+    model = decode(path)
+    assert isinstance(model[0], nn.Linear) and model[0].weight.shape == (2, 3)
+    assert torch.isfinite(model[0].weight).all()
+
+
+def test_networks_refuse_blocks_a_file_could_not_hold():
+    with pytest.raises(ValueError, match="weights per coded bit"):
+        MeanKLNetwork(nn.Linear(4, 3), bits_per_block=1, block_size=257)
