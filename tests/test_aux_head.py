@@ -431,6 +431,28 @@ def test_bad_input_reaching_the_op_directly():
         torch.ops.llkern.aux_head_loss(features, weight[:, :2], bias, target, -100, 0.0, "mean", False)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("args,error,match", [
+    # grad_pooled of another dtype than the features' accumulation type once read past its end
+    (lambda g, p: (g, p.double(), [7, 5, 3, 2], False, torch.float32), TypeError, "grad_pooled of dtype"),
+    (lambda g, p: (g, p.half(), [7, 5, 3, 2], False, torch.bfloat16), TypeError, "grad_pooled of dtype"),
+    (lambda g, p: (g, p, [7, 5, 3, 2], False, torch.int32), TypeError, "dtype to be float32"),
+    (lambda g, p: (g, p, [7, 5, 3], False, torch.float32), ValueError, "4-D sizes"),
+    (lambda g, p: (g, p, [7, 5, 0, 2], False, torch.float32), ValueError, "positive sizes"),
+    (lambda g, p: (g, p[:6], [7, 5, 3, 2], False, torch.float32), ValueError, "does not match"),
+    (lambda g, p: (g.expand(2), p, [7, 5, 3, 2], False, torch.float32), ValueError, "scalar grad_loss"),
+])
+def test_backward_op_checks_its_inputs(device, args, error, match):
+    grad_loss, grad_pooled = torch.tensor(1.0, device=device), torch.randn(7, 5, device=device)
+    with pytest.raises(error, match=match):
+        torch.ops.llkern.aux_head_backward(*args(grad_loss, grad_pooled))
+    # the same call with the right inputs works, in the features' dtype and layout
+    out = torch.ops.llkern.aux_head_backward(grad_loss, grad_pooled, [7, 5, 3, 2], True, torch.bfloat16)
+    expected = (grad_pooled / 6)[:, :, None, None].expand(7, 5, 3, 2).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2**-8, atol=0)
+
+
 def test_random_configurations_match_the_reference():
     # Fixed-seed sweep over layouts, sizes and options, both CPU paths (fused and chunked).
     gen = torch.Generator().manual_seed(7)

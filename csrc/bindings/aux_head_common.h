@@ -101,10 +101,21 @@ void chunked_head(const at::Tensor& rows, const at::Tensor& w, const at::Tensor&
   }
 }
 
-inline void check_backward_sizes(const at::Tensor& grad_pooled, at::IntArrayRef sizes) {
-  TORCH_CHECK_VALUE(sizes.size() == 4, "llkern.aux_head_backward: expected 4-D sizes, got ", sizes);
+// The broadcast reads grad_pooled as the accumulation type of `dtype` and writes `sizes` elements of
+// `dtype`: every one of these is checked, since a mismatch would read or write out of bounds.
+inline void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_pooled, at::IntArrayRef sizes,
+                                  at::ScalarType dtype) {
+  const char* op = "llkern.aux_head_backward";
+  TORCH_CHECK_VALUE(sizes.size() == 4, op, ": expected 4-D sizes, got ", sizes);
+  TORCH_CHECK_VALUE(sizes[0] >= 1 && sizes[1] >= 1 && sizes[2] >= 1 && sizes[3] >= 1, op,
+                    ": expected positive sizes, got ", sizes);
   TORCH_CHECK_VALUE(grad_pooled.dim() == 2 && grad_pooled.size(0) == sizes[0] && grad_pooled.size(1) == sizes[1],
-                    "llkern.aux_head_backward: grad_pooled of shape ", grad_pooled.sizes(), " does not match ", sizes);
+                    op, ": grad_pooled of shape ", grad_pooled.sizes(), " does not match ", sizes);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+                   ": expected dtype to be float32, float64, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_TYPE(grad_pooled.scalar_type() == loss_dtype(dtype), op, ": expected grad_pooled of dtype ",
+                   loss_dtype(dtype), " for features of dtype ", dtype, ", got ", grad_pooled.scalar_type());
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": expected a scalar grad_loss, got shape ", grad_loss.sizes());
 }
 
 // Contiguous inputs of the broadcast into `out` (allocated by the device binding), and its parameters.

@@ -111,7 +111,7 @@ Outputs aux_head_loss_cpu(
 // d features = grad_loss / (H W) * grad_pooled broadcast over H, W, in the features' dtype and layout.
 at::Tensor aux_head_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_pooled, at::IntArrayRef sizes,
                                  bool channels_last, at::ScalarType dtype) {
-  check_backward_sizes(grad_pooled, sizes);
+  check_backward_inputs(grad_loss, grad_pooled, sizes, dtype);
   const at::TensorOptions options = grad_pooled.options().dtype(dtype);
   at::Tensor out = channels_last
                        ? empty_cpu_large({sizes[0], sizes[2], sizes[3], sizes[1]}, options).permute({0, 3, 1, 2})

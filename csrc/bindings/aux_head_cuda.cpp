@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
 
 at::Tensor aux_head_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_pooled, at::IntArrayRef sizes,
                                   bool channels_last, at::ScalarType dtype) {
-  check_backward_sizes(grad_pooled, sizes);
+  check_backward_inputs(grad_loss, grad_pooled, sizes, dtype);
   const c10::cuda::CUDAGuard guard(grad_pooled.device());
   const at::TensorOptions options = grad_pooled.options().dtype(dtype);
   at::Tensor out = at::empty(sizes, options.memory_format(channels_last ? at::MemoryFormat::ChannelsLast
