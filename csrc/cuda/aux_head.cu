@@ -14,6 +14,7 @@
 #include "scalar.cuh"
 
 #include "../kernels/aux_head.h"
+#include "../kernels/fast_divmod.h"
 
 namespace llkern {
 namespace {
@@ -183,6 +184,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Element i of d features reads grad_pooled[b·C + c]: NCHW i = (b·C + c)·HW + s, so b·C + c = i / HW;
+// NHWC i = (b·HW + s)·C + c, so b·C + c = (i / (HW·C))·C + i % C.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     broadcast(const typename Acc<T>::type* __restrict__ grad_pooled, const typename Acc<T>::type* __restrict__ grad_loss,
@@ -192,6 +195,28 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = batch * channels * spatial;
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) {
     const int64_t bc = channels_last ? (i / (spatial * channels)) * channels + i % channels : i / spatial;
+    out[i] = store_f<T>(g * grad_pooled[bc]);
+  }
+}
+
+// The same below 2^31 elements (every realistic feature map): 32-bit indices, and the divisions by HW
+// (NCHW) or HW·C and C (NHWC) fixed at launch as multiply-shifts instead of 64-bit divisions per element.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    broadcast32(const typename Acc<T>::type* __restrict__ grad_pooled, const typename Acc<T>::type* __restrict__ grad_loss,
+                double scale, T* __restrict__ out, uint32_t n, FastDivmod outer, FastDivmod inner, bool channels_last) {
+  using A = typename Acc<T>::type;
+  const A g = A(double(*grad_loss) * scale);
+  const uint32_t stride = gridDim.x * kThreads;
+  for (uint32_t i = blockIdx.x * kThreads + threadIdx.x; i < n; i += stride) {
+    uint32_t bc;
+    if (channels_last) {
+      uint32_t c, unused;
+      inner.divmod(i, unused, c);
+      bc = outer.div(i) * inner.divisor + c;
+    } else {
+      bc = outer.div(i);
+    }
     out[i] = store_f<T>(g * grad_pooled[bc]);
   }
 }
@@ -214,6 +239,15 @@ template <typename T>
 void broadcast_typed(const BroadcastParams& p, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   const int64_t n = p.batch * p.channels * p.spatial;
+  // (i + the grid's stride stays below 2^32 when n < 2^31: blocks_for caps the grid far below 2^31 threads)
+  if (n < (int64_t(1) << 31)) {
+    const FastDivmod outer(uint32_t(p.channels_last ? p.spatial * p.channels : p.spatial));
+    const FastDivmod inner(uint32_t(p.channels));
+    broadcast32<T><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+        static_cast<const A*>(p.grad_pooled), static_cast<const A*>(p.grad_loss), p.scale,
+        static_cast<T*>(p.grad_features), uint32_t(n), outer, inner, p.channels_last);
+    return;
+  }
   broadcast<T><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
       static_cast<const A*>(p.grad_pooled), static_cast<const A*>(p.grad_loss), p.scale,
       static_cast<T*>(p.grad_features), p.batch, p.channels, p.spatial, p.channels_last);
