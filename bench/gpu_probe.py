@@ -52,7 +52,8 @@ def run_case(fn: Callable, inputs: list[torch.Tensor], grad_mask: list[bool]) ->
     wanted = [t for t, m in zip(leaves, grad_mask, strict=True) if m]
     if not wanted:
         return list(outs), []
-    g = torch.linspace(0.5, 1.5, outs[0].numel(), dtype=torch.float64).reshape(outs[0].shape).to(outs[0].device)
+    # (made on the device: a host-to-device copy would count as a sync below)
+    g = torch.linspace(0.5, 1.5, outs[0].numel(), dtype=torch.float64, device=outs[0].device).reshape(outs[0].shape)
     grads = torch.autograd.grad((outs[0] * g.to(outs[0].dtype)).sum(), wanted, allow_unused=True)
     return list(outs), [torch.zeros_like(w) if gr is None else gr for gr, w in zip(grads, wanted, strict=True)]
 

@@ -9,7 +9,7 @@ Quick start::
 """
 
 from llkern import functional, graph, heads, losses, memory, moda
-from llkern._ext import extension_loaded, kernel_available
+from llkern._ext import extension_loaded, kernel_available, set_value_checks, value_checks
 from llkern.context import ContextSupply
 from llkern.graph import Graph, GraphConv, GraphReadout, graph_conv, normalized_adjacency
 from llkern.heads import (
@@ -104,7 +104,9 @@ __all__ = [
     "normalized_adjacency",
     "reconstruction_decoders",
     "run_module",
+    "set_value_checks",
     "split",
     "token_heads",
     "transport_penalty",
+    "value_checks",
 ]

@@ -9,7 +9,10 @@ Every op takes ``impl``:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -83,3 +86,42 @@ def no_double_backward(op: str) -> None:
     if torch.is_grad_enabled():
         raise NotImplementedError(f"llkern.{op}: double backward (create_graph=True) is not supported by the "
                                   "kernel; use impl='reference'")
+
+
+# --- value checks ----------------------------------------------------------------------------------
+# Checks that read tensor values (labels in range, finite embeddings, ρ > 0, ...). On the CPU they cost a
+# pass over data already at hand and always run. On a GPU each would make the host wait for the device,
+# so a local step could not run ahead of its kernels or be captured in a CUDA graph: there they are off
+# unless asked for, and a bad value gives NaN (never an out-of-bounds access, never a wrong finite number).
+_value_checks = os.environ.get("LLKERN_VALUE_CHECKS", "0") == "1"
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the value checks on GPU tensors on or off for the whole process (default: off, or on when the
+    environment variable ``LLKERN_VALUE_CHECKS=1``). With them on, a label out of range or a non-finite
+    input on a GPU raises a clear error as on the CPU, at the cost of one host synchronisation per check."""
+    global _value_checks
+    if not isinstance(enabled, bool):
+        raise TypeError(f"llkern.set_value_checks: expected enabled to be a bool, got {enabled!r}")
+    _value_checks = enabled
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool = True) -> Iterator[None]:
+    """Context manager form of :func:`set_value_checks`: ``with llkern.value_checks(): ...``."""
+    global _value_checks
+    if not isinstance(enabled, bool):
+        raise TypeError(f"llkern.value_checks: expected enabled to be a bool, got {enabled!r}")
+    previous, _value_checks = _value_checks, enabled
+    try:
+        yield
+    finally:
+        _value_checks = previous
+
+
+def check_values(t: torch.Tensor) -> bool:
+    """Whether a value check on ``t`` should run now: always for real CPU tensors, on other devices when
+    the value checks are on; never while tracing (compile, fake or meta tensors have no values to read)."""
+    if torch.compiler.is_compiling() or t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
+        return False
+    return t.device.type == "cpu" or _value_checks

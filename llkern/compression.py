@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from llkern.ops.mean_kl import mean_kl_sample
 from llkern.random import stream_bits
-from llkern.reference.mean_kl import mean_kl_reference
+from llkern.reference.mean_kl import mean_kl_mean
 
 __all__ = ["GaussianNetwork", "MeanKLNetwork", "coding_permutation"]
 
@@ -158,6 +158,10 @@ class MeanKLNetwork(_Coded):
         # Blocks already coded (llkern.miracle.encode): their weights are ρ times the chosen
         # candidate's normals, whatever θ and γ say, so training the rest cannot move them.
         self.register_buffer("coded", torch.zeros(self.num_blocks, dtype=torch.bool))
+        # Whether any block is coded, kept on the host: asking `coded` every forward would make the host
+        # wait for the GPU. fix_blocks / release_blocks keep it; loading a state dict recomputes it.
+        self._any_coded = False
+        self.register_load_state_dict_post_hook(MeanKLNetwork._recount_coded)
         self.register_buffer("coded_normals", torch.zeros(self.num_blocks, block_size))
 
     def fix_blocks(self, first: int, normals: torch.Tensor) -> None:
@@ -169,13 +173,19 @@ class MeanKLNetwork(_Coded):
         last = first + normals.shape[0]
         self.coded_normals[first:last] = normals.to(self.coded_normals)
         self.coded[first:last] = True
+        self._any_coded = self._any_coded or last > first
 
     def release_blocks(self) -> None:
         """Forget every coded block: all weights are variational again."""
         self.coded.zero_()
+        self._any_coded = False
+
+    @staticmethod
+    def _recount_coded(module: nn.Module, _incompatible_keys) -> None:
+        module._any_coded = bool(module.coded.any())
 
     def _with_coded(self, blocks: torch.Tensor) -> torch.Tensor:
-        if not bool(self.coded.any()):
+        if not self._any_coded:
             return blocks
         fixed = self.rho_blocks() * self.coded_normals
         return torch.where(self.coded[:, None], fixed.to(blocks.dtype), blocks)
@@ -187,9 +197,8 @@ class MeanKLNetwork(_Coded):
                                                impl=self.impl))
 
     def mean_blocks(self) -> torch.Tensor:
-        zeros = torch.zeros_like(self.theta)
-        _, mu, _ = mean_kl_reference(self.theta, self.gamma, zeros, self.rho_blocks(), zeros, self.kappa_block,
-                                     self.delta)
+        theta, gamma, rho = (t.double() for t in (self.theta, self.gamma, self.rho_blocks()))
+        mu = mean_kl_mean(theta, gamma, torch.zeros_like(theta), rho, self.kappa_block, self.delta)
         return self._with_coded(mu.to(self.theta.dtype))
 
 

@@ -92,3 +92,24 @@ def test_errors():
         GaussianNetwork(digits_lenet(), seed=-1)
     with pytest.raises(TypeError, match=r"nn\.Module"):
         MeanKLNetwork("lenet")
+
+
+def test_coded_blocks_survive_a_state_dict_round_trip():
+    # Whether any block is coded is kept on the host (no GPU sync per forward); loading a state dict must
+    # refresh it, in both directions.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    net = MeanKLNetwork(model, bits_per_block=4, block_size=6, seed=2)
+    normals = torch.randn(2, 6)
+    net.fix_blocks(1, normals)
+    expected = net.mean_blocks()
+    torch.testing.assert_close(expected[1:3], net.rho_blocks()[1:3] * normals)
+    fresh = MeanKLNetwork(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)), bits_per_block=4,
+                          block_size=6, seed=2)
+    assert not torch.equal(fresh.mean_blocks(), expected)
+    fresh.load_state_dict(net.state_dict())
+    torch.testing.assert_close(fresh.mean_blocks(), expected)
+    net.release_blocks()
+    fresh.load_state_dict(net.state_dict())  # nothing coded any more
+    torch.testing.assert_close(fresh.mean_blocks(), net.mean_blocks())
+    assert not torch.equal(fresh.mean_blocks()[1:3], expected[1:3])

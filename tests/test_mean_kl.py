@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import llkern
 from llkern.ops.context import triton_available
 from llkern.ops.mean_kl import mean_kl_noise, mean_kl_sample
 from llkern.reference.mean_kl import kl_normal, mean_kl_reference
@@ -111,8 +112,11 @@ def test_gradcheck_and_opcheck():
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
 def test_bad_input(impl):
     theta, gamma, nu, rho = params((4, 6))
-    with pytest.raises(ValueError, match="rho"):
+    # (ρ's values are checked on a GPU only with the value checks on: tests/test_value_checks.py)
+    with pytest.raises(ValueError, match="rho"), llkern.value_checks():
         mean_kl_sample(theta, gamma, nu, -rho, seed=0, impl=impl)
+    with pytest.raises(ValueError, match="rho"), llkern.value_checks():
+        mean_kl_sample(theta, gamma, nu, rho / 0, seed=0, impl=impl)
     with pytest.raises(ValueError, match="like theta"):
         mean_kl_sample(theta, gamma[:3], nu, rho, seed=0, impl=impl)
     with pytest.raises(ValueError, match="num_blocks, block_size"):
@@ -121,7 +125,32 @@ def test_bad_input(impl):
         mean_kl_sample(theta, gamma, nu, rho, seed=-1, impl=impl)
     with pytest.raises(ValueError, match="kappa_block"):
         mean_kl_sample(theta, gamma, nu, rho, seed=0, kappa_block=0.0, impl=impl)
+    for kappa_block in (1e8, float("inf"), float("nan")):  # 1e8 once gave a silent NaN in float32
+        with pytest.raises(ValueError, match="kappa_block"):
+            mean_kl_sample(theta, gamma, nu, rho, seed=0, kappa_block=kappa_block, impl=impl)
     with pytest.raises(ValueError, match="delta"):
         mean_kl_sample(theta, gamma, nu, rho, seed=0, delta=1.0, impl=impl)
     with pytest.raises(TypeError, match="floating-point"):
         mean_kl_sample(theta.long(), gamma.long(), nu.long(), rho.long(), seed=0, impl=impl)
+
+
+def test_kernel_poisons_a_bad_rho_instead_of_returning_finite_weights():
+    # On a GPU ρ is checked only with the value checks on; unchecked, a negative or infinite ρ must give
+    # NaN (a negative one once gave finite, wrong weights). The op itself, below the wrapper's check:
+    theta, gamma, nu, rho = params((5, 7))
+    for bad in (-rho, torch.full_like(rho, float("inf")), torch.zeros_like(rho)):
+        bad = bad.clone()
+        bad[1:3] = rho[1:3]  # blocks 1 and 2 keep a good ρ
+        w = torch.ops.llkern.mean_kl_sample(theta, gamma, nu, bad, 0, 0, BITS10, 0.05)
+        assert torch.isnan(w[[0, 3, 4]]).all() and torch.isfinite(w[1:3]).all()
+
+
+def test_budget_up_to_the_bound_is_exact():
+    # the largest budget the op accepts: weights as the float64 reference, finite gradients (the
+    # reference's own gradient is NaN there: r = e^(−2κ) underflows in its implicit derivative)
+    theta, gamma, nu, rho = params((6, 9))
+    leaves = [t.detach().requires_grad_() for t in (theta, gamma, rho)]
+    w = mean_kl_sample(leaves[0], leaves[1], nu, leaves[2], seed=3, stream=1, kappa_block=1e6, impl="kernel")
+    ref, _, _ = mean_kl_reference(theta, gamma, nu, rho, kernel_noise(tuple(theta.shape), 3, 1), 1e6)
+    assert ((w.double() - ref).norm() / ref.norm()).item() <= 1e-6
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(w.square().sum(), leaves))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import llkern
 from llkern.ops import miracle_encode
 from llkern.ops.context import triton_available
 from llkern.ops.miracle_encode import candidate_scores, gumbel_noise, miracle_select, miracle_select_reference
@@ -179,6 +180,6 @@ def test_bad_input(impl):
         (ValueError, "choose", dict(choose="max")),
         (ValueError, "impl", dict(impl="fast")),
     ]
-    for error, name, kwargs in cases:
-        with pytest.raises(error, match=name):
+    for error, name, kwargs in cases:  # (values are checked on a GPU only with the value checks on)
+        with pytest.raises(error, match=name), llkern.value_checks():
             call(**kwargs)

@@ -12,7 +12,8 @@ from llkern._ext import kernel_available
 from llkern.ops.similarity import info_nce, renyi_mutual_information, supcon_loss
 from llkern.reference.similarity import info_nce_reference, renyi_mutual_information_reference, supcon_reference
 
-from .conftest import DEVICES
+# (not imported from conftest: a test below imports this file as a plain module in a subprocess)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 pytestmark = pytest.mark.skipif(not kernel_available("info_nce", "cpu"), reason="llkern._C not built")
 

@@ -58,6 +58,9 @@ def _state(theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, 
     theta = tl.load(theta_ptr + idx, mask=mask, other=0.0).to(ACC)
     nu = tl.load(nu_ptr + idx, mask=mask, other=0.0).to(ACC)
     rho = tl.load(rho_ptr + idx, mask=mask, other=1.0).to(ACC)
+    # ρ ≤ 0 or infinite: NaN out (the host checks ρ only with llkern.value_checks() on a GPU; a negative ρ
+    # would otherwise give finite, wrong weights)
+    rho = tl.where((rho > 0.0) & (rho < float("inf")), rho, float("nan"))
     t = _tanh(theta)
     root = tl.sqrt(2.0 * kappa)
     mu = nu + (1.0 - delta) * rho * root * t

@@ -1,7 +1,8 @@
 // CUDA binding of the fused auxiliary head: cuBLAS (through ATen) for the matrix products in row
 // chunks, cuda/aux_head.cu for pooling, the cross-entropy rows, the final sum and the broadcast.
-// One host synchronisation per call: the target check (a clear error for a label out of range,
-// and the count of non-ignored targets that scales the gradient).
+// No host synchronisation: the count of non-ignored targets that scales the loss and the gradient stays
+// on the device, and a target out of range makes its row's loss and gradients NaN (the Python wrapper
+// raises a clear error instead when llkern.value_checks() is on, at the cost of one sync).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -35,10 +36,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
   cp.counts = counts.data_ptr<int64_t>();
   count_targets_cuda(cp, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor host_counts = counts.cpu();  // the one synchronisation
-  const int64_t valid = host_counts[0].item<int64_t>();
-  TORCH_CHECK_VALUE(host_counts[1].item<int64_t>() == 0, "llkern.aux_head_loss: ", host_counts[1].item<int64_t>(),
-                    " target(s) out of range for ", s.classes, " classes (ignore_index=", ignore_index, ")");
 
   at::Tensor rows;
   if (s.pooled) {
@@ -61,7 +58,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
   base.classes = s.classes;
   base.ignore_index = ignore_index;
   base.label_smoothing = label_smoothing;
-  base.grad_scale = reduction == "mean" ? 1.0 / double(std::max<int64_t>(valid, 1)) : 1.0;
+  base.counts = counts.data_ptr<int64_t>();
+  base.mean = reduction == "mean";
   base.write_grad = with_grad;
   base.is_double = acc == at::kDouble;
   chunked_head(rows, w, b, labels, kChunkElements, base, grad_rows, grad_weight, grad_bias,
@@ -77,7 +75,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
   fp.row_loss = row_loss.data_ptr();
   fp.row_correct = row_correct.data_ptr<int32_t>();
   fp.rows = s.rows;
-  fp.scale = valid == 0 ? 0.0 : (reduction == "mean" ? 1.0 / double(valid) : 1.0);
+  fp.counts = counts.data_ptr<int64_t>();
+  fp.mean = reduction == "mean";
   fp.is_double = acc == at::kDouble;
   fp.loss = loss.data_ptr();
   fp.correct = correct.data_ptr<int64_t>();

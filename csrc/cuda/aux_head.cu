@@ -87,12 +87,23 @@ __global__ void count_targets(const int64_t* __restrict__ target, int64_t n, int
   }
 }
 
+template <typename A> __device__ __forceinline__ A quiet_nan();
+template <> __device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7fc00000); }
+template <> __device__ __forceinline__ double quiet_nan<double>() { return __longlong_as_double(0x7ff8000000000000LL); }
+
+// "mean": 1 / the number of non-ignored targets (counts[0], on the device), as the CPU forms it in double.
+__device__ __forceinline__ double mean_scale(const unsigned long long* counts, bool mean) {
+  const unsigned long long valid = counts[0];
+  return mean ? 1.0 / double(valid > 0 ? valid : 1) : 1.0;
+}
+
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
     cross_entropy_rows(A* __restrict__ logits, const int64_t* __restrict__ target, int64_t rows, int64_t classes,
-                       int64_t ignore_index, A eps, A scale, bool write_grad, A* __restrict__ row_loss,
-                       int32_t* __restrict__ row_correct) {
+                       int64_t ignore_index, A eps, const unsigned long long* __restrict__ counts, bool mean,
+                       bool write_grad, A* __restrict__ row_loss, int32_t* __restrict__ row_correct) {
   const int lane = threadIdx.x % 32;
+  const A scale = A(mean_scale(counts, mean));
   for (int64_t row = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32; row < rows;
        row += int64_t(gridDim.x) * kWarps) {
     A* z = logits + row * classes;
@@ -103,6 +114,16 @@ __global__ void __launch_bounds__(kThreads)
       }
       if (lane == 0) {
         row_loss[row] = A(0);
+        row_correct[row] = 0;
+      }
+      continue;
+    }
+    if (y < 0 || y >= classes) {  // unchecked on the host (no sync): poison the row, never read z[y]
+      if (write_grad) {
+        for (int64_t k = lane; k < classes; k += 32) z[k] = quiet_nan<A>();
+      }
+      if (lane == 0) {
+        row_loss[row] = quiet_nan<A>();
         row_correct[row] = 0;
       }
       continue;
@@ -155,8 +176,9 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
-    finish(const A* __restrict__ row_loss, const int32_t* __restrict__ row_correct, int64_t rows, double scale,
-           A* __restrict__ loss, int64_t* __restrict__ correct) {
+    finish(const A* __restrict__ row_loss, const int32_t* __restrict__ row_correct, int64_t rows,
+           const unsigned long long* __restrict__ counts, bool mean, A* __restrict__ loss,
+           int64_t* __restrict__ correct) {
   __shared__ double loss_parts[kWarps];
   __shared__ long long correct_parts[kWarps];
   double l = 0.0;
@@ -179,6 +201,7 @@ __global__ void __launch_bounds__(kThreads)
       total += loss_parts[w];
       count += correct_parts[w];
     }
+    const double scale = counts[0] == 0 ? 0.0 : mean_scale(counts, mean);  // all ignored: loss 0, not NaN
     *loss = A(scale * total);
     *correct = count;
   }
@@ -273,25 +296,27 @@ void count_targets_cuda(const CountTargetsParams& p, void* stream) {
 void cross_entropy_rows_cuda(const CrossEntropyRowsParams& p, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const unsigned blocks = blocks_for(p.rows, kWarps);
+  const auto* counts = reinterpret_cast<const unsigned long long*>(p.counts);
   if (p.is_double) {
     cross_entropy_rows<double><<<blocks, kThreads, 0, s>>>(
         static_cast<double*>(p.logits), p.target, p.rows, p.classes, p.ignore_index, p.label_smoothing,
-        p.grad_scale, p.write_grad, static_cast<double*>(p.row_loss), p.row_correct);
+        counts, p.mean, p.write_grad, static_cast<double*>(p.row_loss), p.row_correct);
   } else {
     cross_entropy_rows<float><<<blocks, kThreads, 0, s>>>(
         static_cast<float*>(p.logits), p.target, p.rows, p.classes, p.ignore_index, float(p.label_smoothing),
-        float(p.grad_scale), p.write_grad, static_cast<float*>(p.row_loss), p.row_correct);
+        counts, p.mean, p.write_grad, static_cast<float*>(p.row_loss), p.row_correct);
   }
 }
 
 void finish_cross_entropy_cuda(const FinishParams& p, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const auto* counts = reinterpret_cast<const unsigned long long*>(p.counts);
   if (p.is_double) {
-    finish<double><<<1, kThreads, 0, s>>>(static_cast<const double*>(p.row_loss), p.row_correct, p.rows, p.scale,
-                                          static_cast<double*>(p.loss), p.correct);
+    finish<double><<<1, kThreads, 0, s>>>(static_cast<const double*>(p.row_loss), p.row_correct, p.rows, counts,
+                                          p.mean, static_cast<double*>(p.loss), p.correct);
   } else {
-    finish<float><<<1, kThreads, 0, s>>>(static_cast<const float*>(p.row_loss), p.row_correct, p.rows, p.scale,
-                                         static_cast<float*>(p.loss), p.correct);
+    finish<float><<<1, kThreads, 0, s>>>(static_cast<const float*>(p.row_loss), p.row_correct, p.rows, counts,
+                                         p.mean, static_cast<float*>(p.loss), p.correct);
   }
 }
 

@@ -40,6 +40,11 @@ struct CrossEntropyRowsParams {
   int64_t* correct = nullptr;  // CPU out: number of correct predictions in the chunk, added to
   void* row_loss = nullptr;        // CUDA out: per-row loss (Acc), 0 for ignored rows
   int32_t* row_correct = nullptr;  // CUDA out: per-row 1 if correct
+  // CUDA: the target counts on the device (CountTargetsParams): grad_scale is formed there from them
+  // ("mean": 1 / valid targets), so the host never waits for them. A row whose target is out of range
+  // gets a NaN loss and NaN gradients (no host check by default; never an out-of-bounds read).
+  const int64_t* counts = nullptr;
+  bool mean = true;
 };
 
 // CUDA: loss = scale * sum(row_loss), correct = sum(row_correct), in a fixed order.
@@ -47,7 +52,9 @@ struct FinishParams {
   const void* row_loss = nullptr;
   const int32_t* row_correct = nullptr;
   int64_t rows = 0;
-  double scale = 1.0;  // 1 / valid rows ("mean"), 1 ("sum"), 0 when every target is ignored
+  // scale 1 / valid rows ("mean"), 1 ("sum"), 0 when every target is ignored: from the device counts
+  const int64_t* counts = nullptr;
+  bool mean = true;
   bool is_double = false;
   void* loss = nullptr;        // Acc scalar
   int64_t* correct = nullptr;  // int64 scalar

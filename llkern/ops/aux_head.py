@@ -16,7 +16,7 @@ import numbers
 
 import torch
 
-from llkern._ext import autocast_on, extension_loaded, use_kernel
+from llkern._ext import autocast_on, check_values, extension_loaded, use_kernel
 from llkern.reference.aux_head import aux_head_loss_reference
 
 REDUCTIONS = ("mean", "sum")
@@ -128,6 +128,10 @@ def aux_head_loss(
     Returns:
         The loss (float32; float64 for float64 inputs), and with ``return_correct`` an int64 count.
 
+    Labels out of range raise ``ValueError`` on the CPU. On a GPU that check would wait for the device,
+    so by default it is skipped there and such a row gives a NaN loss and NaN gradients; turn it on with
+    :func:`llkern.set_value_checks` (or ``LLKERN_VALUE_CHECKS=1``).
+
     Autocast: under ``torch.autocast`` on the features' device, 16-bit features with float32
     weight and bias (a head of float32 parameters on a module run under autocast) run in the
     autocast dtype, as ``F.linear`` would: weight and bias are cast, and their gradients reach the
@@ -137,6 +141,8 @@ def aux_head_loss(
     features, weight, bias = _autocast_inputs(features, weight, bias)
     _check(features, weight, bias, target, ignore_index, label_smoothing, reduction)
     if use_kernel("aux_head_loss", features.device, impl):
+        if features.device.type != "cpu" and check_values(target):  # (the CPU kernel checks as it reads)
+            _check_labels_reference(target, weight.shape[0], ignore_index)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (features, weight, bias))
         loss, correct, *_ = torch.ops.llkern.aux_head_loss(features, weight, bias, target, int(ignore_index),

@@ -17,7 +17,7 @@ import numbers
 import numpy as np
 import torch
 
-from llkern._ext import IMPLS
+from llkern._ext import IMPLS, check_values
 from llkern.ops.context import triton_available
 from llkern.random import normals
 from llkern.reference.mean_kl import mean_kl_reference
@@ -26,6 +26,9 @@ __all__ = ["mean_kl_noise", "mean_kl_sample"]
 
 NAME = "llkern.mean_kl_sample"
 ROWS = 32  # blocks per program
+# Budgets above this are refused: the float32 kernel is exact to 1e-7 up to 1e7 nats per block and gives
+# NaN by 1e8, and MIRACLE's blocks carry tens of bits (C ≤ 32).
+MAX_KAPPA_BLOCK = 1e6
 
 
 def _check(theta, gamma, nu, rho, seed, stream, kappa_block, delta) -> None:
@@ -43,14 +46,15 @@ def _check(theta, gamma, nu, rho, seed, stream, kappa_block, delta) -> None:
     for arg, value in (("seed", seed), ("stream", stream)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**32:
             raise ValueError(f"{NAME}: expected {arg} to be an int in [0, 2^32), got {value!r}")
-    if isinstance(kappa_block, bool) or not isinstance(kappa_block, numbers.Real) or not kappa_block > 0 \
-            or not math.isfinite(kappa_block):
-        raise ValueError(f"{NAME}: expected kappa_block (nats per block) to be a finite number > 0, got "
+    if isinstance(kappa_block, bool) or not isinstance(kappa_block, numbers.Real) \
+            or not 0 < kappa_block <= MAX_KAPPA_BLOCK:
+        raise ValueError(f"{NAME}: expected kappa_block (nats per block) in (0, {MAX_KAPPA_BLOCK:g}], got "
                          f"{kappa_block!r}")
     if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0.0 < delta < 1.0:
         raise ValueError(f"{NAME}: expected delta in (0, 1), got {delta!r}")
-    if not torch.compiler.is_compiling() and not bool((rho > 0).all()):
-        raise ValueError(f"{NAME}: expected rho (the prior's standard deviation) > 0 everywhere")
+    # (a host sync on a GPU: there only with llkern.value_checks() on; without it a bad ρ gives NaN)
+    if check_values(rho) and not bool(((rho > 0) & torch.isfinite(rho)).all()):
+        raise ValueError(f"{NAME}: expected rho (the prior's standard deviation) finite and > 0 everywhere")
 
 
 def mean_kl_noise(shape: tuple[int, int], seed: int, stream: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ import numbers
 import numpy as np
 import torch
 
-from llkern._ext import IMPLS
+from llkern._ext import IMPLS, check_values
 from llkern.ops.context import triton_available
 from llkern.random import normals, stream_bits
 
@@ -79,7 +79,7 @@ def _check(mu, sigma, rho, seed, bits, first_block, num_blocks_total, choose) ->
     if last_stream >= 2**32:
         raise ValueError(f"{NAME}: expected the block streams to fit in uint32: first_block ({first_block}) + blocks "
                          f"({blocks}){' + num_blocks_total' if choose == 'sample' else ''} must be <= 2^32")
-    if not torch.compiler.is_compiling():
+    if check_values(mu):  # (host syncs on a GPU: there only with llkern.value_checks() on)
         for arg, value in (("sigma", sigma), ("rho", rho)):
             if not bool(((value > 0) & torch.isfinite(value)).all()):
                 raise ValueError(f"{NAME}: expected {arg} (a standard deviation) to be finite and > 0 everywhere")

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-__all__ = ["D_FLOOR", "kl_normal", "mean_kl_reference", "solve_r"]
+__all__ = ["D_FLOOR", "kl_normal", "mean_kl_mean", "mean_kl_reference", "solve_r"]
 
 D_FLOOR = 1e-12
 
@@ -58,6 +58,14 @@ def kl_normal(mu: torch.Tensor, sigma: torch.Tensor, nu: torch.Tensor, rho: torc
     return torch.log(rho / sigma) + (sigma**2 + (mu - nu) ** 2) / (2 * rho**2) - 0.5
 
 
+def mean_kl_mean(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor, rho: torch.Tensor,
+                 kappa_block: float, delta: float = 0.05) -> torch.Tensor:
+    """μ = ν + (1 − δ) ρ √(2κ_w) tanh θ, in the parameters' dtype: the weights' means, which need no r
+    (so no Newton iterations, and no host synchronisation on a GPU)."""
+    kappa = kappa_block * torch.softmax(gamma, dim=-1)
+    return nu + (1.0 - delta) * rho * torch.sqrt(2.0 * kappa) * torch.tanh(theta)
+
+
 def mean_kl_reference(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor, rho: torch.Tensor,
                       eps: torch.Tensor, kappa_block: float, delta: float = 0.05,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,7 +77,7 @@ def mean_kl_reference(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor
     theta, gamma, nu, rho, eps = (t.double() for t in (theta, gamma, nu, rho, eps))
     kappa = kappa_block * torch.softmax(gamma, dim=-1)
     t = torch.tanh(theta)
-    mu = nu + (1.0 - delta) * rho * torch.sqrt(2.0 * kappa) * t
+    mu = mean_kl_mean(theta, gamma, nu, rho, kappa_block, delta)
     # c − 1 = 2κ − m, without cancellation; floored at D_FLOOR (a weight with no budget: r = 1 − 1.4e-6,
     # KL 5e-13 nats instead of 0), where it has no gradient
     d = (2.0 * kappa * (1.0 - (1.0 - delta) ** 2 * t * t)).clamp_min(D_FLOOR)
