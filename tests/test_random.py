@@ -11,6 +11,7 @@ from llkern.random import GENERATOR_ID, normals, philox4x32, stream_bits
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+
 def test_known_answers():
     # Random123's Philox-4x32-10 test vectors
     words = philox4x32((0, 0, 0, 0), (0, 0))
@@ -61,3 +62,33 @@ def test_triton_matches_numpy(seed, stream, first):
     np.testing.assert_array_equal(x0.cpu().numpy(), ref0.astype(np.int64))  # bit-identical words
     np.testing.assert_array_equal(x1.cpu().numpy(), ref1.astype(np.int64))
     np.testing.assert_allclose(z.cpu().double().numpy(), normals(seed, stream, draws), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.skipif(not triton_available(torch.device(DEVICE)), reason="needs triton (and a GPU or TRITON_INTERPRET=1)")
+def test_radius_is_accurate_where_u0_is_near_one():
+    # u0 = ((x0 >> 8) + 0.5) 2^-24 needs 25 bits from 1/2 up: rounded to float32 it once put normals near
+    # 0 off by up to 2.4e-4. −2 ln u0 must be relative-accurate over every x0, the end next to 1 included.
+    from .triton_probes import radius_squared
+
+    top = 2**24 - 1
+    edges = np.array([0, 1, 2**22, 2**23 - 2, 2**23 - 1, 2**23, 2**23 + 1, top - 2, top - 1, top])
+    m = np.concatenate([edges, np.random.default_rng(4).integers(0, 2**24, 20000)]).astype(np.int64)
+    x0 = (m << 8) | 0xAB  # the low 8 bits are dropped
+    out = torch.empty(len(m), dtype=torch.float32, device=DEVICE)
+    radius_squared[((len(m) + 1023) // 1024,)](torch.from_numpy(x0).to(DEVICE), out, len(m), BLOCK=1024)
+    expected = -2.0 * np.log((m + 0.5) / 2.0**24)
+    rel = np.abs(out.cpu().double().numpy() - expected) / expected
+    assert rel.max() <= 1e-6, (rel.max(), m[rel.argmax()])
+
+
+@pytest.mark.skipif(not triton_available(torch.device(DEVICE)), reason="needs triton (and a GPU or TRITON_INTERPRET=1)")
+def test_normals_within_the_documented_bound():
+    # docs/random.md: the float32 normals are within 1e-6 of the float64 ones (absolute; |z| <= 5.9)
+    from llkern.triton_kernels import philox
+
+    count = 1 << 18
+    x0 = torch.empty(count, dtype=torch.int64, device=DEVICE)
+    x1, z = torch.empty_like(x0), torch.empty(count, dtype=torch.float32, device=DEVICE)
+    philox.fill_stream[(count // 4096,)](x0, x1, z, 5, 9, 0, count, BLOCK=4096)
+    err = np.abs(z.cpu().double().numpy() - normals(5, 9, np.arange(count, dtype=np.uint64)))
+    assert err.max() <= 1e-6, err.max()
