@@ -43,13 +43,23 @@ SCRIPT = textwrap.dedent("""
             dict(S1=1, S2=2, NUM_CONTEXTS=2, CHANNELS_LAST=False, ACC=tl.float32, BLOCK=1024)),
         "mean_kl_forward": (mean_kl.mean_kl_forward,
             {**pointers("theta_ptr", "gamma_ptr", "nu_ptr", "rho_ptr", "w_ptr"),
-             **ints("num_blocks", "block_size", "seed", "stream"), "kappa_block": "fp32", "delta": "fp32"},
+             **ints("num_blocks", "block_size", "seed", "stream"), "kappa_bits": "i64", "delta_bits": "i64"},
             dict(ROWS=32, BLOCK=32, ACC=tl.float32)),
         "mean_kl_backward": (mean_kl.mean_kl_backward,
             {**pointers("grad_ptr", "theta_ptr", "gamma_ptr", "nu_ptr", "rho_ptr", "d_theta_ptr", "d_gamma_ptr",
                         "d_rho_ptr"),
-             **ints("num_blocks", "block_size", "seed", "stream"), "kappa_block": "fp32", "delta": "fp32"},
+             **ints("num_blocks", "block_size", "seed", "stream"), "kappa_bits": "i64", "delta_bits": "i64"},
             dict(ROWS=32, BLOCK=32, ACC=tl.float32)),
+        # the widest blocks take one block per program (llkern/ops/mean_kl.py: TILE_ELEMENTS // BLOCK)
+        "mean_kl_forward_1024": (mean_kl.mean_kl_forward,
+            {**pointers("theta_ptr", "gamma_ptr", "nu_ptr", "rho_ptr", "w_ptr"),
+             **ints("num_blocks", "block_size", "seed", "stream"), "kappa_bits": "i64", "delta_bits": "i64"},
+            dict(ROWS=1, BLOCK=1024, ACC=tl.float64)),
+        "mean_kl_backward_256": (mean_kl.mean_kl_backward,
+            {**pointers("grad_ptr", "theta_ptr", "gamma_ptr", "nu_ptr", "rho_ptr", "d_theta_ptr", "d_gamma_ptr",
+                        "d_rho_ptr"),
+             **ints("num_blocks", "block_size", "seed", "stream"), "kappa_bits": "i64", "delta_bits": "i64"},
+            dict(ROWS=4, BLOCK=256, ACC=tl.float32)),
         "fill_stream": (philox.fill_stream,
             {**pointers("out_x0", "out_x1", dtype="*i64"), "out_z": "*fp32", **ints("seed", "stream", "first"),
              "count": "i32"},
@@ -64,7 +74,7 @@ SCRIPT = textwrap.dedent("""
     for name, (kernel, signature, constants) in kernels.items():
         # the launcher would turn a seed or stream of 1 into a constant, which has no .to()
         for param in kernel.params:
-            if param.name in ("seed", "stream", "first", "first_block", "gumbel_first"):
+            if param.name in ("seed", "stream", "first", "first_block", "gumbel_first", "kappa_bits", "delta_bits"):
                 assert param.do_not_specialize, f"{name}: {param.name} must be in do_not_specialize"
         signature = {**signature, **{k: "constexpr" for k in constants}}
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=target)
@@ -77,4 +87,4 @@ def test_every_triton_kernel_compiles_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(" ok") == 6, result.stdout
+    assert result.stdout.count(" ok") == 8, result.stdout

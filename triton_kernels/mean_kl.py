@@ -14,20 +14,30 @@ import triton
 import triton.language as tl
 from llkern.triton_kernels.philox import stream_normal
 
-NEWTON_STEPS = tl.constexpr(12)  # a global the compiled kernel reads must be a constexpr
+# From the start below, Newton on u converges to rounding in 3 steps in float32 and 4 in float64 over
+# d in [1e-12, 1e7] (every budget the op accepts); one more for margin. (A global the compiled kernel
+# reads must be a constexpr.)
+NEWTON_STEPS = tl.constexpr(5)
+
+
+@triton.jit
+def _c(value, like):
+    """The constant ``value`` in the dtype of ``like``: a bare Python float becomes a float32 constant,
+    which would cut a float64 kernel's accuracy to float32's."""
+    return tl.full([], value, like.dtype)
 
 
 @triton.jit
 def _h(u):
     """e^u − 1 − u without cancellation near 0: its series (through u^11) where |u| < 0.5."""
-    s = u * (1.0 / 39916800.0) + 1.0 / 3628800.0
-    s = s * u + 1.0 / 362880.0
-    s = s * u + 1.0 / 40320.0
-    s = s * u + 1.0 / 5040.0
-    s = s * u + 1.0 / 720.0
-    s = s * u + 1.0 / 120.0
-    s = s * u + 1.0 / 24.0
-    s = s * u + 1.0 / 6.0
+    s = u * _c(1.0 / 39916800.0, u) + _c(1.0 / 3628800.0, u)
+    s = s * u + _c(1.0 / 362880.0, u)
+    s = s * u + _c(1.0 / 40320.0, u)
+    s = s * u + _c(1.0 / 5040.0, u)
+    s = s * u + _c(1.0 / 720.0, u)
+    s = s * u + _c(1.0 / 120.0, u)
+    s = s * u + _c(1.0 / 24.0, u)
+    s = s * u + _c(1.0 / 6.0, u)
     s = s * u + 0.5
     return tl.where(tl.abs(u) < 0.5, u * u * s, tl.exp(u) - 1.0 - u)
 
@@ -41,9 +51,12 @@ def _tanh(x):
 
 
 @triton.jit
-def _state(theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, stream, kappa_block, delta,
+def _state(theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, stream, kappa_bits, delta_bits,
            ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """Everything both passes need for this program's tile."""
+    """Everything both passes need for this program's tile. κ_B and δ arrive as the bits of float64s
+    (a Python float argument would be a float32) and are used at the accumulation precision."""
+    kappa_block = kappa_bits.to(tl.float64, bitcast=True).to(ACC)
+    delta = delta_bits.to(tl.float64, bitcast=True).to(ACC)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = tl.arange(0, BLOCK).to(tl.int64)
     mask = (rows[:, None] < num_blocks) & (cols[None, :] < block_size)
@@ -67,8 +80,9 @@ def _state(theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, 
     # d = c − 1 = 2κ − m > 0; floored so that a weight with no budget (r = 1) keeps finite slopes
     # (as the reference: no gradient flows through the floor)
     d_raw = 2.0 * kappa * (1.0 - (1.0 - delta) * (1.0 - delta) * t * t)
-    live = d_raw > 1e-12
-    d = tl.where(mask & live, d_raw, tl.where(mask, 1e-12, 1.0))
+    floor = _c(1e-12, d_raw)
+    live = d_raw > floor
+    d = tl.where(mask & live, d_raw, tl.where(mask, floor, 1.0))
     u = tl.where(d >= 1.0, -(1.0 + d), -tl.sqrt(2.0 * d))
     for _ in tl.static_range(NEWTON_STEPS):  # convex in u: one overshoot, then monotone
         h = _h(u)
@@ -76,25 +90,25 @@ def _state(theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, 
     r = tl.exp(u)
     sigma = rho * tl.sqrt(r)
     eps = stream_normal(seed, stream, idx.to(tl.uint64)).to(ACC)
-    return idx, mask, live, share, kappa, theta, nu, rho, t, root, mu, u, r, sigma, eps
+    return idx, mask, live, share, kappa, theta, nu, rho, t, root, mu, u, r, sigma, eps, kappa_block, delta
 
 
 # seed or stream equal to 1 would otherwise be specialised into a Python constant, which has no .to()
-@triton.jit(do_not_specialize=["seed", "stream"])
+@triton.jit(do_not_specialize=["seed", "stream", "kappa_bits", "delta_bits"])
 def mean_kl_forward(theta_ptr, gamma_ptr, nu_ptr, rho_ptr, w_ptr, num_blocks, block_size, seed, stream,
-                    kappa_block, delta, ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    idx, mask, _, _, _, _, _, _, _, _, mu, _, _, sigma, eps = _state(
-        theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, stream, kappa_block, delta,
+                    kappa_bits, delta_bits, ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    idx, mask, _, _, _, _, _, _, _, _, mu, _, _, sigma, eps, _, _ = _state(
+        theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, stream, kappa_bits, delta_bits,
         ROWS, BLOCK, ACC)
     tl.store(w_ptr + idx, (mu + sigma * eps).to(w_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed", "stream"])
+@triton.jit(do_not_specialize=["seed", "stream", "kappa_bits", "delta_bits"])
 def mean_kl_backward(grad_ptr, theta_ptr, gamma_ptr, nu_ptr, rho_ptr, d_theta_ptr, d_gamma_ptr, d_rho_ptr,
-                     num_blocks, block_size, seed, stream, kappa_block, delta,
+                     num_blocks, block_size, seed, stream, kappa_bits, delta_bits,
                      ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    idx, mask, live, share, kappa, _, nu, rho, t, root, mu, u, _, sigma, eps = _state(
-        theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, stream, kappa_block, delta,
+    idx, mask, live, share, kappa, _, nu, rho, t, root, mu, u, _, sigma, eps, kappa_block, delta = _state(
+        theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, stream, kappa_bits, delta_bits,
         ROWS, BLOCK, ACC)
     g = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(ACC)
     keep = (1.0 - delta) * (1.0 - delta)

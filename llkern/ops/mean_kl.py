@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
 
 import numpy as np
 import torch
@@ -25,7 +26,10 @@ from llkern.reference.mean_kl import mean_kl_reference
 __all__ = ["mean_kl_noise", "mean_kl_sample"]
 
 NAME = "llkern.mean_kl_sample"
-ROWS = 32  # blocks per program
+# A program takes a tile of about TILE_ELEMENTS values: TILE_ELEMENTS // BLOCK blocks (BLOCK the block size
+# rounded up to a power of two), one block when a block alone is that wide. A fixed 32 blocks per
+# program spilled registers from BLOCK = 64 up and took minutes to compile at BLOCK = 1024.
+TILE_ELEMENTS = 1024
 # Budgets above this are refused: the float32 kernel is exact to 1e-7 up to 1e7 nats per block and gives
 # NaN by 1e8, and MIRACLE's blocks carry tens of bits (C ≤ 32).
 MAX_KAPPA_BLOCK = 1e6
@@ -105,9 +109,16 @@ def _launch_args(theta: torch.Tensor):
 
     num_blocks, block_size = theta.shape
     block = triton.next_power_of_2(block_size)
-    grid = ((num_blocks + ROWS - 1) // ROWS,)
+    rows = max(1, TILE_ELEMENTS // block)
+    grid = ((num_blocks + rows - 1) // rows,)
     acc = tl.float64 if theta.dtype == torch.float64 else tl.float32
-    return grid, dict(ROWS=ROWS, BLOCK=block, ACC=acc)
+    return grid, dict(ROWS=rows, BLOCK=block, ACC=acc)
+
+
+def _bits(value: float) -> int:
+    """A float64's bits as an int: the kernels take κ_B and δ this way, since Triton passes a Python float
+    as a float32."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
 @torch.library.triton_op("llkern::mean_kl_sample", mutates_args=())
@@ -119,7 +130,8 @@ def _mean_kl_sample_op(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tenso
     w = torch.empty_like(theta)
     grid, meta = _launch_args(theta)
     torch.library.wrap_triton(kernels.mean_kl_forward)[grid](
-        theta, gamma, nu, rho, w, theta.shape[0], theta.shape[1], seed, stream, kappa_block, delta, **meta)
+        theta, gamma, nu, rho, w, theta.shape[0], theta.shape[1], seed, stream, _bits(kappa_block), _bits(delta),
+        **meta)
     return w
 
 
@@ -134,7 +146,7 @@ def _mean_kl_sample_backward_op(grad: torch.Tensor, theta: torch.Tensor, gamma: 
     grid, meta = _launch_args(theta)
     torch.library.wrap_triton(kernels.mean_kl_backward)[grid](
         grad, theta, gamma, nu, rho, d_theta, d_gamma, d_rho, theta.shape[0], theta.shape[1], seed, stream,
-        kappa_block, delta, **meta)
+        _bits(kappa_block), _bits(delta), **meta)
     return d_theta, d_gamma, d_rho
 
 
