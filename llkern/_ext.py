@@ -125,3 +125,11 @@ def check_values(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
         return False
     return t.device.type == "cpu" or _value_checks
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s GPU the current one around a Triton launch: Triton launches on the current device, not
+    the inputs'. (While torch.compile traces, nothing: the code it generates guards the device itself.)"""
+    if t.device.type != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)

@@ -18,7 +18,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from llkern._ext import IMPLS
+from llkern._ext import IMPLS, device_guard
 
 __all__ = ["context_add", "context_add_reference", "triton_available"]
 
@@ -109,6 +109,10 @@ def context_add(h: torch.Tensor, *contexts: torch.Tensor, impl: str = "auto") ->
 # --- the ops torch.library sees ------------------------------------------------------------------
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _acc(dtype: torch.dtype):
     import triton.language as tl
 
@@ -123,23 +127,39 @@ def _strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
+def _grid(t: torch.Tensor) -> tuple[tuple[int, int], int]:
+    """The launch grid (rows of the memory order × tiles of a row) and the tile size, for a (B, C, H, W) tensor
+    in NCHW or channels_last order."""
+    from llkern.triton_kernels import context_add as kernels
+
+    batch, channels, height, width = t.shape
+    rows, row_len = (batch * height, width * channels) if _channels_last(t) else (batch * channels, height * width)
+    block = kernels.block_for(row_len)
+    return (rows, (row_len + block - 1) // block), block
+
+
 @torch.library.triton_op("llkern::context_add", mutates_args=())
 def _context_add_op(h: torch.Tensor, contexts: list[torch.Tensor]) -> torch.Tensor:
     from llkern.triton_kernels import context_add as kernels
 
     _, channels, height, width = h.shape
     out = torch.empty_like(h)
-    numel = out.numel()
-    grid = ((numel + kernels.BLOCK - 1) // kernels.BLOCK,)
+    grid, block = _grid(out)
+    pairs = _pairs(contexts)
+    # Two contexts per launch. With more, the partial sums stay in the accumulation dtype between
+    # launches (a 16-bit out would round each one), and the last launch writes out.
+    partial = out if len(pairs) == 1 else torch.empty_like(h, dtype=_acc_dtype(h.dtype))
     base = h
-    for pair in _pairs(contexts):  # two contexts per launch; more add onto out
+    for i, pair in enumerate(pairs):
         first, second = pair[0], pair[-1]
-        torch.library.wrap_triton(kernels.context_add_forward)[grid](
-            base, first, second, out, numel, channels, height, width,
-            *_strides(base), *_strides(first), *_strides(second), *_strides(out),
-            S1=first.shape[2] // height, S2=second.shape[2] // height, NUM_CONTEXTS=len(pair),
-            CHANNELS_LAST=_channels_last(out), ACC=_acc(h.dtype), BLOCK=kernels.BLOCK)
-        base = out
+        target = out if i == len(pairs) - 1 else partial
+        with device_guard(h):
+            torch.library.wrap_triton(kernels.context_add_forward)[grid](
+                base, first, second, target, channels, height, width,
+                *_strides(base), *_strides(first), *_strides(second), *_strides(target),
+                S1=first.shape[2] // height, S2=second.shape[2] // height, NUM_CONTEXTS=len(pair),
+                CHANNELS_LAST=_channels_last(out), ACC=_acc(h.dtype), BLOCK=block)
+        base = target
     return out
 
 
@@ -151,15 +171,15 @@ def _context_add_backward_op(grad: torch.Tensor, scales: list[int], channels_las
     grads = [torch.empty((batch, channels, s * height, s * width), dtype=grad.dtype, device=grad.device,
                          memory_format=torch.channels_last if last else torch.contiguous_format)
              for s, last in zip(scales, channels_last, strict=True)]
-    numel = grad.numel()
-    grid = ((numel + kernels.BLOCK - 1) // kernels.BLOCK,)
+    grid, block = _grid(grad)
     for pair, pair_scales in zip(_pairs(grads), _pairs(list(scales)), strict=True):
         first, second = pair[0], pair[-1]
-        torch.library.wrap_triton(kernels.context_add_backward)[grid](
-            grad, first, second, numel, channels, height, width,
-            *_strides(grad), *_strides(first), *_strides(second),
-            S1=pair_scales[0], S2=pair_scales[-1], NUM_CONTEXTS=len(pair),
-            CHANNELS_LAST=_channels_last(grad), ACC=_acc(grad.dtype), BLOCK=kernels.BLOCK)
+        with device_guard(grad):
+            torch.library.wrap_triton(kernels.context_add_backward)[grid](
+                grad, first, second, channels, height, width,
+                *_strides(grad), *_strides(first), *_strides(second),
+                S1=pair_scales[0], S2=pair_scales[-1], NUM_CONTEXTS=len(pair),
+                CHANNELS_LAST=_channels_last(grad), ACC=_acc(grad.dtype), BLOCK=block)
     return grads
 
 

@@ -18,7 +18,7 @@ import struct
 import numpy as np
 import torch
 
-from llkern._ext import IMPLS, check_values
+from llkern._ext import IMPLS, check_values, device_guard
 from llkern.ops.context import triton_available
 from llkern.random import normals
 from llkern.reference.mean_kl import mean_kl_reference
@@ -129,9 +129,10 @@ def _mean_kl_sample_op(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tenso
     theta, gamma, nu, rho = (t.contiguous() for t in (theta, gamma, nu, rho))
     w = torch.empty_like(theta)
     grid, meta = _launch_args(theta)
-    torch.library.wrap_triton(kernels.mean_kl_forward)[grid](
-        theta, gamma, nu, rho, w, theta.shape[0], theta.shape[1], seed, stream, _bits(kappa_block), _bits(delta),
-        **meta)
+    with device_guard(theta):
+        torch.library.wrap_triton(kernels.mean_kl_forward)[grid](
+            theta, gamma, nu, rho, w, theta.shape[0], theta.shape[1], seed, stream, _bits(kappa_block),
+            _bits(delta), **meta)
     return w
 
 
@@ -144,9 +145,10 @@ def _mean_kl_sample_backward_op(grad: torch.Tensor, theta: torch.Tensor, gamma: 
     grad, theta, gamma, nu, rho = (t.contiguous() for t in (grad, theta, gamma, nu, rho))
     d_theta, d_gamma, d_rho = torch.empty_like(theta), torch.empty_like(theta), torch.empty_like(theta)
     grid, meta = _launch_args(theta)
-    torch.library.wrap_triton(kernels.mean_kl_backward)[grid](
-        grad, theta, gamma, nu, rho, d_theta, d_gamma, d_rho, theta.shape[0], theta.shape[1], seed, stream,
-        _bits(kappa_block), _bits(delta), **meta)
+    with device_guard(theta):
+        torch.library.wrap_triton(kernels.mean_kl_backward)[grid](
+            grad, theta, gamma, nu, rho, d_theta, d_gamma, d_rho, theta.shape[0], theta.shape[1], seed, stream,
+            _bits(kappa_block), _bits(delta), **meta)
     return d_theta, d_gamma, d_rho
 
 

@@ -30,7 +30,7 @@ import numbers
 import numpy as np
 import torch
 
-from llkern._ext import IMPLS, check_values
+from llkern._ext import IMPLS, check_values, device_guard
 from llkern.ops.context import triton_available
 from llkern.random import normals, stream_bits
 
@@ -201,10 +201,11 @@ def _miracle_select_op(mu: torch.Tensor, sigma: torch.Tensor, rho: torch.Tensor,
     tile = min(num_candidates, max(1, TILE_ELEMENTS // block))
     # 8 warps for full tiles: 16 elements a thread, ~80 registers (sm_90, no spills) where 4 warps need ~150
     num_warps = 8 if tile * block >= TILE_ELEMENTS else 4
-    torch.library.wrap_triton(kernels.miracle_select)[(blocks,)](
-        mu, sigma, rho, indices, scores, block_size, *mu.stride(), *sigma.stride(), *rho.stride(),
-        seed, first_block, num_blocks_total + first_block, NUM_CANDIDATES=num_candidates, SAMPLE=sample,
-        F64=mu.dtype == torch.float64, TILE=tile, BLOCK=block, num_warps=num_warps)
+    with device_guard(mu):
+        torch.library.wrap_triton(kernels.miracle_select)[(blocks,)](
+            mu, sigma, rho, indices, scores, block_size, *mu.stride(), *sigma.stride(), *rho.stride(),
+            seed, first_block, num_blocks_total + first_block, NUM_CANDIDATES=num_candidates, SAMPLE=sample,
+            F64=mu.dtype == torch.float64, TILE=tile, BLOCK=block, num_warps=num_warps)
     return indices, scores
 
 
