@@ -139,3 +139,40 @@ def test_three_or_more_contexts_accumulate_in_float32():
     ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 10)  # float16: 11 significant bits
     err = (out.double() - ref).abs()
     assert (err <= 0.5 * ulp + 1e-6 * ref.abs()).all(), (err / ulp).max()
+
+
+def test_cpu_tensors_without_the_interpreter_take_the_reference_and_say_so():
+    # Triton reads TRITON_INTERPRET when a kernel is defined: without it (or when it is set only after
+    # llkern's kernels were imported) CPU tensors get the PyTorch reference, with one warning per op, and
+    # impl="kernel" an error that says how to run it.
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import os, warnings
+import torch, llkern
+import llkern.triton_kernels.context_add  # imported with the interpreter off
+os.environ["TRITON_INTERPRET"] = "1"       # too late for the kernels already defined
+h, c = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 8, 10)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = llkern.context_add(h, c)
+    llkern.context_add(h, c)
+    w = llkern.mean_kl_sample(torch.randn(3, 4), torch.randn(3, 4), torch.zeros(3, 4), torch.ones(3, 4), seed=1)
+messages = [str(x.message) for x in caught if "PyTorch reference" in str(x.message)]
+assert len(messages) == 2, messages  # once per op
+assert "TRITON_INTERPRET=1" in messages[0], messages
+torch.testing.assert_close(out, llkern.ops.context.context_add_reference(h, c))
+assert torch.isfinite(w).all()
+try:
+    llkern.context_add(h, c, impl="kernel")
+except RuntimeError as error:
+    assert "TRITON_INTERPRET" in str(error), error
+else:
+    raise AssertionError("impl='kernel' ran")
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from llkern._ext import IMPLS, device_guard
 
-__all__ = ["context_add", "context_add_reference", "triton_available"]
+__all__ = ["context_add", "context_add_reference", "triton_available", "use_triton"]
 
 NAME = "llkern.context_add"
 
@@ -31,10 +33,43 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 def triton_available(device: torch.device) -> bool:
     """True when the Triton kernels can run on ``device``: triton is installed and the device is a
-    GPU, or the Triton interpreter is on (TRITON_INTERPRET=1)."""
+    GPU, or the Triton interpreter is on (TRITON_INTERPRET=1, set before llkern's kernels were first
+    imported: Triton reads it when a kernel is defined)."""
     if not _TRITON_INSTALLED:
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cuda":
+        return True
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    kernels = sys.modules.get("llkern.triton_kernels")
+    return kernels is None or kernels.INTERPRETED
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def use_triton(name: str, device: torch.device, impl: str) -> bool:
+    """Resolve ``impl`` for a Triton op: True to run the kernel. ``"auto"`` takes the PyTorch reference where
+    the kernel cannot run, saying so once per op and device; ``"kernel"`` raises there."""
+    if impl not in IMPLS:
+        raise ValueError(f"{name}: expected impl to be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return False
+    if triton_available(device):
+        return True
+    if not _TRITON_INSTALLED:
+        why = "triton is not installed"
+    elif device.type == "cpu":
+        why = ("its Triton kernel runs on CUDA tensors, or on CPU tensors in Triton's interpreter "
+               "(TRITON_INTERPRET=1, set before llkern's kernels are first used)")
+    else:
+        why = f"its Triton kernel does not run on {device.type} tensors"
+    if impl == "kernel":
+        raise RuntimeError(f"{name}: impl='kernel' but {why}")
+    if (name, device.type) not in _warned and not torch.compiler.is_compiling():
+        _warned.add((name, device.type))
+        warnings.warn(f"{name}: {why}; using the PyTorch reference.", stacklevel=3)
+    return False
 
 
 def _channels_last(t: torch.Tensor) -> bool:
@@ -97,11 +132,7 @@ def context_add(h: torch.Tensor, *contexts: torch.Tensor, impl: str = "auto") ->
     if impl not in IMPLS:
         raise ValueError(f"{NAME}: expected impl to be one of {IMPLS}, got {impl!r}")
     _check(h, contexts)
-    use = impl == "kernel" or (impl == "auto" and triton_available(h.device))
-    if use and not triton_available(h.device):
-        raise RuntimeError(f"{NAME}: impl='kernel' needs triton and a CUDA tensor, or TRITON_INTERPRET=1 "
-                           "(set before the first call) for CPU tensors")
-    if not use:
+    if not use_triton(NAME, h.device, impl):
         return context_add_reference(h, *contexts)
     return torch.ops.llkern.context_add(h, list(contexts))
 

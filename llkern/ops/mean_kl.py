@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from llkern._ext import IMPLS, check_values, device_guard
-from llkern.ops.context import triton_available
+from llkern.ops.context import use_triton
 from llkern.random import normals
 from llkern.reference.mean_kl import mean_kl_reference
 
@@ -89,11 +89,7 @@ def mean_kl_sample(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor, r
     if impl not in IMPLS:
         raise ValueError(f"{NAME}: expected impl to be one of {IMPLS}, got {impl!r}")
     _check(theta, gamma, nu, rho, seed, stream, kappa_block, delta)
-    use = impl == "kernel" or (impl == "auto" and triton_available(theta.device))
-    if use and not triton_available(theta.device):
-        raise RuntimeError(f"{NAME}: impl='kernel' needs triton and a CUDA tensor, or TRITON_INTERPRET=1 for CPU "
-                           "tensors")
-    if not use:
+    if not use_triton(NAME, theta.device, impl):
         eps = mean_kl_noise(tuple(theta.shape), seed, stream).to(theta.device)
         w, _, _ = mean_kl_reference(theta, gamma, nu, rho, eps, float(kappa_block), float(delta))
         return w.to(theta.dtype)

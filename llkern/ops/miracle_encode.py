@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from llkern._ext import IMPLS, check_values, device_guard
-from llkern.ops.context import triton_available
+from llkern.ops.context import use_triton
 from llkern.random import normals, stream_bits
 
 __all__ = ["miracle_select", "miracle_select_reference"]
@@ -118,11 +118,7 @@ def miracle_select(mu: torch.Tensor, sigma: torch.Tensor, rho: torch.Tensor, *, 
     if impl not in IMPLS:
         raise ValueError(f"{NAME}: expected impl to be one of {IMPLS}, got {impl!r}")
     num_blocks_total = _check(mu, sigma, rho, seed, bits, first_block, num_blocks_total, choose)
-    use = impl == "kernel" or (impl == "auto" and triton_available(mu.device))
-    if use and not triton_available(mu.device):
-        raise RuntimeError(f"{NAME}: impl='kernel' needs triton and a CUDA tensor, or TRITON_INTERPRET=1 for CPU "
-                           "tensors")
-    if not use:
+    if not use_triton(NAME, mu.device, impl):
         indices, scores = miracle_select_reference(mu, sigma, rho, seed=seed, bits=bits, first_block=first_block,
                                                    num_blocks_total=num_blocks_total, choose=choose)
         return indices.to(mu.device), scores.to(device=mu.device, dtype=_score_dtype(mu.dtype))
