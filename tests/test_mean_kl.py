@@ -155,3 +155,17 @@ def test_budget_up_to_the_bound_is_exact():
     ref, _, _ = mean_kl_reference(theta, gamma, nu, rho, kernel_noise(tuple(theta.shape), 3, 1), 1e6)
     assert ((w.double() - ref).norm() / ref.norm()).item() <= 1e-6
     assert all(torch.isfinite(g).all() for g in torch.autograd.grad(w.square().sum(), leaves))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huge_and_infinite_theta_saturate(dtype):
+    # tanh θ → ±1: the kernel's tanh once gave 0 from |θ| ≈ 1e7 on and NaN at ±∞
+    theta, gamma, nu, rho = params((4, 6), dtype)
+    theta[0] = torch.tensor([1e7, -1e7, 1e30, -1e30, float("inf"), -float("inf")], dtype=dtype)
+    theta = theta.detach().requires_grad_()
+    w = mean_kl_sample(theta, gamma, nu, rho, seed=2, stream=3, impl="kernel")
+    ref, _, _ = mean_kl_reference(theta.detach(), gamma, nu, rho, kernel_noise((4, 6), 2, 3), BITS10)
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w.double(), ref, rtol=2e-6, atol=2e-6)
+    (d_theta,) = torch.autograd.grad(w.sum(), theta)
+    assert torch.isfinite(d_theta).all() and torch.equal(d_theta[0], torch.zeros_like(d_theta[0]))

@@ -44,8 +44,11 @@ def _h(u):
 
 @triton.jit
 def _tanh(x):
-    """tanh from e^(−2|x|) − 1 (accurate near 0, saturating for large |x|)."""
-    m = _h(-2.0 * tl.abs(x)) - 2.0 * tl.abs(x)  # expm1(−2|x|), in (−1, 0]
+    """tanh from m = e^(−2|x|) − 1 ∈ [−1, 0]: by the series near 0 (no cancellation), by exp beyond, where
+    it saturates to −1 (so tanh → ±1 up to |x| = ∞; forming it as h(−2|x|) − 2|x| there gave 0 from
+    |x| ≈ 1e7 on, a difference of two equal large numbers, and NaN at ∞)."""
+    a = tl.abs(x)
+    m = tl.where(a < 0.25, _h(-2.0 * a) - 2.0 * a, tl.exp(-2.0 * a) - 1.0)
     t = -m / (2.0 + m)
     return tl.where(x < 0, -t, t)
 
