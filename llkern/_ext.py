@@ -119,12 +119,16 @@ def value_checks(enabled: bool = True) -> Iterator[None]:
         _value_checks = previous
 
 
+def has_values(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read: not while torch.compile traces, not for meta or fake tensors."""
+    return not (torch.compiler.is_compiling() or t.device.type == "meta"
+                or isinstance(t, torch._subclasses.FakeTensor))
+
+
 def check_values(t: torch.Tensor) -> bool:
     """Whether a value check on ``t`` should run now: always for real CPU tensors, on other devices when
-    the value checks are on; never while tracing (compile, fake or meta tensors have no values to read)."""
-    if torch.compiler.is_compiling() or t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
-        return False
-    return t.device.type == "cpu" or _value_checks
+    the value checks are on; never for a tensor without values (see :func:`has_values`)."""
+    return has_values(t) and (t.device.type == "cpu" or _value_checks)
 
 
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:

@@ -60,6 +60,27 @@ def test_cpu_tensors_are_always_checked_and_meta_tensors_never():
         llkern.functional.info_nce(torch.randn(4, 3), torch.full((4, 3), float("nan")))
 
 
+def test_meta_tensors_go_through_every_op():
+    # shapes without values (meta tensors, as torch.compile's tracing and model sizing use): the value checks
+    # and data-dependent defaults must not read them (four ops once called .item() on them)
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    labels = meta(4, dtype=torch.int64)
+    outputs = {
+        "aux_head_loss": llkern.aux_head_loss(meta(4, 3, 2, 2), meta(5, 3), meta(5), labels),
+        "info_nce": llkern.functional.info_nce(meta(4, 3), meta(4, 3)),
+        "supcon_loss": llkern.functional.supcon_loss(meta(4, 3), labels),
+        "renyi_mutual_information": llkern.functional.renyi_mutual_information(meta(4, 3), labels),
+        "transport_penalty": llkern.transport_penalty(meta(4, 3)),
+        "context_add": llkern.context_add(meta(2, 3, 4, 4), meta(2, 3, 8, 8)),
+        "mean_kl_sample": llkern.mean_kl_sample(meta(4, 3), meta(4, 3), meta(4, 3), meta(4, 3), seed=1),
+    }
+    shapes = {"context_add": (2, 3, 4, 4), "mean_kl_sample": (4, 3)}
+    for name, out in outputs.items():
+        assert out.device.type == "meta" and out.shape == shapes.get(name, ()), name
+
+
 # --- on the GPU -------------------------------------------------------------------------------------------
 
 

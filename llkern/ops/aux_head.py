@@ -16,7 +16,7 @@ import numbers
 
 import torch
 
-from llkern._ext import autocast_on, check_values, extension_loaded, use_kernel
+from llkern._ext import autocast_on, check_values, extension_loaded, has_values, use_kernel
 from llkern.reference.aux_head import aux_head_loss_reference
 
 REDUCTIONS = ("mean", "sum")
@@ -148,7 +148,8 @@ def aux_head_loss(
         loss, correct, *_ = torch.ops.llkern.aux_head_loss(features, weight, bias, target, int(ignore_index),
                                                            float(label_smoothing), reduction, needs_grad)
     else:
-        if not torch.compiler.is_compiling():
+        # (on a GPU too: F.cross_entropy would stop the device with an assert on a bad label)
+        if has_values(target):
             _check_labels_reference(target, weight.shape[0], ignore_index)
         # the reference picks its own accumulation dtype: autocast must not re-cast its steps
         with _no_autocast(features.device.type):

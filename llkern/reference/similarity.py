@@ -20,6 +20,7 @@ __all__ = [
     "check_embeddings",
     "check_views",
     "default_sigma",
+    "default_sigma_tensor",
     "gram_gaussian",
     "info_nce_reference",
     "label_gram",
@@ -131,13 +132,22 @@ def default_sigma(t: torch.Tensor) -> float:
     """Kernel width for the Gaussian Gram matrix: Silverman's rule in d dimensions,
     ``σ = s · (4 / (d + 2))^{1/(d+4)} · N^{-1/(d+4)}``, s the root of the mean per-feature variance
     (computed without gradient; 1 when the batch has no spread)."""
+    return float(default_sigma_tensor(t))
+
+
+def default_sigma_tensor(t: torch.Tensor) -> torch.Tensor:
+    """:func:`default_sigma` as a float64 0-d tensor on ``t``'s device: no host synchronisation, and it
+    works on meta and fake tensors."""
     n, d = t.shape
-    spread = float(t.detach().double().var(dim=0, unbiased=False).mean().sqrt()) if n > 1 else 0.0
-    spread = spread if spread > 0.0 and math.isfinite(spread) else 1.0
-    return spread * (4.0 / (d + 2)) ** (1.0 / (d + 4)) * n ** (-1.0 / (d + 4))
+    factor = (4.0 / (d + 2)) ** (1.0 / (d + 4)) * n ** (-1.0 / (d + 4))
+    if n < 2:
+        return torch.full((), factor, dtype=torch.float64, device=t.device)
+    spread = t.detach().double().var(dim=0, unbiased=False).mean().sqrt()
+    spread = torch.where((spread > 0) & torch.isfinite(spread), spread, torch.ones_like(spread))
+    return spread * factor
 
 
-def gram_gaussian(t: torch.Tensor, sigma: float) -> torch.Tensor:
+def gram_gaussian(t: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
     """``K_ij = exp(-‖t_i - t_j‖² / (2σ²))``, the distances formed exactly (no cancellation)."""
     diff = t[:, None, :] - t[None, :, :]
     return torch.exp(-(diff * diff).sum(-1) / (2.0 * sigma * sigma))
@@ -175,12 +185,14 @@ def renyi_mutual_information_reference(t: torch.Tensor, labels: torch.Tensor, *,
         t = t.flatten(1)
     check_embeddings(name, "t", t)
     _check_labels(name, labels, t.shape[0], t.device)
-    if sigma is None:
-        sigma = default_sigma(t)
-    if not (isinstance(sigma, numbers.Real) and sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"{name}: expected sigma to be a finite number > 0, got {sigma!r}")
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    a = gram_gaussian(t.to(acc), float(sigma))
+    if sigma is None:
+        width = default_sigma_tensor(t).to(acc)
+    elif isinstance(sigma, numbers.Real) and not isinstance(sigma, bool) and sigma > 0 and math.isfinite(sigma):
+        width = float(sigma)
+    else:
+        raise ValueError(f"{name}: expected sigma to be a finite number > 0, got {sigma!r}")
+    a = gram_gaussian(t.to(acc), width)
     b = label_gram(labels, label_sigma, dtype=acc)
     return (renyi_entropy_reference(a, alpha) + renyi_entropy_reference(b, alpha)
             - renyi_entropy_reference(a * b, alpha))
