@@ -191,8 +191,8 @@ class MeanKLNetwork(_Coded):
         return torch.where(self.coded[:, None], fixed.to(blocks.dtype), blocks)
 
     def sample_blocks(self, stream: int) -> torch.Tensor:
-        nu = torch.zeros_like(self.theta)
-        return self._with_coded(mean_kl_sample(self.theta, self.gamma, nu, self.rho_blocks(), seed=self.seed,
+        # ν = 0: passed as None, so no zero tensor is made, read or kept for the backward
+        return self._with_coded(mean_kl_sample(self.theta, self.gamma, None, self.rho_blocks(), seed=self.seed,
                                                stream=stream, kappa_block=self.kappa_block, delta=self.delta,
                                                impl=self.impl))
 

@@ -169,3 +169,21 @@ def test_huge_and_infinite_theta_saturate(dtype):
     torch.testing.assert_close(w.double(), ref, rtol=2e-6, atol=2e-6)
     (d_theta,) = torch.autograd.grad(w.sum(), theta)
     assert torch.isfinite(d_theta).all() and torch.equal(d_theta[0], torch.zeros_like(d_theta[0]))
+
+
+def test_zero_prior_means_need_no_tensor():
+    # nu=None: zero prior means, nothing read or saved for them, the same bits as an explicit zero tensor
+    theta, gamma, _, rho = params((9, 30))
+    leaves = [t.detach().requires_grad_() for t in (theta, gamma, rho)]
+    without = mean_kl_sample(leaves[0], leaves[1], None, leaves[2], seed=4, stream=2, impl="kernel")
+    grads_without = torch.autograd.grad(without.square().sum(), leaves)
+    zeros = torch.zeros_like(theta)
+    explicit = mean_kl_sample(leaves[0], leaves[1], zeros, leaves[2], seed=4, stream=2, impl="kernel")
+    grads_explicit = torch.autograd.grad(explicit.square().sum(), leaves)
+    assert torch.equal(without, explicit)
+    assert all(torch.equal(a, b) for a, b in zip(grads_without, grads_explicit, strict=True))
+    reference = mean_kl_sample(theta.cpu(), gamma.cpu(), None, rho.cpu(), seed=4, stream=2, impl="reference")
+    torch.testing.assert_close(without.detach().cpu(), reference, rtol=1e-5, atol=1e-5)
+    args = (theta, gamma, None, rho, 4, 2, BITS10, 0.05)
+    torch.library.opcheck(torch.ops.llkern.mean_kl_sample.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

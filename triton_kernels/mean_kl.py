@@ -55,7 +55,7 @@ def _tanh(x):
 
 @triton.jit
 def _state(theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, stream, kappa_bits, delta_bits,
-           ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+           HAS_NU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """Everything both passes need for this program's tile. κ_B and δ arrive as the bits of float64s
     (a Python float argument would be a float32) and are used at the accumulation precision."""
     kappa_block = kappa_bits.to(tl.float64, bitcast=True).to(ACC)
@@ -72,7 +72,10 @@ def _state(theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, 
     share = e / tl.where(total > 0, total, 1.0)[:, None]  # softmax over the block
     kappa = kappa_block * share
     theta = tl.load(theta_ptr + idx, mask=mask, other=0.0).to(ACC)
-    nu = tl.load(nu_ptr + idx, mask=mask, other=0.0).to(ACC)
+    if HAS_NU:
+        nu = tl.load(nu_ptr + idx, mask=mask, other=0.0).to(ACC)
+    else:  # zero prior means: nothing to read
+        nu = tl.zeros([ROWS, BLOCK], dtype=ACC)
     rho = tl.load(rho_ptr + idx, mask=mask, other=1.0).to(ACC)
     # ρ ≤ 0 or infinite: NaN out (the host checks ρ only with llkern.value_checks() on a GPU; a negative ρ
     # would otherwise give finite, wrong weights)
@@ -99,20 +102,21 @@ def _state(theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, 
 # seed or stream equal to 1 would otherwise be specialised into a Python constant, which has no .to()
 @triton.jit(do_not_specialize=["seed", "stream", "kappa_bits", "delta_bits"])
 def mean_kl_forward(theta_ptr, gamma_ptr, nu_ptr, rho_ptr, w_ptr, num_blocks, block_size, seed, stream,
-                    kappa_bits, delta_bits, ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                    kappa_bits, delta_bits, HAS_NU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                    ACC: tl.constexpr):
     idx, mask, _, _, _, _, _, _, _, _, mu, _, _, sigma, eps, _, _ = _state(
         theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, stream, kappa_bits, delta_bits,
-        ROWS, BLOCK, ACC)
+        HAS_NU, ROWS, BLOCK, ACC)
     tl.store(w_ptr + idx, (mu + sigma * eps).to(w_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed", "stream", "kappa_bits", "delta_bits"])
 def mean_kl_backward(grad_ptr, theta_ptr, gamma_ptr, nu_ptr, rho_ptr, d_theta_ptr, d_gamma_ptr, d_rho_ptr,
                      num_blocks, block_size, seed, stream, kappa_bits, delta_bits,
-                     ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                     HAS_NU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     idx, mask, live, share, kappa, _, nu, rho, t, root, mu, u, _, sigma, eps, kappa_block, delta = _state(
         theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, stream, kappa_bits, delta_bits,
-        ROWS, BLOCK, ACC)
+        HAS_NU, ROWS, BLOCK, ACC)
     g = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(ACC)
     keep = (1.0 - delta) * (1.0 - delta)
     # σ = ρ √r and dr/dc = r / (r − 1): dσ/dc = σ / (2 (r − 1)) = σ / (2 expm1(u)), no division by r

@@ -37,6 +37,8 @@ MAX_KAPPA_BLOCK = 1e6
 
 def _check(theta, gamma, nu, rho, seed, stream, kappa_block, delta) -> None:
     for arg, value in (("theta", theta), ("gamma", gamma), ("nu", nu), ("rho", rho)):
+        if arg == "nu" and value is None:
+            continue
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{NAME}: expected {arg} to be a Tensor, got {type(value).__name__}")
         if not value.is_floating_point():
@@ -67,7 +69,7 @@ def mean_kl_noise(shape: tuple[int, int], seed: int, stream: int) -> torch.Tenso
     return torch.from_numpy(normals(seed, stream, draws).reshape(shape))
 
 
-def mean_kl_sample(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor, rho: torch.Tensor, *, seed: int,
+def mean_kl_sample(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor | None, rho: torch.Tensor, *, seed: int,
                    stream: int = 0, kappa_block: float = 10 * math.log(2), delta: float = 0.05,
                    impl: str = "auto") -> torch.Tensor:
     """Sample weights whose KL from N(ν, ρ²) is exactly ``kappa_block`` nats per block.
@@ -75,7 +77,7 @@ def mean_kl_sample(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor, r
     Args:
         theta: ``(num_blocks, block_size)`` mean parameters (unconstrained).
         gamma: ``(num_blocks, block_size)`` budget-split parameters (softmax over each block).
-        nu: prior means, like theta (not trained).
+        nu: prior means, like theta (not trained), or None for zero means (nothing is read or kept for them).
         rho: prior standard deviations (> 0), like theta; gather a per-layer ρ into this layout and
             its gradient flows back to the layers.
         seed, stream: name the noise stream (uint32 each); the same pair gives the same ε.
@@ -91,6 +93,7 @@ def mean_kl_sample(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor, r
     _check(theta, gamma, nu, rho, seed, stream, kappa_block, delta)
     if not use_triton(NAME, theta.device, impl):
         eps = mean_kl_noise(tuple(theta.shape), seed, stream).to(theta.device)
+        nu = torch.zeros_like(theta) if nu is None else nu
         w, _, _ = mean_kl_reference(theta, gamma, nu, rho, eps, float(kappa_block), float(delta))
         return w.to(theta.dtype)
     return torch.ops.llkern.mean_kl_sample(theta, gamma, nu, rho, seed, stream, float(kappa_block), float(delta))
@@ -118,33 +121,37 @@ def _bits(value: float) -> int:
 
 
 @torch.library.triton_op("llkern::mean_kl_sample", mutates_args=())
-def _mean_kl_sample_op(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor, rho: torch.Tensor, seed: int,
-                       stream: int, kappa_block: float, delta: float) -> torch.Tensor:
+def _mean_kl_sample_op(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor | None, rho: torch.Tensor,
+                       seed: int, stream: int, kappa_block: float, delta: float) -> torch.Tensor:
     from llkern.triton_kernels import mean_kl as kernels
 
-    theta, gamma, nu, rho = (t.contiguous() for t in (theta, gamma, nu, rho))
+    theta, gamma, rho = (t.contiguous() for t in (theta, gamma, rho))
+    has_nu = nu is not None
+    nu = nu.contiguous() if has_nu else theta  # (not read without HAS_NU)
     w = torch.empty_like(theta)
     grid, meta = _launch_args(theta)
     with device_guard(theta):
         torch.library.wrap_triton(kernels.mean_kl_forward)[grid](
             theta, gamma, nu, rho, w, theta.shape[0], theta.shape[1], seed, stream, _bits(kappa_block),
-            _bits(delta), **meta)
+            _bits(delta), HAS_NU=has_nu, **meta)
     return w
 
 
 @torch.library.triton_op("llkern::mean_kl_sample_backward", mutates_args=())
-def _mean_kl_sample_backward_op(grad: torch.Tensor, theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor,
-                                rho: torch.Tensor, seed: int, stream: int, kappa_block: float,
+def _mean_kl_sample_backward_op(grad: torch.Tensor, theta: torch.Tensor, gamma: torch.Tensor,
+                                nu: torch.Tensor | None, rho: torch.Tensor, seed: int, stream: int, kappa_block: float,
                                 delta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from llkern.triton_kernels import mean_kl as kernels
 
-    grad, theta, gamma, nu, rho = (t.contiguous() for t in (grad, theta, gamma, nu, rho))
+    grad, theta, gamma, rho = (t.contiguous() for t in (grad, theta, gamma, rho))
+    has_nu = nu is not None
+    nu = nu.contiguous() if has_nu else theta
     d_theta, d_gamma, d_rho = torch.empty_like(theta), torch.empty_like(theta), torch.empty_like(theta)
     grid, meta = _launch_args(theta)
     with device_guard(theta):
         torch.library.wrap_triton(kernels.mean_kl_backward)[grid](
             grad, theta, gamma, nu, rho, d_theta, d_gamma, d_rho, theta.shape[0], theta.shape[1], seed, stream,
-            _bits(kappa_block), _bits(delta), **meta)
+            _bits(kappa_block), _bits(delta), HAS_NU=has_nu, **meta)
     return d_theta, d_gamma, d_rho
 
 
@@ -160,7 +167,7 @@ def _mean_kl_sample_backward_fake(grad, theta, gamma, nu, rho, seed, stream, kap
 
 def _setup_context(ctx, inputs, output):
     theta, gamma, nu, rho, seed, stream, kappa_block, delta = inputs
-    ctx.save_for_backward(theta, gamma, nu, rho)  # the parameters only: ε is regenerated
+    ctx.save_for_backward(theta, gamma, nu, rho)  # the parameters only (no ν when it is None): ε is regenerated
     ctx.args = (seed, stream, kappa_block, delta)
 
 
