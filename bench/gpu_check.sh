@@ -80,7 +80,7 @@ for stage in "${stages[@]}"; do
       --junitxml="$OUT/verify-tests.xml" tests/test_transport.py tests/test_aux_head.py tests/test_similarity.py \
       tests/test_context.py tests/test_mean_kl.py tests/test_miracle_select.py tests/test_random.py \
       tests/test_triton_sm90.py tests/test_build.py tests/test_value_checks.py tests/test_fast_divmod.py \
-      tests/test_compression.py tests/test_miracle.py
+      tests/test_compression.py tests/test_miracle.py tests/test_contsup.py
     if [ "${VERIFY_PROBE:-1}" = 1 ]; then
       echo "== probe"
       run "$(left 150 5)" verify-probe.log $PY bench/gpu_probe.py --json "$OUT/probe.json"

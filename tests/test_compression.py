@@ -56,18 +56,24 @@ def test_mean_kl_blocks_hold_their_budget_and_train():
 
 
 def test_mean_kl_kernel_and_reference_paths_agree():
+    # on the GPU where there is one (the kernel inside the network), else on the CPU in Triton's interpreter
     from llkern.ops.context import triton_available
 
-    if not triton_available(torch.device("cpu")):
-        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not triton_available(device):
+        pytest.skip("needs triton and a GPU, or TRITON_INTERPRET=1")
     torch.manual_seed(0)
-    x = torch.randn(4, 1, 8, 8)
-    outs = []
+    x = torch.randn(4, 1, 8, 8, device=device)
+    outs, grads = [], []
     for impl in ("kernel", "reference"):
         torch.manual_seed(0)
-        net = MeanKLNetwork(digits_lenet(), impl=impl, seed=5)
-        outs.append(net(x))
+        net = MeanKLNetwork(digits_lenet(), impl=impl, seed=5).to(device)
+        out = net(x)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), [net.theta, net.gamma, net.log_rho]))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)  # same stream: same noise
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_gaussian_baseline_anneals_beta_towards_the_budget():

@@ -80,14 +80,18 @@ def test_boundaries_are_released_after_their_last_reader():
     assert kept.boundaries[-1].tensor.shape == (16, 16, 4, 4)  # batch 16, 2 × width channels at 4×4
 
 
-@pytest.mark.skipif(not triton_available(torch.device("cpu")),
-                    reason="CPU tensors need Triton's interpreter (TRITON_INTERPRET=1, set when there is no GPU)")
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(not triton_available(KERNEL_DEVICE),
+                    reason="needs a GPU, or Triton's interpreter for CPU tensors (TRITON_INTERPRET=1, set when "
+                           "there is no GPU)")
 def test_triton_kernel_path_matches_reference():
-    # the same step with the fused Triton add (interpreter on the CPU) and with plain PyTorch
-    x, y = batch(8)
+    # the same step with the fused Triton add (on the GPU, or the interpreter on the CPU) and plain PyTorch
+    x, y = (t.to(KERNEL_DEVICE) for t in batch(8))
     grads = []
     for impl in ("kernel", "reference"):
-        net = make_net("RE", impl=impl)
+        net = make_net("RE", impl=impl).to(KERNEL_DEVICE)
         result = net.local_step(x, y)
         grads.append([p.grad for p in net.parameters()])
         assert all(loss > 0 for loss in result.losses)

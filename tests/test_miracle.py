@@ -51,23 +51,29 @@ def test_round_trip(tmp_path):
     torch.testing.assert_close(model(x), functional_call(net.model, weights, (x,)))
 
 
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_argmax_choice_and_the_triton_generator(tmp_path):
     # The decoded weights of a block are candidate k* drawn by the Triton generator too (to float
-    # tolerance), and k* has the best score log q − log p among all 2^C candidates.
-    net = small_net()
+    # tolerance), and k* has the best score log q − log p among all 2^C candidates. The network sits
+    # on the GPU where there is one, so the encoder scores with the kernel there.
+    net = small_net().to(KERNEL_DEVICE)
     encode(net, tmp_path / "m.llkm", progress=False)
+    net = net.cpu()
     header, indices, _ = read(tmp_path / "m.llkm")
     zeros = torch.zeros_like(net.theta, dtype=torch.float64)
     rho = net.rho_blocks().detach().double()
     _, mu, sigma = mean_kl_reference(net.theta.detach(), net.gamma.detach(), zeros, rho, zeros, net.kappa_block)
     for b in (0, net.num_blocks // 2, net.num_blocks - 1):
-        if triton_available(torch.device("cpu")):
+        if triton_available(KERNEL_DEVICE):
             from llkern.triton_kernels import philox
 
             n = 2**6 * net.block_size
-            x0, x1, z = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64), torch.empty(n)
+            x0, x1 = (torch.empty(n, dtype=torch.int64, device=KERNEL_DEVICE) for _ in range(2))
+            z = torch.empty(n, device=KERNEL_DEVICE)
             philox.fill_stream[(1,)](x0, x1, z, net.seed, b, 0, n, BLOCK=2048)
-            eps = z.double().view(2**6, net.block_size)
+            eps = z.double().cpu().view(2**6, net.block_size)
         else:
             from llkern.random import normals
 
