@@ -31,11 +31,21 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-# Compile every torch-free CUDA kernel for sm_90a (no GPU or CUDA torch needed).
-cuda-check:
+# Compile every torch-free CUDA kernel for sm_90a, and check that every CUDA binding compiles against
+# the installed torch's headers (no GPU or CUDA torch needed: .ci/cuda_stubs stands in for the CUDA
+# libraries' headers, which a CPU torch does not ship).
+cuda-check: install
 	@for f in csrc/cuda/*.cu; do \
 	  echo "nvcc -arch=sm_90a $$f"; \
 	  nvcc -std=c++17 -O3 -arch=sm_90a -Xptxas -warn-spills -c $$f -o /dev/null || exit 1; \
+	done
+	@includes="$$($(PY) -c "import sysconfig; from torch.utils.cpp_extension import include_paths; \
+	  print(' '.join('-I' + p for p in include_paths() + [sysconfig.get_paths()['include']]))")"; \
+	cuda_include="$$(nvcc -x cu -E /dev/null -o /dev/null --dryrun 2>&1 | grep -o 'INCLUDES="-I[^"]*"' | head -1 \
+	  | sed 's/INCLUDES="//; s/"$$//')"; \
+	for f in csrc/bindings/*_cuda.cpp; do \
+	  echo "g++ -fsyntax-only $$f"; \
+	  g++ -std=c++20 -fsyntax-only $$includes $$cuda_include -I.ci/cuda_stubs $$f || exit 1; \
 	done
 
 clean:
