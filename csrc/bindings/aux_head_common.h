@@ -72,10 +72,17 @@ inline AuxHeadShape check_aux_head_inputs(const at::Tensor& features, const at::
 // cuBLAS), turned into d loss / d logits in place by `rows_pass(params, start)` (the device's
 // cross-entropy rows kernel), then the gradient products. `base` holds every field of the
 // cross-entropy parameters but the chunk's logits, targets and row count.
+//
+// `rows` and `w` are the products' operands: in the accumulation dtype (fp32 or fp64), or, for 16-bit
+// features on a GPU, in that 16-bit dtype, as F.linear takes them: the products then run on the tensor
+// cores with float32 accumulation and float32 results (logits, d rows, and d weight accumulated across
+// chunks in float32), and d loss / d logits is rounded to the 16-bit dtype for the two gradient products,
+// as autocast's backward of F.linear rounds it.
 template <typename RowsPass>
 void chunked_head(const at::Tensor& rows, const at::Tensor& w, const at::Tensor& b, const at::Tensor& labels,
                   int64_t chunk_elements, const CrossEntropyRowsParams& base, at::Tensor& grad_rows,
                   at::Tensor& grad_weight, at::Tensor& grad_bias, RowsPass rows_pass) {
+  const bool low = rows.scalar_type() == at::kBFloat16 || rows.scalar_type() == at::kHalf;
   // The op is already below autocast (its inputs were cast by the caller); with the autocast key still
   // live, addmm/mm would return 16-bit logits that the rows kernel reads as Acc (issue 15, A1).
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -83,7 +90,13 @@ void chunked_head(const at::Tensor& rows, const at::Tensor& w, const at::Tensor&
   for (int64_t start = 0; start < rows.size(0); start += chunk) {
     const int64_t len = std::min(chunk, rows.size(0) - start);
     const at::Tensor x = rows.narrow(0, start, len);
-    at::Tensor logits = b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
+    at::Tensor logits;
+    if (low) {
+      logits = mm_float32(x, w.t());
+      if (b.defined()) logits.add_(b);
+    } else {
+      logits = b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
+    }
     CrossEntropyRowsParams p = base;
     p.logits = logits.data_ptr();
     p.target = labels.data_ptr<int64_t>() + start;
@@ -91,11 +104,17 @@ void chunked_head(const at::Tensor& rows, const at::Tensor& w, const at::Tensor&
     rows_pass(p, start);
     if (base.write_grad) {  // logits now hold d loss / d logits
       at::Tensor grad_x = grad_rows.narrow(0, start, len);
-      at::mm_out(grad_x, logits, w);
       // Ignored rows have zero d loss / d logits, but 0 * inf = NaN: leave their features out of dW
       // (as the fused CPU path does), so non-finite features there cannot poison the weights.
       const at::Tensor ignored = labels.narrow(0, start, len).eq(base.ignore_index).unsqueeze(1);
-      grad_weight.addmm_(logits.t(), x.masked_fill(ignored, 0));
+      if (low) {
+        const at::Tensor g = logits.to(rows.scalar_type());
+        mm_float32_out(grad_x, g, w);
+        addmm_float32_(grad_weight, g.t(), x.masked_fill(ignored, 0));
+      } else {
+        at::mm_out(grad_x, logits, w);
+        grad_weight.addmm_(logits.t(), x.masked_fill(ignored, 0));
+      }
       if (grad_bias.numel() > 0) grad_bias.add_(logits.sum(0));
     }
   }

@@ -14,7 +14,10 @@
 namespace llkern {
 namespace {
 
-constexpr int64_t kChunkElements = int64_t(1) << 26;  // logits per chunk: 256 MiB in fp32
+// Logits per chunk: 32 MiB in fp32 (and 16 MiB more for their 16-bit copy with 16-bit features), so a
+// large head's extra memory stays under 64 MiB; at 32000 classes that is 262 rows a product, still
+// enough to keep cuBLAS near its peak.
+constexpr int64_t kChunkElements = int64_t(1) << 23;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_loss_cuda(
     const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -37,16 +40,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
   count_targets_cuda(cp, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
+  // 16-bit features: the products take 16-bit operands (pooled rows rounded to the features' dtype, as
+  // eager pooling would leave them; the weight as it is) with float32 results (chunked_head).
+  const bool low = features.scalar_type() == at::kBFloat16 || features.scalar_type() == at::kHalf;
   at::Tensor rows;
   if (s.pooled) {
     const at::Tensor f = s.channels_last ? features : features.contiguous();
     rows = at::empty({s.rows, s.channels}, acc_options);
     pool_cuda(pool_params(f, s, rows), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (low) rows = rows.to(features.scalar_type());
   } else {
-    rows = features.reshape({s.rows, s.channels}).to(acc).contiguous();
+    rows = features.reshape({s.rows, s.channels});
+    rows = (low ? rows : rows.to(acc)).contiguous();
   }
-  const at::Tensor w = weight.to(acc).contiguous();
+  const at::Tensor w = (low ? weight : weight.to(acc)).contiguous();
   const at::Tensor b = bias.has_value() ? bias->to(acc) : at::Tensor();
   at::Tensor grad_rows = with_grad ? at::empty({s.rows, s.channels}, acc_options) : at::empty({0}, acc_options);
   at::Tensor grad_weight = with_grad ? at::zeros({s.classes, s.channels}, acc_options) : at::empty({0}, acc_options);

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
+#include <torch/version.h>
 
 #include "../kernels/dtypes.h"
 
@@ -23,5 +24,44 @@ inline ScalarKind scalar_kind(const at::Tensor& t, const char* name) {
 
 // Loss dtype of an op whose inputs have dtype `t`: float64 stays, the rest accumulate in float32.
 inline at::ScalarType loss_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// 16-bit products with float32 results (torch >= 2.8 on CUDA: mm/addmm with out_dtype, tensor cores with
+// float32 accumulation; before that, the operands are widened first). Only the CUDA bindings call them.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+inline at::Tensor mm_float32(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b, at::kFloat); }
+inline void mm_float32_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  at::mm_out(out, a, b, at::kFloat);
+}
+inline void addmm_float32_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  at::addmm_out(acc, acc, a, b, at::kFloat);
+}
+#else
+inline at::Tensor mm_float32(const at::Tensor& a, const at::Tensor& b) { return at::mm(a.to(at::kFloat), b.to(at::kFloat)); }
+inline void mm_float32_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat));
+}
+inline void addmm_float32_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  acc.addmm_(a.to(at::kFloat), b.to(at::kFloat));
+}
+#endif
+
+// out = a b and acc += a b into a float32 (or float64) out: the plain product when the operands share out's
+// dtype, else the float32-result product of 16-bit operands.
+inline void product_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, a, b);
+  } else {
+    mm_float32_out(out, a, b);
+  }
+}
+inline void product_add(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == acc.scalar_type()) {
+    acc.addmm_(a, b);
+  } else {
+    addmm_float32_(acc, a, b);
+  }
+}
+
+inline bool is_16bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
 }  // namespace llkern

@@ -71,6 +71,16 @@ inline at::Tensor through_normalize(const at::Tensor& grad_u, const Normalized& 
   return at::where(n.norm > kNormEps, projected, grad_u) / n.norm;
 }
 
+// The operand of the block products for rows `t` (Acc) of the input `z`: t itself, or on a GPU
+// (Device::kLowPrecisionProducts) for 16-bit inputs its copy in z's dtype, so that the N x N x d
+// products run on the tensor cores (float32 accumulation and results, as F.linear's); the gradient
+// blocks are rounded to that dtype for their products too. InfoNCE and supervised contrastive only:
+// Rényi's Gaussian kernel forms distances from these products, which 16-bit operands would spoil.
+template <typename Device>
+at::Tensor product_operand(const at::Tensor& t, const at::Tensor& z) {
+  return Device::kLowPrecisionProducts && is_16bit(z.scalar_type()) ? t.to(z.scalar_type()).contiguous() : t;
+}
+
 template <typename Device>
 int64_t block_rows(int64_t n) {
   return std::clamp<int64_t>(Device::kBlockElements / n, 1, n);
@@ -90,6 +100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce(const at::Tensor& z1, co
   const Normalized n1 = prepare(z1, normalize), n2 = prepare(z2, normalize);
   const at::Tensor u1 = n1.rows, u2 = n2.rows;
   const at::Tensor u1s = u1 / temperature;  // s = u1s u2^T
+  // the products' operands: 16-bit copies on a GPU for 16-bit inputs (see product_operand)
+  const at::Tensor u1s_mm = product_operand<Device>(u1s, z1), u2_mm = product_operand<Device>(u2, z1);
   const int64_t N = u1.size(0), rows_per_block = block_rows<Device>(N);
   const bool is_double = u1.scalar_type() == at::kDouble;
   const at::TensorOptions acc = u1.options();
@@ -107,14 +119,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce(const at::Tensor& z1, co
   // Multiplies a gradient block G into d u1 (rows r0..) and d u2.
   auto accumulate = [&](const at::Tensor& g, int64_t r0, int64_t rows) {
     at::Tensor rows_grad = grad_u1.narrow(0, r0, rows);
-    at::mm_out(rows_grad, g, u2);
-    grad_u2.addmm_(g.t(), u1s.narrow(0, r0, rows));
+    const at::Tensor g_mm = g.to(u2_mm.scalar_type());
+    product_into(rows_grad, g_mm, u2_mm);
+    product_add(grad_u2, g_mm.t(), u1s_mm.narrow(0, r0, rows));
   };
   const bool grad_in_first_pass = with_grad && !symmetric;
   for (int64_t r0 = 0; r0 < N; r0 += rows_per_block) {
     const int64_t rows = std::min(rows_per_block, N - r0);
     at::Tensor s = block.narrow(0, 0, rows);
-    at::mm_out(s, u1s.narrow(0, r0, rows), u2.t());
+    product_into(s, u1s_mm.narrow(0, r0, rows), u2_mm.t());
     if (symmetric) {
       ColumnLseParams c;
       c.logits = s.data_ptr();
@@ -150,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce(const at::Tensor& z1, co
       for (int64_t r0 = 0; r0 < N; r0 += rows_per_block) {
         const int64_t rows = std::min(rows_per_block, N - r0);
         at::Tensor s = block.narrow(0, 0, rows);
-        at::mm_out(s, u1s.narrow(0, r0, rows), u2.t());
+        product_into(s, u1s_mm.narrow(0, r0, rows), u2_mm.t());
         SymmetricGradParams g;
         g.logits = s.data_ptr();
         g.rows = rows;
@@ -180,6 +193,7 @@ std::tuple<at::Tensor, at::Tensor> supcon_loss(const at::Tensor& z, const at::Te
   check_temperature(name, temperature);
   const Normalized nz = prepare(z, normalize);
   const at::Tensor u = nz.rows, us = u / temperature;  // s = us u^T
+  const at::Tensor u_mm = product_operand<Device>(u, z), us_mm = product_operand<Device>(us, z);
   const int64_t N = u.size(0), rows_per_block = block_rows<Device>(N);
   const at::TensorOptions acc = u.options();
   at::Tensor block = at::empty({rows_per_block, N}, acc);
@@ -189,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> supcon_loss(const at::Tensor& z, const at::Te
   for (int64_t r0 = 0; r0 < N; r0 += rows_per_block) {
     const int64_t rows = std::min(rows_per_block, N - r0);
     at::Tensor s = block.narrow(0, 0, rows);
-    at::mm_out(s, us.narrow(0, r0, rows), u.t());
+    product_into(s, us_mm.narrow(0, r0, rows), u_mm.t());
     ContrastRowsParams p;
     p.logits = s.data_ptr();
     p.rows = rows;
@@ -203,8 +217,10 @@ std::tuple<at::Tensor, at::Tensor> supcon_loss(const at::Tensor& z, const at::Te
     p.row_anchor = row_anchor.data_ptr<double>() + r0;
     Device::contrast_rows(p);
     if (with_grad) {  // s = u u^T / tau: d u = (G + G^T) u / tau
-      grad_u.narrow(0, r0, rows).addmm_(s, u);
-      grad_u.addmm_(s.t(), u.narrow(0, r0, rows));
+      const at::Tensor g_mm = s.to(u_mm.scalar_type());
+      at::Tensor rows_grad = grad_u.narrow(0, r0, rows);
+      product_add(rows_grad, g_mm, u_mm);
+      product_add(grad_u, g_mm.t(), u_mm.narrow(0, r0, rows));
     }
   }
   const at::Tensor per_anchor = 1.0 / Device::sum(row_anchor).clamp_min(1.0);  // 0-d, on the device
