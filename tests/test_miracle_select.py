@@ -183,3 +183,19 @@ def test_bad_input(impl):
     for error, name, kwargs in cases:  # (values are checked on a GPU only with the value checks on)
         with pytest.raises(error, match=name), llkern.value_checks():
             call(**kwargs)
+
+
+@pytest.mark.parametrize("choose", ["argmax", "sample"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_candidates_split_across_programs_choose_the_same(monkeypatch, choose, dtype):
+    # A GPU gives each block several programs (shares of its candidates) when there are few blocks; the
+    # host keeps the best share. Any split must choose what one program per block chooses, ties included.
+    mu, sigma, rho = posterior(5, 30, dtype)
+    mu[2], sigma[2] = 0.0, rho[2]  # block 2: every candidate scores exactly 0 (a tie across all splits)
+    one = miracle_select(mu, sigma, rho, seed=3, bits=8, choose=choose, impl="kernel")
+    for splits in (2, 4, 8):
+        monkeypatch.setattr(miracle_encode, "_candidate_splits", lambda device, blocks, most, s=splits: min(s, most))
+        split = miracle_select(mu, sigma, rho, seed=3, bits=8, choose=choose, impl="kernel")
+        assert torch.equal(split[0], one[0]) and torch.equal(split[1], one[1]), splits
+    if choose == "argmax":
+        assert one[0][2].item() == 0

@@ -65,10 +65,10 @@ SCRIPT = textwrap.dedent("""
              "count": "i32"},
             dict(BLOCK=1024)),
         "miracle_select": (miracle_encode.miracle_select,
-            {**pointers("mu_ptr", "sigma_ptr", "rho_ptr", "score_ptr"), "index_ptr": "*i64",
+            {**pointers("mu_ptr", "sigma_ptr", "rho_ptr", "score_ptr"), "index_ptr": "*i64", "key_ptr": "*fp64",
              **ints("block_size", "stride_mu_b", "stride_mu_j", "stride_sigma_b", "stride_sigma_j", "stride_rho_b",
                     "stride_rho_j", "seed", "first_block", "gumbel_first")},
-            dict(NUM_CANDIDATES=1024, SAMPLE=True, F64=False, TILE=128, BLOCK=32)),
+            dict(NUM_CANDIDATES=1024, SPLITS=4, SAMPLE=True, F64=False, TILE=128, BLOCK=32)),
     }
     target = GPUTarget("cuda", 90, 32)
     for name, (kernel, signature, constants) in kernels.items():

@@ -1,6 +1,8 @@
 """Triton kernel of MIRACLE's candidate selection (the wrapper: llkern/ops/miracle_encode.py).
 
-One program codes one block b = first_block + row. Its 2^C candidates are scored a tile at a time,
+A program codes one block b = first_block + row, or with SPLITS > 1 one of SPLITS equal, consecutive
+shares of its candidates (so a few blocks still fill the GPU; the host then keeps, per block, the split
+with the largest key, the first of equal ones). Its candidates are scored a tile at a time,
 a [TILE, BLOCK] tile (TILE candidates × the block size rounded up to a power of two, masked): ε of
 candidate k and weight j is draw ``k · block_size + j`` of llkern's Philox stream ``(seed, b)``
 (docs/random.md), and the score of w = ρ ε is
@@ -39,12 +41,15 @@ def _normal_f64(seed, stream, n):
 
 # seed and the stream offsets are never specialised: an int argument equal to 1 would otherwise become a constexpr
 @triton.jit(do_not_specialize=["seed", "first_block", "gumbel_first"])
-def miracle_select(mu_ptr, sigma_ptr, rho_ptr, index_ptr, score_ptr, block_size,
+def miracle_select(mu_ptr, sigma_ptr, rho_ptr, index_ptr, score_ptr, key_ptr, block_size,
                    stride_mu_b, stride_mu_j, stride_sigma_b, stride_sigma_j, stride_rho_b, stride_rho_j,
                    seed, first_block, gumbel_first,
-                   NUM_CANDIDATES: tl.constexpr, SAMPLE: tl.constexpr, F64: tl.constexpr, TILE: tl.constexpr,
+                   NUM_CANDIDATES: tl.constexpr, SPLITS: tl.constexpr, SAMPLE: tl.constexpr, F64: tl.constexpr,
+                   TILE: tl.constexpr,
                    BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)  # this program's share of the candidates: PER_SPLIT from split · PER_SPLIT
+    PER_SPLIT: tl.constexpr = NUM_CANDIDATES // SPLITS
     cols = tl.arange(0, BLOCK).to(tl.int64)
     live = cols < block_size
     # padded columns get μ = 0, σ = ρ = 1: d = ε there, and their term (ε − d)(ε + d) is masked anyway
@@ -72,10 +77,10 @@ def miracle_select(mu_ptr, sigma_ptr, rho_ptr, index_ptr, score_ptr, block_size,
         best_key = best_key + tl.zeros((), tl.float64)
     else:
         best_key = best_key + tl.zeros((), tl.float32)
-    best_index = tl.zeros((), tl.int64)
+    best_index = split * PER_SPLIT
     best_score = tl.zeros_like(constant)
-    for first in range(0, NUM_CANDIDATES, TILE):
-        k = first + k_tile
+    for offset in range(0, PER_SPLIT, TILE):
+        k = split * PER_SPLIT + offset + k_tile
         n = (k[:, None] * block_size + cols[None, :]).to(tl.uint64)
         if F64:
             eps = _normal_f64(seed, stream, n)
@@ -101,5 +106,8 @@ def miracle_select(mu_ptr, sigma_ptr, rho_ptr, index_ptr, score_ptr, block_size,
         best_key = tl.where(better, top, best_key)
         best_index = tl.where(better, top_index, best_index)
         best_score = tl.where(better, top_score, best_score)
-    tl.store(index_ptr + row, best_index)
-    tl.store(score_ptr + row, (best_score + constant).to(score_ptr.dtype.element_ty))
+    out = row * SPLITS + split
+    tl.store(index_ptr + out, best_index)
+    tl.store(score_ptr + out, (best_score + constant).to(score_ptr.dtype.element_ty))
+    if SPLITS > 1:  # the host takes the best split (the first of equal keys: the lowest index)
+        tl.store(key_ptr + out, best_key)

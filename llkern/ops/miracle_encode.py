@@ -190,19 +190,38 @@ def _miracle_select_op(mu: torch.Tensor, sigma: torch.Tensor, rho: torch.Tensor,
     from llkern.triton_kernels import miracle_encode as kernels
 
     blocks, block_size = mu.shape
-    indices = torch.empty(blocks, dtype=torch.int64, device=mu.device)
-    scores = torch.empty(blocks, dtype=_score_dtype(mu.dtype), device=mu.device)
     block = triton.next_power_of_2(block_size)
     num_candidates = 2**bits
     tile = min(num_candidates, max(1, TILE_ELEMENTS // block))
+    splits = _candidate_splits(mu.device, blocks, num_candidates // tile)
+    shape = (blocks, splits) if splits > 1 else (blocks,)  # (one program per block writes the outputs)
+    indices = torch.empty(shape, dtype=torch.int64, device=mu.device)
+    scores = torch.empty(shape, dtype=_score_dtype(mu.dtype), device=mu.device)
+    key_dtype = torch.float64 if sample or mu.dtype == torch.float64 else torch.float32
+    keys = torch.empty(blocks, splits, dtype=key_dtype, device=mu.device) if splits > 1 else scores
     # 8 warps for full tiles: 16 elements a thread, ~80 registers (sm_90, no spills) where 4 warps need ~150
     num_warps = 8 if tile * block >= TILE_ELEMENTS else 4
     with device_guard(mu):
-        torch.library.wrap_triton(kernels.miracle_select)[(blocks,)](
-            mu, sigma, rho, indices, scores, block_size, *mu.stride(), *sigma.stride(), *rho.stride(),
-            seed, first_block, num_blocks_total + first_block, NUM_CANDIDATES=num_candidates, SAMPLE=sample,
-            F64=mu.dtype == torch.float64, TILE=tile, BLOCK=block, num_warps=num_warps)
-    return indices, scores
+        torch.library.wrap_triton(kernels.miracle_select)[(blocks, splits)](
+            mu, sigma, rho, indices, scores, keys, block_size, *mu.stride(), *sigma.stride(), *rho.stride(),
+            seed, first_block, num_blocks_total + first_block, NUM_CANDIDATES=num_candidates, SPLITS=splits,
+            SAMPLE=sample, F64=mu.dtype == torch.float64, TILE=tile, BLOCK=block, num_warps=num_warps)
+    if splits == 1:
+        return indices, scores
+    best = keys.argmax(dim=1, keepdim=True)  # the first split at the maximum: the lowest candidate index
+    return indices.gather(1, best).squeeze(1), scores.gather(1, best).squeeze(1)
+
+
+def _candidate_splits(device: torch.device, blocks: int, max_splits: int) -> int:
+    """Programs per block: a power of two that gives the GPU about four programs per multiprocessor (one
+    program per block left most of an H200 idle in chunks of 64 blocks), never less than a tile each."""
+    if device.type != "cuda":
+        return 1
+    wanted = -(-4 * torch.cuda.get_device_properties(device).multi_processor_count // blocks)
+    splits = 1
+    while splits * 2 <= min(wanted, max_splits):
+        splits *= 2
+    return splits
 
 
 # Shapes only: under fake tensors (opcheck, torch.compile's tracing) no kernel may launch.
