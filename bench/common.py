@@ -1,16 +1,22 @@
-"""Shared by the benchmarks: the results file and the machine description."""
+"""Shared by the benchmarks: the results file, the machine description, and the GPU benchmarks' timing and
+memory helpers with their ``--dry-run`` mode (tiny shapes on the CPU, nothing written)."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
+import statistics
+import sys
+import time
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "results.jsonl"
+_dry_run = False
 
 
 def machine() -> dict:
@@ -23,7 +29,10 @@ def machine() -> dict:
 
 
 def append_result(row: dict, path: Path = RESULTS) -> None:
-    """Append one measurement (op, shape, dtype, impl, median_ms, iqr_ms, ...) with the machine's facts."""
+    """Append one measurement (op, shape, dtype, impl, median_ms, iqr_ms, ...) with the machine's facts.
+    Under ``--dry-run`` nothing is written."""
+    if _dry_run:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps({**machine(), **row}) + "\n")
@@ -58,3 +67,132 @@ def peak_rss_extra_mib(setup: str, step: str, repeats: int = 5) -> float:
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+# --- the GPU benchmarks (bench/gpu_*.py) and their --dry-run -------------------------------------------
+# Without --dry-run these are the CUDA measurements (CUDA events, the caching allocator's peak). With it
+# a script runs its whole code path at tiny shapes on the CPU (Triton kernels in the interpreter), times
+# with time.perf_counter, reports zero memory and appends no result: a check before spending GPU time.
+
+
+def add_dry_run_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes on the CPU (Triton interpreted), 2 timing repetitions, no results "
+                             "written: checks the script's code path before a GPU run")
+
+
+def set_dry_run(enabled: bool) -> None:
+    """Turn the dry run on for this process (before any tensor is made). llkern's Triton kernels run on CPU
+    tensors only in Triton's interpreter, which TRITON_INTERPRET=1 must turn on before torch is imported
+    (torch imports triton, whose own jitted helpers are then fixed): without it, the script restarts itself
+    with it."""
+    global _dry_run
+    _dry_run = bool(enabled)
+    if _dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("dry run: restarting with TRITON_INTERPRET=1", flush=True)
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "1"})
+        print("dry run: tiny shapes on the CPU; nothing is written to bench/results/", flush=True)
+        _gpu_fusion_limits()
+
+
+def _gpu_fusion_limits() -> None:
+    """Let torch.compile on the CPU realize intermediate buffers where it would on a GPU. Inductor inlines a
+    chain of pointwise ops into its users up to an op count that is larger on the CPU (50, against 30 on a
+    GPU in torch 2.13): gpu_mean_kl.py's 12 unrolled Newton steps, each reading the last iterate three
+    times, then take minutes to compile on the CPU (exponential in the steps), seconds with the GPU's limits."""
+    try:
+        import torch._inductor.config as inductor
+    except ImportError:
+        return
+    for name in ("realize_opcount_threshold", "realize_acc_reads_threshold"):
+        default = getattr(inductor, f"_{name}_default", None)
+        if getattr(inductor, name, 0) is None and default is not None:
+            setattr(inductor, name, default)
+
+
+def dry_run() -> bool:
+    return _dry_run
+
+
+def bench_device() -> str:
+    """Where the benchmark's tensors go: "cuda", or "cpu" in a dry run."""
+    return "cpu" if _dry_run else "cuda"
+
+
+def require_device() -> None:
+    """Stop unless the benchmark's device is there (a dry run needs none)."""
+    if not _dry_run:
+        assert torch.cuda.is_available(), "needs a CUDA device"
+
+
+def device_name() -> str:
+    if _dry_run:
+        return f"CPU {platform.processor() or platform.machine()} (dry run)"
+    return torch.cuda.get_device_name()
+
+
+def synchronize() -> None:
+    if not _dry_run:
+        torch.cuda.synchronize()
+
+
+def empty_cache() -> None:
+    if not _dry_run:
+        torch.cuda.empty_cache()
+
+
+def time_ms(fn, reps: int = 50, warmup: int = 5) -> tuple[float, float]:
+    """Median and interquartile range of ``fn``'s time in ms: CUDA events, or time.perf_counter (at most
+    2 repetitions after 1 warm-up) in a dry run."""
+    if _dry_run:
+        reps, warmup = min(reps, 2), min(warmup, 1)
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    times = []
+    for _ in range(reps):
+        if _dry_run:
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    q = statistics.quantiles(times, n=4)
+    return statistics.median(times), q[2] - q[0]
+
+
+def extra_mib(fn) -> float:
+    """MiB that one call of ``fn`` allocates at its peak above what was allocated before (0 in a dry run,
+    where ``fn`` still runs once)."""
+    if _dry_run:
+        fn()
+        return 0.0
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def time_and_peak(step, reps: int = 10, warmup: int = 2) -> tuple[float, float, float]:
+    """Median ms and IQR of ``step``, and the MiB one more step allocates above what was allocated before."""
+    ms, iqr = time_ms(step, reps=reps, warmup=warmup)
+    return ms, iqr, extra_mib(step)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty)."""
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def speedups(results: dict, ms: float) -> tuple[float, float]:
+    """How many times faster than the "eager" and "torch.compile" rows of ``results`` (label -> (ms, ...))."""
+    vs = [results[label][0] / ms if label in results else float("nan") for label in ("eager", "torch.compile")]
+    return vs[0], vs[1]

@@ -10,10 +10,13 @@ bench/results/results.jsonl.
 Floors (H100, 3.0 TB/s, ~800 TFLOP/s bf16): 1024×64×8×8 fp32 reads the features once and writes
 their gradient once, 2 × 16 MiB → 11 µs; 256×2048×7×7 bf16, 2 × 49 MiB → 34 µs; the token shape is
 three 16384×2048×32000 GEMMs, 6.4 TFLOP → 8.1 ms.
+
+    python bench/gpu_aux_head.py [--dry-run]   # --dry-run: DRY_SHAPES on the CPU, nothing written
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -21,8 +24,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_result
-from gpu_transport import speedups, time_and_peak
+from common import (
+    add_dry_run_argument,
+    append_result,
+    bench_device,
+    dry_run,
+    require_device,
+    set_dry_run,
+    speedups,
+    time_and_peak,
+)
 
 import llkern
 
@@ -30,6 +41,11 @@ SHAPES = [  # (features shape, classes, dtype)
     ((1024, 64, 8, 8), 10, torch.float32),
     ((256, 2048, 7, 7), 1000, torch.bfloat16),
     ((1, 16384, 2048), 32000, torch.bfloat16),
+]
+DRY_SHAPES = [  # --dry-run: the same three kinds, tiny and odd
+    ((7, 13, 3, 3), 5, torch.float32),
+    ((5, 11, 3, 3), 37, torch.bfloat16),
+    ((1, 29, 17), 211, torch.bfloat16),
 ]
 
 
@@ -70,10 +86,10 @@ def variants():
 def bench_shape(shape: tuple[int, ...], classes: int, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     channels = shape[1] if len(shape) == 4 else shape[-1]
-    f = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
-    w = (torch.randn(classes, channels, device="cuda") / channels**0.5).to(dtype).requires_grad_()
-    b = torch.zeros(classes, device="cuda", dtype=dtype, requires_grad=True)
-    t = torch.randint(0, classes, shape[:2] if len(shape) == 3 else shape[:1], device="cuda")
+    f = torch.randn(shape, device=bench_device(), dtype=dtype, requires_grad=True)
+    w = (torch.randn(classes, channels, device=bench_device()) / channels**0.5).to(dtype).requires_grad_()
+    b = torch.zeros(classes, device=bench_device(), dtype=dtype, requires_grad=True)
+    t = torch.randint(0, classes, shape[:2] if len(shape) == 3 else shape[:1], device=bench_device())
     inputs_mib = sum(x.numel() * x.element_size() for x in (f, w, b)) / 2**20
 
     def step_of(fn):
@@ -102,10 +118,13 @@ def bench_shape(shape: tuple[int, ...], classes: int, dtype: torch.dtype) -> Non
 
 
 def main() -> None:
-    assert torch.cuda.is_available(), "needs a CUDA device"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dry_run_argument(parser)
+    set_dry_run(parser.parse_args().dry_run)
+    require_device()
     print("| shape | dtype | impl | ms | extra MiB | vs eager | vs compile |")
     print("|---|---|---|---|---|---|---|")
-    for shape, classes, dtype in SHAPES:
+    for shape, classes, dtype in DRY_SHAPES if dry_run() else SHAPES:
         bench_shape(shape, classes, dtype)
 
 

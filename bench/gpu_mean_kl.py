@@ -8,10 +8,13 @@ bench/results/results.jsonl.
 Floor (H100, 3.0 TB/s): the forward reads θ, γ, ν, ρ and writes w (5 × 256 MiB); the backward
 reads g, θ, γ, ν, ρ and writes dθ, dγ, dρ (8 × 256 MiB): 3.3 GB → 1.1 ms. (The issue's 0.6 ms
 counts fewer tensors: ν and ρ per layer instead of per weight.)
+
+    python bench/gpu_mean_kl.py [--dry-run]   # --dry-run: 37 blocks of 29, CPU (Triton interpreted), nothing written
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -19,12 +22,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_result
-from gpu_transport import speedups, time_and_peak
+from common import (
+    add_dry_run_argument,
+    append_result,
+    bench_device,
+    dry_run,
+    first_line,
+    require_device,
+    set_dry_run,
+    speedups,
+    time_and_peak,
+)
 
 import llkern
 
 NUM_BLOCKS, BLOCK = 1 << 21, 32
+DRY_NUM_BLOCKS, DRY_BLOCK = 37, 29  # --dry-run
 KAPPA, DELTA = 10 * math.log(2), 0.05
 
 
@@ -41,15 +54,19 @@ def eager(theta, gamma, nu, rho, eps):
 
 
 def main() -> None:
-    assert torch.cuda.is_available(), "needs a CUDA device"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dry_run_argument(parser)
+    set_dry_run(parser.parse_args().dry_run)
+    require_device()
     torch.manual_seed(0)
-    shape = (NUM_BLOCKS, BLOCK)
-    theta, gamma = torch.randn(shape, device="cuda", requires_grad=True), torch.randn(shape, device="cuda",
+    shape = (DRY_NUM_BLOCKS, DRY_BLOCK) if dry_run() else (NUM_BLOCKS, BLOCK)
+    device = bench_device()
+    theta, gamma = torch.randn(shape, device=device, requires_grad=True), torch.randn(shape, device=device,
                                                                                      requires_grad=True)
-    nu = torch.zeros(shape, device="cuda")
-    rho = torch.full(shape, 0.1, device="cuda", requires_grad=True)
-    eps = torch.randn(shape, device="cuda")
-    grad = torch.randn(shape, device="cuda")
+    nu = torch.zeros(shape, device=device)
+    rho = torch.full(shape, 0.1, device=device, requires_grad=True)
+    eps = torch.randn(shape, device=device)
+    grad = torch.randn(shape, device=device)
     params_mib = 4 * theta.numel() * 4 / 2**20
     variants = {
         "llkern": lambda: llkern.mean_kl_sample(theta, gamma, nu, rho, seed=1, impl="kernel"),
@@ -66,7 +83,7 @@ def main() -> None:
         try:
             ms, iqr, extra = time_and_peak(step)
         except Exception as error:
-            print(f"{label} failed: {str(error).splitlines()[0]}")
+            print(f"{label} failed: {first_line(error)}")
             continue
         results[label] = (ms, iqr, extra)
     for label, (ms, iqr, extra) in results.items():

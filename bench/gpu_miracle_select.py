@@ -4,7 +4,9 @@ against the NumPy encoder's scoring (``llkern.miracle``'s, float64) timed on thi
 few blocks. Checks the first blocks' choices against the float64 reference (where not near-ties),
 prints a table and appends rows to bench/results/results.jsonl.
 
-    python bench/gpu_miracle_select.py [--blocks 16384]
+    python bench/gpu_miracle_select.py [--blocks 16384] [--dry-run]
+
+(--dry-run: 11 blocks at C = 5, S = 7 and C = 6, S = 13 on the CPU, Triton interpreted, nothing written.)
 
 Floor (H100 SXM: 132 SMs at up to 1.98 GHz; 128 FP32 lanes and 64 INT32 lanes per SM and clock, so
 3.3e13 instructions/s issued and 1.7e13 integer multiplies/s). Per candidate weight the kernel
@@ -34,15 +36,24 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_result
-from gpu_transport import time_ms
+from common import (
+    add_dry_run_argument,
+    append_result,
+    bench_device,
+    device_name,
+    dry_run,
+    require_device,
+    set_dry_run,
+    time_ms,
+)
 
 from llkern.ops.miracle_encode import candidate_scores, gumbel_noise, miracle_select, miracle_select_reference
 
 CONFIGS = ((10, 30), (12, 60))  # (bits, block_size)
+DRY_CONFIGS, DRY_BLOCKS = ((5, 7), (6, 13)), 11  # --dry-run
 SEED = 2024
 CHECK_BLOCKS = 8  # blocks checked against the float64 reference
-NUMPY_BLOCKS = {10: 16, 12: 2}  # blocks the NumPy encoder is timed on, per C
+NUMPY_BLOCKS = {10: 16, 12: 2}  # blocks the NumPy encoder is timed on, per C (2 for other C)
 MARGIN = 1e-3
 ISSUE_RATE = 132 * 128 * 1.98e9  # H100 SXM lane-instructions/s
 INSTRUCTIONS = 150  # a candidate weight (see the docstring)
@@ -97,17 +108,22 @@ def check_choices(mu, sigma, rho, bits: int, choose: str, indices: torch.Tensor)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--blocks", type=int, default=16384, help="coding blocks per call (>= 4096)")
+    parser.add_argument("--blocks", type=int, default=None,
+                        help=f"coding blocks per call (>= 4096; default 16384, {DRY_BLOCKS} with --dry-run)")
+    add_dry_run_argument(parser)
     args = parser.parse_args()
-    assert torch.cuda.is_available(), "needs a CUDA device"
+    set_dry_run(args.dry_run)
+    require_device()
+    if args.blocks is None:
+        args.blocks = DRY_BLOCKS if dry_run() else 16384
     generator = torch.Generator().manual_seed(0)
-    print(f"{args.blocks} blocks a call, fp32, {torch.cuda.get_device_name()}")
+    print(f"{args.blocks} blocks a call, fp32, {device_name()}")
     print("| C | S | choose | ms | GPU blocks/s | floor blocks/s | of floor | NumPy blocks/s | speedup | check |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     status = 0
-    for bits, block_size in CONFIGS:
-        mu, sigma, rho = posterior(args.blocks, block_size, "cuda", generator)
-        cpu = tuple(t[:NUMPY_BLOCKS[bits]].cpu() for t in (mu, sigma, rho))
+    for bits, block_size in DRY_CONFIGS if dry_run() else CONFIGS:
+        mu, sigma, rho = posterior(args.blocks, block_size, bench_device(), generator)
+        cpu = tuple(t[:NUMPY_BLOCKS.get(bits, 2)].cpu() for t in (mu, sigma, rho))
         numpy_rate, numpy_label = numpy_blocks_per_s(*cpu, bits)
         floor = floor_blocks_per_s(bits, block_size)
         for choose in ("argmax", "sample"):

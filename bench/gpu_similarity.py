@@ -8,10 +8,13 @@ inputs and their gradients); appends rows to bench/results/results.jsonl.
 
 Floor (H100, ~800 TFLOP/s bf16 dense on tensor cores): symmetric InfoNCE at N = 32768, d = 128
 needs four N×N×d products, 4 × 2·N²·d = 1.1 TFLOP → 1.4 ms; at fp32 (no TF32) ~60 TFLOP/s → 18 ms.
+
+    python bench/gpu_similarity.py [--dry-run]   # --dry-run: DRY_SHAPES on the CPU, nothing written
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -19,13 +22,24 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_result
-from gpu_transport import speedups, time_and_peak
+from common import (
+    add_dry_run_argument,
+    append_result,
+    bench_device,
+    dry_run,
+    empty_cache,
+    first_line,
+    require_device,
+    set_dry_run,
+    speedups,
+    time_and_peak,
+)
 
 import llkern
 
 TAU = 0.07
 SHAPES = [(n, d, dtype) for n in (4096, 16384, 32768) for d in (128, 256) for dtype in (torch.bfloat16, torch.float32)]
+DRY_SHAPES = [(n, d, dtype) for n in (37, 97) for d in (7,) for dtype in (torch.bfloat16, torch.float32)]  # --dry-run
 
 
 def eager(a, b):
@@ -43,8 +57,9 @@ def variants():
         def inf_cl(a, b):
             a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
             labels = torch.arange(a.shape[0], device=a.device)
-            return 0.5 * (cal_inf_loss(a, b, labels, scale=1 / TAU).mean()
-                          + cal_inf_loss(b, a, labels, scale=1 / TAU).mean())
+            # head_dim: the whole row is one head (Inf-CL's default, 256, cannot view a d = 128 row)
+            return 0.5 * (cal_inf_loss(a, b, labels, scale=1 / TAU, head_dim=a.shape[1]).mean()
+                          + cal_inf_loss(b, a, labels, scale=1 / TAU, head_dim=a.shape[1]).mean())
         out["Inf-CL"] = inf_cl
     except ImportError:
         print("inf-cl not importable: skipped")
@@ -53,8 +68,8 @@ def variants():
 
 def bench_shape(n: int, d: int, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    a = torch.randn(n, d, device="cuda", dtype=dtype, requires_grad=True)
-    b = torch.randn(n, d, device="cuda", dtype=dtype, requires_grad=True)
+    a = torch.randn(n, d, device=bench_device(), dtype=dtype, requires_grad=True)
+    b = torch.randn(n, d, device=bench_device(), dtype=dtype, requires_grad=True)
     inputs_mib = 2 * a.numel() * a.element_size() / 2**20
     results = {}
     for label, fn in variants().items():
@@ -65,8 +80,8 @@ def bench_shape(n: int, d: int, dtype: torch.dtype) -> None:
             ms, iqr, extra = time_and_peak(step)
             extra -= inputs_mib  # (the gradients of the inputs: any implementation holds them)
         except Exception as error:  # out of memory at the large shapes, or a peer that cannot run
-            print(f"{label} failed at N={n}, d={d}, {dtype}: {str(error).splitlines()[0]}")
-            torch.cuda.empty_cache()
+            print(f"{label} failed at N={n}, d={d}, {dtype}: {first_line(error)}")
+            empty_cache()
             continue
         results[label] = (ms, iqr, extra)
     for label, (ms, iqr, extra) in results.items():
@@ -79,10 +94,13 @@ def bench_shape(n: int, d: int, dtype: torch.dtype) -> None:
 
 
 def main() -> None:
-    assert torch.cuda.is_available(), "needs a CUDA device"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dry_run_argument(parser)
+    set_dry_run(parser.parse_args().dry_run)
+    require_device()
     print("| N×d | dtype | impl | ms | extra MiB | vs eager | vs compile |")
     print("|---|---|---|---|---|---|---|")
-    for n, d, dtype in SHAPES:
+    for n, d, dtype in DRY_SHAPES if dry_run() else SHAPES:
         bench_shape(n, d, dtype)
 
 

@@ -7,69 +7,44 @@ eager PyTorch and torch.compile; appends every row to bench/results/results.json
 Floor at N elements of r (fp32): the forward reads r (4N bytes); the backward reads r and
 writes dr (8N): 12N bytes, 0.25 ms at N = 64M and 3.0 TB/s. Writing dr in the forward's
 pass (``with_grad``) needs 8N: 0.18 ms, if the backward does no work.
+
+    python bench/gpu_transport.py [--dry-run]   # --dry-run: N = 333 on the CPU, nothing written
 """
 
 from __future__ import annotations
 
-import statistics
+import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_result
+from common import (
+    add_dry_run_argument,
+    append_result,
+    bench_device,
+    device_name,
+    dry_run,
+    extra_mib,
+    require_device,
+    set_dry_run,
+    time_ms,
+)
 
 import llkern
 from llkern.reference.transport import transport_penalty_reference
 
 
-def time_ms(fn, reps: int = 50, warmup: int = 5) -> tuple[float, float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    q = statistics.quantiles(times, n=4)
-    return statistics.median(times), q[2] - q[0]
-
-
-def extra_mib(fn) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def time_and_peak(step, reps: int = 10, warmup: int = 2) -> tuple[float, float, float]:
-    """Median ms and IQR of ``step``, and the MiB one more step allocates above what was allocated before."""
-    ms, iqr = time_ms(step, reps=reps, warmup=warmup)
-    return ms, iqr, extra_mib(step)
-
-
-def speedups(results: dict, ms: float) -> tuple[float, float]:
-    """How many times faster than the "eager" and "torch.compile" rows of ``results`` (label -> (ms, ...))."""
-    vs = [results[label][0] / ms if label in results else float("nan") for label in ("eager", "torch.compile")]
-    return vs[0], vs[1]
-
-
 def copy_bandwidth(n: int) -> float:
     """GB/s of a device-to-device copy, counting bytes read and written."""
-    src, dst = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
+    src, dst = torch.randn(n, device=bench_device()), torch.empty(n, device=bench_device())
     ms, _ = time_ms(lambda: dst.copy_(src))
     return 8 * n / ms / 1e6
 
 
 def bench_dtype(n: int, dtype: torch.dtype, copy_bw: float) -> list[dict]:
-    y = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
+    y = torch.randn(n, device=bench_device(), dtype=dtype, requires_grad=True)
     size = y.element_size()
     compiled = torch.compile(transport_penalty_reference)
 
@@ -102,10 +77,13 @@ def bench_dtype(n: int, dtype: torch.dtype, copy_bw: float) -> list[dict]:
 
 
 def main() -> None:
-    assert torch.cuda.is_available(), "needs a CUDA device"
-    n = 64 * 2**20
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dry_run_argument(parser)
+    set_dry_run(parser.parse_args().dry_run)
+    require_device()
+    n = 333 if dry_run() else 64 * 2**20
     copy_bw = copy_bandwidth(n)
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bw:.0f} GB/s (read + written)")
+    print(f"{device_name()}: copy bandwidth {copy_bw:.0f} GB/s (read + written)")
     rows = bench_dtype(n, torch.float32, copy_bw) + bench_dtype(n, torch.bfloat16, copy_bw)
     print("\n| dtype | impl | ms | IQR | GB/s | % of copy BW | extra MiB | speed-up vs eager | vs compile |")
     print("|---|---|---|---|---|---|---|---|---|")
