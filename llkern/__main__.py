@@ -1,3 +1,5 @@
+import sys
+
 from llkern.cli import main
 
-main()
+sys.exit(main())

@@ -223,8 +223,14 @@ def _loss(args: argparse.Namespace, modules: list[nn.Module], example: torch.Ten
     recon, task = llkern.infopro_schedule(*weights)
     decoder = llkern.reconstruction_decoders(example.shape[1:])
     shapes = llkern.heads.feature_shapes(modules, example[:2])
-    return lambda k, K: llkern.Composite([(llkern.Reconstruction(decoder(k, shapes[k])), recon),
-                                          (llkern.SupervisedContrastive(), task)])
+
+    def losses(k: int, num_modules: int) -> Any:
+        terms = [(llkern.SupervisedContrastive(), task)]
+        if recon(k, num_modules) > 0:  # (InfoPro's last module, whose output is flattened, has no decoder)
+            terms.insert(0, (llkern.Reconstruction(decoder(k, shapes[k])), recon))
+        return llkern.Composite(terms)
+
+    return losses
 
 
 def _heads(args: argparse.Namespace, num_classes: int, tokens: bool) -> Any:
@@ -438,7 +444,16 @@ def _train(args: argparse.Namespace) -> dict:
     return {"evaluation": result, "history": rows}
 
 
-def main(argv: list[str] | None = None) -> Any:
+def main(argv: list[str] | None = None) -> int:
+    """The ``llkern`` command: exit status 0 on success (the results go to the terminal as lines, and to
+    ``--log`` as JSON); bad options exit with status 2 and a short message, as argparse does."""
+    run(argv)
+    return 0
+
+
+def run(argv: list[str] | None = None) -> Any:
+    """What ``llkern ARGS`` does, returning its results (``train``: the evaluation and the per-epoch
+    history; ``compress``: the compression result) instead of an exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compress"]:
         from llkern.compress_demo import main as compress

@@ -151,6 +151,11 @@ def _image_channels(name: str, shape: FeatureShape | None) -> int:
     return int(shape[1])
 
 
+def _flat(shape: FeatureShape | None) -> bool:
+    """Whether a module's output is (B, C): pooled and flattened, as a network's last module ends."""
+    return shape is not None and len(shape) == 2
+
+
 def _check_image_features(name: str, features: torch.Tensor) -> None:
     if features.dim() != 4:
         raise ValueError(f"{name}: expected features of shape (B,C,H,W), got {list(features.shape)}")
@@ -217,8 +222,11 @@ class MLPSRHead(nn.Module):
 def mlp_sr_heads(num_classes: int, *, reduce: int = 4, conv_layers: int = 3, mlp_layers: int = 3,
                  pool_size: int = 2, width: int | None = None) -> HeadFactory:
     """A head factory for :class:`llkern.LocalNet`: an :class:`MLPSRHead` on every module, sized from the
-    module's feature shape (LocalNet needs an ``example_input``). Arguments as :class:`MLPSRHead`."""
+    module's feature shape (LocalNet needs an ``example_input``), and a :class:`LinearHead` on a module whose
+    output is already pooled and flattened ``(B, C)`` (a CIFAR ResNet's last). Arguments as :class:`MLPSRHead`."""
     def factory(k: int, shape: torch.Size | None) -> nn.Module:
+        if _flat(shape):  # a module that ends pooled and flattened (a network's last): its own classifier
+            return LinearHead(num_classes, int(shape[-1]))
         return MLPSRHead(num_classes, _image_channels("mlp_sr_heads", shape), reduce=reduce,
                          conv_layers=conv_layers, mlp_layers=mlp_layers, pool_size=pool_size, width=width)
 
@@ -280,10 +288,15 @@ def infopro_heads(num_classes: int, num_modules: int, *, out_dim: int | None = N
         hidden, conv_channels: of the :class:`InfoProHead` s.
         last_linear: a :class:`LinearHead` on the last module (default); False puts an :class:`InfoProHead`
             with ``num_classes`` outputs there.
+
+    A module whose output is pooled and flattened ``(B, C)`` (a CIFAR ResNet's last ends so) gets a
+    :class:`LinearHead` whatever these say: an :class:`InfoProHead` needs a feature map.
     """
     _check_int("infopro_heads", "num_modules", num_modules)
 
     def factory(k: int, shape: torch.Size | None) -> nn.Module:
+        if _flat(shape):  # features already pooled and flattened (a network's last module): a linear head
+            return LinearHead(num_classes if k == num_modules - 1 or out_dim is None else out_dim, int(shape[-1]))
         channels = _image_channels("infopro_heads", shape)
         if k == num_modules - 1:
             if last_linear:

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from llkern.cli import CHOICES, _parse, main
+from llkern import cli
+from llkern.cli import CHOICES, _parse
 
 
 def run(*argv):
-    return main(["train", "--no-progress", *argv])
+    return cli.run(["train", "--no-progress", *argv])
 
 
 def test_train_digits_local_logs_every_epoch(tmp_path):
