@@ -14,6 +14,7 @@ Residual-block protocol (TRGL's per-block transport penalty): a block that defin
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +183,9 @@ class LocalNet(nn.Module):
         if heads is None:
             if num_classes is None:
                 raise ValueError("LocalNet: give num_classes (for the default heads) or heads")
+            # (num_classes=2.5 once failed deep inside a tensor constructor)
+            if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+                raise ValueError(f"LocalNet: expected num_classes to be an int >= 1, got {num_classes!r}")
 
             def heads(k, shape):
                 return LinearHead(num_classes, None if shape is None else feature_channels(shape))
@@ -386,6 +390,11 @@ class LocalNet(nn.Module):
                 ``ModuleStep(net, k)`` does. This is how ``LocalTrainer`` puts each module under its own
                 ``DistributedDataParallel(ModuleStep(net, k))``.
         """
+        for arg, value in (("x", x), ("target", target)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"LocalNet.local_step: expected {arg} to be a Tensor, got {type(value).__name__}")
+            if value.dim() == 0:  # (once an IndexError from shape[0])
+                raise ValueError(f"LocalNet.local_step: expected {arg} with a batch dimension, got a 0-d tensor")
         if x.shape[0] == 0:
             raise ValueError("LocalNet.local_step: expected a non-empty batch, got x of shape "
                              f"{list(x.shape)}")

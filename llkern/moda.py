@@ -156,6 +156,10 @@ def _as_list(activations: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.T
         raise ValueError("MODA: expected at least one layer of activations, got none")
     batch = acts[0].shape[0]
     for i, a in enumerate(acts):
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(f"MODA: expected activations[{i}] to be a Tensor, got {type(a).__name__}")
+        if not a.is_floating_point():  # (integer activations once reached vector_norm's dtype error)
+            raise TypeError(f"MODA: expected floating-point activations, got activations[{i}] of dtype {a.dtype}")
         if a.dim() < 2 or a.shape[0] != batch:
             raise ValueError(f"MODA: expected activations[{i}] of shape (B={batch}, ...), got {list(a.shape)}")
     return acts

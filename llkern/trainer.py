@@ -27,6 +27,7 @@ import csv
 import inspect
 import json
 import math
+import numbers
 import os
 import random
 import time
@@ -462,6 +463,8 @@ class LocalTrainer:
         mode under the trainer's autocast and restores the net's mode. Returns
         ``{"loss": ..., "accuracy": ...}``, floats (lists of K for ``"all"``).
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"LocalTrainer.evaluate: expected batch_size to be an int >= 1, got {batch_size!r}")
         was_training = self.net.training
         self.net.eval()
         every = exit == "all"
@@ -559,6 +562,11 @@ class LocalTrainer:
             if self.mode != "sequential":
                 raise ValueError("LocalTrainer.fit: give epochs (sequential mode defaults to sum(epochs_per_module))")
             epochs = self.total_epochs
+        # (epochs=-1 once returned [] quietly and epochs=2.5 trained three epochs)
+        if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
+            raise ValueError(f"LocalTrainer.fit: expected epochs to be an int >= 1, got {epochs!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+            raise TypeError(f"LocalTrainer.fit: expected batch_size to be an int, got {batch_size!r}")
         if self.mode == "sequential" and epochs > self.total_epochs:
             raise ValueError(f"LocalTrainer.fit: sequential mode trains for sum(epochs_per_module) = "
                              f"{self.total_epochs} epochs, got epochs={epochs}")

@@ -476,3 +476,11 @@ def test_demo_cifar_path_on_a_tiny_file(tmp_path):
     assert [r.classes for r in result.report.rows] == [(0,), (1,), (2,), (0, 2)]
     with pytest.raises(ValueError, match="data-root"):
         main(["--data", "cifar10", "--no-progress"])
+
+
+def test_integer_activations_are_refused_by_name():
+    # (they once reached vector_norm's dtype error)
+    from llkern.moda import moda_terms
+
+    with pytest.raises(TypeError, match="floating-point activations"):
+        moda_terms(torch.ones(4, 3, dtype=torch.long), torch.zeros(4, dtype=torch.long))

@@ -536,3 +536,24 @@ def test_a_loss_with_parameters_shared_by_modules_is_refused():
     net = llkern.LocalNet(digits_resnet(2, width=8), num_classes=10, losses=shared, example_input=x[:2])
     with pytest.raises(ValueError, match="belongs to modules 0 and 1"):
         llkern.LocalTrainer(net)
+
+
+def test_bad_arguments_are_named_before_any_work():
+    # (each once failed late: fit(epochs=-1) returned [], epochs=2.5 trained 3, evaluate(batch_size=0) failed in
+    # range(), LocalNet(num_classes=2.5) inside a tensor constructor, local_step on a 0-d tensor with IndexError)
+    blocks = [nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Sequential(nn.Linear(8, 8), nn.ReLU())]
+    net = llkern.LocalNet(blocks, num_classes=3, example_input=torch.randn(2, 4))
+    trainer = llkern.LocalTrainer(net)
+    data = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    for epochs in (-1, 0, 2.5, True):
+        with pytest.raises(ValueError, match="epochs"):
+            trainer.fit(data, epochs=epochs, progress=False)
+    assert trainer.history == [] and trainer.epoch == 0
+    with pytest.raises(ValueError, match="batch_size"):
+        trainer.evaluate(*data, batch_size=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        llkern.LocalNet([nn.Sequential(nn.Linear(4, 8), nn.ReLU())], num_classes=2.5)
+    with pytest.raises(ValueError, match="x with a batch dimension"):
+        net.local_step(torch.tensor(1.0), torch.tensor(1))
+    with pytest.raises(TypeError, match="target to be a Tensor"):
+        net.local_step(torch.randn(2, 4), [0, 1])
