@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from llkern._ext import value_checks
 from llkern.compression import MeanKLNetwork, coding_permutation
 from llkern.miracle_header import (
     CODE_OF_DTYPE,
@@ -141,9 +142,13 @@ def encode(net: MeanKLNetwork, path: str | Path, *, choose: str = "argmax", chun
             zeros = torch.zeros_like(rho)
             _, mu, sigma = mean_kl_reference(net.theta[first:last], net.gamma[first:last], zeros, rho, zeros,
                                              net.kappa_block, net.delta)
-        indices[first:last] = miracle_select(mu.to(net.theta.dtype), sigma.to(net.theta.dtype),
-                                             rho.to(net.theta.dtype), seed=net.seed, bits=bits, first_block=first,
-                                             num_blocks_total=num_blocks, choose=choose, impl=impl)[0].cpu().numpy()
+        # The chunk's indices come to the host anyway: the posterior's values are checked on a GPU too
+        # (a NaN or negative σ would otherwise give finite, meaningless indices in the file).
+        with value_checks():
+            chosen = miracle_select(mu.to(net.theta.dtype), sigma.to(net.theta.dtype), rho.to(net.theta.dtype),
+                                    seed=net.seed, bits=bits, first_block=first, num_blocks_total=num_blocks,
+                                    choose=choose, impl=impl)[0]
+        indices[first:last] = chosen.cpu().numpy()
         net.fix_blocks(first, torch.from_numpy(_chosen_normals(net.seed, first, indices[first:last], block_size)))
         bar.update(last - first)
         if retrain is not None and last < num_blocks:

@@ -176,3 +176,14 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rows_longer_than_one_launch(monkeypatch, channels_last):
+    # CUDA's grid axis 1 holds 65535 tiles; longer rows (an 8192x8192 plane) take several launches. Here
+    # a launch holds 2 tiles, so a 5-tile row takes three.
+    from llkern.triton_kernels import context_add as kernels
+
+    monkeypatch.setattr(kernels, "MAX_TILES", 2)
+    x, contexts = make((2, 3, 50, 90) if not channels_last else (2, 60, 5, 80), (2, 1), channels_last=channels_last)
+    check(x, contexts, 1e-6)

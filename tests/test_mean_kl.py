@@ -126,7 +126,7 @@ def test_bad_input(impl):
         mean_kl_sample(theta, gamma, nu, rho, seed=-1, impl=impl)
     with pytest.raises(ValueError, match="kappa_block"):
         mean_kl_sample(theta, gamma, nu, rho, seed=0, kappa_block=0.0, impl=impl)
-    for kappa_block in (1e8, float("inf"), float("nan")):  # 1e8 once gave a silent NaN in float32
+    for kappa_block in (1e8, float("inf"), float("nan"), 1e-320):  # 1e8 once gave a silent NaN in float32
         with pytest.raises(ValueError, match="kappa_block"):
             mean_kl_sample(theta, gamma, nu, rho, seed=0, kappa_block=kappa_block, impl=impl)
     with pytest.raises(ValueError, match="delta"):

@@ -300,3 +300,14 @@ def test_an_honest_small_forged_file_decodes(tmp_path):
 def test_networks_refuse_blocks_a_file_could_not_hold():
     with pytest.raises(ValueError, match="weights per coded bit"):
         MeanKLNetwork(nn.Linear(4, 3), bits_per_block=1, block_size=257)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available(torch.device("cuda"))), reason="needs a GPU")
+def test_encode_checks_the_posterior_on_the_gpu_too(tmp_path):
+    # value checks are off by default on GPUs, but encode brings each chunk's indices to the host anyway:
+    # a NaN posterior must raise there, not write finite, meaningless indices
+    net = small_net().cuda()
+    with torch.no_grad():
+        net.theta[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        encode(net, tmp_path / "nan.llkm", progress=False)

@@ -83,7 +83,7 @@ def test_radius_is_accurate_where_u0_is_near_one():
 
 @pytest.mark.skipif(not triton_available(torch.device(DEVICE)), reason="needs triton (and a GPU or TRITON_INTERPRET=1)")
 def test_normals_within_the_documented_bound():
-    # docs/random.md: the float32 normals are within 1e-6 of the float64 ones (absolute; |z| <= 5.9)
+    # docs/random.md: the float32 normals are within 1.5e-6 of the float64 ones (absolute; |z| <= 5.9)
     from llkern.triton_kernels import philox
 
     count = 1 << 18
@@ -91,4 +91,4 @@ def test_normals_within_the_documented_bound():
     x1, z = torch.empty_like(x0), torch.empty(count, dtype=torch.float32, device=DEVICE)
     philox.fill_stream[(count // 4096,)](x0, x1, z, 5, 9, 0, count, BLOCK=4096)
     err = np.abs(z.cpu().double().numpy() - normals(5, 9, np.arange(count, dtype=np.uint64)))
-    assert err.max() <= 1e-6, err.max()
+    assert err.max() <= 1.5e-6, err.max()

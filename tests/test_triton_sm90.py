@@ -34,11 +34,11 @@ SCRIPT = textwrap.dedent("""
     strides = ints(*(f"{t}{d}" for t in "hab" for d in "bcyx"))
     kernels = {
         "context_add_forward": (context_add.context_add_forward,
-            {**pointers("h_ptr", "c1_ptr", "c2_ptr", "out_ptr"), **ints("C", "H", "W"), **strides,
+            {**pointers("h_ptr", "c1_ptr", "c2_ptr", "out_ptr"), **ints("C", "H", "W", "tile0"), **strides,
              **ints("ob", "oc", "oy", "ox")},
             dict(S1=2, S2=4, NUM_CONTEXTS=2, CHANNELS_LAST=True, ACC=tl.float32, BLOCK=1024)),
         "context_add_backward": (context_add.context_add_backward,
-            {**pointers("g_ptr", "d1_ptr", "d2_ptr"), **ints("C", "H", "W"),
+            {**pointers("g_ptr", "d1_ptr", "d2_ptr"), **ints("C", "H", "W", "tile0"),
              **ints(*(f"{t}{d}" for t in "gab" for d in "bcyx"))},
             dict(S1=1, S2=2, NUM_CONTEXTS=2, CHANNELS_LAST=False, ACC=tl.float32, BLOCK=1024)),
         "mean_kl_forward": (mean_kl.mean_kl_forward,

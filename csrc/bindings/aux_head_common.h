@@ -73,16 +73,16 @@ inline AuxHeadShape check_aux_head_inputs(const at::Tensor& features, const at::
 // cross-entropy rows kernel), then the gradient products. `base` holds every field of the
 // cross-entropy parameters but the chunk's logits, targets and row count.
 //
-// `rows` and `w` are the products' operands: in the accumulation dtype (fp32 or fp64), or, for 16-bit
-// features on a GPU, in that 16-bit dtype, as F.linear takes them: the products then run on the tensor
+// `rows` and `w` are the products' operands: in the accumulation dtype (fp32 or fp64), or, for bfloat16
+// features on a GPU, in bfloat16, as F.linear takes them: the products then run on the tensor
 // cores with float32 accumulation and float32 results (logits, d rows, and d weight accumulated across
-// chunks in float32), and d loss / d logits is rounded to the 16-bit dtype for the two gradient products,
+// chunks in float32), and d loss / d logits is rounded to bfloat16 for the two gradient products,
 // as autocast's backward of F.linear rounds it.
 template <typename RowsPass>
 void chunked_head(const at::Tensor& rows, const at::Tensor& w, const at::Tensor& b, const at::Tensor& labels,
                   int64_t chunk_elements, const CrossEntropyRowsParams& base, at::Tensor& grad_rows,
                   at::Tensor& grad_weight, at::Tensor& grad_bias, RowsPass rows_pass) {
-  const bool low = rows.scalar_type() == at::kBFloat16 || rows.scalar_type() == at::kHalf;
+  const bool low = low_precision_operands(rows.scalar_type());
   // The op is already below autocast (its inputs were cast by the caller); with the autocast key still
   // live, addmm/mm would return 16-bit logits that the rows kernel reads as Acc (issue 15, A1).
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);

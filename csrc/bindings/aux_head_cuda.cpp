@@ -40,9 +40,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
   count_targets_cuda(cp, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // 16-bit features: the products take 16-bit operands (pooled rows rounded to the features' dtype, as
-  // eager pooling would leave them; the weight as it is) with float32 results (chunked_head).
-  const bool low = features.scalar_type() == at::kBFloat16 || features.scalar_type() == at::kHalf;
+  // bfloat16 features: the products take bfloat16 operands (pooled rows rounded to it, as eager pooling
+  // would leave them; the weight as it is) with float32 results (chunked_head; float16 keeps float32
+  // products, see low_precision_operands).
+  const bool low = low_precision_operands(features.scalar_type());
   at::Tensor rows;
   if (s.pooled) {
     const at::Tensor f = s.channels_last ? features : features.contiguous();

@@ -72,13 +72,14 @@ inline at::Tensor through_normalize(const at::Tensor& grad_u, const Normalized& 
 }
 
 // The operand of the block products for rows `t` (Acc) of the input `z`: t itself, or on a GPU
-// (Device::kLowPrecisionProducts) for 16-bit inputs its copy in z's dtype, so that the N x N x d
+// (Device::kLowPrecisionProducts) for bfloat16 inputs its bfloat16 copy (see low_precision_operands), so that the N x N x d
 // products run on the tensor cores (float32 accumulation and results, as F.linear's); the gradient
 // blocks are rounded to that dtype for their products too. InfoNCE and supervised contrastive only:
 // Rényi's Gaussian kernel forms distances from these products, which 16-bit operands would spoil.
 template <typename Device>
 at::Tensor product_operand(const at::Tensor& t, const at::Tensor& z) {
-  return Device::kLowPrecisionProducts && is_16bit(z.scalar_type()) ? t.to(z.scalar_type()).contiguous() : t;
+  return Device::kLowPrecisionProducts && low_precision_operands(z.scalar_type()) ? t.to(z.scalar_type()).contiguous()
+                                                                                     : t;
 }
 
 template <typename Device>

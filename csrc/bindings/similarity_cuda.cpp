@@ -1,7 +1,7 @@
 // CUDA binding of the similarity-matrix losses: the block driver of similarity_common.h over the
 // kernels of cuda/similarity.cu, with cuBLAS (through ATen) for the block products. fp32 products
-// follow torch.backends.cuda.matmul.allow_tf32, as PyTorch's own; with 16-bit inputs InfoNCE's and
-// supervised contrastive's products take 16-bit operands with float32 results (similarity_common.h). No host synchronisation: the data-dependent scalars stay on the device (the Python
+// follow torch.backends.cuda.matmul.allow_tf32, as PyTorch's own; with bfloat16 inputs InfoNCE's and
+// supervised contrastive's products take bfloat16 operands with float32 results (similarity_common.h). No host synchronisation: the data-dependent scalars stay on the device (the Python
 // wrapper's finiteness check is the one synchronisation; call torch.ops.llkern.* to skip it).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -17,7 +17,7 @@ void* current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
 struct Cuda {
   // 32 MiB of fp32 per block: at N = 32768, 256 rows, wide enough for cuBLAS.
-  static constexpr bool kLowPrecisionProducts = true;  // 16-bit inputs: 16-bit products on the tensor cores
+  static constexpr bool kLowPrecisionProducts = true;  // bfloat16 inputs: bfloat16 products on the tensor cores
   static constexpr int64_t kBlockElements = int64_t(1) << 23;
   static void contrast_rows(const ContrastRowsParams& p) {
     contrast_rows_cuda(p, current_stream());

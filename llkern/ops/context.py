@@ -158,15 +158,16 @@ def _strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
-def _grid(t: torch.Tensor) -> tuple[tuple[int, int], int]:
-    """The launch grid (rows of the memory order × tiles of a row) and the tile size, for a (B, C, H, W) tensor
-    in NCHW or channels_last order."""
+def _launches(t: torch.Tensor) -> tuple[list[tuple[tuple[int, int], int]], int]:
+    """The launches ((grid, first tile) each: rows of the memory order × tiles of a row, at most
+    MAX_TILES tiles a launch) and the tile size, for a (B, C, H, W) tensor in NCHW or channels_last order."""
     from llkern.triton_kernels import context_add as kernels
 
     batch, channels, height, width = t.shape
     rows, row_len = (batch * height, width * channels) if _channels_last(t) else (batch * channels, height * width)
     block = kernels.block_for(row_len)
-    return (rows, (row_len + block - 1) // block), block
+    tiles = (row_len + block - 1) // block
+    return [((rows, min(kernels.MAX_TILES, tiles - t0)), t0) for t0 in range(0, tiles, kernels.MAX_TILES)], block
 
 
 @torch.library.triton_op("llkern::context_add", mutates_args=())
@@ -175,7 +176,7 @@ def _context_add_op(h: torch.Tensor, contexts: list[torch.Tensor]) -> torch.Tens
 
     _, channels, height, width = h.shape
     out = torch.empty_like(h)
-    grid, block = _grid(out)
+    launches, block = _launches(out)
     pairs = _pairs(contexts)
     # Two contexts per launch. With more, the partial sums stay in the accumulation dtype between
     # launches (a 16-bit out would round each one), and the last launch writes out.
@@ -184,12 +185,13 @@ def _context_add_op(h: torch.Tensor, contexts: list[torch.Tensor]) -> torch.Tens
     for i, pair in enumerate(pairs):
         first, second = pair[0], pair[-1]
         target = out if i == len(pairs) - 1 else partial
-        with device_guard(h):
-            torch.library.wrap_triton(kernels.context_add_forward)[grid](
-                base, first, second, target, channels, height, width,
-                *_strides(base), *_strides(first), *_strides(second), *_strides(target),
-                S1=first.shape[2] // height, S2=second.shape[2] // height, NUM_CONTEXTS=len(pair),
-                CHANNELS_LAST=_channels_last(out), ACC=_acc(h.dtype), BLOCK=block)
+        for grid, tile0 in launches:
+            with device_guard(h):
+                torch.library.wrap_triton(kernels.context_add_forward)[grid](
+                    base, first, second, target, channels, height, width, tile0,
+                    *_strides(base), *_strides(first), *_strides(second), *_strides(target),
+                    S1=first.shape[2] // height, S2=second.shape[2] // height, NUM_CONTEXTS=len(pair),
+                    CHANNELS_LAST=_channels_last(out), ACC=_acc(h.dtype), BLOCK=block)
         base = target
     return out
 
@@ -202,15 +204,16 @@ def _context_add_backward_op(grad: torch.Tensor, scales: list[int], channels_las
     grads = [torch.empty((batch, channels, s * height, s * width), dtype=grad.dtype, device=grad.device,
                          memory_format=torch.channels_last if last else torch.contiguous_format)
              for s, last in zip(scales, channels_last, strict=True)]
-    grid, block = _grid(grad)
+    launches, block = _launches(grad)
     for pair, pair_scales in zip(_pairs(grads), _pairs(list(scales)), strict=True):
         first, second = pair[0], pair[-1]
-        with device_guard(grad):
-            torch.library.wrap_triton(kernels.context_add_backward)[grid](
-                grad, first, second, channels, height, width,
-                *_strides(grad), *_strides(first), *_strides(second),
-                S1=pair_scales[0], S2=pair_scales[-1], NUM_CONTEXTS=len(pair),
-                CHANNELS_LAST=_channels_last(grad), ACC=_acc(grad.dtype), BLOCK=block)
+        for grid, tile0 in launches:
+            with device_guard(grad):
+                torch.library.wrap_triton(kernels.context_add_backward)[grid](
+                    grad, first, second, channels, height, width, tile0,
+                    *_strides(grad), *_strides(first), *_strides(second),
+                    S1=pair_scales[0], S2=pair_scales[-1], NUM_CONTEXTS=len(pair),
+                    CHANNELS_LAST=_channels_last(grad), ACC=_acc(grad.dtype), BLOCK=block)
     return grads
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import struct
+import sys
 
 import numpy as np
 import torch
@@ -52,11 +53,13 @@ def _check(theta, gamma, nu, rho, seed, stream, kappa_block, delta) -> None:
     for arg, value in (("seed", seed), ("stream", stream)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**32:
             raise ValueError(f"{NAME}: expected {arg} to be an int in [0, 2^32), got {value!r}")
+    # (subnormal values are refused too: the kernels take the float64 bits as an int64, and the bits of a
+    # subnormal fit in an int32, which Triton would pass as one)
     if isinstance(kappa_block, bool) or not isinstance(kappa_block, numbers.Real) \
-            or not 0 < kappa_block <= MAX_KAPPA_BLOCK:
+            or not sys.float_info.min <= kappa_block <= MAX_KAPPA_BLOCK:
         raise ValueError(f"{NAME}: expected kappa_block (nats per block) in (0, {MAX_KAPPA_BLOCK:g}], got "
                          f"{kappa_block!r}")
-    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0.0 < delta < 1.0:
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not sys.float_info.min <= delta < 1.0:
         raise ValueError(f"{NAME}: expected delta in (0, 1), got {delta!r}")
     # (a host sync on a GPU: there only with llkern.value_checks() on; without it a bad ρ gives NaN)
     if check_values(rho) and not bool(((rho > 0) & torch.isfinite(rho)).all()):

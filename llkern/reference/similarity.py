@@ -187,7 +187,7 @@ def renyi_mutual_information_reference(t: torch.Tensor, labels: torch.Tensor, *,
     _check_labels(name, labels, t.shape[0], t.device)
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     if sigma is None:
-        width = default_sigma_tensor(t).to(acc)
+        width = default_sigma_tensor(t)  # float64, as the float it once was: 2σ² rounds once, to t's dtype
     elif isinstance(sigma, numbers.Real) and not isinstance(sigma, bool) and sigma > 0 and math.isfinite(sigma):
         width = float(sigma)
     else:
