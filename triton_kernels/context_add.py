@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 MAX_BLOCK = 1024
+MAX_TILES = 65535  # grid axis 1's limit on CUDA: a launch takes at most this many tiles of a row
 
 
 def block_for(row_len: int) -> int:
@@ -27,10 +28,12 @@ def block_for(row_len: int) -> int:
 
 
 @triton.jit
-def _coordinates(C, H, W, BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr):
-    """(b, c, y, x) of this program's values (b and c or y scalars, the rest int32 vectors), and the mask."""
+def _coordinates(C, H, W, tile0, BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """(b, c, y, x) of this program's values (b and c or y scalars, the rest int32 vectors), and the mask.
+    ``tile0``: the first tile of this launch (grid axis 1 holds at most 65535 tiles: longer rows take
+    several launches)."""
     row = tl.program_id(0)
-    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    j = (tile0 + tl.program_id(1)) * BLOCK + tl.arange(0, BLOCK)
     if CHANNELS_LAST:
         b = row // H
         y = row % H
@@ -58,11 +61,11 @@ def _window_mean(ptr, b, c, y, x, sb, sc, sy, sx, mask, S: tl.constexpr, ACC: tl
 
 
 @triton.jit
-def context_add_forward(h_ptr, c1_ptr, c2_ptr, out_ptr, C, H, W,
+def context_add_forward(h_ptr, c1_ptr, c2_ptr, out_ptr, C, H, W, tile0,
                         hb, hc, hy, hx, ab, ac, ay, ax, bb, bc, by, bx, ob, oc, oy, ox,
                         S1: tl.constexpr, S2: tl.constexpr, NUM_CONTEXTS: tl.constexpr,
                         CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    b, c, y, x, mask = _coordinates(C, H, W, BLOCK, CHANNELS_LAST)
+    b, c, y, x, mask = _coordinates(C, H, W, tile0, BLOCK, CHANNELS_LAST)
     acc = tl.load(h_ptr + b * hb + c * hc + y * hy + x * hx, mask=mask, other=0.0).to(ACC)
     acc += _window_mean(c1_ptr, b, c, y, x, ab, ac, ay, ax, mask, S1, ACC)
     if NUM_CONTEXTS == 2:
@@ -81,11 +84,11 @@ def _spread(ptr, value, b, c, y, x, sb, sc, sy, sx, mask, S: tl.constexpr):
 
 
 @triton.jit
-def context_add_backward(g_ptr, d1_ptr, d2_ptr, C, H, W,
+def context_add_backward(g_ptr, d1_ptr, d2_ptr, C, H, W, tile0,
                          gb, gc, gy, gx, ab, ac, ay, ax, bb, bc, by, bx,
                          S1: tl.constexpr, S2: tl.constexpr, NUM_CONTEXTS: tl.constexpr,
                          CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    b, c, y, x, mask = _coordinates(C, H, W, BLOCK, CHANNELS_LAST)
+    b, c, y, x, mask = _coordinates(C, H, W, tile0, BLOCK, CHANNELS_LAST)
     g = tl.load(g_ptr + b * gb + c * gc + y * gy + x * gx, mask=mask, other=0.0).to(ACC)
     _spread(d1_ptr, g, b, c, y, x, ab, ac, ay, ax, mask, S1)
     if NUM_CONTEXTS == 2:
