@@ -115,7 +115,7 @@ for stage in "${stages[@]}"; do
     run op-tests "$(left 240 150)" verify-tests.log $PY -m pytest -q -p no:cacheprovider -n 16 --timeout 150 -rfE \
       --junitxml="$OUT/verify-tests.xml" "${OP_TESTS[@]}"
     echo "== compute-sanitizer memcheck: every op once, forward and backward, at odd sizes"
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run memcheck "$(left 120 70)" verify-memcheck.log compute-sanitizer \
+    run memcheck "$(left 120 70)" verify-memcheck.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
       --tool memcheck --error-exitcode 3 $PY bench/gpu_probe.py --smoke --json "$OUT/smoke.json"
     echo "== probe: errors against float64, host syncs, time against eager"
     run probe "$(left 150 5)" verify-probe.log $PY bench/gpu_probe.py --json "$OUT/probe.json"
@@ -148,8 +148,8 @@ for stage in "${stages[@]}"; do
     ensure_built
     for tool in racecheck synccheck; do
       echo "== compute-sanitizer $tool: every op once, forward and backward, at odd sizes"
-      run "$tool" "$(left 200 10)" sanitize.log compute-sanitizer --tool "$tool" --error-exitcode 3 \
-        $PY bench/gpu_probe.py --smoke
+      run "$tool" "$(left 200 10)" sanitize.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
+        --tool "$tool" --error-exitcode 3 $PY bench/gpu_probe.py --smoke
     done
     summary sanitize ;;
   tests)
