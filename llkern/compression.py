@@ -198,7 +198,7 @@ class MeanKLNetwork(_Coded):
 
     def mean_blocks(self) -> torch.Tensor:
         theta, gamma, rho = (t.double() for t in (self.theta, self.gamma, self.rho_blocks()))
-        mu = mean_kl_mean(theta, gamma, torch.zeros_like(theta), rho, self.kappa_block, self.delta)
+        mu = mean_kl_mean(theta, gamma, None, rho, self.kappa_block, self.delta)
         return self._with_coded(mu.to(self.theta.dtype))
 
 

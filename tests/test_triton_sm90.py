@@ -32,6 +32,10 @@ SCRIPT = textwrap.dedent("""
         return {name: "i32" for name in names}
 
     strides = ints(*(f"{t}{d}" for t in "hab" for d in "bcyx"))
+    mean_kl_scalars = {**ints("num_blocks", "block_size", "seed", "stream"), "kappa_bits": "i64", "delta_bits": "i64"}
+    mean_kl_forward_args = {**pointers("theta_ptr", "gamma_ptr", "nu_ptr", "rho_ptr", "w_ptr"), **mean_kl_scalars}
+    mean_kl_backward_args = {**pointers("grad_ptr", "theta_ptr", "gamma_ptr", "nu_ptr", "rho_ptr", "d_theta_ptr",
+                                        "d_gamma_ptr", "d_rho_ptr"), **mean_kl_scalars}
     kernels = {
         "context_add_forward": (context_add.context_add_forward,
             {**pointers("h_ptr", "c1_ptr", "c2_ptr", "out_ptr"), **ints("C", "H", "W", "tile0"), **strides,
@@ -41,24 +45,14 @@ SCRIPT = textwrap.dedent("""
             {**pointers("g_ptr", "d1_ptr", "d2_ptr"), **ints("C", "H", "W", "tile0"),
              **ints(*(f"{t}{d}" for t in "gab" for d in "bcyx"))},
             dict(S1=1, S2=2, NUM_CONTEXTS=2, CHANNELS_LAST=False, ACC=tl.float32, BLOCK=1024)),
-        "mean_kl_forward": (mean_kl.mean_kl_forward,
-            {**pointers("theta_ptr", "gamma_ptr", "nu_ptr", "rho_ptr", "w_ptr"),
-             **ints("num_blocks", "block_size", "seed", "stream"), "kappa_bits": "i64", "delta_bits": "i64"},
+        "mean_kl_forward": (mean_kl.mean_kl_forward, mean_kl_forward_args,
             dict(HAS_NU=True, ROWS=32, BLOCK=32, ACC=tl.float32)),
-        "mean_kl_backward": (mean_kl.mean_kl_backward,
-            {**pointers("grad_ptr", "theta_ptr", "gamma_ptr", "nu_ptr", "rho_ptr", "d_theta_ptr", "d_gamma_ptr",
-                        "d_rho_ptr"),
-             **ints("num_blocks", "block_size", "seed", "stream"), "kappa_bits": "i64", "delta_bits": "i64"},
+        "mean_kl_backward": (mean_kl.mean_kl_backward, mean_kl_backward_args,
             dict(HAS_NU=True, ROWS=32, BLOCK=32, ACC=tl.float32)),
         # the widest blocks take one block per program (llkern/ops/mean_kl.py: TILE_ELEMENTS // BLOCK)
-        "mean_kl_forward_1024": (mean_kl.mean_kl_forward,
-            {**pointers("theta_ptr", "gamma_ptr", "nu_ptr", "rho_ptr", "w_ptr"),
-             **ints("num_blocks", "block_size", "seed", "stream"), "kappa_bits": "i64", "delta_bits": "i64"},
+        "mean_kl_forward_1024": (mean_kl.mean_kl_forward, mean_kl_forward_args,
             dict(HAS_NU=False, ROWS=1, BLOCK=1024, ACC=tl.float64)),
-        "mean_kl_backward_256": (mean_kl.mean_kl_backward,
-            {**pointers("grad_ptr", "theta_ptr", "gamma_ptr", "nu_ptr", "rho_ptr", "d_theta_ptr", "d_gamma_ptr",
-                        "d_rho_ptr"),
-             **ints("num_blocks", "block_size", "seed", "stream"), "kappa_bits": "i64", "delta_bits": "i64"},
+        "mean_kl_backward_256": (mean_kl.mean_kl_backward, mean_kl_backward_args,
             dict(HAS_NU=False, ROWS=4, BLOCK=256, ACC=tl.float32)),
         "fill_stream": (philox.fill_stream,
             {**pointers("out_x0", "out_x1", dtype="*i64"), "out_z": "*fp32", **ints("seed", "stream", "first"),

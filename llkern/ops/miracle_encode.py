@@ -30,7 +30,7 @@ import numbers
 import numpy as np
 import torch
 
-from llkern._ext import IMPLS, check_values, device_guard
+from llkern._ext import check_values, device_guard
 from llkern.ops.context import use_triton
 from llkern.random import normals, stream_bits
 
@@ -115,8 +115,6 @@ def miracle_select(mu: torch.Tensor, sigma: torch.Tensor, rho: torch.Tensor, *, 
         candidate's score ``log q − log p`` (without the Gumbel noise), float32 (float64 for
         float64 inputs), on mu's device.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"{NAME}: expected impl to be one of {IMPLS}, got {impl!r}")
     num_blocks_total = _check(mu, sigma, rho, seed, bits, first_block, num_blocks_total, choose)
     if not use_triton(NAME, mu.device, impl):
         indices, scores = miracle_select_reference(mu, sigma, rho, seed=seed, bits=bits, first_block=first_block,

@@ -58,12 +58,13 @@ def kl_normal(mu: torch.Tensor, sigma: torch.Tensor, nu: torch.Tensor, rho: torc
     return torch.log(rho / sigma) + (sigma**2 + (mu - nu) ** 2) / (2 * rho**2) - 0.5
 
 
-def mean_kl_mean(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor, rho: torch.Tensor,
+def mean_kl_mean(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor | None, rho: torch.Tensor,
                  kappa_block: float, delta: float = 0.05) -> torch.Tensor:
-    """μ = ν + (1 − δ) ρ √(2κ_w) tanh θ, in the parameters' dtype: the weights' means, which need no r
-    (so no Newton iterations, and no host synchronisation on a GPU)."""
+    """μ = ν + (1 − δ) ρ √(2κ_w) tanh θ (ν None: zero), in the parameters' dtype: the weights' means, which
+    need no r (so no Newton iterations, and no host synchronisation on a GPU)."""
     kappa = kappa_block * torch.softmax(gamma, dim=-1)
-    return nu + (1.0 - delta) * rho * torch.sqrt(2.0 * kappa) * torch.tanh(theta)
+    shift = (1.0 - delta) * rho * torch.sqrt(2.0 * kappa) * torch.tanh(theta)
+    return shift if nu is None else nu + shift
 
 
 def mean_kl_reference(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor, rho: torch.Tensor,
