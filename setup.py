@@ -21,7 +21,8 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
-PACKAGES = ["llkern", "llkern.models", "llkern.ops", "llkern.reference", "llkern.triton_kernels"]
+PACKAGES = ["llkern", "llkern.cli", "llkern.compress", "llkern.data", "llkern.local", "llkern.moda", "llkern.models",
+            "llkern.nn", "llkern.ops", "llkern.reference", "llkern.triton_kernels"]
 PACKAGE_DIR = {"llkern.triton_kernels": "triton_kernels"}
 
 

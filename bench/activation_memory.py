@@ -1,7 +1,7 @@
 """Activation-memory options on digits, K = 4: saved bytes, step time and accuracy of each option.
 
 For ``llkern.models.digits_resnet(4, width=W)`` trained locally with ``llkern.LocalNet`` (linear heads,
-cross-entropy), and each option of ``llkern.activation_memory`` (none, 1-bit ReLU masks, BN+ReLU
+cross-entropy), and each option of ``llkern.nn.activation_memory`` (none, 1-bit ReLU masks, BN+ReLU
 recomputation, both, bfloat16 saved tensors, recomputation with bfloat16 saved tensors):
 
 - peak saved bytes of one local step at batch ``--batch-size`` (``MemoryMeter`` around
@@ -28,10 +28,10 @@ from collections.abc import Callable
 import torch
 
 import llkern
-from llkern.activation_memory import convert, saved_tensors_in
-from llkern.datasets import load_digits
-from llkern.memory import MemoryMeter
+from llkern.data.images import load_digits
+from llkern.local.memory import MemoryMeter
 from llkern.models import digits_resnet
+from llkern.nn.activation_memory import convert, saved_tensors_in
 
 # name, convert() options, dtype of saved tensors (None: unchanged)
 OPTIONS: list[tuple[str, dict[str, bool], torch.dtype | None]] = [

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import llkern
-from llkern.datasets import load_digits
-from llkern.demo import _train
+from llkern.cli.demo import _train
+from llkern.data.images import load_digits
 from llkern.models import digits_resnet
 
 

@@ -141,7 +141,7 @@ for stage in "${stages[@]}"; do
     run ddp-nccl "$(left 80 110)" system.txt $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m llkern \
       train --distributed --device cuda -k 4 --epochs 2 --no-progress --precision bf16 --log-file "$OUT/ddp-nccl.json"
     # the MIRACLE round trip on the GPU: Mean-KL sampling and candidate selection through the Triton kernels
-    run miracle "$(left 110 5)" system.txt $PY -m llkern.compress_demo --out "$OUT/lenet.mira" --no-progress \
+    run miracle "$(left 110 5)" system.txt $PY -m llkern.cli.compress_demo --out "$OUT/lenet.mira" --no-progress \
       --device cuda --json "$OUT/compress.json"
     summary system ;;
   sanitize)

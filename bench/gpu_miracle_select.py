@@ -1,6 +1,6 @@
 """GPU benchmark of MIRACLE candidate selection (``llkern.ops.miracle_encode.miracle_select``): coding
 blocks per second at C = 10 bits, 30 weights a block and C = 12, 60 weights, fp32, both choices,
-against the NumPy encoder's scoring (``llkern.miracle``'s, float64) timed on this machine's CPU on a
+against the NumPy encoder's scoring (``llkern.compress.miracle``'s, float64) timed on this machine's CPU on a
 few blocks. Checks the first blocks' choices against the float64 reference (where not near-ties),
 prints a table and appends rows to bench/results/results.jsonl.
 
@@ -75,13 +75,13 @@ def floor_blocks_per_s(bits: int, block_size: int) -> float:
 def numpy_blocks_per_s(mu, sigma, rho, bits: int) -> tuple[float, str]:
     """Blocks/s of the NumPy encoder's scoring and argmax on these (CPU) blocks."""
     try:  # the encoder's own code where it still has this helper
-        from llkern.miracle import _candidate_scores
+        from llkern.compress.miracle import _candidate_scores
 
         def run():
             m, s, r = (t.double().numpy() for t in (mu, sigma, rho))
             return _candidate_scores(m, s, r, SEED, 0, bits, m.shape[1]).argmax(axis=1)
 
-        label = "llkern.miracle"
+        label = "llkern.compress.miracle"
     except ImportError:
         def run():
             return miracle_select_reference(mu, sigma, rho, seed=SEED, bits=bits)[0]

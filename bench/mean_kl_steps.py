@@ -19,8 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llkern.compression import GaussianNetwork, MeanKLNetwork
-from llkern.datasets import load_digits
+from llkern.compress.mean_kl import GaussianNetwork, MeanKLNetwork
+from llkern.data.images import load_digits
 from llkern.models import digits_lenet
 
 

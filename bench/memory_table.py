@@ -13,7 +13,7 @@ Methods, for each K (the end-to-end row is the same for every K):
   it alone);
 * ``local, equal layers``: :class:`llkern.LocalNet` on ``llkern.split(model, K, by="layers")``;
 * ``local, balanced``: the same on ``llkern.split(model, K, by="saved_bytes")`` (the default);
-* with :mod:`llkern.activation_memory` present, ``local, balanced + masks/recompute``: the
+* with :mod:`llkern.nn.activation_memory` present, ``local, balanced + masks/recompute``: the
   balanced split with 1-bit ReLU masks and BatchNorm+ReLU recomputed in the backward.
 
 Memory: the peak bytes of tensors saved for backward (``llkern.MemoryMeter``, each storage counted

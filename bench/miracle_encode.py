@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from llkern.compression import MeanKLNetwork
-from llkern.miracle import encode
+from llkern.compress.mean_kl import MeanKLNetwork
+from llkern.compress.miracle import encode
 from llkern.models import digits_lenet
 
 

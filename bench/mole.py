@@ -7,7 +7,7 @@ total epoch budget E:
 * ``digits-cnn``   digits as 1×8×8 images, ``llkern.models.digits_lenet_caffe`` (conv-pool | conv-pool | MLP), K = 3;
 * ``karate``       Zachary's karate club, 3 labelled members per faction, the other 28 predicted,
                    ``llkern.models.gcn_nodes`` (2 graph convolutions), K = 2, full batch;
-* ``graphs``       synthetic graphs from four networkx generators (``llkern.graph_data.synthetic_graphs``),
+* ``graphs``       synthetic graphs from four networkx generators (``llkern.data.graphs.synthetic_graphs``),
                    ``llkern.models.gcn_graphs`` (3 graph convolutions, masked-mean readout), K = 3.
 
 MOLE: ``LocalTrainer(mode="sequential")``, module k trained for E/K epochs by
@@ -34,11 +34,11 @@ from torch import nn
 from tqdm import tqdm
 
 import llkern
-from llkern.datasets import load_digits
-from llkern.graph import Graph
-from llkern.graph_data import karate_club, split_graphs, synthetic_graphs
-from llkern.heads import LinearHead
+from llkern.data.graphs import karate_club, split_graphs, synthetic_graphs
+from llkern.data.images import load_digits
 from llkern.models import GraphHead, digits_lenet_caffe, gcn_graphs, gcn_nodes, mlp
+from llkern.nn.graph import Graph
+from llkern.nn.heads import LinearHead
 
 SETTINGS = ("digits-mlp", "digits-cnn", "karate", "graphs")
 

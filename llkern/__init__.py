@@ -3,16 +3,23 @@
 Quick start::
 
     import llkern
-    net = llkern.LocalNet(blocks, num_classes=10, losses=llkern.losses.TransportRegularized(tau=1.0))
+    net = llkern.LocalNet(blocks, num_classes=10, losses=llkern.TransportRegularized(tau=1.0))
     result = net.local_step(x, y)   # forward, local loss and backward, module by module
     optimizer.step()
 """
 
-from llkern import functional, graph, heads, losses, memory, moda
+from llkern import _moved, compress, data, functional, local, moda, nn
 from llkern._ext import extension_loaded, kernel_available, set_value_checks, value_checks
-from llkern.context import ContextSupply
-from llkern.graph import Graph, GraphConv, GraphReadout, graph_conv, normalized_adjacency
-from llkern.heads import (
+from llkern.local import memory
+from llkern.local.memory import MemoryMeter, MemoryReport
+from llkern.local.net import Boundary, LocalNet, StepResult, run_module
+from llkern.local.planner import SplitPlan, split
+from llkern.local.trainer import LocalTrainer
+from llkern.moda.core import MODALocalLoss, MODALoss, moda_local_losses
+from llkern.nn import activation_memory, graph, heads, losses
+from llkern.nn.context import ContextSupply
+from llkern.nn.graph import Graph, GraphConv, GraphReadout, graph_conv, normalized_adjacency
+from llkern.nn.heads import (
     InfoProHead,
     LinearHead,
     MLPSRHead,
@@ -25,8 +32,7 @@ from llkern.heads import (
     reconstruction_decoders,
     token_heads,
 )
-from llkern.local import Boundary, LocalNet, StepResult, run_module
-from llkern.losses import (
+from llkern.nn.losses import (
     Composite,
     CrossEntropy,
     LinearSchedule,
@@ -39,16 +45,14 @@ from llkern.losses import (
     TransportRegularized,
     infopro_schedule,
 )
-from llkern.memory import MemoryMeter, MemoryReport
-from llkern.moda import MODALocalLoss, MODALoss, moda_local_losses
-from llkern.modules import TransportPenalty
+from llkern.nn.transport import TransportPenalty
 from llkern.ops.aux_head import aux_head_loss
 from llkern.ops.context import context_add
 from llkern.ops.mean_kl import mean_kl_sample
 from llkern.ops.miracle_encode import miracle_select
 from llkern.ops.transport import transport_penalty
-from llkern.planner import SplitPlan, split
-from llkern.trainer import LocalTrainer
+
+_moved.install()  # llkern.losses, llkern.demo, ...: the paths before the package was laid out by area
 
 __version__ = "0.1.0"
 
@@ -83,9 +87,12 @@ __all__ = [
     "TokenHead",
     "TransportPenalty",
     "TransportRegularized",
+    "activation_memory",
     "aux_head_loss",
+    "compress",
     "context_add",
     "contrastive_heads",
+    "data",
     "extension_loaded",
     "functional",
     "graph",
@@ -94,6 +101,7 @@ __all__ = [
     "infopro_heads",
     "infopro_schedule",
     "kernel_available",
+    "local",
     "losses",
     "mean_kl_sample",
     "memory",
@@ -101,6 +109,7 @@ __all__ = [
     "mlp_sr_heads",
     "moda",
     "moda_local_losses",
+    "nn",
     "normalized_adjacency",
     "reconstruction_decoders",
     "run_module",

@@ -1,5 +1,5 @@
 import sys
 
-from llkern.cli import main
+from llkern.cli.main import main
 
 sys.exit(main())

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import llkern
-from llkern.activation_memory import (
+from llkern.local.memory import MemoryMeter
+from llkern.models import PreActBlock, digits_resnet, vgg
+from llkern.nn.activation_memory import (
     BatchNormReLU,
     BitMaskReLU,
     RecomputeInputConv2d,
@@ -27,8 +29,6 @@ from llkern.activation_memory import (
     saved_tensors_in,
     unpack_bits,
 )
-from llkern.memory import MemoryMeter
-from llkern.models import PreActBlock, digits_resnet, vgg
 
 F64 = torch.float64
 

@@ -379,7 +379,7 @@ def test_torch_compile_fullgraph():
 
 
 def test_logits_are_not_saved_for_backward():
-    from llkern.memory import MemoryMeter
+    from llkern.local.memory import MemoryMeter
 
     features, weight, bias, target = make((64, 16, 4, 4), 1000)
     with MemoryMeter(exclude=[weight, bias]) as meter:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from llkern.datasets import CIFAR10_MEAN, CIFAR10_STD, CifarUnpickler, RefusedGlobalError, load_cifar10
+from llkern.data.images import CIFAR10_MEAN, CIFAR10_STD, CifarUnpickler, RefusedGlobalError, load_cifar10
 
 TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 RECORD = 3073

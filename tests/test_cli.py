@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from llkern import cli
-from llkern.cli import CHOICES, _parse
+import llkern.cli.main as cli
+from llkern.cli.main import CHOICES, _parse
 
 
 def run(*argv):

@@ -4,9 +4,9 @@ decoded from the file alone and evaluated."""
 import pytest
 import torch
 
-from llkern import miracle
-from llkern.compress_demo import main
-from llkern.datasets import load_digits
+from llkern.cli.compress_demo import main
+from llkern.compress import miracle
+from llkern.data.images import load_digits
 
 
 def check_round_trip(result, path):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llkern.compression import GaussianNetwork, MeanKLNetwork, coding_permutation
+from llkern.compress.mean_kl import GaussianNetwork, MeanKLNetwork, coding_permutation
 from llkern.models import digits_lenet
 from llkern.reference.mean_kl import kl_normal, mean_kl_reference
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import llkern
-from llkern.context import ContextSupply
-from llkern.datasets import load_digits
+from llkern.data.images import load_digits
 from llkern.models import digits_resnet
+from llkern.nn.context import ContextSupply
 from llkern.ops.context import triton_available
 
 MODES = ("E", "R", "RE")

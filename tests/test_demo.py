@@ -2,7 +2,7 @@
 
 import pytest
 
-from llkern import demo
+from llkern.cli import demo
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Graph convolution on a sparse adjacency (llkern.graph): dense float64 references, gradcheck, a 100k-node
+"""Graph convolution on a sparse adjacency (llkern.nn.graph): dense float64 references, gradcheck, a 100k-node
 graph in memory linear in edges, batches of padded graphs, the graph data and errors."""
 
 import re
@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import llkern
-from llkern.graph import (
+from llkern.data.graphs import GRAPH_CLASSES, karate_club, split_graphs, synthetic_graphs
+from llkern.nn.graph import (
     Graph,
     GraphBatches,
     GraphConv,
@@ -20,7 +21,6 @@ from llkern.graph import (
     normalized_adjacency,
     normalized_edges,
 )
-from llkern.graph_data import GRAPH_CLASSES, karate_club, split_graphs, synthetic_graphs
 
 
 def random_edges(n, e, seed=0):
@@ -255,4 +255,4 @@ def test_exports():
     from llkern import models
 
     assert {"GCNLayer", "GraphHead", "gcn_graphs", "gcn_nodes"} <= set(models.__all__)
-    assert block_diagonal is llkern.graph.block_diagonal and normalized_edges is llkern.graph.normalized_edges
+    assert block_diagonal is llkern.nn.graph.block_diagonal and normalized_edges is llkern.nn.graph.normalized_edges

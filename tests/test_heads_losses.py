@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import llkern
-from llkern.datasets import load_digits
-from llkern.heads import (
+from llkern.data.images import load_digits
+from llkern.models import digits_resnet, transformer_encoder
+from llkern.nn.heads import (
     InfoProHead,
     LinearHead,
     MLPSRHead,
@@ -23,7 +24,7 @@ from llkern.heads import (
     reconstruction_decoders,
     token_heads,
 )
-from llkern.losses import (
+from llkern.nn.losses import (
     INFOPRO_WEIGHTS,
     Composite,
     CrossEntropy,
@@ -37,7 +38,6 @@ from llkern.losses import (
     TransportRegularized,
     infopro_schedule,
 )
-from llkern.models import digits_resnet, transformer_encoder
 from llkern.ops.transport import transport_penalty
 
 pytestmark = pytest.mark.filterwarnings("ignore:llkern.*using the pure-PyTorch reference:UserWarning")

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import llkern
-from llkern.losses import CrossEntropy, LocalLoss, TransportRegularized, transport_tau
 from llkern.models import PreActBlock, digits_resnet
+from llkern.nn.losses import CrossEntropy, LocalLoss, TransportRegularized, transport_tau
 
 
 def small_net(**kwargs):

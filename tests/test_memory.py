@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import llkern
-from llkern.memory import MemoryMeter
+from llkern.local.memory import MemoryMeter
 from llkern.models import digits_resnet
 
 
@@ -130,7 +130,7 @@ def test_cuda_allocator_peak_local_vs_end_to_end():
 
 
 def test_cpu_buffer_cache_reuses_and_empties():
-    import llkern.memory as memory
+    import llkern.local.memory as memory
 
     if not llkern.extension_loaded():
         pytest.skip("llkern._C not built")
@@ -156,7 +156,7 @@ def test_cpu_buffer_cache_evicts_the_oldest_beyond_its_limit():
     import textwrap
 
     script = textwrap.dedent("""
-        import torch, llkern, llkern.memory as memory
+        import torch, llkern, llkern.local.memory as memory
         MiB = 2**20
         for numel in (2 * MiB, 1536 * 1024):  # 8 MiB, then 6 MiB gradients
             y = torch.randn(numel, requires_grad=True)

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from llkern.compression import MeanKLNetwork
-from llkern.miracle import FORMAT_VERSION, MAGIC, chosen_weights, decode, encode, read
-from llkern.miracle_header import _varint, describe, parse_header
+from llkern.compress.header import _varint, describe, parse_header
+from llkern.compress.mean_kl import MeanKLNetwork
+from llkern.compress.miracle import FORMAT_VERSION, MAGIC, chosen_weights, decode, encode, read
 from llkern.ops.context import triton_available
 from llkern.reference.mean_kl import mean_kl_reference
 
@@ -237,7 +237,7 @@ def test_decoding_leaves_the_random_state_alone(tmp_path):
 
 def forged(tmp_path, *, bits, block_size, num_blocks, spec, rho, dtypes, payload):
     """A MIRACLE file with this header and ``payload`` bytes after it, checksummed like a real one."""
-    from llkern.miracle_header import write_header
+    from llkern.compress.header import write_header
 
     body = MAGIC + write_header(version=FORMAT_VERSION, seed=1, bits=bits, block_size=block_size,
                                 num_blocks=num_blocks, spec=spec, rho=rho, dtypes=dtypes) + payload
@@ -259,7 +259,7 @@ def batchnorm(n):
 def test_forged_headers_are_refused_before_anything_is_allocated(tmp_path, monkeypatch, case):
     # A 45-byte file once asked for a 4096x4096 Linear in one block of 2^24 weights: 3 GB and 51 s to decode.
     # Every weight a header asks for must be paid for in the file (blocks x C bits, the uncompressed bytes).
-    import llkern.miracle as miracle
+    import llkern.compress.miracle as miracle
 
     def never(*_, **__):
         raise AssertionError("the decoder allocated the model of a forged header")

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import llkern
-from llkern import moda
-from llkern.moda_demo import main
+from llkern.cli.moda_demo import main
+from llkern.moda import core as moda
 from llkern.models import BasicBlock, PreActBlock
 from llkern.models.moda_cnn import ResidualReLUBlock, digits_cnn, digits_resnet_moda
 
@@ -214,7 +214,7 @@ def test_local_loss_in_localnet(tmp_path):
     with torch.no_grad():
         net(x)
     assert all(loss._recorded == [] for loss in net.losses)
-    ctx = llkern.losses.LocalContext(0, 3, x, out, y, net.heads[0])
+    ctx = llkern.nn.losses.LocalContext(0, 3, x, out, y, net.heads[0])
     with pytest.raises(RuntimeError, match="no ReLU output"):
         net.losses[0](ctx)
     # saved and loaded, the hooks go with the copy and record into the copy's losses
@@ -480,7 +480,7 @@ def test_demo_cifar_path_on_a_tiny_file(tmp_path):
 
 def test_integer_activations_are_refused_by_name():
     # (they once reached vector_norm's dtype error)
-    from llkern.moda import moda_terms
+    from llkern.moda.core import moda_terms
 
     with pytest.raises(TypeError, match="floating-point activations"):
         moda_terms(torch.ones(4, 3, dtype=torch.long), torch.zeros(4, dtype=torch.long))

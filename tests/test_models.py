@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llkern.datasets import load_digits
-from llkern.local import run_module
+from llkern.data.images import load_digits
+from llkern.local.net import run_module
 from llkern.models import (
     BasicBlock,
     PadShortcut,

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llkern.graph import Graph, GraphReadout
-from llkern.graph_data import synthetic_graphs
-from llkern.heads import LinearHead
-from llkern.losses import LocalContext, MutualInformation
+from llkern.data.graphs import synthetic_graphs
+from llkern.nn.graph import Graph, GraphReadout
+from llkern.nn.heads import LinearHead
+from llkern.nn.losses import LocalContext, MutualInformation
 from llkern.ops.similarity import renyi_mutual_information
 
 pytestmark = pytest.mark.filterwarnings("ignore:llkern.*using the pure-PyTorch reference:UserWarning")

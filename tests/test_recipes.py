@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llkern.cli import run
+from llkern.cli.main import run
 
 from .test_cifar import _named, _split, write_binary
 

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import llkern
-from llkern.datasets import load_digits
-from llkern.heads import LinearHead, ProjectionHead, contrastive_heads
-from llkern.losses import CrossEntropy, LocalContext, LocalLoss, MutualInformation, SupervisedContrastive
+from llkern.data.images import load_digits
 from llkern.models import digits_resnet
+from llkern.nn.heads import LinearHead, ProjectionHead, contrastive_heads
+from llkern.nn.losses import CrossEntropy, LocalContext, LocalLoss, MutualInformation, SupervisedContrastive
 from llkern.ops.similarity import renyi_mutual_information, supcon_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:llkern.*using the pure-PyTorch reference:UserWarning")

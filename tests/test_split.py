@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import llkern
+from llkern.local.planner import SplitPlan, linear_partition, split
 from llkern.models import PreActBlock
-from llkern.planner import SplitPlan, linear_partition, split
 
 
 def _brute_force(cost, n, k):

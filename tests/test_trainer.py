@@ -15,9 +15,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import llkern
-from llkern.losses import CrossEntropy, LocalLoss
+from llkern.local.trainer import LocalTrainer, module_parameters, module_parts
 from llkern.models import digits_resnet
-from llkern.trainer import LocalTrainer, module_parameters, module_parts
+from llkern.nn.losses import CrossEntropy, LocalLoss
 
 
 def small_net(num_modules=3, width=4, seed=0, **kwargs):
@@ -355,7 +355,7 @@ def test_data_parallel_two_gloo_processes_match_one_process_on_the_whole_batch(t
 
 
 def test_module_step_wraps_exactly_one_module_and_gives_the_same_step():
-    from llkern.local import ModuleStep
+    from llkern.local.net import ModuleStep
 
     nets = [small_net(context="RE"), small_net(context="RE")]
     steps = [ModuleStep(nets[1], k) for k in range(3)]
@@ -377,8 +377,8 @@ def test_module_step_wraps_exactly_one_module_and_gives_the_same_step():
 def test_distributed_refuses_graph_models():
     import torch.distributed as dist
 
-    from llkern.graph import Graph, normalized_adjacency
     from llkern.models import gcn_nodes
+    from llkern.nn.graph import Graph, normalized_adjacency
 
     graph = Graph(normalized_adjacency(torch.tensor([[0, 1, 2], [1, 2, 3]]), 4))
     model = gcn_nodes(graph, 3, 2, hidden=4, depth=2)
@@ -503,7 +503,7 @@ def test_checkpoint_mismatch_and_construction_errors(tmp_path):
 
 @pytest.mark.slow
 def test_digits_local_k4_within_two_points_of_end_to_end():
-    from llkern.datasets import load_digits
+    from llkern.data.images import load_digits
 
     torch.set_num_threads(1)
     x_train, y_train, x_test, y_test = load_digits(seed=0)

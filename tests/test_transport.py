@@ -218,7 +218,7 @@ def test_no_gradient_work_when_not_needed():
 
 
 def test_holds_one_buffer_until_backward():
-    from llkern.memory import MemoryMeter
+    from llkern.local.memory import MemoryMeter
 
     leaf = torch.randn(1000, requires_grad=True)
     with MemoryMeter() as meter:

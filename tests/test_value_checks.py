@@ -12,7 +12,7 @@ import torch
 
 import llkern
 import llkern._ext as ext
-from llkern.compression import MeanKLNetwork
+from llkern.compress.mean_kl import MeanKLNetwork
 from llkern.ops.context import triton_available
 
 CUDA = torch.cuda.is_available() and llkern.kernel_available("aux_head_loss", "cuda")

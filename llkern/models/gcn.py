@@ -3,7 +3,7 @@
 Both are flat ``nn.Sequential``\\ s of cuttable units: ``layer_0 … layer_{L-1}`` (a :class:`GCNLayer`
 each: graph convolution, ReLU, dropout; never cut inside), then for graphs a ``readout`` (masked mean
 over each graph's nodes), then ``head`` (``nn.Linear``). Every layer reads the model's
-:class:`llkern.graph.Graph` (``model.graph``); see :mod:`llkern.graph` for how the graph is set.
+:class:`llkern.nn.graph.Graph` (``model.graph``); see :mod:`llkern.nn.graph` for how the graph is set.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from llkern.graph import Graph, GraphConv, GraphReadout
+from llkern.nn.graph import Graph, GraphConv, GraphReadout
 
 
 class GCNLayer(nn.Module):
@@ -31,7 +31,7 @@ class GCNLayer(nn.Module):
 
 
 class GraphHead(nn.Module):
-    """A graph-level classifier head: :class:`llkern.graph.GraphReadout` (masked mean over each graph's
+    """A graph-level classifier head: :class:`llkern.nn.graph.GraphReadout` (masked mean over each graph's
     nodes), then a linear layer: ``(B, n, C)`` → ``(B, classes)``. A head for the modules of a
     :func:`gcn_graphs` model in a :class:`llkern.LocalNet`."""
 
@@ -46,7 +46,7 @@ class GraphHead(nn.Module):
 
 def _layers(graph: Graph, in_features: int, hidden: int, depth: int, dropout: float) -> list[tuple[str, nn.Module]]:
     if not isinstance(graph, Graph):
-        raise TypeError(f"gcn: expected graph to be a llkern.graph.Graph, got {type(graph).__name__}")
+        raise TypeError(f"gcn: expected graph to be a llkern.nn.graph.Graph, got {type(graph).__name__}")
     if depth < 1 or hidden < 1 or in_features < 1:
         raise ValueError(f"gcn: expected depth, hidden and in_features >= 1, got {depth}, {hidden}, {in_features}")
     widths = [in_features] + [hidden] * depth
@@ -76,7 +76,7 @@ def gcn_graphs(graph: Graph, in_features: int, num_classes: int, *, hidden: int 
                dropout: float = 0.0) -> nn.Sequential:
     """A graph-classification GCN: ``layer_*`` (:class:`GCNLayer`), ``readout`` (masked mean over each
     graph's nodes), ``head`` (linear). ``(B, n_max, in_features)`` padded batches (the batch's graph set
-    in ``graph`` by :class:`llkern.graph.GraphBatches`) → ``(B, num_classes)``."""
+    in ``graph`` by :class:`llkern.nn.graph.GraphBatches`) → ``(B, num_classes)``."""
     model = nn.Sequential(OrderedDict([*_layers(graph, in_features, hidden, depth, dropout),
                                        ("readout", GraphReadout(graph)), ("head", nn.Linear(hidden, num_classes))]))
     _attach(model, graph)

@@ -1,6 +1,6 @@
 """MIRACLE candidate selection on the GPU: score every block's 2^C candidates and keep one index per block.
 
-What :func:`llkern.miracle.encode` computes per coding block, as one op. Block ``b = first_block + i``
+What :func:`llkern.compress.miracle.encode` computes per coding block, as one op. Block ``b = first_block + i``
 has posterior means ``mu[i]``, standard deviations ``sigma[i]`` and prior standard deviations
 ``rho[i]`` (the prior mean is 0). Candidate k's weights are ``w_kj = rho_ij · eps_kj``, eps_kj the
 normal of draw ``k · block_size + j`` of llkern's Philox stream ``(seed, b)`` (docs/random.md), and

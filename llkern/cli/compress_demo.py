@@ -1,14 +1,14 @@
 """MIRACLE compression of a LeNet-5 on digits, end to end: train, encode, decode, evaluate.
 
-    python -m llkern.compress_demo [--out digits-lenet.mira] [--bits 10] [--block-size 72] ...
+    python -m llkern.cli.compress_demo [--out digits-lenet.mira] [--bits 10] [--block-size 72] ...
 
 1. Train the uncompressed model (:func:`llkern.models.digits_lenet_caffe`, float32) and measure
    its test accuracy.
-2. Make its Linear/Conv2d weights Mean-KL variational (:class:`llkern.compression.MeanKLNetwork`,
+2. Make its Linear/Conv2d weights Mean-KL variational (:class:`llkern.compress.mean_kl.MeanKLNetwork`,
    every block of ``--block-size`` weights exactly ``--bits`` bits of KL), starting from the
    trained weights, and train.
-3. Code it (:func:`llkern.miracle.encode`), retraining the blocks not yet coded after every chunk.
-4. Rebuild an ordinary ``nn.Module`` from the file alone (:func:`llkern.miracle.decode`) and
+3. Code it (:func:`llkern.compress.miracle.encode`), retraining the blocks not yet coded after every chunk.
+4. Rebuild an ordinary ``nn.Module`` from the file alone (:func:`llkern.compress.miracle.decode`) and
    measure its test accuracy.
 
 The issue's target: a file of at most 1/200 of the float32 weights, and test accuracy within 2
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from llkern import miracle
-from llkern.compression import MeanKLNetwork
-from llkern.datasets import load_digits
+from llkern.compress import miracle
+from llkern.compress.mean_kl import MeanKLNetwork
+from llkern.data.images import load_digits
 from llkern.models import digits_lenet_caffe
 
 __all__ = ["CompressionResult", "main", "run"]
@@ -148,7 +148,7 @@ def run(out: str | Path, *, bits: int = 10, block_size: int = 72, pretrain_steps
 
 
 def main(argv: list[str] | None = None) -> CompressionResult:
-    parser = argparse.ArgumentParser(prog="python -m llkern.compress_demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m llkern.cli.compress_demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="digits-lenet.mira", help="the MIRACLE file to write")
     parser.add_argument("--bits", type=int, default=10, help="C, bits per coding block")

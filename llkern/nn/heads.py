@@ -78,7 +78,7 @@ class ProjectionHead(nn.Module):
 
     ``(B,C,H,W)`` → ``(B, out_dim)``; ``(B,C)`` → ``(B, out_dim)``; ``(B,T,C)`` → ``(B,T, out_dim)``.
     ``forward`` returns the projections (not normalised: :func:`llkern.ops.similarity.supcon_loss`
-    normalises them). Used by :class:`llkern.losses.SupervisedContrastive` on modules 0..K−2; see
+    normalises them). Used by :class:`llkern.nn.losses.SupervisedContrastive` on modules 0..K−2; see
     :func:`contrastive_heads`.
 
     Args:
@@ -105,7 +105,7 @@ class ProjectionHead(nn.Module):
 
 def contrastive_heads(num_classes: int, num_modules: int, *, out_dim: int = 128,
                       hidden: int = 128) -> Callable[[int, torch.Size | None], nn.Module]:
-    """A head factory for :class:`llkern.LocalNet` with :class:`llkern.losses.SupervisedContrastive`:
+    """A head factory for :class:`llkern.LocalNet` with :class:`llkern.nn.losses.SupervisedContrastive`:
     a :class:`ProjectionHead` on modules 0..K−2 and a :class:`LinearHead` classifier on the last one
     (trained by the last module's task loss), so ``net(x)`` gives logits.
 
@@ -238,8 +238,8 @@ class InfoProHead(nn.Module):
     ``1c2f`` head of the authors' code): conv3×3 → BatchNorm → ReLU → global average pool → flatten →
     Linear(·, hidden) → ReLU → Linear(hidden, num_classes).
 
-    ``(B,C,H,W)`` → ``(B, num_classes)``. With :class:`llkern.losses.SupervisedContrastive` the output is the
-    projection (InfoPro: 128-d), with :class:`llkern.losses.CrossEntropy` the logits.
+    ``(B,C,H,W)`` → ``(B, num_classes)``. With :class:`llkern.nn.losses.SupervisedContrastive` the output is the
+    projection (InfoPro: 128-d), with :class:`llkern.nn.losses.CrossEntropy` the logits.
 
     Args:
         num_classes: output dimension: the classes, or the projection dimension for a contrastive loss.
@@ -314,7 +314,7 @@ class ReconstructionDecoder(nn.Module):
     ``(B,C,h,w)`` → bilinear interpolation to the image's ``(H, W)`` (``align_corners=True``, as InfoPro) →
     conv3×3 ``C → hidden`` → BatchNorm → ReLU → conv3×3 ``hidden → image channels`` → ``(B, C_img, H, W)``.
     InfoPro ends with a sigmoid and a binary cross-entropy against the image in [0, 1]; llkern's
-    :class:`llkern.losses.Reconstruction` compares against the (standardised) input with an MSE, so the
+    :class:`llkern.nn.losses.Reconstruction` compares against the (standardised) input with an MSE, so the
     output is linear: no sigmoid.
 
     Args:
@@ -353,7 +353,7 @@ class ReconstructionDecoder(nn.Module):
 
 
 def reconstruction_decoders(image_shape: FeatureShape, *, hidden: int = 12, mode: str = "bilinear") -> HeadFactory:
-    """A decoder factory ``f(k, feature_shape)`` for :class:`llkern.losses.Reconstruction`: a
+    """A decoder factory ``f(k, feature_shape)`` for :class:`llkern.nn.losses.Reconstruction`: a
     :class:`ReconstructionDecoder` from module k's features to ``image_shape`` (the network's input,
     ``(C,H,W)`` or ``(B,C,H,W)``, e.g. ``x.shape``). Arguments as :class:`ReconstructionDecoder`."""
     image_shape = tuple(image_shape)
@@ -372,7 +372,7 @@ class TokenHead(nn.Module):
     ``(B,T,C)`` → per-token logits ``(B,T, classes)`` (``pool=False``, targets ``(B,T)``), or the logits of the
     mean over tokens ``(B, classes)`` (``pool=True``, targets ``(B,)``). The LayerNorm matters because
     pre-norm blocks leave the residual stream unnormalised. :meth:`loss` computes the cross-entropy through the
-    :class:`LinearHead`'s fused op (logits never formed), so :class:`llkern.losses.CrossEntropy` uses it.
+    :class:`LinearHead`'s fused op (logits never formed), so :class:`llkern.nn.losses.CrossEntropy` uses it.
 
     Args:
         num_classes: classes.
@@ -425,7 +425,7 @@ def feature_shapes(blocks: Sequence[nn.Module], example_input: torch.Tensor) -> 
     """The output shape of each module on ``example_input``, as :class:`llkern.LocalNet` passes them to a head
     factory (the blocks run in eval mode, so BatchNorm statistics stay untouched; modes are restored).
 
-    Gives :class:`llkern.losses.Reconstruction` the shapes its decoder factory needs.
+    Gives :class:`llkern.nn.losses.Reconstruction` the shapes its decoder factory needs.
     """
     shapes, h = [], example_input
     for block in blocks:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llkern.heads import ProjectionHead
+from llkern.nn.heads import ProjectionHead
 from llkern.ops.similarity import renyi_mutual_information, supcon_loss
 from llkern.ops.transport import transport_penalty
 
@@ -62,7 +62,7 @@ class LocalLoss(nn.Module):
 class CrossEntropy(LocalLoss):
     """Cross-entropy of the module's head on its output: ``CE(head(outputs), target)``.
 
-    A head with a fused ``loss(features, target, ...)`` method (:class:`llkern.heads.LinearHead`)
+    A head with a fused ``loss(features, target, ...)`` method (:class:`llkern.nn.heads.LinearHead`)
     computes it without forming logits; any other head is called for logits.
     """
 
@@ -115,7 +115,7 @@ class TransportRegularized(LocalLoss):
                  on: str = "blocks", reduction: str = "mean", impl: str = "auto") -> None:
         super().__init__()
         if task is not None and task is not False and not isinstance(task, LocalLoss):
-            raise TypeError(f"TransportRegularized: expected task to be a llkern.losses.LocalLoss, None or False, "
+            raise TypeError(f"TransportRegularized: expected task to be a llkern.nn.losses.LocalLoss, None or False, "
                             f"got {type(task).__name__}")
         if on not in ("blocks", "module"):
             raise ValueError(f"TransportRegularized: expected on to be 'blocks' or 'module', got {on!r}")
@@ -177,7 +177,7 @@ class _LastModuleTask(LocalLoss):
         elif last_module_task is False:
             last_module_task = None
         elif not isinstance(last_module_task, LocalLoss):
-            raise TypeError(f"{name}: expected last_module_task to be True, False or a llkern.losses.LocalLoss, "
+            raise TypeError(f"{name}: expected last_module_task to be True, False or a llkern.nn.losses.LocalLoss, "
                             f"got {type(last_module_task).__name__}")
         self.name = name
         self.task = last_module_task
@@ -193,7 +193,7 @@ class _LastModuleTask(LocalLoss):
         if self.uses_task(ctx.k, ctx.num_modules):
             if isinstance(self.task, CrossEntropy) and isinstance(ctx.head, ProjectionHead):
                 raise ValueError(f"{self.name}: the last module (k={ctx.k}) is trained by cross-entropy but its "
-                                 "head is a ProjectionHead; give it a classifier (e.g. llkern.heads."
+                                 "head is a ProjectionHead; give it a classifier (e.g. llkern.nn.heads."
                                  "contrastive_heads(num_classes, num_modules) with num_modules = K)")
             return self.task(ctx)
         return self.local(ctx)
@@ -204,11 +204,11 @@ class SupervisedContrastive(_LastModuleTask):
     projections, ``supcon_loss(head(outputs), target, temperature)``
     (:func:`llkern.ops.similarity.supcon_loss`, rows L2-normalised).
 
-    The head of such a module should be a projection head (:class:`llkern.heads.ProjectionHead`:
+    The head of such a module should be a projection head (:class:`llkern.nn.heads.ProjectionHead`:
     mean-pool + MLP); the loss has no logits, so ``StepResult.accuracies[k]`` is None. As in
     InfoPro, the last module is trained by a task loss instead (``last_module_task``, default
     :class:`CrossEntropy`) so the network ends in a classifier: use
-    :func:`llkern.heads.contrastive_heads` for the heads. Terms: ``"supcon"``, or the task loss's
+    :func:`llkern.nn.heads.contrastive_heads` for the heads. Terms: ``"supcon"``, or the task loss's
     (``"ce"``) on the last module.
 
     Args:
@@ -265,7 +265,7 @@ class MutualInformation(_LastModuleTask):
         label_sigma: width of the labels' kernel; None (default) is the label-equality indicator.
         pool: mean-pool (B,C,H,W) features over H, W instead of flattening them (default False).
         readout: a callable (an ``nn.Module`` to keep the net picklable) mapping the module's output to
-            the ``(B, d)`` rows T, in place of ``pool``/flattening; e.g. :class:`llkern.graph.GraphReadout`
+            the ``(B, d)`` rows T, in place of ``pool``/flattening; e.g. :class:`llkern.nn.graph.GraphReadout`
             (one row per graph of a padded batch). Default None.
         ignore_index: rows whose label is this value are left out of I(T; Y) (semi-supervised node
             classification: the unlabelled nodes), as :class:`CrossEntropy`'s ``ignore_index``; the width
@@ -362,7 +362,7 @@ DecoderFactory = Callable[[int, torch.Size], nn.Module]
 
 class Reconstruction(LocalLoss):
     """InfoPro's reconstruction term: ``weight · MSE(decoder_k(outputs), image)``, the network's input image
-    reconstructed from module k's output (:class:`llkern.heads.ReconstructionDecoder`).
+    reconstructed from module k's output (:class:`llkern.nn.heads.ReconstructionDecoder`).
 
     InfoPro's decoder ends in a sigmoid and a binary cross-entropy against the image in [0, 1]; llkern's inputs
     are standardised (not in [0, 1]), so the decoder is linear and the loss the mean squared error
@@ -373,11 +373,11 @@ class Reconstruction(LocalLoss):
     Args:
         decoders: one ``nn.Module`` (the decoder of whichever module this loss serves: build one loss per
             module with a loss factory), a list of K modules (module k uses ``decoders[k]``), or a factory
-            ``f(k, feature_shape) -> nn.Module`` such as :func:`llkern.heads.reconstruction_decoders`, built for
+            ``f(k, feature_shape) -> nn.Module`` such as :func:`llkern.nn.heads.reconstruction_decoders`, built for
             ``feature_shapes`` (here, or later by :meth:`build`; build it before creating the optimizer).
         weight: a factor ≥ 0 on the MSE (default 1; in a :class:`Composite` leave it 1 and weigh the term there).
         feature_shapes: the K module output shapes for a decoder factory
-            (:func:`llkern.heads.feature_shapes`).
+            (:func:`llkern.nn.heads.feature_shapes`).
 
     With :class:`llkern.LocalTrainer` give each module its own loss (``losses=lambda k, K: ...``): the trainer
     gives module k the parameters of ``net.losses[k]``, so K decoders in one shared loss would all go to module 0.
@@ -420,7 +420,7 @@ class Reconstruction(LocalLoss):
         """Build the decoders from the factory: decoder k = ``factory(k, feature_shapes[k])``.
 
         Args:
-            feature_shapes: the K module output shapes, e.g. ``llkern.heads.feature_shapes(blocks, x[:2])``.
+            feature_shapes: the K module output shapes, e.g. ``llkern.nn.heads.feature_shapes(blocks, x[:2])``.
         """
         if self.factory is None:
             raise RuntimeError("Reconstruction.build: the decoders were given as modules, or are built already")
@@ -443,7 +443,7 @@ class Reconstruction(LocalLoss):
             return self.decoders[0], "decoders"
         if not self.built:
             raise RuntimeError("Reconstruction: the decoder factory has no decoders yet; give feature_shapes="
-                               "llkern.heads.feature_shapes(blocks, example_input), or call build(feature_shapes) "
+                               "llkern.nn.heads.feature_shapes(blocks, example_input), or call build(feature_shapes) "
                                "before creating the optimizer")
         if len(self.decoders) != num_modules:
             raise ValueError(f"Reconstruction: expected decoders to hold {num_modules} decoders (one per module), "
@@ -539,7 +539,7 @@ def infopro_schedule(first: tuple[float, float], last: tuple[float, float],
     as InfoPro's code (``ratio = k/(K−2)``, 0 for K = 2), and the last module gets ``final`` (default
     ``(0, 1)``: InfoPro trains it by the cross-entropy alone).
 
-    ``llkern.losses.INFOPRO_WEIGHTS[("resnet32", 4)]`` holds the published ``(first, last)`` for CIFAR-10::
+    ``llkern.nn.losses.INFOPRO_WEIGHTS[("resnet32", 4)]`` holds the published ``(first, last)`` for CIFAR-10::
 
         recon, task = infopro_schedule(*INFOPRO_WEIGHTS["resnet32", 4])
         losses = lambda k, K: Composite([(Reconstruction(decoders[k]), recon), (SupervisedContrastive(), task)])
@@ -595,7 +595,7 @@ class Composite(LocalLoss):
             else:
                 raise TypeError(f"Composite: expected terms[{i}] to be a (LocalLoss, weight) pair, got {item!r}")
             if not isinstance(loss, LocalLoss):
-                raise TypeError(f"Composite: expected terms[{i}][0] to be a llkern.losses.LocalLoss, "
+                raise TypeError(f"Composite: expected terms[{i}][0] to be a llkern.nn.losses.LocalLoss, "
                                 f"got {type(loss).__name__}")
             if not callable(weight):
                 weight = _weight("Composite", f"the weight of terms[{i}]", weight)

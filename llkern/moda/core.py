@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llkern.losses import CrossEntropy, LocalContext, LocalLoss, LocalLossOutput
 from llkern.models.moda_cnn import ResidualReLUBlock
+from llkern.nn.losses import CrossEntropy, LocalContext, LocalLoss, LocalLossOutput
 
 __all__ = [
     "ActivationCollector",
@@ -253,7 +253,7 @@ class MODALoss(nn.Module):
             logits = self.model(x)
         if not collected.activations:
             raise ValueError(f"MODALoss: model ({type(self.model).__name__}) produced no ReLU output: it needs "
-                             "nn.ReLU modules, or functional ReLUs wrapped in llkern.moda.record")
+                             "nn.ReLU modules, or functional ReLUs wrapped in llkern.moda.core.record")
         terms = moda_terms(collected.activations, target, self.eps)
         ce = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
         loss = ce + _weighted(terms, self.weights)
@@ -274,7 +274,7 @@ class MODALocalLoss(LocalLoss):
     Args:
         block: the module of the LocalNet whose ReLUs are used.
         affinity, dispersion, compactness: the terms' weights (MODA's 1.0, 1.0, 0.3).
-        task: the task loss through the head (default :class:`llkern.losses.CrossEntropy`).
+        task: the task loss through the head (default :class:`llkern.nn.losses.CrossEntropy`).
     """
 
     def __init__(self, block: nn.Module, affinity: float = 1.0, dispersion: float = 1.0, compactness: float = 0.3,
@@ -286,7 +286,7 @@ class MODALocalLoss(LocalLoss):
         if not relus:
             raise ValueError(f"MODALocalLoss: block ({type(block).__name__}) has no nn.ReLU module")
         if task is not None and not isinstance(task, LocalLoss):
-            raise TypeError(f"MODALocalLoss: expected task to be a llkern.losses.LocalLoss, got {type(task).__name__}")
+            raise TypeError(f"MODALocalLoss: expected task to be an llkern.LocalLoss, got {type(task).__name__}")
         self.task = task if task is not None else CrossEntropy()
         self.weights = _check_weights("MODALocalLoss", affinity, dispersion, compactness)
         self.eps = eps
@@ -315,7 +315,7 @@ class MODALocalLoss(LocalLoss):
         acts = [a for a in acts if a.shape[0] == batch]
         if not acts:
             raise RuntimeError(f"MODALocalLoss: no ReLU output of module {ctx.k} was recorded; build the loss "
-                               "with the block it trains (llkern.moda.moda_local_losses(blocks)) and run the "
+                               "with the block it trains (llkern.moda.core.moda_local_losses(blocks)) and run the "
                                "module in training mode with gradients")
         out = self.task(ctx)
         terms = moda_terms(acts, ctx.target, self.eps)

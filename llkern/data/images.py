@@ -23,7 +23,7 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor
         from sklearn.datasets import load_digits as sk_load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as error:
-        raise ImportError("llkern.datasets.load_digits needs scikit-learn: pip install scikit-learn") from error
+        raise ImportError("llkern.data.images.load_digits needs scikit-learn: pip install scikit-learn") from error
     data = sk_load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.int64)

@@ -1,4 +1,4 @@
-"""MIRACLE coding of a trained :class:`llkern.compression.MeanKLNetwork`, and its file format.
+"""MIRACLE coding of a trained :class:`llkern.compress.mean_kl.MeanKLNetwork`, and its file format.
 
 Encoding: for every coding block b, the 2^C candidates ``w_k = ρ ε_k`` are drawn from the prior
 N(0, ρ²) with llkern's Philox stream ``(seed, b)`` (draw ``k · block_size + j`` for weight j;
@@ -32,8 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from llkern._ext import value_checks
-from llkern.compression import MeanKLNetwork, coding_permutation
-from llkern.miracle_header import (
+from llkern.compress.header import (
     CODE_OF_DTYPE,
     HeaderError,
     build,
@@ -42,6 +41,7 @@ from llkern.miracle_header import (
     parse_header,
     write_header,
 )
+from llkern.compress.mean_kl import MeanKLNetwork, coding_permutation
 from llkern.ops.miracle_encode import miracle_select
 from llkern.random import GENERATOR_ID, normals
 from llkern.reference.mean_kl import mean_kl_reference
@@ -91,7 +91,7 @@ def encode(net: MeanKLNetwork, path: str | Path, *, choose: str = "argmax", chun
     """Code ``net``'s weights (one C-bit index per block) and write the file to ``path``.
 
     Blocks are coded in order, ``chunk_blocks`` at a time. Each coded block is fixed in ``net``
-    (:meth:`~llkern.compression.MeanKLNetwork.fix_blocks`), so afterwards ``net`` computes exactly
+    (:meth:`~llkern.compress.mean_kl.MeanKLNetwork.fix_blocks`), so afterwards ``net`` computes exactly
     what :func:`decode` will rebuild. With ``retrain``, the blocks not yet coded are trained after
     every chunk to make up for the ones just fixed (MIRACLE's retraining); ``retrain(net)`` runs
     the caller's training steps on ``net`` (the coded blocks no longer move) and returns.
@@ -108,14 +108,16 @@ def encode(net: MeanKLNetwork, path: str | Path, *, choose: str = "argmax", chun
         progress: a progress bar over the blocks.
     """
     if not isinstance(net, MeanKLNetwork):
-        raise TypeError(f"llkern.miracle.encode: expected a MeanKLNetwork, got {type(net).__name__}")
+        raise TypeError(f"llkern.compress.miracle.encode: expected a MeanKLNetwork, got {type(net).__name__}")
     if choose not in CHOICES:
-        raise ValueError(f"llkern.miracle.encode: expected choose to be one of {CHOICES}, got {choose!r}")
+        raise ValueError(f"llkern.compress.miracle.encode: expected choose to be one of {CHOICES}, got {choose!r}")
     if isinstance(chunk_blocks, bool) or not isinstance(chunk_blocks, int) or chunk_blocks < 1:
-        raise ValueError(f"llkern.miracle.encode: expected chunk_blocks to be an int >= 1, got {chunk_blocks!r}")
+        raise ValueError(f"llkern.compress.miracle.encode: expected chunk_blocks to be an int >= 1, "
+                         f"got {chunk_blocks!r}")
     if retrain is not None and not callable(retrain):
-        raise TypeError(f"llkern.miracle.encode: expected retrain to be callable or None, got {type(retrain).__name__}")
-    spec = describe(net.model, "llkern.miracle.encode")
+        raise TypeError(f"llkern.compress.miracle.encode: expected retrain to be callable or None, "
+                        f"got {type(retrain).__name__}")
+    spec = describe(net.model, "llkern.compress.miracle.encode")
     coded, uncompressed = coded_and_uncompressed(net.model)
     with torch.device("meta"):
         rebuilt_coded, rebuilt = coded_and_uncompressed(build(spec))
@@ -123,14 +125,14 @@ def encode(net: MeanKLNetwork, path: str | Path, *, choose: str = "argmax", chun
     # twice in the Sequential, or an extra buffer, would write a file that cannot be read back)
     if [(n, t.shape) for n, t in coded] != [(n, t.shape) for n, t in rebuilt_coded] or \
             [n for n, _ in coded] != list(net.names):
-        raise ValueError("llkern.miracle.encode: the model's coded tensors differ from those its layers create "
-                         "(a layer used twice?); the file cannot describe them")
+        raise ValueError("llkern.compress.miracle.encode: the model's coded tensors differ from those its layers "
+                         "create (a layer used twice?); the file cannot describe them")
     if [(n, t.shape) for n, t in uncompressed] != [(n, t.shape) for n, t in rebuilt]:
-        raise ValueError("llkern.miracle.encode: the model's tensors other than the coded ones differ from those its "
-                         "layers create; the file cannot describe them")
+        raise ValueError("llkern.compress.miracle.encode: the model's tensors other than the coded ones differ from "
+                         "those its layers create; the file cannot describe them")
     for name, tensor in uncompressed:  # before coding: a failure here must not leave blocks half coded
         if tensor.dtype not in CODE_OF_DTYPE:
-            raise ValueError(f"llkern.miracle.encode: cannot store {name} of dtype {tensor.dtype}")
+            raise ValueError(f"llkern.compress.miracle.encode: cannot store {name} of dtype {tensor.dtype}")
     bits, block_size, num_blocks = net.bits_per_block, net.block_size, net.num_blocks
     indices = np.empty(num_blocks, dtype=np.int64)
     net.release_blocks()
@@ -195,7 +197,7 @@ def chosen_weights(header: dict, indices: np.ndarray) -> dict[str, torch.Tensor]
 def read(path: str | Path) -> tuple[dict, np.ndarray, bytes]:
     """A file's header, its block indices and the raw bytes of its uncompressed tensors (checked)."""
     blob = Path(path).read_bytes()
-    name = "llkern.miracle.decode"
+    name = "llkern.compress.miracle.decode"
     if len(blob) < len(MAGIC) + 4 or blob[:len(MAGIC)] != MAGIC:
         raise ValueError(f"{name}: {path} is not an llkern MIRACLE file (bad magic or too short)")
     body, stored = blob[:-4], struct.unpack("<I", blob[-4:])[0]
@@ -236,12 +238,12 @@ def decode(path: str | Path) -> nn.Module:
         dtype = entry["dtype"]
         nbytes = math.prod(entry["shape"]) * torch.empty((), dtype=dtype).element_size()
         if offset + nbytes > len(raw):
-            raise ValueError(f"llkern.miracle.decode: {path} is truncated (tensor {entry['name']})")
+            raise ValueError(f"llkern.compress.miracle.decode: {path} is truncated (tensor {entry['name']})")
         data = torch.frombuffer(bytearray(raw[offset:offset + nbytes]), dtype=torch.uint8) if nbytes else \
             torch.empty(0, dtype=torch.uint8)
         state[entry["name"]] = data.view(dtype).reshape(entry["shape"]).clone()
         offset += nbytes
     if offset != len(raw):
-        raise ValueError(f"llkern.miracle.decode: {path} has {len(raw) - offset} bytes after its last tensor")
+        raise ValueError(f"llkern.compress.miracle.decode: {path} has {len(raw) - offset} bytes after its last tensor")
     model.load_state_dict(state, strict=True)
     return model

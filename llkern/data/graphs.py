@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llkern.graph import GraphSet, adjacency_from_networkx, normalized_edges
+from llkern.nn.graph import GraphSet, adjacency_from_networkx, normalized_edges
 
 __all__ = ["GRAPH_CLASSES", "NodeData", "karate_club", "split_graphs", "synthetic_graphs"]
 
@@ -25,7 +25,7 @@ def _networkx():
     try:
         import networkx
     except ImportError as error:  # torch depends on networkx, so this is rare
-        raise ImportError("llkern.graph_data needs networkx: pip install networkx") from error
+        raise ImportError("llkern.data.graphs needs networkx: pip install networkx") from error
     return networkx
 
 
@@ -36,7 +36,7 @@ class NodeData:
     Attributes:
         x: ``(N, F)`` node features.
         y: ``(N,)`` int64 labels of every node.
-        adjacency: sparse ``Â`` (:func:`llkern.graph.normalized_adjacency`).
+        adjacency: sparse ``Â`` (:func:`llkern.nn.graph.normalized_adjacency`).
         labelled: ``(N,)`` bool, the nodes whose labels training may see.
         class_names: names of the labels.
     """
@@ -144,7 +144,7 @@ def synthetic_graphs(num_per_class: int = 100, *, min_nodes: int = 12, max_nodes
 
 
 def split_graphs(data: GraphSet, test_fraction: float = 0.3, *, seed: int = 0) -> tuple[GraphSet, GraphSet]:
-    """A stratified ``(train, test)`` split of a :class:`~llkern.graph.GraphSet`, fixed by ``seed``."""
+    """A stratified ``(train, test)`` split of a :class:`~llkern.nn.graph.GraphSet`, fixed by ``seed``."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"split_graphs: expected test_fraction in (0, 1), got {test_fraction!r}")
     generator = torch.Generator().manual_seed(seed)

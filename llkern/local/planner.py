@@ -21,7 +21,7 @@ Cost of a group of units, by ``by``:
 - ``"layers"``: the number of units;
 - ``"params"``: the number of distinct parameters' elements (a tied parameter counts once per group);
 - ``"saved_bytes"``: the bytes of distinct storages that autograd saves for backward when the group runs
-  as a local module (input detached), measured with :class:`llkern.memory.MemoryMeter` on ``example_input``.
+  as a local module (input detached), measured with :class:`llkern.local.memory.MemoryMeter` on ``example_input``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llkern.memory import MemoryMeter, _storage_key
+from llkern.local.memory import MemoryMeter, _storage_key
 
 MEASURES = ("layers", "params", "saved_bytes")
 

@@ -155,7 +155,7 @@ class MeanKLNetwork(_Coded):
         bound = (1 - delta) * self.rho_blocks().detach() * math.sqrt(2 * self.kappa_block / block_size)
         self.theta = nn.Parameter(torch.atanh((self.initial_blocks() / bound).clamp(-0.95, 0.95)))
         self.gamma = nn.Parameter(torch.zeros(self.num_blocks, block_size))
-        # Blocks already coded (llkern.miracle.encode): their weights are ρ times the chosen
+        # Blocks already coded (llkern.compress.miracle.encode): their weights are ρ times the chosen
         # candidate's normals, whatever θ and γ say, so training the rest cannot move them.
         self.register_buffer("coded", torch.zeros(self.num_blocks, dtype=torch.bool))
         # Whether any block is coded, kept on the host: asking `coded` every forward would make the host

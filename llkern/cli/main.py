@@ -3,7 +3,7 @@
     llkern train [--recipe FILE] [--model digits-resnet] [-k 4] [--split saved_bytes] [--loss ce]
                  [--mode simultaneous] [--data digits] [--epochs 10] [--precision fp32] [--seed 0]
                  [--log run.json] [--checkpoint run.pt] [--resume] ...
-    llkern compress ...   (the MIRACLE demonstration: python -m llkern.compress_demo --help)
+    llkern compress ...   (the MIRACLE demonstration: python -m llkern.cli.compress_demo --help)
 
 ``train`` builds the model, cuts it into K local modules with the split planner
 (:func:`llkern.split`), trains them with :class:`llkern.LocalTrainer` (a progress bar; one log row
@@ -69,7 +69,7 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     train.add_argument("--heads", choices=HEADS, default="auto",
                        help="auxiliary heads (auto: linear; projection heads for supcon, InfoPro's for infopro, "
                             "token classifiers for the transformer)")
-    train.add_argument("--relu-masks", action="store_true", help="save 1-bit ReLU masks (llkern.activation_memory)")
+    train.add_argument("--relu-masks", action="store_true", help="save 1-bit ReLU masks (llkern.nn.activation_memory)")
     train.add_argument("--recompute-bn-relu", action="store_true",
                        help="recompute BatchNorm+ReLU in the backward instead of saving their outputs")
     train.add_argument("--tau", type=float, default=1.0, help="TRGL's transport weight 1/τ")
@@ -110,7 +110,7 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
                             "GPU per process by LOCAL_RANK); --batch-size is the global batch; rank 0 prints, logs "
                             "and checkpoints")
     train.set_defaults(**(defaults or {}))
-    commands.add_parser("compress", help="MIRACLE compression demo (python -m llkern.compress_demo --help)",
+    commands.add_parser("compress", help="MIRACLE compression demo (python -m llkern.cli.compress_demo --help)",
                         add_help=False)
     return parser
 
@@ -142,7 +142,7 @@ def _parse(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace
 
 
 def _data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from llkern.datasets import load_cifar10, load_digits
+    from llkern.data.images import load_cifar10, load_digits
 
     if args.data == "digits":
         return load_digits(seed=args.seed)
@@ -216,13 +216,13 @@ def _loss(args: argparse.Namespace, modules: list[nn.Module], example: torch.Ten
         return llkern.MutualInformation()
     if args.loss != "infopro":
         raise ValueError(f"llkern train: unknown loss {args.loss!r}")
-    from llkern.losses import INFOPRO_WEIGHTS
+    from llkern.nn.losses import INFOPRO_WEIGHTS
 
     # InfoPro's published (λ1, λ2) where there are some; else reconstruction 1 → 0, contrastive 1
     weights = INFOPRO_WEIGHTS.get((args.model, args.k), ((1.0, 1.0), (0.0, 1.0)))
     recon, task = llkern.infopro_schedule(*weights)
     decoder = llkern.reconstruction_decoders(example.shape[1:])
-    shapes = llkern.heads.feature_shapes(modules, example[:2])
+    shapes = llkern.nn.heads.feature_shapes(modules, example[:2])
 
     def losses(k: int, num_modules: int) -> Any:
         terms = [(llkern.SupervisedContrastive(), task)]
@@ -235,7 +235,7 @@ def _loss(args: argparse.Namespace, modules: list[nn.Module], example: torch.Ten
 
 def _heads(args: argparse.Namespace, num_classes: int, tokens: bool) -> Any:
     import llkern
-    from llkern.heads import contrastive_heads, mlp_sr_heads
+    from llkern.nn.heads import contrastive_heads, mlp_sr_heads
 
     kind = args.heads
     if kind == "auto":
@@ -293,10 +293,10 @@ NODE_STEPS_PER_EPOCH = 10  # karate: the whole graph is one batch; an epoch is t
 def _train_graph(args: argparse.Namespace) -> dict:
     """``llkern train --model gcn --data karate|synthetic-graphs``: a GCN cut into K modules of whole layers."""
     import llkern
-    from llkern.graph import Graph
-    from llkern.graph_data import karate_club, split_graphs, synthetic_graphs
-    from llkern.heads import LinearHead
+    from llkern.data.graphs import karate_club, split_graphs, synthetic_graphs
     from llkern.models import GraphHead, gcn_graphs, gcn_nodes
+    from llkern.nn.graph import Graph
+    from llkern.nn.heads import LinearHead
 
     if args.model != "gcn":
         raise SystemExit(f"llkern train: --data {args.data} is graph data; it needs --model gcn, got {args.model}")
@@ -419,7 +419,7 @@ def _train(args: argparse.Namespace) -> dict:
         _say(plan)
         modules = plan.modules
     if args.relu_masks or args.recompute_bn_relu:
-        from llkern.activation_memory import convert
+        from llkern.nn.activation_memory import convert
 
         # after planning, per module: the planner chains units end to end, where a converted conv would skip
         # saving an input that it must save at a module boundary (a detached input cannot be recomputed)
@@ -456,7 +456,7 @@ def run(argv: list[str] | None = None) -> Any:
     history; ``compress``: the compression result) instead of an exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compress"]:
-        from llkern.compress_demo import main as compress
+        from llkern.cli.compress_demo import main as compress
 
         return compress(argv[1:])
     parser, args = _parse(argv)

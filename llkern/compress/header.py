@@ -25,7 +25,7 @@ import struct
 import torch
 from torch import nn
 
-from llkern.compression import COMPRESSIBLE, MAX_WEIGHTS_PER_BIT
+from llkern.compress.mean_kl import COMPRESSIBLE, MAX_WEIGHTS_PER_BIT
 from llkern.random import GENERATOR_ID
 
 __all__ = ["DTYPES", "GENERATORS", "LAYERS", "MAX_WEIGHTS_PER_BIT", "HeaderError", "build", "coded_and_uncompressed",

@@ -58,7 +58,7 @@ def normalized_edges(edge_index: torch.Tensor, num_nodes: int, *, self_loops: bo
     Duplicate edges count once (A is 0/1). D is the row sums of ``A + I``; a node with no entry
     (isolated, without self-loops) gets an empty row.
     """
-    name = "llkern.graph.normalized_edges"
+    name = "llkern.nn.graph.normalized_edges"
     if not isinstance(edge_index, torch.Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2:
         shape = list(edge_index.shape) if isinstance(edge_index, torch.Tensor) else type(edge_index).__name__
         raise ValueError(f"{name}: expected edge_index of shape (2, E), got {shape}")
@@ -94,7 +94,8 @@ def normalized_adjacency(edge_index: torch.Tensor, num_nodes: int, *, self_loops
     (with self-loops, undirected, no duplicates): ``nnz·(2·8 + 4)`` bytes in float32 COO.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"llkern.graph.normalized_adjacency: expected layout to be one of {LAYOUTS}, got {layout!r}")
+        raise ValueError(f"llkern.nn.graph.normalized_adjacency: expected layout to be one of {LAYOUTS}, "
+                         f"got {layout!r}")
     indices, values = normalized_edges(edge_index, num_nodes, self_loops=self_loops, symmetric=symmetric, dtype=dtype)
     adjacency = torch.sparse_coo_tensor(indices, values, (num_nodes, num_nodes), is_coalesced=True,
                                         check_invariants=False)
@@ -108,7 +109,7 @@ def adjacency_from_networkx(graph, *, self_loops: bool = True, layout: str = "co
     """``Â`` of a networkx graph, rows in the order of ``list(graph.nodes)`` (directed graphs are symmetrised)."""
     index = {node: i for i, node in enumerate(graph.nodes)}
     if not index:
-        raise ValueError("llkern.graph.adjacency_from_networkx: expected a graph with at least one node")
+        raise ValueError("llkern.nn.graph.adjacency_from_networkx: expected a graph with at least one node")
     pairs = [(index[u], index[v]) for u, v in graph.edges]
     edge_index = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2).t()
     return normalized_adjacency(edge_index, len(index), self_loops=self_loops, layout=layout, dtype=dtype)
@@ -122,7 +123,7 @@ def block_diagonal(blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], block_si
     graph b's nodes are rows ``b·block_size … b·block_size + n_b − 1``; the padded rows stay empty.
     """
     if not blocks:
-        raise ValueError("llkern.graph.block_diagonal: expected at least one block")
+        raise ValueError("llkern.nn.graph.block_diagonal: expected at least one block")
     indices = torch.cat([idx + b * block_size for b, (idx, _) in enumerate(blocks)], dim=1)
     values = torch.cat([v for _, v in blocks])
     size = len(blocks) * block_size
@@ -135,7 +136,7 @@ def _check_adjacency(name: str, adjacency: torch.Tensor) -> None:
     if not isinstance(adjacency, torch.Tensor) or not _is_sparse(adjacency):
         kind = adjacency.layout if isinstance(adjacency, torch.Tensor) else type(adjacency).__name__
         raise TypeError(f"{name}: expected adjacency to be a sparse COO or CSR tensor (see "
-                        f"llkern.graph.normalized_adjacency), got {kind}")
+                        f"llkern.nn.graph.normalized_adjacency), got {kind}")
     if adjacency.dim() != 2 or adjacency.shape[0] != adjacency.shape[1]:
         raise ValueError(f"{name}: expected a square (N, N) adjacency, got shape {list(adjacency.shape)}")
 
@@ -266,7 +267,7 @@ class GraphConv(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GraphConv: expected {arg} to be an int >= 1, got {value!r}")
         if graph is not None and not isinstance(graph, Graph):
-            raise TypeError(f"GraphConv: expected graph to be a llkern.graph.Graph or None, got {type(graph).__name__}")
+            raise TypeError(f"GraphConv: expected graph to be an llkern.Graph or None, got {type(graph).__name__}")
         self.in_features, self.out_features = in_features, out_features
         self.graph = graph
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
@@ -298,7 +299,7 @@ class GraphReadout(nn.Module):
     def __init__(self, graph: Graph) -> None:
         super().__init__()
         if not isinstance(graph, Graph):
-            raise TypeError(f"GraphReadout: expected graph to be a llkern.graph.Graph, got {type(graph).__name__}")
+            raise TypeError(f"GraphReadout: expected graph to be a llkern.nn.graph.Graph, got {type(graph).__name__}")
         self.graph = graph
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -384,7 +385,7 @@ class GraphBatches:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"GraphBatches: expected batch_size to be an int >= 1, got {batch_size!r}")
         if not isinstance(graph, Graph):
-            raise TypeError(f"GraphBatches: expected graph to be a llkern.graph.Graph, got {type(graph).__name__}")
+            raise TypeError(f"GraphBatches: expected graph to be a llkern.nn.graph.Graph, got {type(graph).__name__}")
         self.data, self.graph, self.batch_size, self.shuffle = data, graph, batch_size, shuffle
         self.generator = torch.Generator().manual_seed(0 if seed is None else seed)
 

@@ -1,6 +1,6 @@
 """MODA on digits (or CIFAR-10 from local files): train plainly and with MODA's losses, extract modules.
 
-    python -m llkern.moda_demo [--data digits|cifar10] [--model cnn|resnet] [--data-root DIR] [--epochs E]
+    python -m llkern.cli.moda_demo [--data digits|cifar10] [--model cnn|resnet] [--data-root DIR] [--epochs E]
                                [--out report.md]
 
 1. Train the same network from the same initial weights twice: cross-entropy only ("plain"), and
@@ -14,7 +14,7 @@
 ``--model cnn`` (default): on digits :func:`llkern.models.moda_cnn.digits_cnn` (four conv layers), on
 CIFAR-10 :func:`llkern.models.vgg16` (``--width`` scales it). ``--model resnet``:
 :func:`llkern.models.moda_cnn.digits_resnet_moda` (a stem and three residual blocks; on CIFAR-10 with three
-input channels). CIFAR-10 is read by :func:`llkern.datasets.load_cifar10`.
+input channels). CIFAR-10 is read by :func:`llkern.data.images.load_cifar10`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from llkern.datasets import load_cifar10, load_digits
-from llkern.moda import MODALoss, MODAReport, class_masks, count_weights, extract, modularity_report
+from llkern.data.images import load_cifar10, load_digits
+from llkern.moda.core import MODALoss, MODAReport, class_masks, count_weights, extract, modularity_report
 from llkern.models import vgg16
 from llkern.models.moda_cnn import digits_cnn, digits_resnet_moda
 
@@ -204,7 +204,7 @@ def _pair(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> DemoResult:
-    parser = argparse.ArgumentParser(prog="python -m llkern.moda_demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m llkern.cli.moda_demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=("digits", "cifar10"), default="digits")
     parser.add_argument("--model", choices=("cnn", "resnet"), default="cnn",

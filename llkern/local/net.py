@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llkern.context import ContextSupply
-from llkern.heads import LinearHead, feature_channels
-from llkern.losses import CrossEntropy, LocalContext, LocalLoss, Reconstruction
+from llkern.nn.context import ContextSupply
+from llkern.nn.heads import LinearHead, feature_channels
+from llkern.nn.losses import CrossEntropy, LocalContext, LocalLoss, Reconstruction
 
 HeadFactory = Callable[[int, "torch.Size | None"], nn.Module]
 LossFactory = Callable[[int, int], LocalLoss]
@@ -140,14 +140,14 @@ class LocalNet(nn.Module):
         num_classes: class count for the default heads (needed when ``heads`` is None).
         heads: a list of K heads, or a factory ``f(k, feature_shape) -> nn.Module`` where
             ``feature_shape`` is module k's output shape on ``example_input`` (None without one).
-            Default: :class:`llkern.heads.LinearHead` (mean-pool + linear).
+            Default: :class:`llkern.nn.heads.LinearHead` (mean-pool + linear).
         losses: a list of K :class:`LocalLoss`, one :class:`LocalLoss` for every module, or a factory
-            ``f(k, K) -> LocalLoss``. Default: :class:`llkern.losses.CrossEntropy`.
+            ``f(k, K) -> LocalLoss``. Default: :class:`llkern.nn.losses.CrossEntropy`.
         example_input: a small batch used to size the heads; without it heads are sized lazily
             on the first call.
         context: ContSup's context supply for modules 1..K−1: ``"E"`` (image encoder), ``"R"``
             (previous boundary's encoder) or ``"RE"``; None (default) for none. Needs
-            ``example_input``. See :mod:`llkern.context`; ``net.context.cost()`` gives the encoders'
+            ``example_input``. See :mod:`llkern.nn.context`; ``net.context.cost()`` gives the encoders'
             parameters and FLOPs.
         context_impl: implementation of the fused context add (``"auto"``, ``"kernel"``, ``"reference"``).
 
@@ -199,7 +199,7 @@ class LocalNet(nn.Module):
         self.losses = nn.ModuleList(_as_list("losses", losses, num_modules, lambda f, k: f(k, num_modules)))
         for k, loss in enumerate(self.losses):
             if not isinstance(loss, LocalLoss):
-                raise TypeError(f"LocalNet: expected losses[{k}] to be a llkern.losses.LocalLoss, "
+                raise TypeError(f"LocalNet: expected losses[{k}] to be a llkern.nn.losses.LocalLoss, "
                                 f"got {type(loss).__name__}")
         if example_input is not None:  # decoders made by a factory are sized from the module outputs
             for loss in self.losses:

@@ -1,7 +1,7 @@
 """The main job: local training (K modules + TRGL's transport penalty) against end-to-end
 backpropagation on scikit-learn's digits, same model, epochs and optimizer.
 
-Run with ``python -m llkern.demo`` (or ``make demo``); ``--help`` lists the options.
+Run with ``python -m llkern.cli.demo`` (or ``make demo``); ``--help`` lists the options.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from llkern.datasets import load_digits
-from llkern.local import LocalNet
-from llkern.losses import TransportRegularized
-from llkern.memory import MemoryMeter
+from llkern.data.images import load_digits
+from llkern.local.memory import MemoryMeter
+from llkern.local.net import LocalNet
 from llkern.models import digits_resnet
+from llkern.nn.losses import TransportRegularized
 
 
 @dataclass

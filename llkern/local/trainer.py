@@ -9,7 +9,7 @@ before module k+1 allocates its own. On top of :meth:`LocalNet.local_step` the t
 * precision: fp32, bf16 autocast, fp16 autocast with one gradient scaler per module;
 * per-module gradient-norm clipping and learning-rate schedules;
 * data parallelism: each module under its own ``torch.nn.parallel.DistributedDataParallel``
-  (:class:`llkern.local.ModuleStep`), so module k's gradients are all-reduced during module k's
+  (:class:`llkern.local.net.ModuleStep`), so module k's gradients are all-reduced during module k's
   backward, before its optimizer steps;
 * ``fit`` with per-epoch log rows (per-module loss and accuracy, step time, peak saved bytes),
   a progress bar, JSON/CSV logs, checkpoints and exact resume.
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llkern.local import LocalNet, ModuleStep, StepResult
-from llkern.memory import MemoryMeter
+from llkern.local.memory import MemoryMeter
+from llkern.local.net import LocalNet, ModuleStep, StepResult
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -192,7 +192,7 @@ class LocalTrainer:
             statistics) to every process before that module's forward (DDP's default).
         find_unused_parameters: with ``distributed``, DDP's option of that name: needed when a module
             has parameters that its local loss does not use (the heads of the modules before the last
-            under :class:`llkern.losses.MutualInformation`). Default None: True when a loss of the net
+            under :class:`llkern.nn.losses.MutualInformation`). Default None: True when a loss of the net
             is a ``MutualInformation``, else False (the cheaper setting; the step after the first one
             that leaves a parameter unused raises an error saying to set it).
         measure_memory: record the peak bytes saved for backward per epoch in ``fit`` (a
@@ -271,11 +271,11 @@ class LocalTrainer:
         if distributed:
             import torch.distributed as dist
 
-            from llkern.graph import Graph
-            from llkern.losses import MutualInformation
+            from llkern.nn.graph import Graph
+            from llkern.nn.losses import MutualInformation
 
             if any(isinstance(m, Graph) for m in net.modules()):
-                raise ValueError("LocalTrainer(distributed=True): the net holds a llkern.graph.Graph; data-parallel "
+                raise ValueError("LocalTrainer(distributed=True): the net holds a llkern.nn.graph.Graph; data-parallel "
                                  "training of graph models is not supported (a graph is not split into shards, and "
                                  "its sparse buffers cannot be broadcast)")
             if find_unused_parameters is None:

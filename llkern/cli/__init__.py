@@ -1,0 +1,1 @@
+"""The ``llkern`` command (``llkern.cli.main``) and the demos it runs."""
