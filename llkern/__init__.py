@@ -15,7 +15,7 @@ from llkern.local.memory import MemoryMeter, MemoryReport
 from llkern.local.net import Boundary, LocalNet, StepResult, run_module
 from llkern.local.planner import SplitPlan, split
 from llkern.local.trainer import LocalTrainer
-from llkern.moda.core import MODALocalLoss, MODALoss, moda_local_losses
+from llkern.moda import MODALocalLoss, MODALoss, moda_local_losses
 from llkern.nn import activation_memory, graph, heads, losses
 from llkern.nn.context import ContextSupply
 from llkern.nn.graph import Graph, GraphConv, GraphReadout, graph_conv, normalized_adjacency

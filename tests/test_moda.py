@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import llkern
+from llkern import moda
 from llkern.cli.moda_demo import main
-from llkern.moda import core as moda
+from llkern.moda import activations as moda_activations
 from llkern.models import BasicBlock, PreActBlock
 from llkern.models.moda_cnn import ResidualReLUBlock, digits_cnn, digits_resnet_moda
 
@@ -156,7 +157,7 @@ def test_collector_inplace_relu_functional_record_and_hook_removal():
     assert collected.names == ["act", "record"]
     torch.testing.assert_close(collected.activations[0], h)  # the inplace ReLU's output
     torch.testing.assert_close(collected.activations[1], F.relu(h - 0.1))
-    assert not net.act._forward_hooks and not moda._ACTIVE
+    assert not net.act._forward_hooks and not moda_activations._ACTIVE
     moda.record(x)  # no active collector: nothing happens
 
 
@@ -480,7 +481,7 @@ def test_demo_cifar_path_on_a_tiny_file(tmp_path):
 
 def test_integer_activations_are_refused_by_name():
     # (they once reached vector_norm's dtype error)
-    from llkern.moda.core import moda_terms
+    from llkern.moda import moda_terms
 
     with pytest.raises(TypeError, match="floating-point activations"):
         moda_terms(torch.ones(4, 3, dtype=torch.long), torch.zeros(4, dtype=torch.long))

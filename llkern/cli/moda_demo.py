@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from llkern.data.images import load_cifar10, load_digits
-from llkern.moda.core import MODALoss, MODAReport, class_masks, count_weights, extract, modularity_report
+from llkern.moda import MODALoss, MODAReport, class_masks, count_weights, extract, modularity_report
 from llkern.models import vgg16
 from llkern.models.moda_cnn import digits_cnn, digits_resnet_moda
 

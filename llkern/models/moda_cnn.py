@@ -3,7 +3,7 @@
 :func:`digits_cnn`: a plain CNN, a flat ``nn.Sequential`` of convolutions with BatchNorm and ReLU,
 max-pools, a flatten and two linear layers. :func:`digits_resnet_moda`: a small post-activation ResNet of
 :class:`ResidualReLUBlock` s, whose ReLUs (the one after each addition included) are ``nn.ReLU`` modules.
-Every layer of both is one that :func:`llkern.moda.core.extract` can slice.
+Every layer of both is one that :func:`llkern.moda.extract` can slice.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class ResidualReLUBlock(nn.Module):
 
     ``branch``: conv3×3 (stride) → BN → ReLU → conv3×3 → BN. ``shortcut``: the identity when the shape is
     kept (``stride == 1`` and ``in_channels == out_channels``), else a 1×1 convolution with the stride and a
-    BN. ``relu``: the ReLU after the addition. :func:`llkern.moda.core.extract` slices this block.
+    BN. ``relu``: the ReLU after the addition. :func:`llkern.moda.extract` slices this block.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
