@@ -1,13 +1,18 @@
-"""The split planner: exact balancing, unit flattening, measured saved bytes, LocalNet compatibility, errors."""
+"""The split planner: exact balancing, units (blocks and layer groups kept whole), cuts only where a module ends on a
+nonlinearity, measured saved bytes, LocalNet compatibility, warnings, errors."""
 
+import contextlib
 import itertools
 import random
+import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
 
 import llkern
+from llkern import models
 from llkern.local.planner import SplitPlan, linear_partition, split
 from llkern.models import PreActBlock
 
@@ -50,16 +55,53 @@ def test_linear_partition_matches_brute_force(additive):
             assert _score(cost, bounds) == _brute_force(cost, n, k)
 
 
+# What the tests call affine, and the layers that keep an affine map affine, independent of the planner's lists.
+AFFINE = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+KEEPS_AFFINE = (nn.Identity, nn.Flatten, nn.Dropout, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+
+def _layers(module):
+    """The layers a module runs, in order, reading into plain nn.Sequentials (a block is one item)."""
+    if type(module) is nn.Sequential:
+        return [layer for child in module for layer in _layers(child)]
+    return [module]
+
+
+def _ends_on_affine(layers):
+    for layer in reversed(layers):
+        if not isinstance(layer, KEEPS_AFFINE):
+            return isinstance(layer, AFFINE)
+    return True  # only reshapes and dropout: the module computes nothing
+
+
+def _check_module_ends(plan):
+    """No module but the last ends on an affine layer (reading back past pass-throughs, across modules)."""
+    seen = []
+    for k, module in enumerate(plan.modules[:-1]):
+        seen += _layers(module)
+        assert not _ends_on_affine(seen), f"module {k} of {plan.boundaries} ends on {seen[-1]}"
+
+
+@contextlib.contextmanager
+def _no_planner_warnings():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    ours = [str(w.message) for w in caught if str(w.message).startswith(("split:", "LocalNet:"))]
+    assert not ours, ours
+
+
 def _cbr(i, o):
     return [nn.Conv2d(i, o, 3, 1, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
 
 
-def uneven_cnn():
+def uneven_cnn(classifier=True):
     """First stage: 32×32 maps, 8 channels, few parameters; last: 2×2 maps, 128 channels, most parameters."""
     return nn.Sequential(
         nn.Sequential(*_cbr(3, 8), *_cbr(8, 8)), nn.MaxPool2d(2),
         nn.Sequential(*_cbr(8, 32), *_cbr(32, 32)), nn.MaxPool2d(4),
-        nn.Sequential(*_cbr(32, 128), *_cbr(128, 128)), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+        nn.Sequential(*_cbr(32, 128), *_cbr(128, 128)), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        *([nn.Linear(128, 10)] if classifier else []))
 
 
 def _assert_same_function(model, plan, x, reference=None):
@@ -71,8 +113,9 @@ def _assert_same_function(model, plan, x, reference=None):
 
 
 def test_uneven_stages_params_and_saved_bytes_cut_differently():
-    model, x = uneven_cnn(), torch.randn(4, 3, 32, 32)
-    plans = {by: split(model, 3, by=by, example_input=x) for by in ("layers", "params", "saved_bytes")}
+    # flatten=True: every layer a unit (cuts still only after a ReLU or a pool), for a fine choice of cuts.
+    model, x = uneven_cnn(classifier=False), torch.randn(4, 3, 32, 32)
+    plans = {by: split(model, 3, by=by, example_input=x, flatten=True) for by in ("layers", "params", "saved_bytes")}
     print(plans["saved_bytes"])
     assert plans["params"].boundaries != plans["saved_bytes"].boundaries
     # The planner's figure is what the meter measures on the module run alone (input detached).
@@ -84,17 +127,233 @@ def test_uneven_stages_params_and_saved_bytes_cut_differently():
     for plan in plans.values():
         assert plan.total_saved_bytes == plans["layers"].total_saved_bytes
         assert sum(plan.params) == sum(p.numel() for p in model.parameters())
+        _check_module_ends(plan)
         _assert_same_function(model, plan, x)
-    assert plans["layers"].costs == [7, 8, 8]  # 23 units
+    assert len(plans["layers"].unit_names) == 22 and plans["layers"].costs == [7, 7, 8]
+
+
+def flat_cnn():
+    """A flat nn.Sequential of single layers: 20 units, admissible cuts listed in FLAT_BOUNDARIES."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),                      # 0 1 2
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),                      # 3 4 5
+        nn.MaxPool2d(2),                                                                  # 6
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),                                        # 7 8
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Dropout(0.1), nn.ReLU(),  # 9 10 11 12
+        nn.AvgPool2d(2), nn.Flatten(),                                                    # 13 14
+        nn.Linear(64, 32), nn.Dropout(0.2), nn.ReLU(), nn.Linear(32, 32), nn.Tanh())      # 15 16 17 18 19
+
+
+# After the ReLUs (units 2, 5, 8, 12, 17), the max-pool (6), the average pool and flatten that follow a ReLU
+# (13, 14); never after a conv, a BN or a linear layer, nor after a dropout that follows one (11, 16).
+FLAT_BOUNDARIES = [0, 3, 6, 7, 9, 13, 14, 15, 18, 20]
+
+
+@pytest.mark.parametrize("by", ["layers", "params", "saved_bytes"])
+def test_flat_sequential_is_cut_only_after_nonlinearities(by):
+    model, x = flat_cnn(), torch.randn(4, 1, 8, 8)
+    for k in range(1, len(FLAT_BOUNDARIES)):
+        plan = split(model, k, by=by, example_input=x)
+        assert len(plan) == k and set(plan.boundaries) <= set(FLAT_BOUNDARIES)
+        _check_module_ends(plan)
+        _assert_same_function(model, plan, x)
+    assert plan.boundaries == FLAT_BOUNDARIES  # the largest k takes every admissible cut
+    with pytest.raises(ValueError, match=r"k=10 modules: at most 9 are possible \(20 units; .*affine.*\)\. "
+                                         r"More with allow_affine_end=True \(cut after any unit\): 20 modules\.$"):
+        split(model, 10, by=by, example_input=x)
+    # The same layers as an nn.ModuleList, or a list, are the same chain.
+    for chain in (nn.ModuleList(model), list(model)):
+        assert split(chain, 4, by=by, example_input=x).boundaries == split(model, 4, by=by, example_input=x).boundaries
+
+
+@pytest.mark.parametrize("by", ["layers", "params"])
+def test_balancing_is_exact_over_the_admissible_cuts(by):
+    model = flat_cnn()
+    for k in range(1, len(FLAT_BOUNDARIES)):
+        plan = split(model, k, by=by)
+
+        def cost(i, j, unit=plan.unit_costs):  # additive: no tied parameters
+            return sum(unit[i:j])
+
+        best = min(_score(cost, [0, *cuts, 20]) for cuts in itertools.combinations(FLAT_BOUNDARIES[1:-1], k - 1))
+        assert _score(cost, plan.boundaries) == best
+    # The constraint costs something here: 10 + 10 layers would cut after a convolution (unit 9).
+    assert split(model, 2, by="layers").costs == [9, 11]
+    assert split(model, 2, by="layers", allow_affine_end=True).costs == [10, 10]
+
+
+def grouped_cnn():
+    """Layer groups (nested Sequentials of single layers) and a stage of groups, as users write them."""
+    return nn.Sequential(OrderedDict([
+        ("conv1", nn.Sequential(*_cbr(3, 8))), ("conv2", nn.Sequential(*_cbr(8, 8))), ("pool1", nn.MaxPool2d(2)),
+        ("conv3", nn.Sequential(*_cbr(8, 16), *_cbr(16, 16))), ("pool2", nn.MaxPool2d(2)),
+        ("stage", nn.Sequential(nn.Sequential(*_cbr(16, 32)), nn.Sequential(*_cbr(32, 32)))),
+        ("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]))
+
+
+GROUPED_UNITS = ["conv1", "conv2", "pool1", "conv3", "pool2", "stage.0", "stage.1", "pool", "flatten"]
+
+
+@pytest.mark.parametrize("by", ["layers", "params", "saved_bytes"])
+def test_layer_groups_are_never_cut(by):
+    model, x = grouped_cnn(), torch.randn(2, 3, 16, 16)
+    groups = [model.conv1, model.conv2, model.conv3, model.stage[0], model.stage[1]]
+    for k in range(1, len(GROUPED_UNITS) + 1):
+        plan = split(model, k, by=by, example_input=x)
+        assert plan.unit_names == GROUPED_UNITS  # the stage is read as its groups, the groups are kept whole
+        units = [u for m in plan.modules for u in m]
+        assert all(sum(u is group for u in units) == 1 for group in groups)
+        assert not any(isinstance(u, (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)) for u in units)
+        _check_module_ends(plan)
+        _assert_same_function(model, plan, x)
+    with pytest.raises(ValueError, match=r"k=10 modules: at most 9 are possible \(9 units; units are whole blocks "
+                                         r"and layer groups .*More with flatten=True .*: 10 modules; with both: 22 "
+                                         r"modules"):
+        split(model, 10, by=by, example_input=x)
+
+
+def test_flatten_option():
+    model, x = grouped_cnn(), torch.randn(2, 3, 16, 16)
+    flat = split(model, 10, by="layers", flatten=True)  # cut inside the groups, after their ReLUs
+    assert len(flat.unit_names) == 22 and flat.unit_names[:3] == ["conv1.0", "conv1.1", "conv1.2"]
+    assert [flat.unit_names[b - 1] for b in flat.boundaries[1:-1]] == [
+        "conv1.2", "conv2.2", "pool1", "conv3.2", "conv3.5", "pool2", "stage.0.2", "stage.1.2", "pool"]
+    _check_module_ends(flat)
+    _assert_same_function(model, flat, x)
+    whole = split(model, 3, by="layers", flatten=False)  # every nested Sequential one unit, the stage too
+    assert whole.unit_names == ["conv1", "conv2", "pool1", "conv3", "pool2", "stage", "pool", "flatten"]
+    assert any(u is model.stage for m in whole for u in m)
+    with pytest.raises(ValueError, match=r"flatten=False\).*More with flatten=True .*: 10 modules"):
+        split(model, 9, by="layers", flatten=False)
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="flatten must be 'auto', True or False"):
+            split(model, 2, by="layers", flatten=bad)
+    with pytest.raises(ValueError, match="allow_affine_end must be True or False"):
+        split(model, 2, by="layers", allow_affine_end=1)
+
+
+def test_options_restore_the_old_plans():
+    # flatten=True and allow_affine_end=True: every layer a unit, any cut; the boundaries the planner chose
+    # before layer groups were kept whole and affine ends excluded (recorded from it).
+    model = uneven_cnn()
+    with pytest.warns(UserWarning, match="ends in an nn.Linear"):
+        layers = split(model, 3, by="layers", flatten=True, allow_affine_end=True)
+    assert len(layers.unit_names) == 23 and layers.boundaries == [0, 7, 15, 23] and layers.costs == [7, 8, 8]
+    assert isinstance(layers.modules[1][-1], nn.Conv2d)  # what the default never does
+    with pytest.warns(UserWarning, match="ends in an nn.Linear"):
+        params = split(model, 3, by="params", flatten=True, allow_affine_end=True)
+    assert params.boundaries == [0, 16, 18, 23] and isinstance(params.modules[0][-1], nn.BatchNorm2d)
+    with pytest.warns(UserWarning, match="ends in an nn.Linear"):
+        default = split(model, 3, by="params")
+    assert default.unit_names == [str(i) for i in range(8)]
+    _check_module_ends(default)
+
+
+def _body(model):
+    """The model without its classifier, as llkern's CLI splits it: the final Linear dropped, the head's
+    activation, pooling and flatten kept."""
+    children = list(model.named_children())
+    name, last = children[-1]
+    if isinstance(last, (nn.Linear, models.TokenClassifier)):
+        return nn.Sequential(OrderedDict(children[:-1]))
+    if isinstance(last, nn.Sequential) and isinstance(last[-1], nn.Linear):
+        return nn.Sequential(OrderedDict([*children[:-1], (f"{name}_features", last[:-1])]))
+    return model
+
+
+@pytest.mark.parametrize("depth, preact, by", [(32, False, "layers"), (32, True, "params"), (32, False, "saved_bytes"),
+                                               (110, False, "layers"), (110, True, "params")])
+def test_cifar_resnets_split_into_16_modules(depth, preact, by):
+    body, x = _body(models.cifar_resnet(depth, preact=preact)), torch.randn(2, 3, 32, 32)
+    example = x if by == "saved_bytes" else None
+    blocks = [m for name, m in body.named_children() if name.startswith("block_")]
+    with _no_planner_warnings():
+        plan = split(body, 16, by=by, example_input=example)
+    assert len(plan) == 16 and plan.unit_names[0] == "stem" and len(plan.unit_names) == len(blocks) + 2
+    # The stem ends on a convolution or a BN (its ReLU is block_0's entry): never a module alone.
+    assert plan.boundaries[1] >= 2
+    units = [u for m in plan for u in m]
+    assert all(sum(u is block for u in units) == 1 for block in blocks)
+    _check_module_ends(plan)
+    if depth == 32:
+        _assert_same_function(body, plan, x)
+        with pytest.raises(ValueError, match=r"k=17 modules: at most 16 are possible.*allow_affine_end=True "
+                                             r"\(cut after any unit\): 17 modules"):
+            split(body, 17, by=by, example_input=example)
+    # The same network written as three stages of blocks: the stages are read as their blocks.
+    n = len(blocks) // 3
+    staged = nn.Sequential(OrderedDict([("stem", body.stem),
+                                        *((f"stage{s}", nn.Sequential(*blocks[s * n:(s + 1) * n])) for s in range(3)),
+                                        ("head", body.head_features)]))
+    again = split(staged, 16, by=by, example_input=example)
+    assert again.boundaries == plan.boundaries and again.unit_names[1:3] == ["stage0.0", "stage0.1"]
+
+
+def _cli_model(name):
+    x8 = torch.randn(8, 1, 8, 8)
+    x32 = torch.randn(8, 3, 32, 32)
+    return {"digits-resnet": lambda: (models.digits_resnet(1)[0], x8),
+            "digits-lenet": lambda: (models.digits_lenet(), x8),
+            "digits-cnn": lambda: (models.digits_lenet_caffe(), x8),
+            "mlp": lambda: (models.mlp(in_features=64), x8),
+            "transformer": lambda: (models.transformer_encoder(in_channels=1, image_size=8), x8),
+            "resnet32": lambda: (models.resnet32(), x32),
+            "vgg11": lambda: (models.vgg11(width=8), x32)}[name]()
+
+
+@pytest.mark.parametrize("name, k, by", [("digits-resnet", 4, "saved_bytes"), ("digits-lenet", 3, "layers"),
+                                         ("digits-cnn", 3, "saved_bytes"), ("mlp", 3, "layers"),
+                                         ("transformer", 2, "layers"), ("resnet32", 16, "layers"),
+                                         ("vgg11", 8, "params")])
+def test_no_warning_for_the_models_as_the_cli_splits_them(name, k, by):
+    model, x = _cli_model(name)
+    body = _body(model)
+    with _no_planner_warnings():
+        plan = split(body, k, by=by, example_input=x)
+        llkern.LocalNet(plan.modules, num_classes=10, example_input=x[:2])
+    assert len(plan) == k
+    _check_module_ends(plan)
+    _assert_same_function(body, plan, x)
+
+
+def test_a_model_ending_in_its_classifier_warns():
+    model, x = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)), torch.randn(2, 1, 8, 8)
+    with pytest.warns(UserWarning, match=r"^split: the model ends in an nn.Linear, probably its classifier "
+                                         r"\(3: Linear\(in_features=144, out_features=10.*model\[:-1\]"):
+        plan = split(model, 2, by="layers")
+    assert plan.boundaries == [0, 2, 4]
+    with pytest.warns(UserWarning, match=r"^LocalNet: the last module ends in an nn.Linear \(blocks\[1\]\.1: Linear"
+                                         r".*\), probably the model classifier.*two linear maps in a row"):
+        llkern.LocalNet(plan.modules, num_classes=10, example_input=x)
+    with _no_planner_warnings():  # heads of the caller's own: no warning
+        llkern.LocalNet(plan.modules, heads=[llkern.LinearHead(10, 4), nn.Identity()], example_input=x)
+        features = split(model[:-1], 2, by="layers")  # the model without its classifier: nothing to say
+        llkern.LocalNet(features.modules, num_classes=10, example_input=x)
+    # A dropout after the classifier does not hide it.
+    with pytest.warns(UserWarning, match=r"^split: the model ends in an nn.Linear.*\(3: Linear"):
+        split(nn.Sequential(*model, nn.Dropout(0.5)), 2, by="layers")
+
+
+def test_localnet_warns_on_a_bare_sequential_of_layers():
+    layers = nn.Sequential(*_cbr(1, 4), *_cbr(4, 4))
+    with pytest.warns(UserWarning, match=r"^LocalNet: blocks is an nn.Sequential, so each of its 6 entries becomes a "
+                                         r"local module .*0 \(Conv2d\), 1 \(BatchNorm2d\), 2 \(ReLU\).*"
+                                         r"llkern.split\(model, k\)"):
+        net = llkern.LocalNet(layers, num_classes=10)
+    assert net.num_modules == 6  # it still does what it was asked
+    with _no_planner_warnings():  # groups in a Sequential, or a plan's modules
+        llkern.LocalNet(nn.Sequential(nn.Sequential(*_cbr(1, 4)), nn.Sequential(*_cbr(4, 4))), num_classes=10)
+        llkern.LocalNet(split(layers, 2, by="layers").modules, num_classes=10)
 
 
 def digits_resnet_model(width=8):
+    """Stem, two stages of two pre-activation blocks, BN-ReLU, pooling; no classifier (the heads classify)."""
     return nn.Sequential(
         nn.Conv2d(1, width, 3, 1, 1, bias=False),
         nn.Sequential(PreActBlock(width, width), PreActBlock(width, width)),
         nn.Sequential(PreActBlock(width, 2 * width, stride=2), PreActBlock(2 * width, 2 * width)),
         nn.Sequential(nn.BatchNorm2d(2 * width), nn.ReLU()),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 10))
+        nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 def test_resnet_blocks_are_units_and_plan_plugs_into_localnet():
@@ -111,11 +370,13 @@ def test_resnet_blocks_are_units_and_plan_plugs_into_localnet():
         assert torch.equal(t, state[name]), f"{name} changed by planning"
     model[2].train()
 
-    assert plan.unit_names == ["0", "1.0", "1.1", "2.0", "2.1", "3.0", "3.1", "4", "5", "6"]
+    # The stages are read as their blocks; the BN-ReLU group is kept whole.
+    assert plan.unit_names == ["0", "1.0", "1.1", "2.0", "2.1", "3", "4", "5"]
+    assert plan.boundaries[1] >= 2  # the stem convolution goes with a block
     assert all(isinstance(m, nn.Sequential) for m in plan.modules)
     assert plan.costs == plan.saved_bytes
     units = [u for m in plan.modules for u in m]
-    assert units[1] is model[1][0] and units[-1] is model[6]  # shared, not copied
+    assert units[1] is model[1][0] and units[5] is model[3] and units[-1] is model[5]  # shared, not copied
     assert {id(p) for p in nn.Sequential(*plan.modules).parameters()} == {id(p) for p in model.parameters()}
     _assert_same_function(model, plan, x)
 
@@ -132,13 +393,16 @@ def test_vgg_like_sequential():
                           nn.Flatten(), nn.Linear(16 * 2 * 2, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10))
     x = torch.randn(8, 1, 8, 8)
     for by in ("layers", "params", "saved_bytes"):
-        plan = split(model, 4, by=by, example_input=x)
+        with pytest.warns(UserWarning, match="ends in an nn.Linear"):
+            plan = split(model, 4, by=by, example_input=x)
         assert len(plan) == 4 and plan.boundaries[-1] == 19
         if by == "saved_bytes":
             assert plan.costs == plan.saved_bytes
+        _check_module_ends(plan)
         _assert_same_function(model, plan, x)
-    plan = split(model, 4, by="layers")  # no example input: no measured bytes
-    assert plan.saved_bytes is None and plan.total_saved_bytes is None and plan.costs == [4, 5, 5, 5]
+    with pytest.warns(UserWarning, match="ends in an nn.Linear"):
+        plan = split(model, 4, by="layers")  # no example input: no measured bytes
+    assert plan.saved_bytes is None and plan.total_saved_bytes is None and plan.costs == [6, 4, 4, 5]
     assert "saved" not in str(plan).splitlines()[1]
 
 
@@ -186,15 +450,19 @@ class TinyTransformer(nn.Module):
 
 def test_transformer_stack():
     model, ids = TinyTransformer(), torch.randint(0, 20, (3, 6))
-    plan = split(model, 3, example_input=ids)
-    assert plan.unit_names == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head.0", "head.1"]
+    with pytest.warns(UserWarning, match=r"ends in an nn.Linear, probably its classifier \(head.1: Linear"):
+        plan = split(model, 3, example_input=ids)
+    # The ModuleList is read as its blocks; the head (LayerNorm, Linear: a layer group) is one unit.
+    assert plan.unit_names == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
     assert plan.costs == plan.saved_bytes
     _assert_same_function(model, plan, ids)
-    # The same stack as an nn.Sequential holding the ModuleList (flattened in place) gives the same plan.
+    # The same stack as an nn.Sequential holding the ModuleList (read in place) gives the same plan.
     as_sequential = nn.Sequential(model.embed, model.blocks, model.head)
-    again = split(as_sequential, 3, example_input=ids)
+    with pytest.warns(UserWarning, match="ends in an nn.Linear"):
+        again = split(as_sequential, 3, example_input=ids)
     assert again.boundaries == plan.boundaries and again.costs == plan.costs
-    net = llkern.LocalNet(plan.modules, num_classes=5, example_input=ids[:2])
+    with pytest.warns(UserWarning, match="LocalNet: the last module ends in an nn.Linear"):
+        net = llkern.LocalNet(plan.modules, num_classes=5, example_input=ids[:2])
     logits = net.forward_all(ids)
     assert [t.shape for t in logits] == [torch.Size([3, 6, 5])] * 3  # token-shaped features, per-token heads
 
@@ -203,14 +471,19 @@ def test_transformer_stack():
 def test_k_one_and_k_units(by):
     model, x = digits_resnet_model(), torch.randn(4, 1, 8, 8)
     one = split(model, 1, by=by, example_input=x)
-    assert one.boundaries == [0, 10] and len(one.modules[0]) == 10
+    assert one.boundaries == [0, 8] and len(one.modules[0]) == 8
     assert one.saved_bytes[0] == one.total_saved_bytes  # one module is end-to-end training
-    every = split(model, 10, by=by, example_input=x)
-    assert every.boundaries == list(range(11)) and all(len(m) == 1 for m in every)
+    # Every admissible cut: all but the one after the stem convolution.
+    every = split(model, 7, by=by, example_input=x)
+    assert every.boundaries == [0, 2, 3, 4, 5, 6, 7, 8]
     if by == "layers":
-        assert every.costs == [1] * 10
+        assert every.costs == [2, 1, 1, 1, 1, 1, 1]
     _assert_same_function(model, every, x)
-    assert len(str(every).splitlines()) == 1 + 2 + 10 + 1
+    assert len(str(every).splitlines()) == 1 + 2 + 7 + 1
+    with pytest.raises(ValueError, match=r"at most 7 .*allow_affine_end=True \(cut after any unit\): 8 modules"):
+        split(model, 8, by=by, example_input=x)
+    units = split(model, 8, by=by, example_input=x, allow_affine_end=True)
+    assert units.boundaries == list(range(9)) and all(len(m) == 1 for m in units)
 
 
 class CustomForward(nn.Module):
@@ -223,13 +496,15 @@ class CustomForward(nn.Module):
 
 
 def test_errors():
-    model, x = uneven_cnn(), torch.randn(2, 3, 32, 32)
+    model, x = uneven_cnn(classifier=False), torch.randn(2, 3, 32, 32)
     with pytest.raises(ValueError, match="by must be one of"):
         split(model, 2, by="flops", example_input=x)
     with pytest.raises(ValueError, match="example_input"):
         split(model, 2)
-    with pytest.raises(ValueError, match=r"23 units into k=24"):
-        split(model, 24, by="layers")
+    with pytest.raises(ValueError, match=r"cannot cut Sequential into k=8 modules: at most 7 are possible \(7 units"):
+        split(model, 8, by="layers")
+    with pytest.raises(ValueError, match=r"at most 22 are possible .*k must be at most 22\.$"):
+        split(model, 23, by="layers", flatten=True, allow_affine_end=True)
     for k in (0, -1):
         with pytest.raises(ValueError, match="k >= 1"):
             split(model, k, by="layers")
@@ -242,9 +517,11 @@ def test_errors():
 
     with pytest.raises(TypeError, match="StagesWithOwnForward"):
         split(StagesWithOwnForward(nn.Linear(4, 4), nn.ReLU()), 2, by="layers")
-    # ...but inside a plain Sequential such a module is one block, kept whole.
-    wrapped = nn.Sequential(nn.Linear(4, 4), StagesWithOwnForward(nn.Linear(4, 4), nn.ReLU()))
-    assert split(wrapped, 2, by="layers").unit_names == ["0", "1"]
+    # ...but inside a plain Sequential such a module is one block, kept whole (and a block may end a module).
+    wrapped = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), StagesWithOwnForward(nn.Linear(4, 4), nn.Linear(4, 4)),
+                            nn.Tanh())
+    assert split(wrapped, 3, by="layers").unit_names == ["0", "1", "2", "3"]
+    assert split(wrapped, 3, by="layers").boundaries == [0, 2, 3, 4]
     with pytest.raises(TypeError, match="ModuleDict"):
         split(nn.Sequential(nn.Linear(4, 4), nn.ModuleDict({"a": nn.ReLU()})), 1, by="layers")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llkern.local.planner import _is_layer, _last_layer
 from llkern.nn.context import ContextSupply
 from llkern.nn.heads import LinearHead, feature_channels
 from llkern.nn.losses import CrossEntropy, LocalContext, LocalLoss, Reconstruction
@@ -136,7 +138,10 @@ class LocalNet(nn.Module):
     """K local modules, one auxiliary head and one local loss each.
 
     Args:
-        blocks: the K modules, in order (each an ``nn.Module``; ``nn.Sequential`` of blocks is typical).
+        blocks: the K modules, in order (each an ``nn.Module``; ``nn.Sequential`` of blocks is typical), e.g.
+            ``llkern.split(model, K).modules``. Warns when ``blocks`` is itself an ``nn.Sequential`` with single
+            layers among its entries (each entry becomes a module), and when the last module ends in an
+            ``nn.Linear`` under the default heads (a head after the model's classifier).
         num_classes: class count for the default heads (needed when ``heads`` is None).
         heads: a list of K heads, or a factory ``f(k, feature_shape) -> nn.Module`` where
             ``feature_shape`` is module k's output shape on ``example_input`` (None without one).
@@ -167,12 +172,32 @@ class LocalNet(nn.Module):
         context_impl: str = "auto",
     ) -> None:
         super().__init__()
+        if isinstance(blocks, nn.Sequential):
+            layers = [f"{name} ({type(m).__name__})" for name, m in blocks.named_children() if _is_layer(m)]
+            if layers:
+                warnings.warn(
+                    f"LocalNet: blocks is an nn.Sequential, so each of its {len(blocks)} entries becomes a local "
+                    f"module with its own head and loss, and some are single layers: {', '.join(layers[:6])}"
+                    f"{', ...' if len(layers) > 6 else ''}. Cut the model with llkern.split(model, k) (it keeps blocks "
+                    "and nn.Sequential groups of layers whole and ends modules after nonlinearities) and pass "
+                    "plan.modules, or pass a list of modules that group the layers, e.g. "
+                    "[nn.Sequential(conv, bn, relu), ...]", UserWarning, stacklevel=2)
         blocks = list(blocks)
         if not blocks:
             raise ValueError("LocalNet: expected at least one module in blocks")
         for k, block in enumerate(blocks):
             if not isinstance(block, nn.Module):
                 raise TypeError(f"LocalNet: expected blocks[{k}] to be an nn.Module, got {type(block).__name__}")
+        last = _last_layer(blocks[-1], f"blocks[{len(blocks) - 1}]")
+        if heads is None and last is not None and isinstance(last[1], nn.Linear):
+            classifier = getattr(last[1], "out_features", None) == num_classes
+            warnings.warn(
+                f"LocalNet: the last module ends in an nn.Linear ({last[0]}: {last[1]})"
+                f"{', probably the model classifier' if classifier else ''}, and the default head (LinearHead: "
+                "pooling, then a linear map to num_classes) goes after it: two linear maps in a row"
+                f"{', a second classifier stacked on the first' if classifier else ''}. Drop the final Linear from "
+                "the last module (its head classifies in its place: e.g. llkern.split(model[:-1], k)) or pass heads=",
+                UserWarning, stacklevel=2)
         self.blocks = nn.ModuleList(blocks)
         num_modules = len(blocks)
 

@@ -1,20 +1,45 @@
 """Split planner: cut a network into K local modules balanced by layers, parameters or saved bytes.
 
-``split(model, k, by="saved_bytes", example_input=x)`` flattens ``model`` into *units* (the finest
-pieces that are still whole blocks), chooses K contiguous groups of units that minimise the largest
-group's cost, and returns a :class:`SplitPlan` whose ``modules`` (one ``nn.Sequential`` per group,
-sharing the model's parameters) go straight into :class:`llkern.LocalNet`.
+``split(model, k, by="saved_bytes", example_input=x)`` reads ``model`` as a chain of *units* (whole blocks,
+never cut), chooses K contiguous groups of units that minimise the largest group's cost, cutting only where a
+module would end on a nonlinearity, and returns a :class:`SplitPlan` whose ``modules`` (one ``nn.Sequential``
+per group, sharing the model's parameters) go straight into :class:`llkern.LocalNet`.
 
 Supported models (their forward order must be readable from their structure):
 
-- an ``nn.Sequential``: its entries in order. Entries that are plain ``nn.Sequential`` (no forward of
-  their own) or ``nn.ModuleList`` are flattened in place, recursively, so a ResNet/VGG written as
-  stages of blocks becomes its blocks. A block is a module with ``forward_residual`` (llkern's residual
-  protocol) or any other module; it is never split.
-- an ``nn.ModuleList``, or a Python list/tuple of modules: a chain, flattened the same way.
-- any model with a ``split_units()`` method returning its units in forward order (modules, ``nn.ModuleList``
-  or ``nn.Sequential`` containers, flattened the same way), such that chaining them computes ``model(x)``.
-  This is the protocol for transformer stacks: ``return [self.embed, self.blocks, self.head]``.
+- an ``nn.Sequential``: its entries in order;
+- an ``nn.ModuleList``, or a Python list/tuple of modules: a chain;
+- any model with a ``split_units()`` method returning its entries in forward order (modules, ``nn.ModuleList``
+  or ``nn.Sequential`` containers) such that chaining them computes ``model(x)``. This is the protocol for
+  transformer stacks: ``return [self.embed, self.blocks, self.head]``.
+
+Units. Every entry of the chain is read with the same rules, recursively:
+
+- a *layer* is a module without submodules (``Conv2d``, ``BatchNorm2d``, ``ReLU``, ``Linear``, ``MaxPool2d``…);
+- a *block* is any other module that is not a plain container: a module with ``forward_residual`` (llkern's
+  residual protocol), an ``nn.Sequential`` subclass with its own ``forward``, any custom module. It is one unit;
+- a plain ``nn.Sequential`` (no ``forward`` of its own) is, with ``flatten="auto"`` (the default), a *layer
+  group* when all its entries are layers: one unit, kept whole (``Sequential(Conv, BN, ReLU)``, a stem, a
+  head); otherwise (it holds blocks or other Sequentials: a stage of residual blocks, a stage of
+  conv-BN-ReLU groups and a pool) it is a *container* and its entries are read in its place.
+  ``flatten=True`` reads every nested plain ``nn.Sequential`` as a container (down to its layers);
+  ``flatten=False`` keeps every nested one whole;
+- an ``nn.ModuleList`` has no forward of its own: it is always read as a container;
+- an ``nn.ModuleDict`` is an error (no order).
+
+So ``resnet32()`` (stem, 15 residual blocks, head) and a ResNet written as stages of blocks both give one unit
+per block, and ``Sequential(Sequential(Conv, BN, ReLU), ...)`` is never cut inside its groups.
+
+Cuts. A module must not end on an affine map (``Linear``, ``Conv*``, ``ConvTranspose*``, a normalisation layer,
+``Embedding``) without a nonlinearity after it: its features would be a linear function of its input, and
+its local loss could not train it past a linear classifier. A cut between two units is admissible when,
+reading back from the cut past layers that keep linearity (``Identity``, ``Flatten``, ``Unflatten``, dropout,
+average pooling, padding, ``PixelShuffle``, ``Upsample``), the first layer met is neither affine nor absent
+(a first module of only reshapes computes nothing). Activations, max-pooling, any other layer and every
+block (a residual block ends on its sum) end a module. ``allow_affine_end=True`` admits every cut between
+units. The model's own end is always the last module's end, whatever its last layer: the last module's head
+follows it there. A model that ends on an ``nn.Linear`` (its classifier) gets a warning, since LocalNet would
+put its last head after that classifier.
 
 Cost of a group of units, by ``by``:
 
@@ -22,10 +47,13 @@ Cost of a group of units, by ``by``:
 - ``"params"``: the number of distinct parameters' elements (a tied parameter counts once per group);
 - ``"saved_bytes"``: the bytes of distinct storages that autograd saves for backward when the group runs
   as a local module (input detached), measured with :class:`llkern.local.memory.MemoryMeter` on ``example_input``.
+
+The exact partition (:func:`linear_partition`) runs over the admissible cuts only.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -36,9 +64,30 @@ from llkern.local.memory import MemoryMeter, _storage_key
 
 MEASURES = ("layers", "params", "saved_bytes")
 
-_SUPPORTED = ("an nn.Sequential (nested plain nn.Sequential and nn.ModuleList entries are flattened in place), "
-              "an nn.ModuleList or a list of modules (a chain), or a model with a split_units() method "
-              "returning its units in forward order")
+_SUPPORTED = ("an nn.Sequential, an nn.ModuleList or a list of modules (a chain), or a model with a split_units() "
+              "method returning its units in forward order")
+
+
+def _nn_classes(*names: str) -> tuple[type[nn.Module], ...]:
+    # Only those this torch version has (RMSNorm, CircularPad*, Dropout1d are recent).
+    return tuple(getattr(nn, name) for name in names if hasattr(nn, name))
+
+
+#: Layers that compute an affine map of their input (normalisations: an affine map once their statistics are
+#: fixed, and no more than a rescaling of the linear features before them).
+AFFINE_LAYERS: tuple[type[nn.Module], ...] = _nn_classes(
+    "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "InstanceNorm1d", "InstanceNorm2d",
+    "InstanceNorm3d", "LayerNorm", "GroupNorm", "RMSNorm", "Embedding", "EmbeddingBag")
+
+#: Parameter-free layers that keep an affine map affine: reading back from a cut skips them.
+LINEAR_PASSTHROUGH: tuple[type[nn.Module], ...] = _nn_classes(
+    "Identity", "Flatten", "Unflatten", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
+    "FeatureAlphaDropout", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d",
+    "AdaptiveAvgPool3d", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d", "ConstantPad1d", "ConstantPad2d", "ConstantPad3d",
+    "ReflectionPad1d", "ReflectionPad2d", "ReflectionPad3d", "ReplicationPad1d", "ReplicationPad2d",
+    "ReplicationPad3d", "CircularPad1d", "CircularPad2d", "CircularPad3d", "PixelShuffle", "PixelUnshuffle",
+    "Upsample", "ChannelShuffle")
 
 
 @dataclass
@@ -125,16 +174,42 @@ def _is_plain_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-def _flatten(module: nn.Module, name: str, out: list[tuple[str, nn.Module]]) -> None:
+def _is_container(module: nn.Module) -> bool:
+    """A plain ``nn.Sequential`` or an ``nn.ModuleList``: it holds its entries in order and computes nothing else."""
+    if hasattr(module, "forward_residual"):
+        return False
+    return _is_plain_sequential(module) or isinstance(module, nn.ModuleList)
+
+
+def _entries(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    # _modules rather than named_children(): the latter skips a module that appears twice,
+    # but the container runs it twice.
+    return [(name, child) for name, child in module._modules.items() if child is not None]
+
+
+def _is_layer(module: nn.Module) -> bool:
+    """A single layer: a module without submodules that is not a container (Conv2d, BatchNorm2d, ReLU, Linear…)."""
+    return not _is_container(module) and not isinstance(module, nn.ModuleDict) and next(module.children(), None) is None
+
+
+def _read_as_container(module: nn.Module, flatten: bool | str) -> bool:
+    """Whether the nested container ``module`` is read as its entries (True) or kept whole as one unit."""
+    if isinstance(module, nn.ModuleList) or flatten is True:  # a ModuleList cannot run as one unit
+        return True
+    if flatten is False:
+        return False
+    entries = _entries(module)
+    return not entries or not all(_is_layer(child) for _, child in entries)  # a layer group is kept whole
+
+
+def _flatten(module: nn.Module, name: str, out: list[tuple[str, nn.Module]], flatten: bool | str,
+             top: bool = False) -> None:
     """Append the units of ``module`` (named from ``name``) to ``out`` in forward order."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"split: expected nn.Module units, got {type(module).__name__} at {name or 'the top level'}")
-    if not hasattr(module, "forward_residual") and (_is_plain_sequential(module) or isinstance(module, nn.ModuleList)):
-        # _modules rather than named_children(): the latter skips a module that appears twice,
-        # but the container runs it twice.
-        for child_name, child in module._modules.items():
-            if child is not None:
-                _flatten(child, f"{name}.{child_name}" if name else child_name, out)
+    if _is_container(module) and (top or _read_as_container(module, flatten)):
+        for child_name, child in _entries(module):
+            _flatten(child, f"{name}.{child_name}" if name else child_name, out, flatten)
         return
     if isinstance(module, nn.ModuleDict):
         raise TypeError(f"split: cannot infer the forward order of the nn.ModuleDict at {name or 'the top level'}; "
@@ -142,23 +217,81 @@ def _flatten(module: nn.Module, name: str, out: list[tuple[str, nn.Module]]) -> 
     out.append((name or type(module).__name__, module))
 
 
-def _units(model: nn.Module | Sequence[nn.Module]) -> list[tuple[str, nn.Module]]:
+def _units(model: nn.Module | Sequence[nn.Module], flatten: bool | str) -> list[tuple[str, nn.Module]]:
     """The model's units in forward order, with their qualified names."""
     out: list[tuple[str, nn.Module]] = []
     if isinstance(model, (list, tuple)):
         for i, module in enumerate(model):
-            _flatten(module, str(i), out)
+            _flatten(module, str(i), out, flatten)
     elif callable(getattr(model, "split_units", None)):
         names = {id(m): n for n, m in model.named_modules() if n}
         for module in model.split_units():
-            _flatten(module, names.get(id(module), type(module).__name__), out)
-    elif _is_plain_sequential(model) or isinstance(model, nn.ModuleList):
-        _flatten(model, "", out)
+            _flatten(module, names.get(id(module), type(module).__name__), out, flatten)
+    elif _is_container(model):
+        _flatten(model, "", out, flatten, top=True)
     else:
         kind = "an nn.Module with its own forward" if isinstance(model, nn.Module) else "not an nn.Module"
         raise TypeError(f"split: cannot infer the forward order of {type(model).__name__} ({kind}); "
                         f"supported: {_SUPPORTED}")
     return out
+
+
+def _last_layer(module: nn.Module, name: str = "") -> tuple[str, nn.Module] | None:
+    """The last layer of ``module`` that is not a linear pass-through (``LINEAR_PASSTHROUGH``), reading into plain
+    containers (a block is its own last layer), with its qualified name; None when there is none."""
+    if _is_container(module):
+        for child_name, child in reversed(_entries(module)):
+            found = _last_layer(child, f"{name}.{child_name}" if name else child_name)
+            if found is not None:
+                return found
+        return None
+    if isinstance(module, LINEAR_PASSTHROUGH):
+        return None
+    return name or type(module).__name__, module
+
+
+def _admissible_boundaries(named: list[tuple[str, nn.Module]], allow_affine_end: bool) -> list[int]:
+    """The unit indices where a module may end: ``[0, ..., n]``. A cut after unit ``b - 1`` is admissible when the
+    last layer before it (pass-throughs skipped, across units) exists and is not affine; the model's end always is."""
+    bounds, last = [0], None
+    for b, (name, unit) in enumerate(named, start=1):
+        last = _last_layer(unit, name) or last
+        if b == len(named) or allow_affine_end or (last is not None and not isinstance(last[1], AFFINE_LAYERS)):
+            bounds.append(b)
+    return bounds
+
+
+def _classifier_at_end(named: list[tuple[str, nn.Module]]) -> tuple[str, nn.Module] | None:
+    """The model's last layer (pass-throughs skipped) when it is an ``nn.Linear``, with its name; else None."""
+    for name, unit in reversed(named):
+        found = _last_layer(unit, name)
+        if found is not None:
+            return found if isinstance(found[1], nn.Linear) else None
+    return None
+
+
+def _too_many_modules(model: nn.Module | Sequence[nn.Module], k: int, n: int, possible: int,
+                      flatten: bool | str, allow_affine_end: bool) -> ValueError:
+    """The error for a ``k`` above the ``possible`` modules, naming the options that allow more."""
+    options: list[tuple[str, int]] = []
+    if flatten is not True:
+        flat = _units(model, True)
+        options.append(("flatten=True (cut inside nested nn.Sequentials, after their nonlinearities)",
+                        len(_admissible_boundaries(flat, allow_affine_end)) - 1))
+    if not allow_affine_end:
+        options.append(("allow_affine_end=True (cut after any unit)", n))
+        if flatten is not True and len(flat) > max(count for _, count in options):
+            options.append(("both", len(flat)))
+    more = [f"with {option}: {count} modules" for option, count in options if count > possible]
+    rules = {True: "units are whole blocks and single layers",
+             False: "units are whole blocks and whole nested nn.Sequentials (flatten=False)",
+             "auto": "units are whole blocks and layer groups (nested nn.Sequentials of single layers)"}[flatten]
+    if not allow_affine_end:
+        rules += (", and a module may not end on an affine layer (Linear, Conv, BatchNorm, ...) without a "
+                  "nonlinearity after it")
+    return ValueError(f"split: cannot cut {type(model).__name__} into k={k} modules: at most {possible} are possible "
+                      f"({n} units; {rules}). "
+                      + ("More " + "; ".join(more) + "." if more else f"k must be at most {possible}."))
 
 
 def linear_partition(group_cost: Callable[[int, int], float], n: int, k: int) -> list[int]:
@@ -295,40 +428,70 @@ def _numel(p: torch.Tensor) -> int:
 
 
 def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_bytes",
-          example_input: torch.Tensor | None = None) -> SplitPlan:
-    """Cut ``model`` into ``k`` contiguous modules balanced by ``by``.
+          example_input: torch.Tensor | None = None, flatten: bool | str = "auto",
+          allow_affine_end: bool = False) -> SplitPlan:
+    """Cut ``model`` into ``k`` contiguous modules balanced by ``by``, never inside a block and never right after an
+    affine layer (see the module docstring for the rules).
 
     Args:
-        model: an ``nn.Sequential`` (nested plain ``nn.Sequential`` / ``nn.ModuleList`` entries are flattened in
-            place, so stages of residual blocks become blocks), an ``nn.ModuleList`` or list of modules, or a
-            model with a ``split_units()`` method returning its units in forward order (transformer stacks:
-            ``[embed, blocks, head]``). Blocks (modules with ``forward_residual``, or any non-container
-            module) are never cut.
-        k: the number of modules, 1 ≤ k ≤ the number of units.
+        model: an ``nn.Sequential``, an ``nn.ModuleList`` or list of modules, or a model with a ``split_units()``
+            method returning its entries in forward order (transformer stacks: ``[embed, blocks, head]``).
+        k: the number of modules, 1 ≤ k ≤ the number of admissible groups (an error says how many there are
+            and which option allows more).
         by: ``"layers"`` (equal unit counts), ``"params"`` (balanced parameter counts) or ``"saved_bytes"``
             (balanced bytes saved for backward, measured on ``example_input``; the default).
         example_input: a batch for the model; required by ``by="saved_bytes"``. When given, the plan also
             reports every module's measured saved bytes, whatever ``by`` is. The model runs in training
             mode under gradients for the measurement; its modes, buffers (BatchNorm statistics) and the
             RNG state are restored afterwards, and no gradient is computed.
+        flatten: how nested plain ``nn.Sequential`` entries are read. ``"auto"`` (default): one whose entries are
+            all layers (modules without submodules, as ``Sequential(Conv, BN, ReLU)``) is one unit, kept whole;
+            one that holds blocks or Sequentials (a stage of residual blocks) is read as its entries, recursively.
+            ``True``: every one is read as its entries, down to single layers (the planner's behaviour before
+            layer groups were kept whole). ``False``: every one is a unit. ``nn.ModuleList`` entries are always
+            read as their entries.
+        allow_affine_end: admit cuts right after an affine layer (``Linear``, ``Conv*``, normalisation,
+            ``Embedding``; pass-through layers such as ``Flatten``, dropout and average pooling in between do not
+            count), so that a module may end without a nonlinearity. Default False.
 
     Returns:
         a :class:`SplitPlan`; ``plan.modules`` share the model's parameters and, chained, compute ``model(x)``.
+
+    Raises:
+        ValueError: for an unknown ``by``, a ``k`` below 1 or above the admissible groups, ``by="saved_bytes"``
+            without ``example_input``, or a bad ``flatten`` / ``allow_affine_end``.
+        TypeError: for a model whose forward order cannot be read.
+
+    Warns:
+        UserWarning: when the model ends in an ``nn.Linear`` (its classifier): LocalNet would put another head
+            after it.
     """
     if by not in MEASURES:
         raise ValueError(f"split: by must be one of {', '.join(map(repr, MEASURES))}, got {by!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"split: expected k >= 1 modules, got {k!r}")
+    if not (flatten is True or flatten is False or (isinstance(flatten, str) and flatten == "auto")):
+        raise ValueError(f"split: flatten must be 'auto', True or False, got {flatten!r}")
+    if not isinstance(allow_affine_end, bool):
+        raise ValueError(f"split: allow_affine_end must be True or False, got {allow_affine_end!r}")
     if by == "saved_bytes" and example_input is None:
         raise ValueError("split: by='saved_bytes' measures the bytes each unit saves for backward on an example "
                          "batch: pass example_input=<a small batch>, or use by='layers' or by='params'")
-    named = _units(model)
+    named = _units(model, flatten)
     n = len(named)
     if n == 0:
         raise ValueError(f"split: {type(model).__name__} has no units to split")
-    if k > n:
-        raise ValueError(f"split: cannot cut {n} units into k={k} modules (k must be at most the number of units, "
-                         f"{n}); units are whole blocks and layers, never split")
+    admissible = _admissible_boundaries(named, allow_affine_end)
+    if k > len(admissible) - 1:
+        raise _too_many_modules(model, k, n, len(admissible) - 1, flatten, allow_affine_end)
+    classifier = _classifier_at_end(named)
+    if classifier is not None:
+        warnings.warn(
+            f"split: the model ends in an nn.Linear, probably its classifier ({classifier[0]}: {classifier[1]}); "
+            "LocalNet puts an auxiliary head after every module, the last one included, so that head would be a "
+            "second classifier stacked on this one. Split the model without its classifier (e.g. model[:-1], keeping "
+            "the pooling and flatten before it) and let the last module's head classify, or give LocalNet heads of "
+            "your own", UserWarning, stacklevel=2)
     names = [name for name, _ in named]
     units = [unit for _, unit in named]
     params = list({id(p): p for unit in units for p in unit.parameters()}.values())
@@ -367,7 +530,9 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
         for j in range(first_recorded(i), n):
             union.update(unit_sets[j])
             table[i][j + 1] = sum(union.values())
-    bounds = linear_partition(lambda i, j: table[i][j], n, k)
+    # The partition runs over the admissible boundaries only: its group (i, j) is units admissible[i]..admissible[j]-1.
+    chosen = linear_partition(lambda i, j: table[admissible[i]][admissible[j]], len(admissible) - 1, k)
+    bounds = [admissible[b] for b in chosen]
 
     modules = [nn.Sequential(*units[bounds[m]:bounds[m + 1]]) for m in range(k)]
     costs = [table[bounds[m]][bounds[m + 1]] for m in range(k)]
