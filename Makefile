@@ -10,7 +10,7 @@ export MAX_JOBS ?= 2
 .PHONY: demo test install bench lint cuda-check clean
 
 demo: install
-	$(PY) -m llkern.cli.demo
+	$(PY) -m llkern demo
 
 test: install
 	$(PY) -m pytest -q tests

@@ -22,8 +22,9 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent
 PACKAGES = ["llkern", "llkern.cli", "llkern.compress", "llkern.data", "llkern.local", "llkern.moda", "llkern.models",
-            "llkern.nn", "llkern.ops", "llkern.reference", "llkern.triton_kernels"]
-PACKAGE_DIR = {"llkern.triton_kernels": "triton_kernels"}
+            "llkern.nn", "llkern.ops", "llkern.recipes", "llkern.reference", "llkern.triton_kernels"]
+PACKAGE_DIR = {"llkern.triton_kernels": "triton_kernels", "llkern.recipes": "recipes"}
+PACKAGE_DATA = {"llkern.recipes": ["*.json"]}
 
 
 def _sources(pattern: str) -> list[str]:
@@ -106,4 +107,4 @@ def _extension_kwargs() -> dict:
 
 
 if __name__ == "__main__":  # also under pip: setuptools runs this file as __main__
-    setup(packages=PACKAGES, package_dir=PACKAGE_DIR, **_extension_kwargs())
+    setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, **_extension_kwargs())

@@ -557,3 +557,34 @@ def test_bad_arguments_are_named_before_any_work():
         net.local_step(torch.tensor(1.0), torch.tensor(1))
     with pytest.raises(TypeError, match="target to be a Tensor"):
         net.local_step(torch.randn(2, 4), [0, 1])
+
+
+def test_fit_transforms_training_batches_only_and_writes_every_sink(tmp_path):
+    torch.manual_seed(0)
+    x, y = data()
+    seen = []
+
+    def transform(xb):
+        seen.append(xb.shape[0])
+        return xb.flip(-1)
+
+    rows_seen = []
+    trainer = LocalTrainer(small_net(), optimizer=sgd())
+    log = tmp_path / "log.csv"
+    trainer.fit((x, y), 2, batch_size=16, eval_data=(x, y), progress=False, transform=transform,
+                log=[rows_seen.append, log])
+    assert seen == [16, 16, 16] * 2  # every training batch, never the evaluation's
+    assert [r["epoch"] for r in rows_seen] == [1, 2] and log.read_text().count("\n") == 3
+    with pytest.raises(ValueError, match="log: expected a log path ending in"):
+        LocalTrainer(small_net(), optimizer=sgd()).fit((x, y), 1, progress=False, log=[tmp_path / "log.txt"])
+    with pytest.raises(TypeError, match="transform"):
+        LocalTrainer(small_net(), optimizer=sgd()).fit((x, y), 1, progress=False, transform="flip")
+
+
+def test_metadata_travels_with_the_checkpoint(tmp_path):
+    x, y = data()
+    trainer = LocalTrainer(small_net(), optimizer=sgd())
+    trainer.metadata["options"] = {"k": 3, "model": "small"}
+    trainer.fit((x, y), 1, progress=False, checkpoint=tmp_path / "c.pt")
+    again = LocalTrainer(small_net(), optimizer=sgd()).load(tmp_path / "c.pt")
+    assert again.metadata == {"options": {"k": 3, "model": "small"}} and again.epoch == 1

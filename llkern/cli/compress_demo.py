@@ -1,6 +1,6 @@
 """MIRACLE compression of a LeNet-5 on digits, end to end: train, encode, decode, evaluate.
 
-    python -m llkern.cli.compress_demo [--out digits-lenet.mira] [--bits 10] [--block-size 72] ...
+    llkern compress [--out digits-lenet.mira] [--bits 10] [--block-size 72] ...
 
 1. Train the uncompressed model (:func:`llkern.models.digits_lenet_caffe`, float32) and measure
    its test accuracy.
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from llkern.cli.options import HelpFormatter, nonnegative_int, plain_text, positive_int
 from llkern.compress import miracle
 from llkern.compress.mean_kl import MeanKLNetwork
 from llkern.data.images import load_digits
@@ -147,25 +148,28 @@ def run(out: str | Path, *, bits: int = 10, block_size: int = 72, pretrain_steps
                              seconds=time.perf_counter() - start)
 
 
-def main(argv: list[str] | None = None) -> CompressionResult:
-    parser = argparse.ArgumentParser(prog="python -m llkern.cli.compress_demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> CompressionResult:
+    parser = argparse.ArgumentParser(prog=prog, description=plain_text(__doc__),
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out", default="digits-lenet.mira", help="the MIRACLE file to write")
-    parser.add_argument("--bits", type=int, default=10, help="C, bits per coding block")
-    parser.add_argument("--block-size", type=int, default=72, help="weights per coding block")
-    parser.add_argument("--pretrain-steps", type=int, default=1500)
-    parser.add_argument("--steps", type=int, default=3000, help="Mean-KL training steps")
-    parser.add_argument("--retrain-steps", type=int, default=30, help="steps after each coded chunk (0: none)")
-    parser.add_argument("--chunk-blocks", type=int, default=32)
+    parser.add_argument("--bits", type=positive_int, default=10, help="C, bits per coding block")
+    parser.add_argument("--block-size", type=positive_int, default=72, help="weights per coding block")
+    parser.add_argument("--pretrain-steps", type=nonnegative_int, default=1500,
+                        help="plain training steps before the Mean-KL training")
+    parser.add_argument("--steps", type=nonnegative_int, default=3000, help="Mean-KL training steps")
+    parser.add_argument("--retrain-steps", type=nonnegative_int, default=30,
+                        help="steps after each coded chunk (0: none)")
+    parser.add_argument("--chunk-blocks", type=positive_int, default=32, help="blocks coded between retrainings")
     parser.add_argument("--retrain-fraction", type=float, default=0.1,
                         help="retraining learning rates as a fraction of the peak ones")
-    parser.add_argument("--choose", choices=miracle.CHOICES, default="argmax")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--choose", choices=miracle.CHOICES, default="argmax",
+                        help="the candidate of best score, or one sampled by its weight")
+    parser.add_argument("--seed", type=int, default=0, help="seed of training and of the shared random stream")
     parser.add_argument("--impl", choices=("auto", "kernel", "reference"), default="auto",
                         help="Mean-KL sampling and candidate scoring: the Triton kernels or the references")
     parser.add_argument("--device", default="cpu", help="where to train and encode (e.g. cuda)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     result = run(args.out, bits=args.bits, block_size=args.block_size, pretrain_steps=args.pretrain_steps,
                  steps=args.steps, retrain_steps=args.retrain_steps, chunk_blocks=args.chunk_blocks,

@@ -1,7 +1,7 @@
 """The main job: local training (K modules + TRGL's transport penalty) against end-to-end
 backpropagation on scikit-learn's digits, same model, epochs and optimizer.
 
-Run with ``python -m llkern.cli.demo`` (or ``make demo``); ``--help`` lists the options.
+Run with ``llkern demo`` (or ``make demo``); ``--help`` lists the options.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from llkern.cli.options import HelpFormatter, plain_text, positive_float, positive_int
 from llkern.data.images import load_digits
 from llkern.local.memory import MemoryMeter
 from llkern.local.net import LocalNet
@@ -136,21 +137,23 @@ def plot(results: list[RunResult], path: str) -> bool:
     return True
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modules", type=int, default=4, help="number of local modules K (1..8)")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (Adam, one-cycle)")
-    parser.add_argument("--tau", type=float, default=1.0, help="transport-penalty tau")
-    parser.add_argument("--tau-schedule", choices=("constant", "varying"), default="constant")
-    parser.add_argument("--seed", type=int, default=0)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=plain_text(__doc__),
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--modules", type=positive_int, default=4, help="number of local modules K (1..8)")
+    parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs of each run")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per step")
+    parser.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (Adam, one-cycle)")
+    parser.add_argument("--tau", type=positive_float, default=1.0, help="transport-penalty tau")
+    parser.add_argument("--tau-schedule", choices=("constant", "varying"), default="constant",
+                        help="tau the same for every module, or varying with depth")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling")
     parser.add_argument("--plot", default="demo.png", help="where to save the plot ('' for none; needs matplotlib)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     results = run(args)
     print(format_table(results))
     if args.plot:

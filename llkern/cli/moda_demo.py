@@ -1,7 +1,7 @@
 """MODA on digits (or CIFAR-10 from local files): train plainly and with MODA's losses, extract modules.
 
-    python -m llkern.cli.moda_demo [--data digits|cifar10] [--model cnn|resnet] [--data-root DIR] [--epochs E]
-                               [--out report.md]
+    llkern moda [--data digits|cifar10] [--model cnn|resnet] [--data-root DIR] [--epochs E]
+                   [--out report.md]
 
 1. Train the same network from the same initial weights twice: cross-entropy only ("plain"), and
    cross-entropy + MODA's affinity, dispersion and compactness terms (1.0/1.0/0.3) on every ReLU output.
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from llkern.cli.options import HelpFormatter, plain_text, positive_float, positive_int
 from llkern.data.images import load_cifar10, load_digits
 from llkern.moda import MODALoss, MODAReport, class_masks, count_weights, extract, modularity_report
 from llkern.models import vgg16
@@ -203,26 +204,26 @@ def _pair(text: str) -> tuple[int, int]:
     return a, b
 
 
-def main(argv: list[str] | None = None) -> DemoResult:
-    parser = argparse.ArgumentParser(prog="python -m llkern.cli.moda_demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", choices=("digits", "cifar10"), default="digits")
+def main(argv: list[str] | None = None, prog: str | None = None) -> DemoResult:
+    parser = argparse.ArgumentParser(prog=prog, description=plain_text(__doc__),
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--data", choices=("digits", "cifar10"), default="digits", help="the data set")
     parser.add_argument("--model", choices=("cnn", "resnet"), default="cnn",
                         help="cnn: digits_cnn (digits) or VGG16 (CIFAR-10); resnet: digits_resnet_moda")
     parser.add_argument("--data-root", help="CIFAR-10: the directory holding the extracted archive")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: 40 digits, 60 CIFAR-10)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--width", type=int, help="model width (default: 32 digits_cnn and digits_resnet_moda, "
-                        "64 VGG16)")
-    parser.add_argument("--tau", type=float, default=0.9, help="activation-frequency threshold of the masks")
+    parser.add_argument("--epochs", type=positive_int, help="training epochs (default: 40 digits, 60 CIFAR-10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling")
+    parser.add_argument("--width", type=positive_int,
+                        help="model width (default: 32 digits_cnn and digits_resnet_moda, 64 VGG16)")
+    parser.add_argument("--tau", type=positive_float, default=0.9, help="activation-frequency threshold of the masks")
     parser.add_argument("--min-keep", type=float, default=0.005, help="smallest fraction of a layer kept")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (Adam, one-cycle)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per step")
+    parser.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (Adam, one-cycle)")
     parser.add_argument("--pairs", type=_pair, nargs="*", default=list(DEFAULT_PAIRS),
                         help="class pairs whose modules to extract, e.g. 3,8 4,9")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="where to train (e.g. cuda)")
     parser.add_argument("--out", help="write the report (markdown) to this file")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")

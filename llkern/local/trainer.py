@@ -23,9 +23,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import csv
 import inspect
-import json
 import math
 import numbers
 import os
@@ -41,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llkern.local.logs import LogSink, check_log_path, write_log
 from llkern.local.memory import MemoryMeter
 from llkern.local.net import LocalNet, ModuleStep, StepResult
 
@@ -121,45 +120,6 @@ def _warn_unowned(net: LocalNet, groups: list[list[nn.Parameter]]) -> None:
 
 def _mean_or_none(total: float, count: int) -> float | None:
     return total / count if count else None
-
-
-def _csv_rows(rows: list[dict]) -> tuple[list[str], list[dict]]:
-    """Flatten list-valued fields into ``name_0, name_1, ...`` columns."""
-    flat_rows = []
-    for row in rows:
-        flat: dict[str, Any] = {}
-        for key, value in row.items():
-            if isinstance(value, list):
-                for i, v in enumerate(value):
-                    flat[f"{key}_{i}"] = "" if v is None else v
-            else:
-                flat[key] = "" if value is None else value
-        flat_rows.append(flat)
-    fields: list[str] = []
-    for flat in flat_rows:
-        fields += [f for f in flat if f not in fields]
-    return fields, flat_rows
-
-
-def write_log(rows: list[dict], path: str | os.PathLike[str]) -> None:
-    """Write log rows to ``path``: ``.json`` (a list of rows), ``.jsonl`` (a row per line) or ``.csv``
-    (list-valued fields as ``name_0, name_1, ...`` columns)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: a reader never sees half a log
-    with open(tmp, "w", newline="") as f:
-        if suffix == ".json":
-            json.dump(rows, f, indent=1)
-        elif suffix == ".jsonl":
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        elif suffix == ".csv":
-            fields, flat_rows = _csv_rows(rows)
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(flat_rows)
-        else:
-            raise ValueError(f"LocalTrainer: expected a log path ending in .json, .jsonl or .csv, got {str(path)!r}")
-    os.replace(tmp, path)
 
 
 class LocalTrainer:
@@ -315,6 +275,8 @@ class LocalTrainer:
         self.epoch = 0          # epochs completed
         self.global_step = 0    # steps completed
         self.history: list[dict] = []
+        # JSON-able values saved with every checkpoint (the command line keeps its options here)
+        self.metadata: dict[str, Any] = {}
         self._phase_applied: int | None = None
 
     # --- modes --------------------------------------------------------------------------------------------------
@@ -531,8 +493,9 @@ class LocalTrainer:
         eval_data: Batches | tuple[torch.Tensor, torch.Tensor] | None = None,
         eval_exit: int | str = -1,
         progress: bool = True,
-        log: Callable[[dict], None] | str | os.PathLike[str] | None = None,
+        log: LogSink | Sequence[LogSink] | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> list[dict]:
         """Train until ``epochs`` epochs are done in total (a resumed trainer continues where it stopped).
 
@@ -546,9 +509,12 @@ class LocalTrainer:
             eval_data: ``(x, y)`` tensors or an iterable of batches, evaluated after each epoch at head
                 ``eval_exit`` (an index, or ``"all"``).
             progress: show a tqdm progress bar (on rank 0 only with ``distributed``).
-            log: a callable given each row, or a path (``.json``, ``.jsonl``, ``.csv``) rewritten with
-                the whole history after each epoch (by rank 0 only with ``distributed``).
+            log: where each epoch's row goes (by rank 0 only with ``distributed``): a callable given the
+                row, or a path (``.json``, ``.jsonl``, ``.csv``) rewritten with the whole history; or a
+                list of them (see :mod:`llkern.local.logs`: ``EpochPrinter``, ``TensorBoardLogger``).
             checkpoint: a path the trainer is saved to after each epoch (see :meth:`save`).
+            transform: applied to every training batch's inputs before the step (data augmentation,
+                e.g. :class:`llkern.data.RandomCropFlip`); not to ``eval_data``.
 
         Returns:
             :attr:`history`, one JSON-able row per epoch: ``epoch`` (1-based), ``mode``,
@@ -572,6 +538,15 @@ class LocalTrainer:
                              f"{self.total_epochs} epochs, got epochs={epochs}")
         if batch_size < 1:
             raise ValueError(f"LocalTrainer.fit: expected batch_size >= 1, got {batch_size}")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"LocalTrainer.fit: expected transform to be callable, got {type(transform).__name__}")
+        sinks = [] if log is None else list(log) if isinstance(log, (list, tuple)) else [log]
+        for sink in sinks:  # a bad log path fails now, not after the first epoch's work
+            if not callable(sink):
+                try:
+                    check_log_path(sink)
+                except (TypeError, ValueError) as error:
+                    raise ValueError(f"LocalTrainer.fit: log: {error}") from None
         from tqdm import tqdm
 
         lead = self.rank == 0
@@ -589,6 +564,8 @@ class LocalTrainer:
             with meter if meter is not None else contextlib.nullcontext():
                 for xb, yb in bar:
                     t0 = time.perf_counter()
+                    if transform is not None:
+                        xb = transform(xb.to(self.device, non_blocking=True))
                     result = self.step(xb, yb)
                     step_time += time.perf_counter() - t0
                     n = len(yb)
@@ -600,7 +577,8 @@ class LocalTrainer:
                         if result.accuracies[k] is not None:
                             acc_sum[k] += result.accuracies[k] * n
                             acc_n[k] += n
-                    bar.set_postfix_str(" ".join(f"{v:.3f}" for v in result.losses if v is not None), refresh=False)
+                    bar.set_postfix_str("loss " + " ".join("-" if v is None else f"{v:.3f}" for v in result.losses),
+                                        refresh=False)
             bar.close()
             epoch_time = time.perf_counter() - started
             if steps == 0:
@@ -632,11 +610,12 @@ class LocalTrainer:
                     evaluated = self.evaluate(eval_data, exit=eval_exit)
                 row["eval_loss"], row["eval_accuracy"] = evaluated["loss"], evaluated["accuracy"]
             self.history.append(row)
-            if lead and log is not None:
-                if callable(log):
-                    log(row)
-                else:
-                    write_log(self.history, log)
+            if lead:
+                for sink in sinks:
+                    if callable(sink):
+                        sink(row)
+                    else:
+                        write_log(self.history, sink)
             if checkpoint is not None and lead:
                 self.save(checkpoint)
         return self.history
@@ -666,6 +645,7 @@ class LocalTrainer:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "history": self.history,
+            "metadata": self.metadata,
             "generator": self.generator.get_state(),
             "rng": rng,
         }
@@ -693,6 +673,7 @@ class LocalTrainer:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
+        self.metadata = dict(state.get("metadata") or {})
         self.generator.set_state(state["generator"])
         self._phase_applied = None
         self._sync_phase()

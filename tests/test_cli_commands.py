@@ -1,0 +1,195 @@
+"""The one ``llkern`` command: subcommands, exit statuses, help, --version, --output-dir with eval, resume that
+extends a finished run, recipes by name, a folder of images, the per-epoch line, TensorBoard, bench."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llkern.cli.main as cli
+from llkern.cli.options import UsageError
+from llkern.cli.recipes import recipe_names
+from llkern.cli.train import parse
+from llkern.local.logs import TensorBoardLogger, format_epoch
+
+FAST = ("--no-progress", "--model", "mlp", "--split", "layers", "--batch-size", "256")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+def status(argv, capsys):
+    """(exit status, stdout, stderr) of ``llkern ARGV``; argparse's own exits included."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+    (["train", "--epochs", "-1"], "--epochs: expected an integer >= 1"),
+    (["train", "--lr", "nan"], "--lr: expected a number > 0"),
+    (["train", "-k", "1000", "--epochs", "1"], "-k/--modules 1000"),
+    (["train", "--data", "cifar10"], "needs --data-root"),
+    (["train", "--data", "folder", "--data-root", "/nonexistent/llkern"], "is not a folder"),
+    (["train", "--device", "tpu"], "--device"),
+    (["train", "--log", "run.txt"], "--log"),
+    (["train", "--recipe", "no-such-recipe"], "installed: "),
+    (["eval", "--checkpoint", "/nonexistent/run"], "does not exist"),
+    (["fly"], "unknown command"),
+    ([], "COMMAND"),
+])
+def test_bad_input_exits_2_with_a_short_message(argv, message, capsys):
+    code, out, err = status(argv, capsys)
+    assert code == 2, (out, err)
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3  # a short message, not a traceback
+
+
+def test_empty_data_root_and_cuda_on_a_cpu_machine(tmp_path, capsys):
+    code, _, err = status(["train", "--data", "cifar10", "--data-root", str(tmp_path)], capsys)
+    assert code == 2 and "is empty" in err
+    if not torch.cuda.is_available():
+        code, _, err = status(["train", "--device", "cuda"], capsys)
+        assert code == 2 and "no CUDA device" in err
+
+
+def test_version_and_help(capsys):
+    code, out, _ = status(["--version"], capsys)
+    assert code == 0 and re.match(r"llkern \d+\.\d+\.\d+ \(torch ", out)
+    code, out, _ = status(["--help"], capsys)
+    assert code == 0 and all(name in out for name in cli.COMMANDS)
+    for command in ("train", "eval", "demo", "compress", "moda", "recipes", "bench"):
+        code, out, _ = status([command, "--help"], capsys)
+        assert code == 0 and f"usage: llkern {command}" in out, command
+        assert "``" not in out and ":func:" not in out and ":class:" not in out, command  # plain text
+    _, out, _ = status(["train", "--help"], capsys)
+    assert "(default: 64)" in out and "(default: saved_bytes)" in out  # --batch-size, --split
+
+
+def test_output_dir_then_eval_rebuilds_the_net(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, out, _ = status(["train", *FAST, "-k", "2", "--epochs", "2", "--output-dir", str(run_dir)], capsys)
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 and lines[1].startswith("epoch 2/2  loss ")
+    assert "test % " in lines[1] and "saved " in lines[1] and "MiB" in lines[1]
+    assert {p.name for p in run_dir.iterdir()} >= {"options.json", "log.json", "checkpoint.pt", "curves.png"}
+    options = json.loads((run_dir / "options.json").read_text())
+    assert options["k"] == 2 and options["model"] == "mlp"
+    trained = cli.run(["train", *FAST, "-k", "2", "--epochs", "2", "--output-dir", str(run_dir), "--resume"])
+    evaluated = cli.run(["eval", "--checkpoint", str(run_dir)])
+    assert evaluated["epochs"] == 2
+    assert evaluated["evaluation"]["accuracy"] == pytest.approx(trained["evaluation"]["accuracy"])
+    assert evaluated["evaluation"]["accuracy"][-1] > 0.5
+    assert "test accuracy per head" in capsys.readouterr().out
+
+
+def test_resume_extends_a_finished_run(tmp_path):
+    run_dir = tmp_path / "run"
+    first = cli.run(["train", *FAST, "-k", "2", "--epochs", "1", "--output-dir", str(run_dir)])  # one-cycle
+    # the saved options are the defaults: only --epochs is given again
+    out = cli.run(["train", "--no-progress", "--output-dir", str(run_dir), "--resume", "--epochs", "3"])
+    assert [r["epoch"] for r in out["history"]] == [1, 2, 3]
+    assert out["history"][0] == first["history"][0]
+    lrs = [r["lr"][0] for r in out["history"]]
+    assert lrs[1] > lrs[2] > 0  # the schedule planned for 3 epochs, annealing to its end
+    assert json.loads((run_dir / "options.json").read_text())["epochs"] == 3
+    with pytest.raises(UsageError, match="trained 3 epochs already"):
+        cli.run(["train", "--no-progress", "--output-dir", str(run_dir), "--resume", "--epochs", "2"])
+
+
+def test_recipes_by_name_and_listed(capsys):
+    names = recipe_names()
+    assert "infopro-resnet110-k4" in names and "digits-resnet-k4" in names
+    args = parse(["--recipe", "infopro-resnet110-k4", "--data-root", "somewhere"])
+    assert (args.model, args.k, args.loss) == ("resnet110", 4, "infopro")
+    code, out, _ = status(["recipes"], capsys)
+    assert code == 0 and all(name in out for name in names)
+
+
+def test_the_recipes_are_the_installed_package_data():
+    from importlib import resources
+    from pathlib import Path
+
+    repo = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.json"))
+    assert recipe_names() == repo
+    assert (resources.files("llkern.recipes") / "digits-resnet-k4.json").is_file()
+
+
+def write_image_folder(root, per_class=12, size=8):
+    from PIL import Image
+
+    colours = {"cat": (200, 30, 30), "dog": (30, 200, 30), "emu": (30, 30, 200)}
+    g = torch.Generator().manual_seed(0)
+    for name, colour in colours.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            noise = torch.randint(-20, 21, (size, size, 3), generator=g)
+            pixels = (torch.tensor(colour) + noise).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def test_folder_of_images_trains_with_augmentation(tmp_path):
+    write_image_folder(tmp_path / "images")
+    out = cli.run(["train", *FAST, "--data", "folder", "--data-root", str(tmp_path / "images"), "-k", "2",
+                   "--epochs", "3", "--augment", "--batch-size", "8"])
+    assert len(out["history"]) == 3 and out["history"][0]["samples"] == 3 * 12 - 3 * 2  # 20 % held out
+    assert out["evaluation"]["accuracy"][-1] > 0.5  # three colours
+
+
+def test_augment_needs_images(capsys):
+    code, _, err = status(["train", "--data", "digits-vectors", "--model", "mlp", "--augment"], capsys)
+    assert code == 2 and "--augment" in err
+
+
+def test_epoch_line_and_tensorboard_scalars(tmp_path):
+    row = {"epoch": 2, "loss": [0.5, None], "accuracy": [0.9, None], "lr": [0.1, 0.1], "eval_accuracy": 0.875,
+           "peak_saved_bytes": 3 * 2**20, "epoch_time_s": 1.25}
+    line = format_epoch(row, 10)
+    assert line == "epoch 2/10  loss 0.500 -  acc % 90.0 -  test % 87.50  saved 3.0 MiB  1.2 s"
+
+    class Writer:
+        def __init__(self):
+            self.scalars = {}
+
+        def add_scalar(self, tag, value, step):
+            self.scalars[tag, step] = value
+
+        def flush(self):
+            pass
+
+    writer = Writer()
+    TensorBoardLogger(tmp_path, writer=writer)(row)
+    assert writer.scalars == {("loss/module_0", 2): 0.5, ("accuracy/module_0", 2): 0.9, ("lr/module_0", 2): 0.1,
+                              ("lr/module_1", 2): 0.1, ("test/accuracy", 2): 0.875,
+                              ("memory/peak_saved_MiB", 2): 3.0, ("time/epoch_s", 2): 1.25}
+
+
+def test_tensorboard_files_where_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    cli.run(["train", *FAST, "-k", "2", "--epochs", "1", "--output-dir", str(tmp_path / "run")])
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_bench_times_llkern_and_eager(capsys):
+    rows = cli.run(["bench", "--ops", "transport_penalty", "aux_head_loss", "--min-time", "0.01", "--no-progress"])
+    assert [r.op for r in rows] == ["transport_penalty", "aux_head_loss"]
+    assert all(r.llkern_ms > 0 and r.eager_ms > 0 for r in rows)
+    assert "speed-up" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module", ["llkern", "llkern.demo", "llkern.cli.demo", "llkern.moda_demo",
+                                    "llkern.compress_demo"])
+def test_python_m_forms_still_work(module):
+    argv = [sys.executable, "-m", module] + (["demo"] if module == "llkern" else []) + ["--help"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-2000:]
