@@ -1,5 +1,6 @@
 # make demo: set up everything (venv, dependencies, build), then run the main job.
-# make test: set up everything, then run the test suite.
+# make test: set up everything, then run the quick test suite (<= 5 minutes on 2 cores; the tests marked slow,
+#            longer accuracy and round-trip runs, are left to make test-slow; make test-all runs both).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,12 +8,18 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export MAX_JOBS ?= 2
 
-.PHONY: demo test install bench lint cuda-check clean
+.PHONY: demo test test-slow test-all install bench lint cuda-check clean
 
 demo: install
 	$(PY) -m llkern demo
 
 test: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: install
+	$(PY) -m pytest -q -m slow tests
+
+test-all: install
 	$(PY) -m pytest -q tests
 
 install: $(VENV)/.installed

@@ -69,5 +69,6 @@ def test_every_package_is_installed():
     # install still finds it, so nothing else would notice)
     setup = load_setup()
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "llkern").rglob("__init__.py")}
-    found |= {"llkern.triton_kernels"}
+    found |= {"llkern.triton_kernels", "llkern.recipes"}  # mapped from the repository's triton_kernels/ and recipes/
     assert set(setup.PACKAGES) == found
+    assert setup.PACKAGE_DATA["llkern.recipes"] == ["*.json"]  # the recipes themselves travel in the wheel

@@ -116,6 +116,7 @@ def test_recipes_parse(recipe):
             assert value in CHOICES[name], name
 
 
+@pytest.mark.slow  # ResNet-32 with both context encoders: minutes on 2 cores
 def test_contsup_recipe_runs_on_cifar_files(tmp_path):
     # a published setting, pointed at (tiny) CIFAR-10 files, with a short budget
     torch.set_num_threads(1)

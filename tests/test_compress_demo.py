@@ -20,6 +20,7 @@ def check_round_trip(result, path):
     assert accuracy == pytest.approx(result.accuracy_decoded)
 
 
+@pytest.mark.slow
 def test_short_run(tmp_path):
     # a few hundred steps (the Mean-KL references, not the Triton interpreter, which would take an hour): the
     # whole path runs, the file is 200× smaller than the float32 weights

@@ -237,7 +237,7 @@ def test_keep_boundaries():
             assert result.boundaries[k].tensor.shape == h.shape
 
 
-@pytest.mark.parametrize("context", [None, "R"])
+@pytest.mark.parametrize("context", [None, pytest.param("R", marks=pytest.mark.slow)])
 def test_predict_with_confidence_exit(context):
     torch.manual_seed(0)
     x, y = batch(24)

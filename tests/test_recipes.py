@@ -42,7 +42,9 @@ def test_there_are_recipes_of_every_kind():
     assert {"cifar10", "digits", "karate", "synthetic-graphs"} <= data, data
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+# the ContSup recipes (ResNet-32 with context encoders) take 15-30 s each on 2 cores: in the slow set
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.slow) if r.stem.startswith("contsup") else r
+                                    for r in RECIPES], ids=[r.stem for r in RECIPES])
 def test_recipe_trains(recipe, cifar_root):
     # (the InfoPro and MLP-SR heads once failed on the CIFAR ResNets' flattened last module)
     result = run(short_run(recipe, cifar_root))
