@@ -140,10 +140,14 @@ def write_image_folder(root, per_class=12, size=8):
 
 def test_folder_of_images_trains_with_augmentation(tmp_path):
     write_image_folder(tmp_path / "images")
+    run_dir = tmp_path / "run"
     out = cli.run(["train", *FAST, "--data", "folder", "--data-root", str(tmp_path / "images"), "-k", "2",
-                   "--epochs", "3", "--augment", "--batch-size", "8"])
-    assert len(out["history"]) == 3 and out["history"][0]["samples"] == 3 * 12 - 3 * 2  # 20 % held out
-    assert out["evaluation"]["accuracy"][-1] > 0.5  # three colours
+                   "--epochs", "2", "--augment", "--batch-size", "8", "--output-dir", str(run_dir)])
+    assert out["history"][0]["samples"] == 3 * 12 - 3 * 2  # 20 % held out
+    # the data root is one of the saved options: resume and eval find the images again
+    out = cli.run(["train", "--no-progress", "--output-dir", str(run_dir), "--resume", "--epochs", "3"])
+    assert len(out["history"]) == 3 and out["evaluation"]["accuracy"][-1] > 0.5  # three colours
+    assert cli.run(["eval", "--checkpoint", str(run_dir)])["evaluation"] == out["evaluation"]
 
 
 def test_augment_needs_images(capsys):

@@ -65,7 +65,7 @@ CHOICES = {"model": MODELS, "split": ("layers", "params", "saved_bytes"), "loss"
 # options that say where things go or how the run is shown, not what is trained: not taken from a
 # checkpoint's saved options on --resume or by eval
 RUN_OPTIONS = ("recipe", "log", "checkpoint", "resume", "output_dir", "tensorboard", "no_progress", "device",
-               "distributed", "data_root")
+               "distributed")
 NODE_STEPS_PER_EPOCH = 10  # karate: the whole graph is one batch; an epoch is this many steps on it
 
 
@@ -697,7 +697,8 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = "llkern eval
     _check_values(options, build_parser(), f"the options saved in {given.checkpoint}")
     args = build_parser(options).parse_args([])
     args.device = given.device
-    args.data_root = given.data_root if given.data_root is not None else _saved_data_root(given.checkpoint)
+    if given.data_root is not None:
+        args.data_root = given.data_root
     args.no_progress = True
     _check_options(args)
     run = _graph_run(args) if args.data in GRAPH_DATA or args.model == "gcn" else _image_run(args)
@@ -714,7 +715,3 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = "llkern eval
     _report(run, result)
     return {"evaluation": result, "epochs": run.trainer.epoch}
 
-
-def _saved_data_root(checkpoint: str) -> str | None:
-    state = torch.load(_checkpoint_file(checkpoint), map_location="cpu", weights_only=True)
-    return state["metadata"]["options"].get("data_root")
