@@ -73,6 +73,7 @@ def test_version_and_help(capsys):
         assert "``" not in out and ":func:" not in out and ":class:" not in out, command  # plain text
     _, out, _ = status(["train", "--help"], capsys)
     assert "(default: 64)" in out and "(default: saved_bytes)" in out  # --batch-size, --split
+    assert "(default: None)" not in out and "(default: False)" not in out
 
 
 def test_output_dir_then_eval_rebuilds_the_net(tmp_path, capsys):

@@ -13,7 +13,13 @@ class UsageError(Exception):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions kept as written (paragraphs, examples); every option's default shown."""
+    """Descriptions kept as written (paragraphs, examples); every option's default shown, except the
+    defaults that say nothing (None, False): the option's help says what happens without it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def plain_text(text: str | None) -> str | None:
