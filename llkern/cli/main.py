@@ -15,8 +15,8 @@ nothing done), 1 for a failure during the work. python -m llkern works as llkern
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from llkern.cli.options import HelpFormatter, UsageError
@@ -24,56 +24,16 @@ from llkern.cli.options import HelpFormatter, UsageError
 __all__ = ["COMMANDS", "build_parser", "main", "run", "version"]
 
 
-def _train(argv: list[str], prog: str) -> Any:
-    from llkern.cli.train import main as train
-
-    return train(argv, prog)
-
-
-def _eval(argv: list[str], prog: str) -> Any:
-    from llkern.cli.train import evaluate_main
-
-    return evaluate_main(argv, prog)
-
-
-def _demo(argv: list[str], prog: str) -> Any:
-    from llkern.cli.demo import main as demo
-
-    return demo(argv, prog)
-
-
-def _compress(argv: list[str], prog: str) -> Any:
-    from llkern.cli.compress_demo import main as compress
-
-    return compress(argv, prog)
-
-
-def _moda(argv: list[str], prog: str) -> Any:
-    from llkern.cli.moda_demo import main as moda
-
-    return moda(argv, prog)
-
-
-def _recipes(argv: list[str], prog: str) -> Any:
-    from llkern.cli.recipes import main as recipes
-
-    return recipes(argv, prog)
-
-
-def _bench(argv: list[str], prog: str) -> Any:
-    from llkern.cli.bench import main as bench
-
-    return bench(argv, prog)
-
-
-COMMANDS: dict[str, tuple[Callable[[list[str], str], Any], str]] = {
-    "train": (_train, "train a network with local learning"),
-    "eval": (_eval, "evaluate a run saved by llkern train"),
-    "demo": (_demo, "local against end-to-end training on digits, with a plot"),
-    "compress": (_compress, "MIRACLE compression of LeNet-5 on digits"),
-    "moda": (_moda, "MODA: modular training and per-class sub-networks"),
-    "recipes": (_recipes, "list the installed recipes"),
-    "bench": (_bench, "time llkern's ops against plain PyTorch here"),
+# command -> (module, function, one-line help); the module is imported only when its command runs, so that
+# `llkern --help` and `llkern recipes` stay quick. Each function takes (argv, prog).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("llkern.cli.train", "main", "train a network with local learning"),
+    "eval": ("llkern.cli.train", "evaluate_main", "evaluate a run saved by llkern train"),
+    "demo": ("llkern.cli.demo", "main", "local against end-to-end training on digits, with a plot"),
+    "compress": ("llkern.cli.compress_demo", "main", "MIRACLE compression of LeNet-5 on digits"),
+    "moda": ("llkern.cli.moda_demo", "main", "MODA: modular training and per-class sub-networks"),
+    "recipes": ("llkern.cli.recipes", "main", "list the installed recipes"),
+    "bench": ("llkern.cli.bench", "main", "time llkern's ops against plain PyTorch here"),
 }
 
 
@@ -109,8 +69,8 @@ def run(argv: list[str] | None = None) -> Any:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         parser.error(f"unknown command {command!r}; expected one of {', '.join(COMMANDS)}")
-    function, _ = COMMANDS[command]
-    return function(rest, f"llkern {command}")
+    module, function, _ = COMMANDS[command]
+    return getattr(importlib.import_module(module), function)(rest, f"llkern {command}")
 
 
 def main(argv: list[str] | None = None) -> int:
