@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from common import pytorch_activation_ops
 
 import llkern
 from llkern.data.images import load_digits
@@ -42,14 +43,18 @@ OPTIONS: list[tuple[str, dict[str, bool], torch.dtype | None]] = [
     ("bf16 saved tensors", {}, torch.bfloat16),
     ("recompute + bf16 saved", {"bn_relu_recompute": True}, torch.bfloat16),
 ]
+# The exact options again on PyTorch ops instead of the compiled ones (--pytorch-ops): before and after.
+PYTORCH_OPS_OPTIONS = [(f"{name}, PyTorch ops", options, dtype) for name, options, dtype in OPTIONS[1:4]]
 
 
-def _stepper(net: llkern.LocalNet, dtype: torch.dtype | None) -> Callable[[torch.Tensor, torch.Tensor], float]:
+def _stepper(net: llkern.LocalNet, dtype: torch.dtype | None,
+             pytorch_ops: bool) -> Callable[[torch.Tensor, torch.Tensor], float]:
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        if dtype is None:
-            return net.local_step(x, y).losses[-1]
-        with saved_tensors_in(dtype):
-            return net.local_step(x, y).losses[-1]
+        with pytorch_activation_ops(pytorch_ops):
+            if dtype is None:
+                return net.local_step(x, y).losses[-1]
+            with saved_tensors_in(dtype):
+                return net.local_step(x, y).losses[-1]
 
     return step
 
@@ -87,7 +92,7 @@ class Run:
         self.name = name
         modules = [convert(copy.deepcopy(b), **options) for b in blocks]
         self.net = llkern.LocalNet(modules, num_classes=10, example_input=example).to(device)
-        self.step = _stepper(self.net, dtype)
+        self.step = _stepper(self.net, dtype, name.endswith("PyTorch ops"))
         self.initial = copy.deepcopy(self.net.state_dict())
         self.times: list[float] = []
         self.saved = 0
@@ -144,13 +149,17 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--pytorch-ops", action="store_true",
+                        help="also run the exact options on PyTorch ops instead of llkern's compiled "
+                             "relu_with_mask / batch_norm_relu (before and after, side by side)")
     args = parser.parse_args()
     device = torch.device(args.device)
 
     torch.manual_seed(args.seed)
     data = load_digits(seed=args.seed)
     blocks = digits_resnet(4, width=args.width)
-    runs = [Run(name, options, dtype, blocks, data[0][:2], args.seed, device) for name, options, dtype in OPTIONS]
+    runs = [Run(name, options, dtype, blocks, data[0][:2], args.seed, device) for name, options, dtype in
+            OPTIONS + (PYTORCH_OPS_OPTIONS if args.pytorch_ops else [])]
 
     x_train, y_train = data[0], data[1]
     xb, yb = x_train[: args.batch_size], y_train[: args.batch_size]

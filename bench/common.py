@@ -4,6 +4,7 @@ memory helpers with their ``--dry-run`` mode (tiny shapes on the CPU, nothing wr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -196,3 +197,31 @@ def speedups(results: dict, ms: float) -> tuple[float, float]:
     """How many times faster than the "eager" and "torch.compile" rows of ``results`` (label -> (ms, ...))."""
     vs = [results[label][0] / ms if label in results else float("nan") for label in ("eager", "torch.compile")]
     return vs[0], vs[1]
+
+
+@contextlib.contextmanager
+def pytorch_activation_ops(enabled: bool = True):
+    """Inside, llkern.nn.activation_memory runs its options in PyTorch ops instead of the compiled
+    relu_with_mask / batch_norm_relu ops (the code before those ops existed, and what a build without
+    llkern._C runs): the "before" of a before/after comparison. The choice is made at each call."""
+    import llkern.nn.activation_memory as activation_memory
+
+    previous = activation_memory.kernel_available
+    if enabled:
+        activation_memory.kernel_available = lambda op, device_type: False
+    try:
+        yield
+    finally:
+        activation_memory.kernel_available = previous
+
+
+def median_ms(fn, repeats: int = 15, warmup: int = 3) -> tuple[float, float, float]:
+    """(median, min, max) wall time of ``fn()`` in milliseconds on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times), min(times), max(times)

@@ -103,7 +103,8 @@ EOF
 OP_TESTS=(tests/test_transport.py tests/test_aux_head.py tests/test_similarity.py tests/test_context.py
           tests/test_mean_kl.py tests/test_miracle_select.py tests/test_random.py tests/test_triton_sm90.py
           tests/test_build.py tests/test_value_checks.py tests/test_fast_divmod.py tests/test_compression.py
-          tests/test_miracle.py tests/test_contsup.py)
+          tests/test_miracle.py tests/test_contsup.py tests/test_relu_mask.py tests/test_batch_norm_relu.py
+          tests/test_activation_memory.py)
 
 for stage in "${stages[@]}"; do
   DEADLINE=$(( $(date +%s) + ${STAGE_SECONDS:-500} ))
@@ -128,7 +129,8 @@ for stage in "${stages[@]}"; do
     run similarity "$(left 110 160)" bench.txt $PY bench/gpu_similarity.py
     run context "$(left 40 120)" bench.txt $PY bench/gpu_context.py
     run mean-kl "$(left 70 50)" bench.txt $PY bench/gpu_mean_kl.py  # (its torch.compile row compiles ~20 s)
-    run miracle-select "$(left 45 5)" bench.txt $PY bench/gpu_miracle_select.py
+    run miracle-select "$(left 45 65)" bench.txt $PY bench/gpu_miracle_select.py
+    run activation "$(left 60 5)" bench.txt $PY bench/gpu_activation.py  # relu masks, BN+ReLU recompute
     cp bench/results/results.jsonl "$OUT/results.jsonl" 2>/dev/null
     summary bench ;;
   system)

@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 
 import llkern.functional as LF
+import llkern.nn.activation_memory as activation_memory
+from llkern.ops.relu_mask import relu_with_mask
 
 DEVICE = torch.device("cuda")
 
@@ -80,6 +82,13 @@ def median_ms(fn: Callable, reps: int = 30) -> float:
 # --- the cases: (name, dtype, inputs, grad mask, kernel fn, reference fn) -----------------------------
 
 
+def bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, impl: str) -> torch.Tensor:
+    """relu(BN(x)) in training mode: llkern's compiled ops, or PyTorch's BatchNorm and ReLU."""
+    if impl == "kernel":
+        return activation_memory.batch_norm_relu(x, None, None, weight, bias, True)
+    return torch.relu(torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, 1e-5))
+
+
 def cases(smoke: bool) -> list[dict]:
     g = torch.Generator().manual_seed(7)
 
@@ -126,6 +135,13 @@ def cases(smoke: bool) -> list[dict]:
         c2 = rn(shape[0], shape[1], 2 * shape[2], 2 * shape[3], dtype=dtype)
         out.append(dict(op="context_add", dtype=tag, inputs=[h, c2], mask=[True, True],
                         fn=lambda h, c, impl: LF.context_add(h, c, impl=impl)))
+        # 1-bit ReLU mask, and BatchNorm + ReLU recomputed (training statistics)
+        shape = (3, 5, 7, 11) if smoke else (64, 256, 32, 32)
+        out.append(dict(op="relu_with_mask", dtype=tag, inputs=[rn(*shape, dtype=dtype)], mask=[True],
+                        fn=lambda x, impl: relu_with_mask(x, impl=impl)[0]))
+        bn_weight, bn_bias = rn(shape[1], dtype=dtype, scale=0.3) + 1, rn(shape[1], dtype=dtype, scale=0.1)
+        out.append(dict(op="batch_norm_relu", dtype=tag, inputs=[rn(*shape, dtype=dtype), bn_weight, bn_bias],
+                        mask=[True, True, True], fn=bn_relu))
         if dtype == torch.bfloat16:
             continue  # Mean-KL and MIRACLE selection take fp32/fp64 parameters
         # Mean-KL sampling (Triton)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import pytorch_activation_ops
 from torch.utils.checkpoint import checkpoint_sequential
 
 import llkern
@@ -123,6 +124,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         variants = [("local, equal layers", "layers", False), ("local, balanced", "saved_bytes", False)]
         if activation_memory is not None:
             variants.append(("local, balanced + masks/recompute", "saved_bytes", True))
+            if args.pytorch_ops:  # the same on PyTorch ops instead of the compiled relu_with_mask / batch_norm_relu
+                variants.append(("local, balanced + masks/recompute, PyTorch ops", "saved_bytes", True))
         for method, by, smaller in variants:
             local_model = copy.deepcopy(base)
             plan = llkern.split(local_model, k, by=by, example_input=x[:8])
@@ -131,9 +134,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                     activation_memory.convert(module, relu_masks=True, bn_relu_recompute=True)
             net = llkern.LocalNet(plan.modules, num_classes=10, example_input=x[:2]).to(device)
 
-            def local(net: llkern.LocalNet = net) -> None:
+            def local(net: llkern.LocalNet = net, pytorch_ops: bool = method.endswith("PyTorch ops")) -> None:
                 zero_grads(net)
-                net.local_step(x, y)
+                with pytorch_activation_ops(pytorch_ops):
+                    net.local_step(x, y)
 
             add(method, k, measure(local, device, args.steps, net.parameters()))
     return rows
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--pytorch-ops", action="store_true",
+                        help="add the masks/recompute row on PyTorch ops instead of llkern's compiled ops")
     parser.add_argument("--out", default=None, help="output path without suffix (default bench/results/memory-…)")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]

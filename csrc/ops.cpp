@@ -46,4 +46,22 @@ TORCH_LIBRARY(llkern, m) {
   // I(T; Y) in bits (Renyi order 2); sigma None: Silverman's rule; label_sigma None: indicator.
   m.def("renyi_mutual_information(Tensor t, Tensor labels, float? sigma, float? label_sigma, "
         "bool with_grad=False) -> (Tensor, Tensor)");
+
+  // ReLU saving a 1-bit mask (8 elements per byte, in the memory order of y) instead of its output.
+  m.def("relu_with_mask(Tensor x) -> (Tensor y, Tensor mask)");
+  // grad_x = mask ? grad : 0; `stride` is y's stride (the mask's element order), which grad_x takes.
+  m.def("relu_mask_backward(Tensor grad, Tensor mask, int[] stride) -> Tensor");
+
+  // relu(BatchNorm(input)) from given statistics (mean, invstd: training, input's batch statistics, whose
+  // gradient the backward includes; else the running ones, constants), and its backward recomputing BN's
+  // output and the ReLU mask from input. The backward returns (grad_input, grad_weight, grad_bias), an
+  // empty tensor for each not asked for (input_grad False, weight or bias None).
+  m.def("batch_norm_relu(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, bool training) "
+        "-> Tensor");
+  m.def("batch_norm_relu_backward(Tensor grad, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
+        "Tensor invstd, bool training, bool input_grad=True) -> (Tensor, Tensor, Tensor)");
+
+  // x converted to dtype in a CPU buffer from llkern's pool of large buffers (saved_tensors_in's stored
+  // copies and their restored forms: the conversion runs at copy speed, fresh pages would cost more).
+  m.def("cast_pooled(Tensor x, ScalarType dtype) -> Tensor");
 }

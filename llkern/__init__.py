@@ -12,7 +12,7 @@ from llkern import _moved, compress, data, functional, local, moda, nn
 from llkern._ext import extension_loaded, kernel_available, set_value_checks, value_checks
 from llkern.local import memory
 from llkern.local.memory import MemoryMeter, MemoryReport
-from llkern.local.net import Boundary, LocalNet, StepResult, run_module
+from llkern.local.net import Boundary, LocalNet, ModuleMemory, StepResult, run_module
 from llkern.local.planner import SplitPlan, split
 from llkern.local.trainer import LocalTrainer
 from llkern.moda import MODALocalLoss, MODALoss, moda_local_losses
@@ -77,6 +77,7 @@ __all__ = [
     "MODALoss",
     "MemoryMeter",
     "MemoryReport",
+    "ModuleMemory",
     "MutualInformation",
     "ProjectionHead",
     "Reconstruction",

@@ -1,4 +1,5 @@
-"""Activation-memory options (llkern/activation_memory.py) against their exact counterparts.
+"""Activation-memory options (llkern/nn/activation_memory.py) against their exact counterparts, on the
+compiled ops and on PyTorch ops.
 
 Exact options (1-bit ReLU masks, BN+ReLU recomputation, the converter) are compared with plain PyTorch in
 float64: values, input and parameter gradients, running statistics; gradcheck. Reduced-precision storage
@@ -31,6 +32,17 @@ from llkern.nn.activation_memory import (
 )
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, params=["kernels", "pytorch"])
+def path(request, monkeypatch):
+    """Every test runs on both paths: the compiled ops (relu_with_mask, batch_norm_relu) where llkern._C has
+    them, and the same computation in PyTorch ops, which a build without the extension takes."""
+    if request.param == "kernels" and not llkern.kernel_available("batch_norm_relu", "cpu"):
+        pytest.skip("llkern._C not built")
+    if request.param == "pytorch":
+        monkeypatch.setattr("llkern.nn.activation_memory.kernel_available", lambda op, device_type: False)
+    return request.param
 
 
 def _away_from_zero(*shape: int, dtype: torch.dtype = F64) -> torch.Tensor:
@@ -592,3 +604,76 @@ def test_convert_vgg_chains_units():
     first_relu, last_relu = 4 * 8 * 6 * 6 * 8, 4 * 16 * 3 * 3 * 8  # float64 bytes
     running_stats = 2 * (8 + 16 + 16) * 8  # PyTorch's BN node also saves running_mean and running_var
     assert fused == plain - first_relu - last_relu - running_stats
+
+
+def test_modules_take_the_path_of_the_build(path):
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    relu_node = type(bitmask_relu(x).grad_fn).__name__
+    bn_node = type(BatchNormReLU(3)(x).grad_fn).__name__
+    if path == "kernels":
+        assert "llkern_relu_with_mask" in relu_node and "llkern_batch_norm_relu" in bn_node
+    else:
+        assert relu_node == "_BitMaskReLUFunctionBackward" and bn_node == "_BatchNormReLUFunctionBackward"
+
+
+def test_convert_reaches_resnet_block_entries():
+    from llkern.models import resnet32
+
+    model = resnet32(width=4).double()
+    converted = convert(copy.deepcopy(model), relu_masks=True, bn_relu_recompute=True)
+    assert not any(type(m) is nn.ReLU for m in converted.modules())
+    # Each post-activation block has its entry ReLU and one inside its branch; the head starts with one.
+    assert sum(isinstance(m, BitMaskReLU) for m in converted.modules()) == 15 + 1
+    assert sum(isinstance(m, BatchNormReLU) for m in converted.modules()) == 15
+    x = torch.randn(2, 3, 32, 32, dtype=F64)
+    model.train()
+    converted.train()
+    out, out_converted = model(x), converted(x)
+    torch.testing.assert_close(out_converted, out, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    grads_converted = torch.autograd.grad(out_converted.square().sum(), list(converted.parameters()))
+    for g, h in zip(grads, grads_converted, strict=True):
+        torch.testing.assert_close(h, g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("track", [True, False])
+def test_batch_norm_relu_all_bfloat16(track):
+    # Input, parameters and running statistics in bfloat16 (model.bfloat16()): statistics still in float32.
+    bn = nn.BatchNorm2d(5, track_running_stats=track)
+    nn.init.uniform_(bn.weight, 0.5, 1.5)
+    nn.init.uniform_(bn.bias, -0.2, 0.2)
+    new = BatchNormReLU.from_batch_norm(copy.deepcopy(bn)).bfloat16()
+    x = torch.randn(6, 5, 4, 4) * 3 + 1
+    xb = x.bfloat16().requires_grad_()
+    y = new(xb)
+    assert y.dtype == torch.bfloat16
+    ref = torch.relu(bn.double()(xb.detach().double()))
+    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)
+    g = torch.randn(6, 5, 4, 4)
+    y.backward(g.bfloat16())
+    xr = xb.detach().double().requires_grad_()
+    torch.relu(bn(xr)).backward(g.bfloat16().double())
+    torch.testing.assert_close(xb.grad.double(), xr.grad, rtol=5e-2, atol=5e-2)
+
+
+def test_memory_profile_reports_bytes_freed_per_module():
+    torch.manual_seed(0)
+    blocks = digits_resnet(4, width=8)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    plain = llkern.LocalNet(copy.deepcopy(blocks), num_classes=10, example_input=x[:2])
+    rows = plain.memory_profile(x, y)
+    assert [r.module for r in rows] == [0, 1, 2, 3]
+    assert all(0 < r.freed_bytes <= r.peak_saved_bytes for r in rows)
+    assert "freed by its backward" in str(rows[0])
+    # The same step under one meter: its peak is the largest module's, as local training promises.
+    plain.zero_grad()
+    with MemoryMeter(exclude=plain.parameters()) as meter:
+        plain.local_step(x, y)
+    assert meter.peak_saved_bytes == max(r.peak_saved_bytes for r in rows)
+    # Recomputing BN+ReLU frees less after each backward because less was saved.
+    converted = llkern.LocalNet([convert(copy.deepcopy(b), bn_relu_recompute=True) for b in blocks], num_classes=10,
+                                example_input=x[:2])
+    smaller = converted.memory_profile(x, y)
+    assert all(s.freed_bytes < r.freed_bytes for s, r in zip(smaller, rows, strict=True))
+    with pytest.raises(TypeError, match="backward option"):
+        plain.memory_profile(x, y, backward=lambda k, loss: loss.backward())

@@ -3,7 +3,7 @@ split planner, the saved-activation memory meter, and ``LocalTrainer``."""
 
 from llkern.local import memory, net, planner, trainer
 from llkern.local.memory import MemoryMeter, MemoryReport
-from llkern.local.net import Boundary, LocalNet, StepResult, run_module
+from llkern.local.net import Boundary, LocalNet, ModuleMemory, StepResult, run_module
 from llkern.local.planner import SplitPlan, split
 from llkern.local.trainer import LocalTrainer
 
@@ -13,6 +13,7 @@ __all__ = [
     "LocalTrainer",
     "MemoryMeter",
     "MemoryReport",
+    "ModuleMemory",
     "SplitPlan",
     "StepResult",
     "memory",

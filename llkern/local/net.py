@@ -134,6 +134,20 @@ class _ExportedWithContext(nn.Module):
         return self.head(h)
 
 
+@dataclass
+class ModuleMemory:
+    """What one module kept for its backward in a profiled local step (bytes of distinct storages, as
+    :class:`llkern.MemoryMeter` counts them; parameters excluded)."""
+
+    module: int
+    peak_saved_bytes: int  # the most held during its forward, local loss and backward
+    freed_bytes: int  # released by its backward: what local training frees before module k+1 runs
+
+    def __str__(self) -> str:
+        return (f"module {self.module}: saved-for-backward peak {self.peak_saved_bytes / 2**20:.2f} MiB, "
+                f"freed by its backward {self.freed_bytes / 2**20:.2f} MiB")
+
+
 class LocalNet(nn.Module):
     """K local modules, one auxiliary head and one local loss each.
 
@@ -374,6 +388,30 @@ class LocalNet(nn.Module):
         if autocast is not None:
             ctx = _float32_context(ctx)
         return out, self.losses[k](ctx)
+
+    def memory_profile(self, x: torch.Tensor, target: torch.Tensor, **step_options) -> list[ModuleMemory]:
+        """Run one :meth:`local_step` inside a :class:`llkern.MemoryMeter` and report, per trained module,
+        the peak of its saved-for-backward bytes and the bytes its backward freed.
+
+        The step is a real one: gradients accumulate into ``.grad`` (zero them afterwards) and BatchNorm
+        statistics move. ``step_options`` go to :meth:`local_step` (``modules``, ``autocast``, ...), except
+        ``backward``, which the profile uses itself.
+        """
+        from llkern.local.memory import MemoryMeter
+
+        if "backward" in step_options:
+            raise TypeError("LocalNet.memory_profile: the backward option is taken by the profile itself")
+        rows: list[ModuleMemory] = []
+        with MemoryMeter(exclude=self.parameters()) as meter:
+
+            def backward(k: int, loss: torch.Tensor) -> None:
+                peak, before = meter.peak_saved_bytes, meter.current_saved_bytes
+                loss.backward()
+                rows.append(ModuleMemory(k, peak, before - meter.current_saved_bytes))
+                meter.reset_peak()  # the next module's peak starts from what is left
+
+            self.local_step(x, target, backward=backward, **step_options)
+        return rows
 
     def local_step(
         self,

@@ -81,6 +81,11 @@ class BasicBlock(nn.Module):
         if shortcut not in ("A", "B"):  # checked here too: identity-shortcut blocks never reach _shortcut's check
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
         self.preact = preact
+        # A module, not F.relu in forward, so that llkern.nn.activation_memory.convert() can reach it; it has
+        # no state, so the state_dict is the same. Registered first, as it runs first (MODA follows ReLU
+        # modules in registration order). Not in place: in a post-activation net x is the previous block's
+        # output, which that block's caller (a local loss, a module boundary) may still hold.
+        self.entry = nn.Identity() if preact else nn.ReLU()
         conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         if preact:
@@ -92,9 +97,7 @@ class BasicBlock(nn.Module):
         self.shortcut = _shortcut(in_channels, out_channels, stride, shortcut, preact)
 
     def _entry(self, x: torch.Tensor) -> torch.Tensor:
-        # Not in place: in a post-activation net x is the previous block's output, which that block's
-        # caller (a local loss, a module boundary) may still hold.
-        return x if self.preact else F.relu(x)
+        return self.entry(x)
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         """The shortcut path as a function of the block's input: ``y − r`` of :meth:`forward_residual`."""

@@ -7,7 +7,8 @@ saved by two ops is one storage, and it only goes away when neither keeps it. Me
 :class:`llkern.MemoryMeter` (it counts distinct storages), as ``bench/activation_memory.py`` does.
 
 - :class:`BitMaskReLU` / :func:`bitmask_relu` (exact): ReLU's backward needs only the sign of its output,
-  so it saves a bit-packed mask (8 elements per byte) instead of the output. This removes bytes only when
+  so it saves a bit-packed mask (8 elements per byte) instead of the output, written in the forward's one
+  pass by the compiled op ``relu_with_mask`` (:mod:`llkern.ops.relu_mask`). This removes bytes only when
   nothing else saves the ReLU's output. Layers that read a ReLU's output usually save it themselves: a
   convolution or linear layer saves its input for the weight gradient, max-pooling saves its input, and in a
   pre-activation block (BN → ReLU → conv) the conv saves exactly the tensor the ReLU saved. There the mask
@@ -25,7 +26,9 @@ saved by two ops is one storage, and it only goes away when neither keeps it. Me
   and does not save it either; its backward recomputes it from the BN input and statistics. A
   BN → ReLU → conv sequence then saves only the BN's input (plus per-channel statistics): a
   pre-activation residual branch ``BN→ReLU→conv→BN→ReLU→conv`` keeps 2 of its 4 activation-sized tensors.
-  The cost is an element-wise recomputation (``x·scale + shift``, ReLU) in the backward.
+  The cost is an element-wise recomputation (``x·scale + shift``, ReLU) in the backward, which the
+  compiled ``batch_norm_relu_backward`` (:mod:`llkern.ops.batch_norm_relu`) folds into BatchNorm's own
+  backward passes.
 - :func:`saved_tensors_in` (approximate): a context manager storing floating saved tensors in bfloat16
   (or float16) and restoring their dtype when the backward reads them. Halves the saved bytes of float32
   models; the gradients become approximate (each saved value is rounded to 8 significant bits for
@@ -48,6 +51,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _NormBase
+
+import llkern.ops.batch_norm_relu
+import llkern.ops.relu_mask  # noqa: F401
+from llkern._ext import kernel_available
+from llkern.ops.cast import cast_pooled
 
 __all__ = [
     "BatchNormReLU",
@@ -166,10 +174,16 @@ def bitmask_relu(input: torch.Tensor) -> torch.Tensor:
     """``relu(input)``, saving a 1-bit mask of the output's sign for the backward instead of the output.
 
     Same values and gradients as :func:`torch.relu`; the saved mask takes ``ceil(numel / 8)`` bytes. See
-    the module docstring for when this lowers the memory actually held.
+    the module docstring for when this lowers the memory actually held. Runs the compiled op
+    ``torch.ops.llkern.relu_with_mask`` (one pass each way) when llkern._C has it for the input's device,
+    else the same computation in PyTorch ops.
     """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"bitmask_relu: expected input to be a Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
         raise TypeError(f"bitmask_relu: expected a floating-point input, got {input.dtype}")
+    if input.dtype in _KERNEL_DTYPES and kernel_available("relu_with_mask", input.device.type):
+        return torch.ops.llkern.relu_with_mask(input)[0]
     return _BitMaskReLUFunction.apply(input)
 
 
@@ -192,6 +206,7 @@ class BitMaskReLU(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 
 _RECOMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = _RECOMPUTE_DTYPES
 _RECIPE_ATTR = "_llkern_bn_relu_recipe"
 
 
@@ -226,13 +241,14 @@ def _relu_backward(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class _Recipe:
     """What a BatchNormReLU output carries so that the next conv can recompute it instead of saving it."""
 
-    __slots__ = ("bias", "eps", "invstd", "mean", "running_mean", "running_var", "training", "version", "weight",
-                 "x")
+    __slots__ = ("bias", "eps", "invstd", "kernel", "mean", "running_mean", "running_var", "training", "version",
+                 "weight", "x")
 
-    def __init__(self, x, weight, bias, mean, invstd, running_mean, running_var, training, eps, version) -> None:
+    def __init__(self, x, weight, bias, mean, invstd, running_mean, running_var, training, eps, version,
+                 kernel: bool) -> None:
         self.x, self.weight, self.bias, self.mean, self.invstd = x, weight, bias, mean, invstd
         self.running_mean, self.running_var, self.training, self.eps = running_mean, running_var, training, eps
-        self.version = version
+        self.version, self.kernel = version, kernel
 
 
 def _batch_norm_backward(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
@@ -240,6 +256,11 @@ def _batch_norm_backward(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Te
                          running_var: torch.Tensor | None, training: bool, eps: float,
                          needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
     """PyTorch's own BatchNorm backward, given the statistics the forward used."""
+    if weight is not None and weight.dtype != mean.dtype:
+        # 16-bit parameters beside float32 statistics: ATen's mixed-type path wants float32 parameters.
+        gx, gw, gb = _batch_norm_backward(grad_z, x, weight.to(mean.dtype), mean, invstd, running_mean, running_var,
+                                          training, eps, needs)
+        return gx, (gw.to(weight.dtype) if gw is not None else None), (gb.to(weight.dtype) if gb is not None else None)
     if training:
         return torch.ops.aten.native_batch_norm_backward(grad_z, x, weight, None, None, mean, invstd, True, eps,
                                                          list(needs))
@@ -274,10 +295,11 @@ class _BatchNormReLUConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x, bn_weight, bn_bias, mean, invstd, running_mean, running_var, conv_weight, conv_bias,
-                activation: torch.Tensor, training: bool, eps: float, stride, padding, dilation, groups: int):
+                activation: torch.Tensor, training: bool, eps: float, stride, padding, dilation, groups: int,
+                kernel: bool):
         # ``activation`` is the BatchNormReLU output the forward already has (detached): no recomputation here.
         ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, running_mean, running_var, conv_weight)
-        ctx.training, ctx.eps, ctx.has_conv_bias = training, eps, conv_bias is not None
+        ctx.training, ctx.eps, ctx.has_conv_bias, ctx.kernel = training, eps, conv_bias is not None, kernel
         ctx.conv = (list(stride), list(padding), list(dilation), groups)
         return F.conv2d(activation, conv_weight, conv_bias, stride, padding, dilation, groups)
 
@@ -288,21 +310,38 @@ class _BatchNormReLUConv2dFunction(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         needs = ctx.needs_input_grad
         bn_needs = (needs[0], bn_weight is not None and needs[1], bn_bias is not None and needs[2])
-        # relu(z) > 0 exactly where z > 0, so the ReLU output serves as the mask too.
-        positive = _pre_activation(x, bn_weight, bn_bias, mean, invstd).relu_()
-        activation = positive.to(x.dtype)
+        if ctx.kernel:
+            # The compiled ops recompute with the same kernel that produced the forward's activation.
+            activation = torch.ops.llkern.batch_norm_relu(x, bn_weight, bn_bias, mean, invstd, ctx.training)
+        else:
+            # relu(z) > 0 exactly where z > 0, so the ReLU output serves as the mask too.
+            positive = _pre_activation(x, bn_weight, bn_bias, mean, invstd).relu_()
+            activation = positive.to(x.dtype)
         # The same aten op nn.Conv2d's autograd calls, on the same (recomputed, bit-identical) input.
         grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad, activation, conv_weight, [conv_weight.shape[0]] if ctx.has_conv_bias else None, stride, padding,
             dilation, False, [0, 0], groups, [any(bn_needs), needs[7], ctx.has_conv_bias and needs[8]])
         del activation
         gx = gw = gb = None
-        if any(bn_needs):
+        if any(bn_needs) and ctx.kernel:
+            gx, gw, gb = torch.ops.llkern.batch_norm_relu_backward(grad_a, x, bn_weight, bn_bias, mean, invstd,
+                                                                   ctx.training, bn_needs[0])
+            gx, gw, gb = (gx if bn_needs[0] else None), (gw if bn_needs[1] else None), (gb if bn_needs[2] else None)
+        elif any(bn_needs):
             grad_z = _relu_backward(grad_a, positive)
             del positive, grad_a
             gx, gw, gb = _batch_norm_backward(grad_z, x, bn_weight, mean, invstd, running_mean, running_var,
                                               ctx.training, ctx.eps, bn_needs)
-        return gx, gw, gb, None, None, None, None, grad_w, grad_b, None, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, grad_w, grad_b, None, None, None, None, None, None, None, None
+
+
+def _bn_relu_kernel(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    """Whether the compiled BatchNorm+ReLU ops serve this input (built for its device, parameters in its dtype
+    or the compute dtype); otherwise the same computation runs in PyTorch ops."""
+    compute = _compute_dtype(input.dtype)
+    return (input.dtype in _KERNEL_DTYPES and kernel_available("batch_norm_relu", input.device.type)
+            and all(t is None or (t.dtype in (input.dtype, compute) and t.device == input.device)
+                    for t in (weight, bias)))
 
 
 def batch_norm_relu(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
@@ -342,20 +381,32 @@ def batch_norm_relu(input: torch.Tensor, running_mean: torch.Tensor | None, runn
         with torch.no_grad():
             # PyTorch's BatchNorm statistics kernel: batch mean and biased variance, and the running
             # statistics updated in place as nn.BatchNorm2d does (unbiased variance, ``momentum``).
-            mean, var = torch.batch_norm_update_stats(input.detach(), running_mean, running_var, momentum)
-            invstd = torch.rsqrt(var + eps)
+            if running_mean is None and compute != input.dtype:
+                # The kernel returns statistics in its running buffers' dtype, else in the input's: 16-bit
+                # inputs without running statistics get float32 scratch buffers (left unchanged: momentum 0)
+                # so that the mean is not rounded to 16 bits.
+                scratch = torch.zeros(channels, dtype=compute, device=input.device)
+                mean, var = torch.batch_norm_update_stats(input.detach(), scratch, torch.ones_like(scratch), 0.0)
+            else:
+                mean, var = torch.batch_norm_update_stats(input.detach(), running_mean, running_var, momentum)
+            mean, invstd = mean.to(compute), torch.rsqrt(var.to(compute) + eps)
         saved_running = (None, None)
     else:
         with torch.no_grad():
             mean = running_mean.to(compute)
             invstd = torch.rsqrt(running_var.to(compute) + eps)
         saved_running = (running_mean, running_var)
-    out = _BatchNormReLUFunction.apply(input, weight, bias, mean, invstd, *saved_running, training, eps)
+    kernel = _bn_relu_kernel(input, weight, bias)
+    if kernel:
+        # One pass forward; the backward recomputes and applies BN's backward in two (see llkern.ops.batch_norm_relu).
+        out = torch.ops.llkern.batch_norm_relu(input, weight, bias, mean, invstd, training)
+    else:
+        out = _BatchNormReLUFunction.apply(input, weight, bias, mean, invstd, *saved_running, training, eps)
     if out.requires_grad:
         # The recipe lets a following RecomputeInputConv2d avoid saving ``out``. It only lives as long as
         # ``out``, whose autograd node already holds the same tensors, so it costs no memory.
         setattr(out, _RECIPE_ATTR, _Recipe(input, weight, bias, mean, invstd, *saved_running, training, eps,
-                                           out._version))
+                                           out._version, kernel))
     return out
 
 
@@ -438,7 +489,7 @@ class RecomputeInputConv2d(nn.Conv2d):
         r = recipe
         return _BatchNormReLUConv2dFunction.apply(
             r.x, r.weight, r.bias, r.mean, r.invstd, r.running_mean, r.running_var, self.weight, self.bias,
-            input.detach(), r.training, r.eps, self.stride, self.padding, self.dilation, self.groups)
+            input.detach(), r.training, r.eps, self.stride, self.padding, self.dilation, self.groups, r.kernel)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -533,7 +584,7 @@ class saved_tensors_in:  # lower-case: a context manager used like a function, a
             if stored is not None:
                 return stored
         with torch.no_grad():
-            low = tensor.detach().to(self.dtype)
+            low = cast_pooled(tensor.detach(), self.dtype)
         stored = _Stored(outer_pack(low) if outer_pack is not None else low, tensor.dtype)
         ref = weakref.ref(tensor, lambda r, key=key: self._forget(key, r))
         self._shared[key] = (ref, tensor._version, weakref.ref(stored))
@@ -543,7 +594,7 @@ class saved_tensors_in:  # lower-case: a context manager used like a function, a
         if not isinstance(packed, _Stored):
             return packed
         tensor = self._outer[1](packed.handle) if self._outer is not None else packed.handle
-        return tensor if packed.dtype is None else tensor.to(packed.dtype)
+        return tensor if packed.dtype is None else cast_pooled(tensor, packed.dtype)
 
     def __enter__(self) -> saved_tensors_in:
         if self._hooks is not None:
@@ -617,8 +668,14 @@ def convert(module: nn.Module, *, relu_masks: bool = False, bn_relu_recompute: b
     - ``relu_masks``: every remaining ``nn.ReLU`` module becomes a :class:`BitMaskReLU`.
 
     Parameter and buffer tensors are the same objects as before (an optimizer built earlier keeps
-    working), and ``state_dict`` keys are unchanged. Functional ReLUs (``F.relu`` in a ``forward``) and
-    hooks registered on replaced modules are not carried over. Both options are exact. When ``module``
+    working), and ``state_dict`` keys are unchanged. Both options are exact, and both run on llkern's
+    compiled ops (``relu_with_mask``, ``batch_norm_relu``) when the extension is built for the device.
+
+    Functional ReLUs (``F.relu`` or ``torch.relu`` called in a ``forward``) are not reached: such a call
+    is not a module that can be swapped, and rewriting it would mean tracing the ``forward`` (torch.fx),
+    which fails on data-dependent control flow and replaces the user's class with generated code. Write
+    the ReLU as an ``nn.ReLU`` submodule (llkern's models do, ResNet's block entries included) or call
+    :func:`bitmask_relu` directly. Hooks registered on replaced modules are not carried over. When ``module``
     itself is an ``nn.ReLU`` and ``relu_masks`` is set, the replacement is returned.
     """
     if not isinstance(module, nn.Module):
