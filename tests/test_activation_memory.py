@@ -677,3 +677,13 @@ def test_memory_profile_reports_bytes_freed_per_module():
     assert all(s.freed_bytes < r.freed_bytes for s, r in zip(smaller, rows, strict=True))
     with pytest.raises(TypeError, match="backward option"):
         plain.memory_profile(x, y, backward=lambda k, loss: loss.backward())
+
+
+def test_batch_norm_relu_empty_batch_in_eval():
+    # nn.BatchNorm2d accepts an empty batch in eval mode, forward and backward; so must BatchNormReLU.
+    module = BatchNormReLU(3).eval()
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    y = module(x)
+    assert y.shape == (0, 3, 4, 4)
+    y.sum().backward()
+    assert x.grad.shape == (0, 3, 4, 4) and module.weight.grad.abs().sum() == 0

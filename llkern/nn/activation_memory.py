@@ -256,6 +256,10 @@ def _batch_norm_backward(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Te
                          running_var: torch.Tensor | None, training: bool, eps: float,
                          needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
     """PyTorch's own BatchNorm backward, given the statistics the forward used."""
+    if x.numel() == 0:  # an empty batch (eval mode): ATen's CPU kernel divides by the zero count
+        zeros = torch.zeros(x.shape[1], dtype=weight.dtype if weight is not None else mean.dtype, device=x.device)
+        return (torch.zeros_like(x) if needs[0] else None, zeros if needs[1] else None,
+                zeros.clone() if needs[2] else None)
     if weight is not None and weight.dtype != mean.dtype:
         # 16-bit parameters beside float32 statistics: ATen's mixed-type path wants float32 parameters.
         gx, gw, gb = _batch_norm_backward(grad_z, x, weight.to(mean.dtype), mean, invstd, running_mean, running_var,
@@ -339,7 +343,8 @@ def _bn_relu_kernel(input: torch.Tensor, weight: torch.Tensor | None, bias: torc
     """Whether the compiled BatchNorm+ReLU ops serve this input (built for its device, parameters in its dtype
     or the compute dtype); otherwise the same computation runs in PyTorch ops."""
     compute = _compute_dtype(input.dtype)
-    return (input.dtype in _KERNEL_DTYPES and kernel_available("batch_norm_relu", input.device.type)
+    return (input.dtype in _KERNEL_DTYPES and input.numel() > 0
+            and kernel_available("batch_norm_relu", input.device.type)
             and all(t is None or (t.dtype in (input.dtype, compute) and t.device == input.device)
                     for t in (weight, bias)))
 
