@@ -13,6 +13,7 @@ from llkern._ext import extension_loaded, kernel_available, set_value_checks, va
 from llkern.local import memory
 from llkern.local.memory import MemoryMeter, MemoryReport
 from llkern.local.net import Boundary, LocalNet, ModuleMemory, StepResult, run_module
+from llkern.local.pipeline import PipelineError, PipelineTrainer, Placement, plan_stages
 from llkern.local.planner import SplitPlan, split
 from llkern.local.trainer import LocalTrainer
 from llkern.moda import MODALocalLoss, MODALoss, moda_local_losses
@@ -79,6 +80,9 @@ __all__ = [
     "MemoryReport",
     "ModuleMemory",
     "MutualInformation",
+    "PipelineError",
+    "PipelineTrainer",
+    "Placement",
     "ProjectionHead",
     "Reconstruction",
     "ReconstructionDecoder",
@@ -112,6 +116,7 @@ __all__ = [
     "moda_local_losses",
     "nn",
     "normalized_adjacency",
+    "plan_stages",
     "reconstruction_decoders",
     "run_module",
     "set_value_checks",

@@ -210,6 +210,42 @@ def test_distributed_needs_torchrun(monkeypatch):
         run("--distributed", "--model", "gcn", "--data", "karate")
 
 
+def test_pipeline_under_torchrun_then_resume_and_eval(tmp_path):
+    """The README's pipeline command: two gloo processes, one stage each; then --resume and llkern eval."""
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "llkern",
+            "train", "--pipeline-stages", "2", "--no-progress", "-k", "4", "--output-dir", str(tmp_path)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(base + ["--epochs", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pipeline: stage 0: modules 0-1; stage 1: modules 2-3" in result.stdout
+    assert result.stdout.count("epoch 2/2 ") == 1  # from rank 0 only
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == ["checkpoint.stage0.pt", "checkpoint.stage1.pt"]
+    rows = json.loads((tmp_path / "log.json").read_text())
+    assert len(rows) == 2 and all(v is not None for v in rows[-1]["loss"])  # every stage's modules reported
+    result = subprocess.run(base + ["--epochs", "3", "--resume"], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "after epoch 2" in result.stdout and "epoch 3/3 " in result.stdout
+    trained = re.search(r"test accuracy per head .*: ([0-9., ]+); last head", result.stdout).group(1)
+    from llkern.cli.train import evaluate_main
+
+    evaluated = evaluate_main(["--checkpoint", str(tmp_path)])  # the shards joined, in one process
+    assert evaluated["epochs"] == 3
+    assert ", ".join(f"{100 * a:.2f}" for a in evaluated["evaluation"]["accuracy"]) == trained
+
+
+def test_pipeline_options_are_checked(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(UsageError, match="--pipeline-stages runs under torchrun"):
+        run("--pipeline-stages", "2", "--epochs", "1")
+    with pytest.raises(UsageError, match="sequential"):
+        run("--pipeline-stages", "2", "--mode", "sequential")
+    with pytest.raises(UsageError, match="give one"):
+        run("--pipeline-stages", "2", "--distributed")
+    with pytest.raises(SystemExit):
+        run("--pipeline-stages", "0")
+
+
 def test_graph_model_trains_under_bf16():
     torch.set_num_threads(1)
     out = run("--model", "gcn", "--data", "karate", "--precision", "bf16", "--epochs", "3", "-k", "2", "--loss", "ce")

@@ -293,7 +293,7 @@ def test_one_stage_is_local_training(world_of_one, tmp_path):
     net = net_for("contsup_r")
     trainer = PipelineTrainer(net, 1, optimizer=sgd, seed=SEED)
     rows = trainer.fit((x, y), 1, batch_size=BATCH, progress=False, checkpoint=tmp_path / "run.pt")
-    state, ref_rows, _ = reference_one_epoch("contsup_r")
+    state, _, _ = reference_one_epoch("contsup_r")
     for name, value in net.state_dict().items():
         assert torch.equal(value, state[name]), name
     assert rows[0]["eval_accuracy"] is None and rows[0]["samples"] == len(y)

@@ -18,6 +18,8 @@ MOLE (docs/mole.md): --loss mi --mode sequential, on digits as vectors (--data d
 
 Data parallel: torchrun --nproc-per-node N -m llkern train --distributed ... (every module under its
 own DistributedDataParallel; --batch-size is the global batch; write --log-file for --log).
+Pipeline: torchrun --nproc-per-node N -m llkern train --pipeline-stages S ... (the K modules on S
+stages, one process each, N/S data-parallel replicas per stage; docs/pipeline.md).
 
 Examples:
   llkern train -k 4 --epochs 10                          digits, 4 modules balanced by saved bytes
@@ -65,7 +67,7 @@ CHOICES = {"model": MODELS, "split": ("layers", "params", "saved_bytes"), "loss"
 # options that say where things go or how the run is shown, not what is trained: not taken from a
 # checkpoint's saved options on --resume or by eval
 RUN_OPTIONS = ("recipe", "log", "checkpoint", "resume", "output_dir", "tensorboard", "no_progress", "device",
-               "distributed")
+               "distributed", "pipeline_stages")
 NODE_STEPS_PER_EPOCH = 10  # karate: the whole graph is one batch; an epoch is this many steps on it
 
 
@@ -129,6 +131,11 @@ def build_parser(defaults: dict[str, Any] | None = None, prog: str | None = "llk
     how.add_argument("--distributed", action="store_true",
                      help="data parallel over the processes torchrun starts (gloo on the CPU, nccl on CUDA); "
                           "--batch-size is the global batch; rank 0 prints, logs and checkpoints")
+    how.add_argument("--pipeline-stages", type=positive_int, default=None, metavar="S",
+                     help="decoupled pipeline over the processes torchrun starts: the modules on S stages (one "
+                          "process each, balanced by module count; world size / S replicas per stage); every "
+                          "stage trains its modules at once, only forward messages travel; checkpoints are one "
+                          "file per stage")
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", help="collect options.json, log.json, checkpoint.pt, curves.png and "
                                           "tensorboard/ here")
@@ -158,11 +165,19 @@ def _check_values(values: dict[str, Any], parser: argparse.ArgumentParser, sourc
             raise UsageError(f"{source} sets {name} to {value!r}; expected one of {list(CHOICES[name])}")
 
 
-def _checkpoint_file(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint given as a file or as an output directory holding checkpoint.pt."""
+def _checkpoint_path(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint given as a file or as an output directory holding checkpoint.pt (the file need not exist)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
+    return path / "checkpoint.pt" if path.is_dir() else path
+
+
+def _checkpoint_file(path: str | os.PathLike[str]) -> Path:
+    """The file of a checkpoint given as a file or an output directory; for a pipeline run's checkpoint
+    (one shard per stage), stage 0's shard, which holds the options like every shard."""
+    path = _checkpoint_path(path)
+    shard = path.with_name(f"{path.stem}.stage0{path.suffix}")
+    if not path.is_file() and shard.is_file():
+        return shard
     if not path.is_file():
         raise UsageError(f"--checkpoint: {path} does not exist")
     return path
@@ -420,11 +435,17 @@ def _trainer(args: argparse.Namespace, net: Any, steps_per_epoch: int, default_l
             return torch.optim.lr_scheduler.CosineAnnealingLR(opt, phase_epochs * steps_per_epoch)
         return None
 
-    trainer = llkern.LocalTrainer(net, mode=args.mode, optimizer=optimizer,
-                                  scheduler=scheduler if args.schedule != "constant" else None,
-                                  scheduler_interval="step", precision=args.precision, clip_grad_norm=args.clip,
-                                  epochs_per_module=epochs_per_module, measure_memory=measure_memory,
-                                  seed=args.seed, distributed=args.distributed)
+    options = dict(mode=args.mode, optimizer=optimizer, scheduler=scheduler if args.schedule != "constant" else None,
+                   scheduler_interval="step", precision=args.precision, clip_grad_norm=args.clip,
+                   epochs_per_module=epochs_per_module, measure_memory=measure_memory, seed=args.seed)
+    if getattr(args, "pipeline_stages", None):
+        try:
+            trainer = llkern.PipelineTrainer(net, args.pipeline_stages, **options)
+        except ValueError as error:
+            raise UsageError(f"--pipeline-stages {args.pipeline_stages}: {error}") from None
+        _say(f"pipeline: {trainer.placement}")
+    else:
+        trainer = llkern.LocalTrainer(net, distributed=args.distributed, **options)
     trainer.metadata["options"] = {k: v for k, v in vars(args).items() if k not in ("command",)}
     return trainer, epochs_per_module
 
@@ -440,8 +461,12 @@ def _resume(trainer: Any, checkpoint: str, epochs: int, mode: str) -> None:
     planned = [None if s is None else {k: getattr(s, k) for k in _SCHEDULE_LENGTH if hasattr(s, k)}
                for s in trainer.schedulers]
     options = trainer.metadata["options"]
+    from llkern.local.pipeline import PipelineTrainer
+
     try:
-        trainer.load(_checkpoint_file(checkpoint))
+        # a pipeline stage finds its own shard from the checkpoint's name
+        trainer.load(_checkpoint_path(checkpoint) if isinstance(trainer, PipelineTrainer)
+                     else _checkpoint_file(checkpoint))
     except (ValueError, KeyError, RuntimeError) as error:
         raise UsageError(f"--resume: {checkpoint} does not fit these options ({error})") from None
     saved_epochs = trainer.metadata.get("options", {}).get("epochs", epochs)
@@ -589,15 +614,24 @@ def _say(*values: Any) -> None:
 
 
 def _start_distributed(args: argparse.Namespace) -> bool:
-    """Join torchrun's process group for ``--distributed``; True if this call started it."""
+    """Join torchrun's process group for ``--distributed`` or ``--pipeline-stages``; True if this call
+    started it."""
     import torch.distributed as dist
 
+    option = "--pipeline-stages" if args.pipeline_stages else "--distributed"
+    if args.pipeline_stages and args.distributed:
+        raise UsageError("--pipeline-stages and --distributed: give one (a pipeline's stages are data parallel "
+                         "over their replicas already: run world size = stages × replicas processes)")
+    if args.pipeline_stages and args.mode == "sequential":
+        raise UsageError("--pipeline-stages: --mode sequential trains one module at a time, so the stages would "
+                         "take turns; use --mode simultaneous")
     if args.data in GRAPH_DATA or args.model == "gcn":
-        raise UsageError("--distributed shards tensor data (digits, cifar10, folder); graph data is one graph or a "
+        raise UsageError(f"{option} shards tensor data (digits, cifar10, folder); graph data is one graph or a "
                          "list of graph batches that every process would see whole")
     if "WORLD_SIZE" not in os.environ or not dist.is_available():
-        raise UsageError("--distributed runs under torchrun (e.g. torchrun --nproc-per-node 2 -m llkern train "
-                         "--distributed ...), which sets RANK, WORLD_SIZE and MASTER_ADDR")
+        raise UsageError(f"{option} runs under torchrun (e.g. torchrun --nproc-per-node 2 -m llkern train "
+                         f"{option}{' 2' if args.pipeline_stages else ''} ...), which sets RANK, WORLD_SIZE and "
+                         "MASTER_ADDR")
     if torch.device(args.device).type == "cuda":
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(args.device)
@@ -624,13 +658,13 @@ def _is_lead() -> bool:
 def train(args: argparse.Namespace) -> dict:
     """Run ``llkern train`` with parsed options; returns the final evaluation and the log rows."""
     _check_options(args)
-    started = _start_distributed(args) if args.distributed else False
+    started = _start_distributed(args) if args.distributed or args.pipeline_stages else False
     try:
         return _train(args)
     finally:
-        if started:
-            import torch.distributed as dist
+        import torch.distributed as dist
 
+        if started and dist.is_initialized():  # a failed pipeline stage closes the group itself
             dist.destroy_process_group()
 
 
@@ -702,8 +736,16 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = "llkern eval
     args.no_progress = True
     _check_options(args)
     run = _graph_run(args) if args.data in GRAPH_DATA or args.model == "gcn" else _image_run(args)
+    file = _checkpoint_file(given.checkpoint)
     try:
-        run.trainer.load(_checkpoint_file(given.checkpoint), restore_rng=False)
+        if file.stem.endswith(".stage0"):  # a pipeline run: every stage's shard holds part of the net
+            from llkern.local.pipeline import read_shards
+
+            state = read_shards(file.with_name(file.name.replace(".stage0", "")))
+            run.trainer.net.load_state_dict(state["net"])
+            run.trainer.epoch = int(state["epoch"])
+        else:
+            run.trainer.load(file, restore_rng=False)
     except (ValueError, KeyError, RuntimeError) as error:
         raise UsageError(f"--checkpoint: {given.checkpoint} does not match the network its options build "
                          f"({error})") from None

@@ -1,9 +1,11 @@
 """The local network and what drives it: ``LocalNet`` (modules, heads, losses, ``local_step``), the
-split planner, the saved-activation memory meter, and ``LocalTrainer``."""
+split planner, the saved-activation memory meter, ``LocalTrainer``, and ``PipelineTrainer`` (one stage
+of modules per process)."""
 
-from llkern.local import memory, net, planner, trainer
+from llkern.local import memory, net, pipeline, planner, trainer
 from llkern.local.memory import MemoryMeter, MemoryReport
 from llkern.local.net import Boundary, LocalNet, ModuleMemory, StepResult, run_module
+from llkern.local.pipeline import PipelineError, PipelineTrainer, Placement, plan_stages
 from llkern.local.planner import SplitPlan, split
 from llkern.local.trainer import LocalTrainer
 
@@ -14,10 +16,15 @@ __all__ = [
     "MemoryMeter",
     "MemoryReport",
     "ModuleMemory",
+    "PipelineError",
+    "PipelineTrainer",
+    "Placement",
     "SplitPlan",
     "StepResult",
     "memory",
     "net",
+    "pipeline",
+    "plan_stages",
     "planner",
     "run_module",
     "split",

@@ -45,7 +45,7 @@ from llkern.local.net import LocalNet, ModuleStep, StepResult, _accuracy
 from llkern.local.planner import linear_partition
 from llkern.local.trainer import CHECKPOINT_VERSION, Batches, LocalTrainer
 
-__all__ = ["PipelineError", "PipelineTrainer", "Placement", "module_costs", "plan_stages"]
+__all__ = ["PipelineError", "PipelineTrainer", "Placement", "module_costs", "plan_stages", "read_shards"]
 
 # --- placement ------------------------------------------------------------------------------------------------
 
@@ -896,3 +896,26 @@ class PipelineTrainer(LocalTrainer):
         super().load(shard, restore_rng=restore_rng)
         return self
 
+
+
+def read_shards(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Join the stage shards of a :class:`PipelineTrainer` checkpoint ``path`` (``run.pt`` →
+    ``run.stage0.pt``, ``run.stage1.pt``, ...) into one: the whole net's ``"net"`` state, and stage 0's
+    counters, history and metadata. For evaluating or exporting a pipeline-trained net in one process
+    (``net.load_state_dict(read_shards(path)["net"])``); resuming a pipeline loads the shards themselves."""
+    path = Path(path)
+    first = torch.load(path.with_name(f"{path.stem}.stage0{path.suffix}"), map_location="cpu", weights_only=True)
+    layout = first.get("pipeline")
+    if layout is None:
+        raise ValueError(f"read_shards: {path} is not a PipelineTrainer checkpoint")
+    merged = dict(first)
+    merged["net"] = dict(first["net"])
+    for s in range(1, len(layout["stages"])):
+        shard = path.with_name(f"{path.stem}.stage{s}{path.suffix}")
+        if not shard.is_file():
+            raise ValueError(f"read_shards: the checkpoint has {len(layout['stages'])} stages, {shard} is missing")
+        state = torch.load(shard, map_location="cpu", weights_only=True)
+        if state.get("pipeline", {}).get("stages") != layout["stages"] or state["epoch"] != first["epoch"]:
+            raise ValueError(f"read_shards: {shard} is from another run or epoch than stage 0's shard")
+        merged["net"].update(state["net"])
+    return merged
