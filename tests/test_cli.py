@@ -215,14 +215,14 @@ def test_pipeline_under_torchrun_then_resume_and_eval(tmp_path):
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "llkern",
             "train", "--pipeline-stages", "2", "--no-progress", "-k", "4", "--output-dir", str(tmp_path)]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(base + ["--epochs", "2"], capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run([*base, "--epochs", "2"], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pipeline: stage 0: modules 0-1; stage 1: modules 2-3" in result.stdout
     assert result.stdout.count("epoch 2/2 ") == 1  # from rank 0 only
     assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == ["checkpoint.stage0.pt", "checkpoint.stage1.pt"]
     rows = json.loads((tmp_path / "log.json").read_text())
     assert len(rows) == 2 and all(v is not None for v in rows[-1]["loss"])  # every stage's modules reported
-    result = subprocess.run(base + ["--epochs", "3", "--resume"], capture_output=True, text=True, timeout=300,
+    result = subprocess.run([*base, "--epochs", "3", "--resume"], capture_output=True, text=True, timeout=300,
                             env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "after epoch 2" in result.stdout and "epoch 3/3 " in result.stdout

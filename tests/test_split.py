@@ -528,3 +528,22 @@ def test_errors():
 
 def test_plan_is_exported():
     assert llkern.split is split and llkern.SplitPlan is SplitPlan
+
+
+def test_split_by_time_balances_measured_unit_times():
+    """One unit much slower than the rest ends up alone; the plan reports milliseconds; no side effects."""
+    torch.manual_seed(0)
+    slow = nn.Sequential(nn.Conv2d(3, 96, 3, padding=1), nn.ReLU(), nn.Conv2d(96, 96, 3, padding=1), nn.ReLU())
+    fast = [nn.Sequential(nn.Conv2d(96 if i == 0 else 4, 4, 1), nn.ReLU()) for i in range(4)]
+    bn = nn.BatchNorm2d(4)
+    model = nn.Sequential(slow, *fast, bn, nn.ReLU())
+    x = torch.randn(16, 3, 24, 24)
+    running = bn.running_mean.clone()
+    plan = split(model, 2, by="time", example_input=x)
+    assert plan.boundaries[:2] == [0, 1], plan
+    assert plan.costs[0] > plan.costs[1] > 0
+    assert "cost (time)" in str(plan) and " ms" in str(plan)
+    assert all(p.grad is None for p in model.parameters())  # gradients left as they were
+    assert torch.equal(bn.running_mean, running)  # statistics restored
+    with pytest.raises(ValueError, match="by='time' measures each unit"):
+        split(model, 2, by="time")

@@ -60,7 +60,7 @@ DATA = ("digits", "digits-vectors", "cifar10", "folder", "karate", "synthetic-gr
 GRAPH_DATA = ("karate", "synthetic-graphs")
 GRAPH_LOSSES = ("ce", "mi")
 # every option with a fixed set of values: argparse checks the command line, parse() checks a recipe
-CHOICES = {"model": MODELS, "split": ("layers", "params", "saved_bytes"), "loss": LOSSES, "heads": HEADS,
+CHOICES = {"model": MODELS, "split": ("layers", "params", "saved_bytes", "time"), "loss": LOSSES, "heads": HEADS,
            "context": (None, "E", "R", "RE"), "mode": ("simultaneous", "sequential"), "data": DATA,
            "optimizer": ("sgd", "adam"), "schedule": ("constant", "cosine", "onecycle"),
            "precision": ("fp32", "bf16", "fp16")}

@@ -41,9 +41,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llkern.local.net import LocalNet, ModuleStep, StepResult, _accuracy
+from llkern.local.net import LocalNet, StepResult, _accuracy
 from llkern.local.planner import linear_partition
-from llkern.local.trainer import CHECKPOINT_VERSION, Batches, LocalTrainer
+from llkern.local.trainer import CHECKPOINT_VERSION, Batches, LocalTrainer, module_ddp
 
 __all__ = ["PipelineError", "PipelineTrainer", "Placement", "module_costs", "plan_stages", "read_shards"]
 
@@ -372,8 +372,6 @@ class PipelineTrainer(LocalTrainer):
         self.stage_group = groups[self.stage]
         self.ddp = [None] * K
         if R > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             from llkern.nn.losses import MutualInformation
 
             unused = options.get("find_unused_parameters")
@@ -381,9 +379,7 @@ class PipelineTrainer(LocalTrainer):
                 unused = any(isinstance(net.losses[k], MutualInformation) for k in self.modules)
             for k in self.modules:
                 if any(p.requires_grad for p in self.module_params[k]):
-                    self.ddp[k] = DistributedDataParallel(ModuleStep(net, k), process_group=self.stage_group,
-                                                          find_unused_parameters=unused,
-                                                          broadcast_buffers=options.get("broadcast_buffers", True))
+                    self.ddp[k] = module_ddp(net, k, self.stage_group, unused, options.get("broadcast_buffers", True))
         # Neighbours: replica r of the stages before and after.
         S = placement.num_stages
         self.previous_link = _Link(rank - R, self.device, depth) if self.stage > 0 else None

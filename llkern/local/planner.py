@@ -46,13 +46,16 @@ Cost of a group of units, by ``by``:
 - ``"layers"``: the number of units;
 - ``"params"``: the number of distinct parameters' elements (a tied parameter counts once per group);
 - ``"saved_bytes"``: the bytes of distinct storages that autograd saves for backward when the group runs
-  as a local module (input detached), measured with :class:`llkern.local.memory.MemoryMeter` on ``example_input``.
+  as a local module (input detached), measured with :class:`llkern.local.memory.MemoryMeter` on ``example_input``;
+- ``"time"``: the sum of the units' forward + backward seconds on ``example_input`` (the median of three runs), for
+  a pipeline of stages (:class:`llkern.PipelineTrainer`), which runs at the speed of its slowest stage.
 
 The exact partition (:func:`linear_partition`) runs over the admissible cuts only.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -62,7 +65,7 @@ from torch import nn
 
 from llkern.local.memory import MemoryMeter, _storage_key
 
-MEASURES = ("layers", "params", "saved_bytes")
+MEASURES = ("layers", "params", "saved_bytes", "time")
 
 _SUPPORTED = ("an nn.Sequential, an nn.ModuleList or a list of modules (a chain), or a model with a split_units() "
               "method returning its units in forward order")
@@ -128,7 +131,7 @@ class SplitPlan:
         return self.modules[k]
 
     def __str__(self) -> str:
-        fmt = _format_bytes if self.by == "saved_bytes" else _format_count
+        fmt = {"saved_bytes": _format_bytes, "time": _format_seconds}.get(self.by, _format_count)
         header = ["module", "units", "first … last unit", "params", f"cost ({self.by})"]
         if self.saved_bytes is not None:
             header.append("saved (measured)")
@@ -163,6 +166,10 @@ def _format_bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
+
+
+def _format_seconds(n: float) -> str:
+    return f"{1e3 * n:.2f} ms"
 
 
 def _format_count(n: float) -> str:
@@ -420,6 +427,35 @@ def _measure_modules(modules: list[nn.Sequential], params: list[torch.Tensor],
     return saved
 
 
+def _unit_times(units: list[nn.Module], example_input: torch.Tensor, repeats: int = 3) -> list[float]:
+    """Each unit's forward + backward seconds on ``example_input`` (the median of ``repeats`` runs after one
+    warm-up), each on its predecessor's detached output so that its backward is its own. The parameters'
+    ``.grad`` are left as they were."""
+    params = list({id(p): p for unit in units for p in unit.parameters()}.values())
+    grads = [p.grad for p in params]
+    synchronize = torch.cuda.synchronize if example_input.device.type == "cuda" else (lambda: None)
+    runs: list[list[float]] = [[] for _ in units]
+    try:
+        with torch.enable_grad():
+            for repeat in range(repeats + 1):
+                h = example_input.detach()
+                for i, unit in enumerate(units):
+                    x = h.detach().requires_grad_(h.is_floating_point())
+                    synchronize()
+                    started = time.perf_counter()
+                    out = unit(x)
+                    if out.requires_grad:
+                        out.backward(torch.ones_like(out))
+                    synchronize()
+                    if repeat:
+                        runs[i].append(time.perf_counter() - started)
+                    h = out.detach()
+    finally:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+    return [sorted(r)[len(r) // 2] for r in runs]
+
+
 def _numel(p: torch.Tensor) -> int:
     if isinstance(p, nn.parameter.UninitializedParameter):
         raise ValueError("split: the model has uninitialised (lazy) parameters; run it once, or pass "
@@ -438,8 +474,10 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
             method returning its entries in forward order (transformer stacks: ``[embed, blocks, head]``).
         k: the number of modules, 1 ≤ k ≤ the number of admissible groups (an error says how many there are
             and which option allows more).
-        by: ``"layers"`` (equal unit counts), ``"params"`` (balanced parameter counts) or ``"saved_bytes"``
-            (balanced bytes saved for backward, measured on ``example_input``; the default).
+        by: ``"layers"`` (equal unit counts), ``"params"`` (balanced parameter counts), ``"saved_bytes"``
+            (balanced bytes saved for backward, measured on ``example_input``; the default) or ``"time"``
+            (balanced forward + backward time of the units, measured on ``example_input``: for a pipeline,
+            which runs at the speed of its slowest stage; :class:`llkern.PipelineTrainer`).
         example_input: a batch for the model; required by ``by="saved_bytes"``. When given, the plan also
             reports every module's measured saved bytes, whatever ``by`` is. The model runs in training
             mode under gradients for the measurement; its modes, buffers (BatchNorm statistics) and the
@@ -474,9 +512,9 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
         raise ValueError(f"split: flatten must be 'auto', True or False, got {flatten!r}")
     if not isinstance(allow_affine_end, bool):
         raise ValueError(f"split: allow_affine_end must be True or False, got {allow_affine_end!r}")
-    if by == "saved_bytes" and example_input is None:
-        raise ValueError("split: by='saved_bytes' measures the bytes each unit saves for backward on an example "
-                         "batch: pass example_input=<a small batch>, or use by='layers' or by='params'")
+    if by in ("saved_bytes", "time") and example_input is None:
+        raise ValueError(f"split: by={by!r} measures each unit on an example batch: pass example_input=<a batch>, "
+                         "or use by='layers' or by='params'")
     named = _units(model, flatten)
     n = len(named)
     if n == 0:
@@ -510,6 +548,9 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
         unit_sets = [{i: 1} for i in range(n)]
     elif by == "params":
         unit_sets = [{id(p): _numel(p) for p in unit.parameters()} for unit in units]
+    elif by == "time":
+        with _TrainModeNoSideEffects(units, example_input.device):
+            unit_sets = [{i: t} for i, t in enumerate(_unit_times(units, example_input))]
     else:
         assert keys is not None
         unit_sets = keys

@@ -88,6 +88,20 @@ def module_parameters(net: LocalNet) -> list[list[nn.Parameter]]:
     return groups
 
 
+def module_ddp(net: LocalNet, k: int, process_group: Any, find_unused_parameters: bool,
+               broadcast_buffers: bool) -> nn.Module:
+    """``DistributedDataParallel(ModuleStep(net, k))`` over ``process_group``: module k's gradients are
+    averaged during its own backward; ``broadcast_buffers`` copies the group's first rank's buffers
+    (BatchNorm statistics) before each forward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    # torch ≥ 2.13 names the per-forward buffer broadcast forward_sync_buffers (and warns on the old name)
+    sync_option = ("forward_sync_buffers" if "forward_sync_buffers" in
+                   inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers")
+    return DistributedDataParallel(ModuleStep(net, k), process_group=process_group,
+                                   find_unused_parameters=find_unused_parameters, **{sync_option: broadcast_buffers})
+
+
 def _per_module(name: str, spec: Any, num_modules: int) -> list[Any]:
     if isinstance(spec, (list, tuple)):
         if len(spec) != num_modules:
@@ -249,17 +263,10 @@ class LocalTrainer:
             # Every replica starts from rank 0's parameters and buffers, those outside every module too
             # (each DDP constructor below broadcasts its own module's again).
             self._broadcast([*net.parameters(), *net.buffers()])
-            from torch.nn.parallel import DistributedDataParallel
-
             # One DDP per module (a local step makes K backwards, one per module; a DDP expects one
             # backward per forward through it). A module without a trainable parameter needs none.
-            # torch ≥ 2.13 names the per-forward buffer broadcast forward_sync_buffers (and warns on the old name)
-            sync_option = ("forward_sync_buffers" if "forward_sync_buffers" in
-                           inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers")
             self.ddp = [
-                DistributedDataParallel(ModuleStep(net, k), process_group=process_group,
-                                        find_unused_parameters=find_unused_parameters,
-                                        **{sync_option: broadcast_buffers})
+                module_ddp(net, k, process_group, find_unused_parameters, broadcast_buffers)
                 if any(p.requires_grad for p in self.module_params[k]) else None
                 for k in range(K)]
         else:
