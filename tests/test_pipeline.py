@@ -202,11 +202,14 @@ class FailingLoss(LocalLoss):
         if dist.get_rank() == self.rank and self.calls == 3:
             if self.how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.how == "hang":
+                time.sleep(12)  # longer than the pipeline's timeout
+                return self.task(ctx)
             raise ValueError("boom in the loss")
         return self.task(ctx)
 
 
-def _failing_worker(rank, world, port, victim, how, out_dir):
+def _failing_worker(rank, world, port, victim, how, out_dir, timeout=20):
     _init(rank, world, port, timeout=30)
     torch.manual_seed(0)
     net = llkern.LocalNet(digits_resnet(3, width=4), num_classes=10, example_input=torch.randn(2, 1, 8, 8),
@@ -214,7 +217,7 @@ def _failing_worker(rank, world, port, victim, how, out_dir):
     x, y = data(200)
     started = time.monotonic()
     try:
-        PipelineTrainer(net, 3, optimizer=sgd, timeout=20).fit((x, y), 3, batch_size=8, progress=False)
+        PipelineTrainer(net, 3, optimizer=sgd, timeout=timeout).fit((x, y), 3, batch_size=8, progress=False)
         message = "finished"
     except PipelineError as error:
         message = str(error)
@@ -243,6 +246,14 @@ def test_a_killed_stage_stops_the_others_with_an_error_naming_it(tmp_path):
         seconds, message = (tmp_path / f"rank{rank}.txt").read_text().split("\n", 1)
         assert "stage 1 (rank 1) stopped" in message, (rank, message)
         assert float(seconds) < 20
+
+
+def test_a_stage_that_hangs_is_given_up_after_the_timeout(tmp_path):
+    launch(_failing_worker, 3, 1, "hang", str(tmp_path), 3, timeout=60)
+    for rank in (0, 2):
+        seconds, message = (tmp_path / f"rank{rank}.txt").read_text().split("\n", 1)
+        assert "stage 1 (rank 1) stopped" in message, (rank, message)
+        assert 2 < float(seconds) < 11, (rank, seconds)  # the timeout (3 s), not the 12 s sleep
 
 
 # --- layouts, in one process --------------------------------------------------------------------------------

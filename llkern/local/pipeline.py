@@ -197,8 +197,9 @@ class _Link:
     sent), so a fast stage cannot run ahead of a slow one by more than ``depth`` micro-batches.
     """
 
-    def __init__(self, peer: int, device: torch.device, depth: int) -> None:
+    def __init__(self, peer: int, device: torch.device, depth: int, timeout: float) -> None:
         self.peer = peer
+        self.timeout = datetime.timedelta(seconds=timeout)  # every wait's bound: a stopped neighbour is named
         self.device = device
         self.depth = depth
         self.pending: collections.deque = collections.deque()  # (works, tensors kept alive)
@@ -230,7 +231,7 @@ class _Link:
     def _finish_oldest(self) -> None:
         works, _ = self.pending.popleft()
         for work in works:
-            work.wait()
+            work.wait(self.timeout)
 
     def flush(self) -> None:
         while self.pending:
@@ -249,7 +250,7 @@ class _Link:
         import torch.distributed as dist
 
         self.post_header()
-        self.header_work.wait()
+        self.header_work.wait(self.timeout)
         header = self.header.cpu().tolist()
         self.header_work = self.header = None
         kind, count, text_length = header[:3]
@@ -263,7 +264,7 @@ class _Link:
         if post_next and kind == DATA:
             self.post_header()
         for work in works:
-            work.wait()
+            work.wait(self.timeout)
         return kind, buffers, ("" if text is None else bytes(text.cpu().tolist()).decode(errors="replace"))
 
 
@@ -382,8 +383,8 @@ class PipelineTrainer(LocalTrainer):
                     self.ddp[k] = module_ddp(net, k, self.stage_group, unused, options.get("broadcast_buffers", True))
         # Neighbours: replica r of the stages before and after.
         S = placement.num_stages
-        self.previous_link = _Link(rank - R, self.device, depth) if self.stage > 0 else None
-        self.next_link = _Link(rank + R, self.device, depth) if self.stage < S - 1 else None
+        self.previous_link = _Link(rank - R, self.device, depth, self.timeout) if self.stage > 0 else None
+        self.next_link = _Link(rank + R, self.device, depth, self.timeout) if self.stage < S - 1 else None
         # What travels with a boundary: the labels always; the image where a later module reads it (a
         # context supply, a Reconstruction loss); the boundary before it for ContSup's R context.
         from llkern.nn.losses import Reconstruction
