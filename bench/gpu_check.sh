@@ -137,11 +137,17 @@ for stage in "${stages[@]}"; do
     ensure_built
     echo "== system runs"
     # ResNet-110, batch 1024: the allocator's peak beside the meter's (table + PNG)
-    run memory-table "$(left 240 200)" system.txt $PY bench/memory_table.py --model resnet110 --batch 1024 \
+    run memory-table "$(left 200 280)" system.txt $PY bench/memory_table.py --model resnet110 --batch 1024 \
       --device cuda --ks 2 4 8 16 --out "$OUT/memory-resnet110-cuda"
     # data parallel through torchrun and NCCL: one DDP per module on the GPU (one process: one GPU)
-    run ddp-nccl "$(left 80 110)" system.txt $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m llkern \
+    run ddp-nccl "$(left 60 220)" system.txt $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m llkern \
       train --distributed --device cuda -k 4 --epochs 2 --no-progress --precision bf16 --log-file "$OUT/ddp-nccl.json"
+    # the decoupled pipeline on NCCL: one stage (one process), then two stages as two processes on the one GPU
+    # (NCCL may refuse two ranks on one device; the log records which)
+    run pipeline-nccl-1 "$(left 50 170)" system.txt $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
+      -m llkern train --pipeline-stages 1 --device cuda -k 4 --epochs 2 --no-progress --log-file "$OUT/pipeline-1.json"
+    run pipeline-nccl-2 "$(left 60 110)" system.txt $PY -m torch.distributed.run --standalone --nproc-per-node 2 \
+      -m llkern train --pipeline-stages 2 --device cuda -k 4 --epochs 2 --no-progress --log-file "$OUT/pipeline-2.json"
     # the MIRACLE round trip on the GPU: Mean-KL sampling and candidate selection through the Triton kernels
     run miracle "$(left 110 5)" system.txt $PY -m llkern.cli.compress_demo --out "$OUT/lenet.mira" --no-progress \
       --device cuda --json "$OUT/compress.json"

@@ -633,7 +633,8 @@ def _start_distributed(args: argparse.Namespace) -> bool:
                          f"{option}{' 2' if args.pipeline_stages else ''} ...), which sets RANK, WORLD_SIZE and "
                          "MASTER_ADDR")
     if torch.device(args.device).type == "cuda":
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        # more processes than GPUs (two pipeline stages on one GPU) share them round robin; NCCL may refuse
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % max(1, torch.cuda.device_count())}"
         torch.cuda.set_device(args.device)
     if dist.is_initialized():
         return False
