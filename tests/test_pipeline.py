@@ -145,6 +145,31 @@ def test_pipeline_trains_the_same_parameters_as_one_process(tmp_path, world):
     check_against_reference(tmp_path, world, CASES)
 
 
+def _resume_worker(rank, world, port, out_dir):
+    """One epoch with a checkpoint; fresh trainers (other initialisations) resume it and train the second."""
+    _init(rank, world, port)
+    x, y = data()
+    try:
+        trainer = PipelineTrainer(net_for("contsup_r", seed=rank), world, optimizer=sgd, seed=SEED)
+        trainer.fit((x, y), 1, batch_size=BATCH, eval_data=(x[:40], y[:40]), progress=False,
+                    checkpoint=os.path.join(out_dir, "run.pt"))
+        net = net_for("contsup_r", seed=10 + rank)
+        resumed = PipelineTrainer(net, world, optimizer=sgd, seed=SEED + 1).load(os.path.join(out_dir, "run.pt"))
+        rows = resumed.fit((x, y), EPOCHS, batch_size=BATCH, eval_data=(x[:40], y[:40]), progress=False)
+        owned = set(resumed._stage_parameters())
+        torch.save({"contsup_r": {"state": {k: v for k, v in net.state_dict().items() if k in owned}, "rows": rows,
+                                  "every": resumed.evaluate(x[:40], y[:40], exit="all")}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_resume_from_stage_shards_continues_the_same_run(tmp_path):
+    assert launch(_resume_worker, 2, str(tmp_path)) == [0, 0]
+    assert sorted(p.name for p in tmp_path.glob("run.*")) == ["run.stage0.pt", "run.stage1.pt"]
+    check_against_reference(tmp_path, 2, ["contsup_r"])  # the parameters of the uninterrupted two-epoch run
+
+
 # --- replicas ------------------------------------------------------------------------------------------------
 
 
