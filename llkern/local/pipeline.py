@@ -410,7 +410,8 @@ class PipelineTrainer(LocalTrainer):
         return f"stage {s}" + (f" replica {r}" if self.placement.replicas > 1 else "") + f" (rank {rank})"
 
     def _set_group_timeout(self) -> None:
-        """Use ``timeout`` for the point-to-point waits (gloo's waits take the process group's timeout)."""
+        """Use ``timeout`` for the collectives at the end of each pass too (the point-to-point waits are given
+        it themselves: gloo's ignore a default changed after the process group was made)."""
         import torch.distributed as dist
 
         with contextlib.suppress(Exception):  # private API; without it the process group's own timeout holds
@@ -429,40 +430,37 @@ class PipelineTrainer(LocalTrainer):
         """Report a failure and make it every stage's: post it to the rendezvous store (for the stages
         before this one), send it to the next stage, and close this process's connections (the stages
         next to it notice at once). ``who`` names the failed stage when it is another one."""
-        import torch.distributed as dist
 
         if isinstance(error, PipelineError):
             return error
         store = self._store()
-        message = None
         if who is None:
             message = f"{self._describe()} failed: {type(error).__name__}: {error}"
+        else:
+            message = (f"{who} stopped ({type(error).__name__}: {str(error).splitlines()[0][:200]}); seen by "
+                       f"{self._describe()}")
+            time.sleep(0.2)  # the stage that failed may be writing its own report: prefer that one
         if store is not None:
+            # the first report wins (a replica whose all-reduce broke because another failed says the same)
             with contextlib.suppress(Exception):
-                if message is not None:
-                    store.compare_set(_FAILURE_KEY, "", message)
-                else:
-                    # the first stage that saw the failure wrote down what it saw; prefer that
-                    time.sleep(0.2)
-                    if store.check([_FAILURE_KEY]):
-                        message = store.get(_FAILURE_KEY).decode()
-        if message is None:
-            message = f"{who} stopped ({type(error).__name__}: {str(error).splitlines()[0][:200]}); seen by " \
-                      f"{self._describe()}"
-            if store is not None:
-                with contextlib.suppress(Exception):
-                    message = store.compare_set(_FAILURE_KEY, "", message).decode() or message
+                message = store.compare_set(_FAILURE_KEY, "", message).decode() or message
+        self._pass_on(message)
+        if self.global_rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            time.sleep(1.0)  # rank 0 hosts the store here: let the other stages read the report first
+        return PipelineError(f"PipelineTrainer: {message}")
+
+    def _pass_on(self, message: str) -> None:
+        """Send a failure report to the next stage (for a moment at most) and close this process's
+        connections, so that the stages next to it stop waiting at once."""
+        import torch.distributed as dist
+
         if self.next_link is not None:
             with contextlib.suppress(Exception):
                 self.next_link.send(FAILED, text=message)
-                work = self.next_link.pending[-1][0]
-                for w in work:
-                    w.wait(datetime.timedelta(seconds=2))
-        if self.global_rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-            time.sleep(1.0)  # rank 0 hosts the store here: let the other stages read the report first
+                for work in self.next_link.pending[-1][0]:
+                    work.wait(datetime.timedelta(seconds=2))
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
-        return PipelineError(f"PipelineTrainer: {message}")
 
     def _receive(self, *, post_next: bool = True) -> tuple[int, list[torch.Tensor]]:
         try:
@@ -470,21 +468,9 @@ class PipelineTrainer(LocalTrainer):
         except Exception as error:
             raise self._fail(error, self._describe(self.global_rank - self.placement.replicas)) from error
         if kind == FAILED:
-            self._forward_failure(text)
+            self._pass_on(text)
             raise PipelineError(f"PipelineTrainer: {text}")
         return kind, tensors
-
-    def _forward_failure(self, text: str) -> None:
-        """Pass a failure report from the stage before on to the next and close the connections."""
-        import torch.distributed as dist
-
-        if self.next_link is not None:
-            with contextlib.suppress(Exception):
-                self.next_link.send(FAILED, text=text)
-                for w in self.next_link.pending[-1][0]:
-                    w.wait(datetime.timedelta(seconds=2))
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
 
     def _send(self, kind: int, tensors: Sequence[torch.Tensor] = ()) -> None:
         try:
