@@ -9,6 +9,7 @@ refused before any message.
 """
 import datetime
 import os
+import shutil
 import signal
 import socket
 import time
@@ -23,17 +24,23 @@ import llkern
 from llkern.local.pipeline import PipelineError, PipelineTrainer, Placement, module_costs, plan_stages
 from llkern.local.trainer import LocalTrainer
 from llkern.models import digits_resnet
-from llkern.nn.losses import CrossEntropy, LocalLoss, TransportRegularized
+from llkern.nn.losses import Composite, CrossEntropy, LocalLoss, Reconstruction, TransportRegularized
 
 EPOCHS, BATCH, SEED = 2, 16, 1234
 
 
 def net_for(case, seed=0, num_modules=4):
     torch.manual_seed(seed)
+    blocks = digits_resnet(num_modules, width=4)
+    example = torch.randn(2, 1, 8, 8)
+    if case == "recon":  # a Reconstruction inside a Composite: the image must travel to every stage
+        decoder = llkern.reconstruction_decoders(example.shape[1:])
+        shapes = llkern.nn.heads.feature_shapes(blocks, example)
+        losses = lambda k, K: Composite([CrossEntropy(), (Reconstruction(decoder(k, shapes[k])), 0.5)])  # noqa: E731
     options = {"ce": {}, "trgl": {"losses": lambda k, K: TransportRegularized(tau=1.0)},
-               "contsup_e": {"context": "E"}, "contsup_r": {"context": "R"}}[case]
-    net = llkern.LocalNet(digits_resnet(num_modules, width=4), num_classes=10,
-                          example_input=torch.randn(2, 1, 8, 8), **options)
+               "contsup_e": {"context": "E"}, "contsup_r": {"context": "R"},
+               "recon": {"losses": losses if case == "recon" else None}}[case]
+    net = llkern.LocalNet(blocks, num_classes=10, example_input=example, **options)
     if net.context is not None:
         net.context.impl = "reference"  # not Triton's interpreter: the same sums, and seconds instead of minutes
     return net
@@ -46,6 +53,10 @@ def data(n=72, seed=0):
 
 def sgd(params):
     return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def halving(optimizer):
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
 
 
 def free_port():
@@ -87,7 +98,7 @@ def _train_cases(rank, world, port, stages, cases, out_dir):
         for case in cases:
             # every process builds its own copy with a different seed: the trainer broadcasts rank 0's
             net = net_for(case, seed=rank)
-            trainer = PipelineTrainer(net, stages, optimizer=sgd, seed=SEED)
+            trainer = PipelineTrainer(net, stages, optimizer=sgd, scheduler=halving, seed=SEED)
             rows = trainer.fit((x, y), EPOCHS, batch_size=BATCH, eval_data=(x[:40], y[:40]), progress=False)
             owned = {name for name, _ in trainer._stage_parameters().items()}
             results[case] = {"state": {k: v for k, v in net.state_dict().items() if k in owned}, "rows": rows,
@@ -105,7 +116,7 @@ def reference(case):
     try:
         x, y = data()
         net = net_for(case, seed=0)
-        trainer = LocalTrainer(net, optimizer=sgd, seed=SEED)
+        trainer = LocalTrainer(net, optimizer=sgd, scheduler=halving, seed=SEED)
         rows = trainer.fit((x, y), EPOCHS, batch_size=BATCH, eval_data=(x[:40], y[:40]), progress=False)
         return net.state_dict(), rows, trainer.evaluate(x[:40], y[:40], exit="all")
     finally:
@@ -127,6 +138,7 @@ def check_against_reference(tmp_path, world, cases):
         assert [r["eval_accuracy"] for r in got] == [r["eval_accuracy"] for r in rows], case
         for mine, theirs in zip(got, rows, strict=True):
             assert mine["samples"] == theirs["samples"] and mine["steps"] == theirs["steps"]
+            assert mine["lr"] == theirs["lr"]  # every module's, after the epoch's scheduler step
             torch.testing.assert_close(mine["loss"], theirs["loss"], rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(mine["accuracy"], theirs["accuracy"], rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(mine["eval_loss"], theirs["eval_loss"], rtol=1e-12, atol=1e-12)
@@ -135,7 +147,7 @@ def check_against_reference(tmp_path, world, cases):
             torch.testing.assert_close(ranks[r][case]["every"]["loss"], every["loss"], rtol=1e-12, atol=1e-12)
 
 
-CASES = ("ce", "trgl", "contsup_e", "contsup_r")
+CASES = ("ce", "trgl", "contsup_e", "contsup_r", "recon")
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -150,16 +162,36 @@ def _resume_worker(rank, world, port, out_dir):
     _init(rank, world, port)
     x, y = data()
     try:
-        trainer = PipelineTrainer(net_for("contsup_r", seed=rank), world, optimizer=sgd, seed=SEED)
+        trainer = PipelineTrainer(net_for("contsup_r", seed=rank), world, optimizer=sgd, scheduler=halving,
+                                  seed=SEED)
         trainer.fit((x, y), 1, batch_size=BATCH, eval_data=(x[:40], y[:40]), progress=False,
                     checkpoint=os.path.join(out_dir, "run.pt"))
         net = net_for("contsup_r", seed=10 + rank)
-        resumed = PipelineTrainer(net, world, optimizer=sgd, seed=SEED + 1).load(os.path.join(out_dir, "run.pt"))
+        resumed = PipelineTrainer(net, world, optimizer=sgd, scheduler=halving, seed=SEED + 1).load(
+            os.path.join(out_dir, "run.pt"))
         rows = resumed.fit((x, y), EPOCHS, batch_size=BATCH, eval_data=(x[:40], y[:40]), progress=False)
         owned = set(resumed._stage_parameters())
-        torch.save({"contsup_r": {"state": {k: v for k, v in net.state_dict().items() if k in owned}, "rows": rows,
-                                  "every": resumed.evaluate(x[:40], y[:40], exit="all")}},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        result = {"contsup_r": {"state": {k: v.clone() for k, v in net.state_dict().items() if k in owned},
+                                "rows": list(rows),
+                                "every": resumed.evaluate(x[:40], y[:40], exit="all")}}
+        # shards of different epochs (a run stopped between two stages' saves) are refused on every process
+        resumed.fit((x, y), EPOCHS + 1, batch_size=BATCH, progress=False, checkpoint=os.path.join(out_dir, "old.pt"))
+        if rank == 1:  # stage 1's shard from epoch 1 beside stage 0's from epoch 3
+            shutil.copy(os.path.join(out_dir, "run.stage1.pt"), os.path.join(out_dir, "old.stage1.pt"))
+        try:
+            PipelineTrainer(net_for("contsup_r"), world, optimizer=sgd, scheduler=halving).load(
+                os.path.join(out_dir, "old.pt"))
+            result["mixed"] = "loaded"
+        except ValueError as error:
+            result["mixed"] = str(error)
+        # different placements on different processes are refused on every process
+        placement = Placement((range(0, 2), range(2, 4))) if rank == 0 else Placement((range(0, 1), range(1, 4)))
+        try:
+            PipelineTrainer(net_for("ce"), placement)
+            result["placements"] = "accepted"
+        except ValueError as error:
+            result["placements"] = str(error)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -168,6 +200,10 @@ def test_resume_from_stage_shards_continues_the_same_run(tmp_path):
     assert launch(_resume_worker, 2, str(tmp_path)) == [0, 0]
     assert sorted(p.name for p in tmp_path.glob("run.*")) == ["run.stage0.pt", "run.stage1.pt"]
     check_against_reference(tmp_path, 2, ["contsup_r"])  # the parameters of the uninterrupted two-epoch run
+    for r in range(2):
+        result = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        assert "different points of the run" in result["mixed"] and "[(3, 15), (1, 5)]" in result["mixed"], result
+        assert "different layouts" in result["placements"], result
 
 
 # --- replicas ------------------------------------------------------------------------------------------------
@@ -316,6 +352,17 @@ def test_bad_layouts_are_refused_before_any_message(world_of_one):
         PipelineTrainer(net, 1, distributed=True)
     with pytest.raises(TypeError, match="no step"):
         PipelineTrainer(net, 1).step(*data(4))
+
+
+def test_fit_checks_before_training(world_of_one):
+    x, y = data()
+    trainer = PipelineTrainer(net_for("ce"), 1, optimizer=sgd)
+    with pytest.raises(IndexError, match="eval_exit=7"):
+        trainer.fit((x, y), 1, eval_data=(x, y), eval_exit=7, progress=False)
+    assert trainer.epoch == 0
+    with pytest.raises(PipelineError, match=r"stage 0 \(rank 0\) failed: ValueError: .*gave no batch"):
+        trainer.fit((x[:0], y[:0]), 1, progress=False)
+    assert not dist.is_initialized()  # a failure closes the process group (how the other stages learn of it)
 
 
 def test_needs_a_process_group():

@@ -33,6 +33,7 @@ import datetime
 import itertools
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 from llkern.local.net import LocalNet, StepResult, _accuracy
 from llkern.local.planner import linear_partition
-from llkern.local.trainer import CHECKPOINT_VERSION, Batches, LocalTrainer, module_ddp
+from llkern.local.trainer import Batches, LocalTrainer, _restore_rng, module_ddp
 
 __all__ = ["PipelineError", "PipelineTrainer", "Placement", "module_costs", "plan_stages", "read_shards"]
 
@@ -165,14 +166,21 @@ def plan_stages(net: LocalNet, stages: int, x: torch.Tensor | None = None, y: to
 
     ``by="time"`` (default) or ``"saved_bytes"`` measure each module on the batch ``(x, y)``
     (:func:`module_costs`); ``by="count"`` gives each stage the same number of modules (no batch
-    needed). Every process must get the same placement: measure once and share it, or use ``"count"``.
+    needed). Under ``torch.distributed`` every process measures and rank 0's costs are used by all
+    (measurements differ a little from process to process; the placements must not).
     """
     if by == "count":
         return Placement.balanced(net.num_modules, stages, replicas=replicas)
     if x is None or y is None:
         raise ValueError(f"plan_stages: by={by!r} measures the modules on a batch; give x and y")
-    return Placement.balanced(net.num_modules, stages, replicas=replicas,
-                              costs=module_costs(net, x, y, by=by, repeats=repeats))
+    costs = module_costs(net, x, y, by=by, repeats=repeats)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [costs]
+        dist.broadcast_object_list(shared, src=0)
+        costs = shared[0]
+    return Placement.balanced(net.num_modules, stages, replicas=replicas, costs=costs)
 
 
 # --- messages -------------------------------------------------------------------------------------------------
@@ -182,7 +190,7 @@ _KIND_NAMES = {DATA: "a micro-batch", END: "the end of the pass", FAILED: "a fai
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8,
            torch.int8, torch.int16, torch.bool)
 _MAX_TENSORS, _MAX_DIMS = 6, 6
-_SLOT = 2 + _MAX_DIMS               # dtype code, ndim, dims
+_SLOT = 3 + _MAX_DIMS               # dtype code, ndim, channels_last flag, dims
 _HEADER = 3 + _MAX_TENSORS * _SLOT  # kind, tensor count, failure-text length, slots
 
 
@@ -214,12 +222,13 @@ class _Link:
         header[0], header[1], header[2] = kind, len(tensors), encoded.numel()
         payload = []
         for i, t in enumerate(tensors):
-            if t.dim() > _MAX_DIMS:
-                raise ValueError(f"PipelineTrainer: a boundary tensor has {t.dim()} dimensions; at most {_MAX_DIMS}")
             base = 3 + i * _SLOT
-            header[base], header[base + 1] = _DTYPES.index(t.dtype), t.dim()
-            header[base + 2:base + 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-            payload.append(t.detach().contiguous())
+            # a channels_last tensor travels as its NHWC storage and arrives channels_last (a standard-layout
+            # copy would make the next stage's convolutions pick other kernels than one process does)
+            nhwc = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+            header[base], header[base + 1], header[base + 2] = _DTYPES.index(t.dtype), t.dim(), int(nhwc)
+            header[base + 3:base + 3 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+            payload.append(t.detach().permute(0, 2, 3, 1) if nhwc else t.detach().contiguous())
         if encoded.numel():
             payload.append(encoded.to(self.device))
         header = header.to(self.device)
@@ -227,6 +236,18 @@ class _Link:
         self.pending.append((works, [header, *payload]))
         while len(self.pending) > self.depth:
             self._finish_oldest()
+
+    @staticmethod
+    def check(tensors: Sequence[torch.Tensor]) -> None:
+        """What a message can carry (checked before anything is sent)."""
+        if len(tensors) > _MAX_TENSORS:
+            raise ValueError(f"PipelineTrainer: a message carries at most {_MAX_TENSORS} tensors, got {len(tensors)}")
+        for t in tensors:
+            if t.dim() > _MAX_DIMS:
+                raise ValueError(f"PipelineTrainer: a boundary tensor has {t.dim()} dimensions; at most {_MAX_DIMS}")
+            if t.dtype not in _DTYPES:
+                raise TypeError(f"PipelineTrainer: a boundary tensor has dtype {t.dtype}; the messages carry "
+                                f"{', '.join(str(d).replace('torch.', '') for d in _DTYPES)}")
 
     def _finish_oldest(self) -> None:
         works, _ = self.pending.popleft()
@@ -257,10 +278,14 @@ class _Link:
         buffers = []
         for i in range(count):
             base = 3 + i * _SLOT
-            dtype, ndim = _DTYPES[header[base]], header[base + 1]
-            buffers.append(torch.empty(header[base + 2:base + 2 + ndim], dtype=dtype, device=self.device))
+            dtype, ndim, nhwc = _DTYPES[header[base]], header[base + 1], header[base + 2]
+            shape = header[base + 3:base + 3 + ndim]
+            buffers.append(torch.empty(shape, dtype=dtype, device=self.device,
+                                       memory_format=torch.channels_last if nhwc else torch.contiguous_format))
         text = torch.empty(text_length, dtype=torch.uint8, device=self.device) if text_length else None
-        works = [dist.irecv(b, self.peer) for b in buffers + ([text] if text is not None else [])]
+        # a channels_last buffer receives into its NHWC storage
+        views = [b.permute(0, 2, 3, 1) if b.dim() == 4 and not b.is_contiguous() else b for b in buffers]
+        works = [dist.irecv(b, self.peer) for b in views + ([text] if text is not None else [])]
         if post_next and kind == DATA:
             self.post_header()
         for work in works:
@@ -280,7 +305,8 @@ class PipelineTrainer(LocalTrainer):
     trains only the modules of its stage. Rank ``s·replicas + r`` is replica ``r`` of stage ``s``.
 
     Args:
-        net: the network (every process holds a copy; a stage's modules are moved to ``device``).
+        net: the network; every process holds a whole copy (moved to ``device`` when given) and trains its
+            stage's modules.
         stages: the number of pipeline stages S (modules spread by count), or a :class:`Placement`
             (e.g. from :func:`plan_stages`, which balances measured time).
         replicas: data-parallel replicas per stage R; default ``world_size // S``. ``S × R`` must be the
@@ -288,8 +314,12 @@ class PipelineTrainer(LocalTrainer):
         depth: the most micro-batches a stage keeps in flight to the next (sent but not yet received);
             default 2. Bounds the memory of messages and how far a stage runs ahead.
         device: this process's device (default: where the net's parameters are).
-        timeout: seconds a stage waits for a neighbour before giving up with a :class:`PipelineError`
-            (it is the process group's timeout; a stage that dies is noticed at once).
+        timeout: seconds a stage waits for a neighbour, or for the others at the end of a pass (a long
+            evaluation on the stages before an early ``eval_exit``, a checkpoint save), before giving up with a
+            :class:`PipelineError`; a stage that dies is noticed at once. Default 300.
+        send_image: send the input image along with the boundaries: None (default) where a later module
+            reads it (a context supply, a Reconstruction loss, also inside a Composite); True for a loss of
+            your own that reads ``ctx.image``, which otherwise gets None on the stages after the first.
         **options: the rest of :class:`LocalTrainer`'s options (optimizer, scheduler, precision,
             clip_grad_norm, broadcast_buffers, find_unused_parameters, measure_memory, seed).
             ``mode="sequential"`` is refused: MOLE's sequential regime trains one module at a time,
@@ -297,14 +327,21 @@ class PipelineTrainer(LocalTrainer):
 
     ``fit`` and ``evaluate`` work as in :class:`LocalTrainer` (every process calls them; only stage 0
     reads the batches, the others may pass the same data or None); ``step`` does not exist (a process
-    holds a slice of many steps at once). The log rows gather every module's loss and accuracy on rank 0;
-    ``peak_saved_bytes`` is this process's. ``save(path)`` writes one shard per stage
-    (``path`` with ``.stage{s}`` before its suffix) and ``load(path)`` restores this stage's shard,
+    holds a slice of many steps at once). The log rows gather every module's loss, accuracy, learning
+    rate and loss scale from the stage that trains it; loss, accuracy and samples cover the global batch
+    (all replicas); ``peak_saved_bytes`` and the times are this process's.
+
+    After a :class:`PipelineError` the process group is destroyed (that is how the other stages learn
+    of the failure at once): ``torch.distributed.is_initialized()`` is then False.
+
+    ``save(path)`` writes one shard per stage (``path`` with ``.stage{s}`` before its suffix) and
+    ``load(path)`` restores this stage's shard,
     refusing a checkpoint of another layout.
     """
 
     def __init__(self, net: LocalNet, stages: int | Placement, *, replicas: int | None = None, depth: int = 2,
-                 device: torch.device | str | None = None, timeout: float = 300.0, **options: Any) -> None:
+                 device: torch.device | str | None = None, timeout: float = 300.0, send_image: bool | None = None,
+                 **options: Any) -> None:
         import torch.distributed as dist
 
         if options.get("mode", "simultaneous") != "simultaneous":
@@ -319,6 +356,8 @@ class PipelineTrainer(LocalTrainer):
             raise ValueError(f"PipelineTrainer: expected depth to be an int >= 1, got {depth!r}")
         if not timeout > 0:
             raise ValueError(f"PipelineTrainer: expected timeout > 0 seconds, got {timeout!r}")
+        if send_image not in (None, True, False):
+            raise ValueError(f"PipelineTrainer: expected send_image to be None, True or False, got {send_image!r}")
         if not isinstance(net, LocalNet):
             raise TypeError(f"PipelineTrainer: expected net to be a llkern.LocalNet, got {type(net).__name__}")
         if not (dist.is_available() and dist.is_initialized()):
@@ -357,19 +396,28 @@ class PipelineTrainer(LocalTrainer):
         super().__init__(net, **options)
         self.rank, self.world_size = 0, 1  # LocalTrainer's data sharding is not used (stage 0 shards itself)
         self.distributed = False
+        # What travels with a boundary: the labels always; the image where a later module reads it (a
+        # context supply, a Reconstruction loss, also inside a Composite) or always with send_image=True;
+        # the boundary before it for ContSup's R context.
+        self._send_image = self._image_needed(self.modules.stop) if send_image is None else send_image
+        self._receive_image = self._image_needed(self.modules.start) if send_image is None else send_image
+        self._keep_previous = net.context is not None and "R" in net.context.mode
+        # Every process must run the same layout: a placement measured on each process may differ.
+        layouts: list[Any] = [None] * world
+        dist.all_gather_object(layouts, (placement.to_dict(), send_image))
+        if any(layout != layouts[0] for layout in layouts):
+            raise ValueError(f"PipelineTrainer: the processes were given different layouts (placement, send_image): "
+                             f"{layouts}; give every process rank 0's (plan_stages shares rank 0's measurement)")
         # Every process starts from rank 0's parameters, buffers and shuffling seed.
         self._source, self.process_group = 0, None
         self._broadcast([*net.parameters(), *net.buffers()])
-        seed = options.get("seed")
-        if seed is None:
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        seed = torch.tensor([seed], dtype=torch.int64, device=self.device)
+        seed = torch.tensor([self.generator.initial_seed()], dtype=torch.int64, device=self.device)
         self._broadcast([seed])
         self.generator = torch.Generator().manual_seed(int(seed.item()))
         # Each stage's replicas form one group (every process creates every group, in the same order).
         R = placement.replicas
-        groups = [dist.new_group(list(range(s * R, (s + 1) * R))) if R > 1 else None
-                  for s in range(placement.num_stages)]
+        groups = [dist.new_group(list(range(s * R, (s + 1) * R)), timeout=datetime.timedelta(seconds=self.timeout))
+                  if R > 1 else None for s in range(placement.num_stages)]
         self.stage_group = groups[self.stage]
         self.ddp = [None] * K
         if R > 1:
@@ -385,14 +433,16 @@ class PipelineTrainer(LocalTrainer):
         S = placement.num_stages
         self.previous_link = _Link(rank - R, self.device, depth, self.timeout) if self.stage > 0 else None
         self.next_link = _Link(rank + R, self.device, depth, self.timeout) if self.stage < S - 1 else None
-        # What travels with a boundary: the labels always; the image where a later module reads it (a
-        # context supply, a Reconstruction loss); the boundary before it for ContSup's R context.
+        self._set_group_timeout()
+
+    def _image_needed(self, first: int) -> bool:
+        """Whether a module from ``first`` on reads the input image: a context supply, or a Reconstruction
+        loss (alone or inside a Composite)."""
         from llkern.nn.losses import Reconstruction
 
-        later = range(self.modules.stop, K)
-        self._send_image = net.context is not None or any(isinstance(net.losses[k], Reconstruction) for k in later)
-        self._keep_previous = net.context is not None and "R" in net.context.mode
-        self._set_group_timeout()
+        net = self.net
+        return net.context is not None or any(isinstance(m, Reconstruction) for k in range(first, net.num_modules)
+                                              for m in net.losses[k].modules())
 
     # --- helpers ------------------------------------------------------------------------------------------------
 
@@ -414,9 +464,12 @@ class PipelineTrainer(LocalTrainer):
         it themselves: gloo's ignore a default changed after the process group was made)."""
         import torch.distributed as dist
 
-        with contextlib.suppress(Exception):  # private API; without it the process group's own timeout holds
+        try:  # a private API: without it the process group's own timeout holds
             dist.distributed_c10d._get_default_group()._get_backend(self.device)._set_default_timeout(
                 datetime.timedelta(seconds=self.timeout))
+        except Exception as error:
+            warnings.warn(f"PipelineTrainer: could not set the process group's timeout ({error}); the collectives "
+                          "keep the one init_process_group set", stacklevel=3)
 
     def _store(self):
         import torch.distributed as dist
@@ -437,8 +490,8 @@ class PipelineTrainer(LocalTrainer):
         if who is None:
             message = f"{self._describe()} failed: {type(error).__name__}: {error}"
         else:
-            message = (f"{who} stopped ({type(error).__name__}: {str(error).splitlines()[0][:200]}); seen by "
-                       f"{self._describe()}")
+            first_line = (str(error).splitlines() or [""])[0][:200]
+            message = f"{who} stopped ({type(error).__name__}: {first_line}); seen by {self._describe()}"
             time.sleep(0.2)  # the stage that failed may be writing its own report: prefer that one
         if store is not None:
             # the first report wins (a replica whose all-reduce broke because another failed says the same)
@@ -450,8 +503,9 @@ class PipelineTrainer(LocalTrainer):
         return PipelineError(f"PipelineTrainer: {message}")
 
     def _pass_on(self, message: str) -> None:
-        """Send a failure report to the next stage (for a moment at most) and close this process's
-        connections, so that the stages next to it stop waiting at once."""
+        """Send a failure report to the next stage (two seconds at most for the report itself, after the
+        messages already in flight) and close this process's connections, so that the stages next to it
+        stop waiting at once."""
         import torch.distributed as dist
 
         if self.next_link is not None:
@@ -473,6 +527,7 @@ class PipelineTrainer(LocalTrainer):
         return kind, tensors
 
     def _send(self, kind: int, tensors: Sequence[torch.Tensor] = ()) -> None:
+        _Link.check(tensors)  # this stage's own error, not its neighbour's
         try:
             self.next_link.send(kind, tensors)
         except Exception as error:
@@ -526,10 +581,10 @@ class PipelineTrainer(LocalTrainer):
             else:
                 out, result = net._module_step(k, h, image, previous_k, target, autocast)
             self._backward(k, result.loss)
-            sums[0, k] += result.loss.detach().float() * n
+            sums[0, k] += result.loss.detach().double() * n
             accuracy = _accuracy(result, target)
             if accuracy is not None:
-                sums[1, k] += accuracy.float() * n
+                sums[1, k] += accuracy.double() * n
                 sums[2, k] += n
             del result, previous_k
             before, h = h, out.detach()
@@ -549,17 +604,9 @@ class PipelineTrainer(LocalTrainer):
     def _unpack(self, tensors: list[torch.Tensor]) -> tuple:
         h, target = tensors[0], tensors[1]
         rest = tensors[2:]
-        image = rest.pop(0) if self._received_image else None
+        image = rest.pop(0) if self._receive_image else None
         previous = rest.pop(0) if self._keep_previous and self.modules.start >= 2 else None
         return h, previous, image, target
-
-    @property
-    def _received_image(self) -> bool:
-        from llkern.nn.losses import Reconstruction
-
-        net = self.net
-        later = range(self.modules.start, net.num_modules)
-        return net.context is not None or any(isinstance(net.losses[k], Reconstruction) for k in later)
 
     def _shard(self, index: torch.Tensor) -> torch.Tensor | None:
         """Replica r's equal contiguous share of a global batch (None for a batch too small to share)."""
@@ -596,8 +643,10 @@ class PipelineTrainer(LocalTrainer):
         from tqdm import tqdm
 
         K = self.num_modules
-        sums = torch.zeros(4, K + 1, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(5, K + 1, dtype=torch.float64, device=self.device)  # rows 3-4: lr, loss scale
         steps = 0
+        for k in self.modules:  # gradients left by the caller would be added to the first step's
+            self.optimizers[k].zero_grad(set_to_none=True)
         if self.is_first:
             batches, total = self._first_stage_batches(data, batch_size, shuffle)
             bar = tqdm(batches, total=total, desc=progress, leave=False, disable=progress is None)
@@ -616,6 +665,8 @@ class PipelineTrainer(LocalTrainer):
                 if self.next_link is not None:
                     self._send(DATA, self._message(h, before, image, yb))
             bar.close()
+            if steps == 0:
+                raise ValueError("PipelineTrainer.fit: the training data gave no batch")
             if self.next_link is not None:
                 self._send(END)
         else:
@@ -633,8 +684,6 @@ class PipelineTrainer(LocalTrainer):
             if self.next_link is not None:
                 self._send(END)
         self._flush()
-        for k in self.modules:  # the owners' learning rates (after this epoch's steps); replicas share them
-            sums[3, k] = self.optimizers[k].param_groups[0]["lr"] / self.placement.replicas
         return sums, steps
 
     def fit(self, data: Batches | tuple[torch.Tensor, torch.Tensor] | None, epochs: int | None = None, *,
@@ -654,6 +703,10 @@ class PipelineTrainer(LocalTrainer):
             raise ValueError(f"PipelineTrainer.fit: expected batch_size to be an int >= 1, got {batch_size!r}")
         if transform is not None and not callable(transform):
             raise TypeError(f"PipelineTrainer.fit: expected transform to be callable, got {type(transform).__name__}")
+        K = self.num_modules
+        if eval_exit != "all" and (isinstance(eval_exit, bool) or not isinstance(eval_exit, int)
+                                   or not -K <= eval_exit < K):
+            raise IndexError(f"PipelineTrainer.fit: eval_exit={eval_exit!r} is out of range for {K} modules")
         sinks = [] if log is None else list(log) if isinstance(log, (list, tuple)) else [log]
         for sink in sinks:
             if not callable(sink):
@@ -669,23 +722,25 @@ class PipelineTrainer(LocalTrainer):
                 with meter if meter is not None else contextlib.nullcontext():
                     sums, steps = self._train_pass(data, batch_size, shuffle, desc, transform)
                 epoch_time = time.perf_counter() - started
+                self.end_epoch()
+                if self.replica == 0:  # each module's learning rate and loss scale, from the stage that owns it
+                    for k in self.modules:
+                        sums[3, k] = self.optimizers[k].param_groups[0]["lr"]
+                        if self.scalers[k] is not None:
+                            sums[4, k] = self.scalers[k].get_scale()
                 # every module's sums from its stage (replicas add up: the row covers the global batch)
                 self._collective(lambda s=sums: torch.distributed.all_reduce(s))
                 counts = torch.tensor([steps], dtype=torch.int64, device=self.device)
                 self._collective(lambda c=counts: torch.distributed.broadcast(c, src=0))
                 sums = sums.cpu()
-                self.end_epoch()
-                lrs = [float(sums[3, k]) for k in range(K)]
-                for k in self.modules:  # the epoch schedulers just stepped here
-                    lrs[k] = float(self.optimizers[k].param_groups[0]["lr"])
                 samples = int(sums[2, K]) // self.placement.num_stages
                 row: dict[str, Any] = {
                     "epoch": self.epoch, "mode": self.mode, "active_module": None,
                     "steps": int(counts.item()), "samples": samples,
                     "loss": [float(sums[0, k] / samples) for k in range(K)],
                     "accuracy": [float(sums[1, k] / sums[2, k]) if sums[2, k] > 0 else None for k in range(K)],
-                    "lr": lrs,
-                    "loss_scale": ([float(s.get_scale()) for s in self.scalers] if self.precision == "fp16" else None),
+                    "lr": [float(sums[3, k]) for k in range(K)],
+                    "loss_scale": [float(sums[4, k]) for k in range(K)] if self.precision == "fp16" else None,
                     "step_time_s": epoch_time / max(steps, 1),
                     "epoch_time_s": epoch_time,
                     "peak_saved_bytes": meter.peak_saved_bytes if meter is not None else None,
@@ -832,53 +887,66 @@ class PipelineTrainer(LocalTrainer):
         state["pipeline"] = {**self.placement.to_dict(), "stage": self.stage}
         return state
 
-    def load_state_dict(self, state: dict[str, Any], *, restore_rng: bool = True) -> None:
+    def _check_shard(self, state: dict[str, Any]) -> None:
         layout = state.get("pipeline")
         mine = {**self.placement.to_dict(), "stage": self.stage}
         if layout is None:
-            raise ValueError("PipelineTrainer: the checkpoint was not written by a PipelineTrainer (no layout)")
+            raise ValueError("the checkpoint was not written by a PipelineTrainer (no layout)")
         if layout != mine:
-            raise ValueError(f"PipelineTrainer: the checkpoint's layout {layout} does not match this run's {mine}; "
-                             "resume with the same stages, replicas and module placement")
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"PipelineTrainer: checkpoint version {state.get('version')!r} is not "
-                             f"{CHECKPOINT_VERSION}")
-        own = self._stage_parameters()
-        missing = sorted(set(own) - set(state["net"]))
+            raise ValueError(f"the checkpoint's layout {layout} does not match this run's {mine}; resume with the same "
+                             "stages, replicas and module placement")
+        self._check_state(state)
+        missing = sorted(set(self._stage_parameters()) - set(state["net"]))
         if missing:
-            raise ValueError(f"PipelineTrainer: the checkpoint lacks {missing[:3]}")
+            raise ValueError(f"the checkpoint lacks {missing[:3]}")
+
+    def load_state_dict(self, state: dict[str, Any], *, restore_rng: bool = True) -> None:
+        """Restore this stage's shard (:meth:`state_dict`); refuses one of another layout or trainer."""
+        try:
+            self._check_shard(state)
+        except ValueError as error:
+            raise ValueError(f"PipelineTrainer: {error}") from None
         with torch.no_grad():
-            for name, t in own.items():
+            for name, t in self._stage_parameters().items():
                 t.copy_(state["net"][name])
-        for k in self.modules:
-            self.optimizers[k].load_state_dict(state["optimizers"][k])
-            if self.schedulers[k] is not None and state["schedulers"][k] is not None:
-                self.schedulers[k].load_state_dict(state["schedulers"][k])
-            if self.scalers[k] is not None and state["scalers"][k] is not None:
-                self.scalers[k].load_state_dict(state["scalers"][k])
-        self.epoch = int(state["epoch"])
-        self.global_step = int(state["global_step"])
-        self.history = list(state["history"])
-        self.metadata = dict(state.get("metadata") or {})
-        self.generator.set_state(state["generator"])
+        self._load_module_states(state, self.modules)
+        self._load_counters(state)
         if restore_rng:
-            torch.set_rng_state(state["rng"]["torch"])
+            _restore_rng(state["rng"])
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write this stage's shard to :meth:`shard_path` (replica 0 of each stage writes; replicas are equal)."""
         super().save(self.shard_path(path))
 
     def load(self, path: str | os.PathLike[str], *, restore_rng: bool = True) -> PipelineTrainer:
-        """Restore this stage's shard of checkpoint ``path``; every process loads, and all must agree on
-        the layout it was written with."""
-        shard = self.shard_path(path)
-        if not shard.exists():
-            others = sorted(Path(path).parent.glob(f"{Path(path).stem}.stage*{Path(path).suffix}"))
-            raise ValueError(f"PipelineTrainer: no shard {shard} for {self._describe()}; the checkpoint has "
-                             f"{len(others)} stage shard(s), this run has {self.placement.num_stages} stages")
-        super().load(shard, restore_rng=restore_rng)
-        return self
+        """Restore this stage's shard of checkpoint ``path`` (every process loads; replicas read replica 0's
+        file, so the shards must be on a file system they share). All processes check together: a missing
+        shard, another layout, or shards of different epochs (a run stopped between two stages' saves)
+        raise the same ``ValueError`` on every process."""
+        import torch.distributed as dist
 
+        shard = self.shard_path(path)
+        state, problem = None, None
+        try:
+            if not shard.exists():
+                others = sorted(Path(path).parent.glob(f"{Path(path).stem}.stage*{Path(path).suffix}"))
+                raise ValueError(f"no shard {shard}; the checkpoint has {len(others)} stage shard(s), this run has "
+                                 f"{self.placement.num_stages} stages")
+            state = self._read_checkpoint(shard)
+            self._check_shard(state)
+        except Exception as error:
+            problem = f"{self._describe()}: {error}"
+        seen: list[Any] = [None] * dist.get_world_size()
+        position = None if state is None else (int(state["epoch"]), int(state["global_step"]))
+        dist.all_gather_object(seen, (problem, position))
+        problems = [p for p, _ in seen if p]
+        if problems:
+            raise ValueError("PipelineTrainer.load: " + "; ".join(problems))
+        if len({pos for _, pos in seen}) > 1:
+            raise ValueError("PipelineTrainer.load: the shards are from different points of the run (epoch, step "
+                             f"by rank: {[pos for _, pos in seen]}); the run stopped between two stages' saves")
+        self.load_state_dict(state, restore_rng=restore_rng)
+        return self
 
 
 def read_shards(path: str | os.PathLike[str]) -> dict[str, Any]:

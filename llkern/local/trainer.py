@@ -132,6 +132,17 @@ def _warn_unowned(net: LocalNet, groups: list[list[nn.Parameter]]) -> None:
         warnings.warn(f"LocalTrainer: parameters outside every module are not trained: {extra[:5]}", stacklevel=3)
 
 
+def _restore_rng(rng: dict[str, Any]) -> None:
+    """Restore the global RNG states :meth:`LocalTrainer.state_dict` saved (torch, CUDA, NumPy, Python)."""
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), *rest))
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
 def _mean_or_none(total: float, count: int) -> float | None:
     return total / count if count else None
 
@@ -660,39 +671,41 @@ class LocalTrainer:
     def load_state_dict(self, state: dict[str, Any], *, restore_rng: bool = True) -> None:
         """Restore :meth:`state_dict`'s output into this trainer (built with the same net layout,
         mode, precision and factories)."""
+        self._check_state(state)
+        self.net.load_state_dict(state["net"])
+        self._load_module_states(state, range(self.num_modules))
+        self._load_counters(state)
+        self._phase_applied = None
+        self._sync_phase()
+        if restore_rng:
+            _restore_rng(state["rng"])
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        name = type(self).__name__
         if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"LocalTrainer: checkpoint version {state.get('version')!r} is not "
-                             f"{CHECKPOINT_VERSION}")
+            raise ValueError(f"{name}: checkpoint version {state.get('version')!r} is not {CHECKPOINT_VERSION}")
         for key, mine in (("mode", self.mode), ("precision", self.precision), ("num_modules", self.num_modules)):
             if state[key] != mine:
-                raise ValueError(f"LocalTrainer: the checkpoint has {key}={state[key]!r}, this trainer {mine!r}")
-        self.net.load_state_dict(state["net"])
-        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(s)
-        for sched, s in zip(self.schedulers, state["schedulers"], strict=True):
-            if (sched is None) != (s is None):
-                raise ValueError("LocalTrainer: the checkpoint's schedulers do not match this trainer's")
+                raise ValueError(f"{name}: the checkpoint has {key}={state[key]!r}, this trainer {mine!r}")
+
+    def _load_module_states(self, state: dict[str, Any], modules: Iterable[int]) -> None:
+        """The optimizers, schedulers and scalers of ``modules`` from ``state``."""
+        for k in modules:
+            self.optimizers[k].load_state_dict(state["optimizers"][k])
+            sched, saved = self.schedulers[k], state["schedulers"][k]
+            if (sched is None) != (saved is None):
+                raise ValueError(f"{type(self).__name__}: the checkpoint's schedulers do not match this trainer's")
             if sched is not None:
-                sched.load_state_dict(s)
-        for scaler, s in zip(self.scalers, state["scalers"], strict=True):
-            if scaler is not None and s is not None:
-                scaler.load_state_dict(s)
+                sched.load_state_dict(saved)
+            if self.scalers[k] is not None and state["scalers"][k] is not None:
+                self.scalers[k].load_state_dict(state["scalers"][k])
+
+    def _load_counters(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
         self.metadata = dict(state.get("metadata") or {})
         self.generator.set_state(state["generator"])
-        self._phase_applied = None
-        self._sync_phase()
-        if restore_rng:
-            rng = state["rng"]
-            torch.set_rng_state(rng["torch"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            name, keys, *rest = rng["numpy"]
-            np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), *rest))
-            version, internal, gauss = rng["python"]
-            random.setstate((version, tuple(internal), gauss))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`state_dict` to ``path`` (``torch.save``; written whole, then renamed)."""
@@ -705,11 +718,14 @@ class LocalTrainer:
         """Resume from a checkpoint written by :meth:`save` into this trainer (build it as the saved one
         was: the factories are code, not state). ``fit(..., epochs=E)`` then continues to epoch E.
         Loads with ``weights_only=True``. Returns ``self``."""
+        self.load_state_dict(self._read_checkpoint(path), restore_rng=restore_rng)
+        return self
+
+    def _read_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         state = torch.load(path, map_location=self.device, weights_only=True)
         # RNG states must stay CPU byte tensors whatever map_location did
         state["rng"]["torch"] = state["rng"]["torch"].cpu()
         state["rng"]["cuda"] = [s.cpu() for s in state["rng"]["cuda"]]
         state["generator"] = state["generator"].cpu()
-        self.load_state_dict(state, restore_rng=restore_rng)
-        return self
+        return state
 
