@@ -39,8 +39,10 @@ def net_for(case, seed=0, num_modules=4):
         losses = lambda k, K: Composite([CrossEntropy(), (Reconstruction(decoder(k, shapes[k])), 0.5)])  # noqa: E731
     options = {"ce": {}, "trgl": {"losses": lambda k, K: TransportRegularized(tau=1.0)},
                "contsup_e": {"context": "E"}, "contsup_r": {"context": "R"},
-               "recon": {"losses": losses if case == "recon" else None}}[case]
+               "recon": {"losses": losses if case == "recon" else None}, "channels_last": {}}[case]
     net = llkern.LocalNet(blocks, num_classes=10, example_input=example, **options)
+    if case == "channels_last":  # boundaries travel in NHWC and arrive channels_last
+        net = net.to(memory_format=torch.channels_last)
     if net.context is not None:
         net.context.impl = "reference"  # not Triton's interpreter: the same sums, and seconds instead of minutes
     return net
@@ -147,7 +149,7 @@ def check_against_reference(tmp_path, world, cases):
             torch.testing.assert_close(ranks[r][case]["every"]["loss"], every["loss"], rtol=1e-12, atol=1e-12)
 
 
-CASES = ("ce", "trgl", "contsup_e", "contsup_r", "recon")
+CASES = ("ce", "trgl", "contsup_e", "contsup_r", "recon", "channels_last")
 
 
 @pytest.mark.parametrize("world", [2, 3])
