@@ -311,6 +311,7 @@ def test_a_killed_stage_stops_the_others_with_an_error_naming_it(tmp_path):
         assert float(seconds) < 20
 
 
+@pytest.mark.slow  # waits out a 12 s sleep
 def test_a_stage_that_hangs_is_given_up_after_the_timeout(tmp_path):
     launch(_failing_worker, 3, 1, "hang", str(tmp_path), 3, timeout=60)
     for rank in (0, 2):
