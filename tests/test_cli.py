@@ -210,6 +210,7 @@ def test_distributed_needs_torchrun(monkeypatch):
         run("--distributed", "--model", "gcn", "--data", "karate")
 
 
+@pytest.mark.slow  # three torchrun launches: fresh interpreters, ~20 s
 def test_pipeline_under_torchrun_then_resume_and_eval(tmp_path):
     """The README's pipeline command: two gloo processes, one stage each; then --resume and llkern eval."""
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "llkern",
