@@ -394,8 +394,9 @@ class PipelineTrainer(LocalTrainer):
         if device is not None:
             net.to(device)  # every module, so that the whole net's state is on one device when saved
         super().__init__(net, **options)
-        self.rank, self.world_size = 0, 1  # LocalTrainer's data sharding is not used (stage 0 shards itself)
-        self.distributed = False
+        # LocalTrainer's data sharding among a stage's replicas: stage 0's replica r takes the r-th equal
+        # share of every global batch (_train_batches)
+        self.rank, self.world_size, self.distributed = self.replica, placement.replicas, placement.replicas > 1
         # What travels with a boundary: the labels always; the image where a later module reads it (a
         # context supply, a Reconstruction loss, also inside a Composite) or always with send_image=True;
         # the boundary before it for ContSup's R context.
@@ -598,7 +599,7 @@ class PipelineTrainer(LocalTrainer):
         if self._send_image:
             tensors.append(image)
         if self._keep_previous and self.modules.stop >= 2:
-            tensors.append(before if self.modules.stop - 2 >= 0 and before is not None else image)
+            tensors.append(before)  # the last module's input: boundary stop − 2
         return tensors
 
     def _unpack(self, tensors: list[torch.Tensor]) -> tuple:
@@ -608,81 +609,51 @@ class PipelineTrainer(LocalTrainer):
         previous = rest.pop(0) if self._keep_previous and self.modules.start >= 2 else None
         return h, previous, image, target
 
-    def _shard(self, index: torch.Tensor) -> torch.Tensor | None:
-        """Replica r's equal contiguous share of a global batch (None for a batch too small to share)."""
-        R = self.placement.replicas
-        usable = len(index) - len(index) % R
-        if usable == 0:
-            return None
-        return index[:usable].view(R, -1)[self.replica]
+    def _stage_inputs(self, data: Any, batch_size: int, shuffle: bool, progress: str | None,
+                      transform: Callable | None) -> Iterator[tuple]:
+        """This stage's micro-batches of a pass, as ``(h, previous, image, target)``: stage 0 reads them
+        from ``data`` (its replica's share), the others receive them until the end of the pass."""
+        from tqdm import tqdm
 
-    def _first_stage_batches(self, data: Any, batch_size: int, shuffle: bool) -> tuple[Iterator, int | None]:
-        if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-            x, y = data
-            if len(x) != len(y):
-                raise ValueError(f"PipelineTrainer.fit: expected x and y with the same number of samples, got "
-                                 f"{len(x)} and {len(y)}")
-            n = len(x)
-            order = torch.randperm(n, generator=self.generator) if shuffle else torch.arange(n)
-
-            def batches() -> Iterator:
-                for start in range(0, n, batch_size):
-                    index = self._shard(order[start:start + batch_size])
-                    if index is not None:
-                        yield x[index], y[index]
-
-            return batches(), -(-n // batch_size)
+        if not self.is_first:
+            while True:
+                kind, tensors = self._receive()
+                if kind == END:
+                    return
+                yield self._unpack(tensors)
         if data is None:
             raise ValueError("PipelineTrainer.fit: stage 0 reads the training data; got data=None")
-        return iter(data), (len(data) if hasattr(data, "__len__") else None)
+        batches, total = self._train_batches(data, batch_size, shuffle)
+        for xb, yb in tqdm(batches, total=total, desc=progress, leave=False, disable=progress is None):
+            xb = xb.to(self.device, non_blocking=True)
+            yb = yb.to(self.device, non_blocking=True)
+            if transform is not None:
+                xb = transform(xb)
+            if len(yb) == 0:
+                raise ValueError("PipelineTrainer.fit: expected non-empty batches, got an empty one")
+            image = xb.detach()
+            yield image, None, image, yb
 
     def _train_pass(self, data: Any, batch_size: int, shuffle: bool, progress: str | None,
                     transform: Callable | None) -> tuple[torch.Tensor, int]:
         """One epoch on this stage: returns the sums (loss·n, accuracy·n, n with accuracy, per module;
         the sample count in the last column) and the number of micro-batches."""
-        from tqdm import tqdm
-
         K = self.num_modules
         sums = torch.zeros(5, K + 1, dtype=torch.float64, device=self.device)  # rows 3-4: lr, loss scale
         steps = 0
         for k in self.modules:  # gradients left by the caller would be added to the first step's
             self.optimizers[k].zero_grad(set_to_none=True)
-        if self.is_first:
-            batches, total = self._first_stage_batches(data, batch_size, shuffle)
-            bar = tqdm(batches, total=total, desc=progress, leave=False, disable=progress is None)
-            for xb, yb in bar:
-                xb = xb.to(self.device, non_blocking=True)
-                yb = yb.to(self.device, non_blocking=True)
-                if transform is not None:
-                    xb = transform(xb)
-                if len(yb) == 0:
-                    raise ValueError("PipelineTrainer.fit: expected non-empty batches, got an empty one")
-                image = xb.detach()
-                h, before = self._stage_step(image, None, image, yb, sums)
-                sums[2, K] += len(yb)
-                steps += 1
-                self.global_step += 1
-                if self.next_link is not None:
-                    self._send(DATA, self._message(h, before, image, yb))
-            bar.close()
-            if steps == 0:
-                raise ValueError("PipelineTrainer.fit: the training data gave no batch")
+        for h, previous, image, target in self._stage_inputs(data, batch_size, shuffle, progress, transform):
+            h, before = self._stage_step(h, previous, image, target, sums)
+            sums[2, K] += len(target)
+            steps += 1
+            self.global_step += 1
             if self.next_link is not None:
-                self._send(END)
-        else:
-            while True:
-                kind, tensors = self._receive()
-                if kind == END:
-                    break
-                h, previous, image, target = self._unpack(tensors)
-                h, before = self._stage_step(h, previous, image, target, sums)
-                sums[2, K] += len(target)
-                steps += 1
-                self.global_step += 1
-                if self.next_link is not None:
-                    self._send(DATA, self._message(h, before, image, target))
-            if self.next_link is not None:
-                self._send(END)
+                self._send(DATA, self._message(h, before, image, target))
+        if self.is_first and steps == 0:
+            raise ValueError("PipelineTrainer.fit: the training data gave no batch")
+        if self.next_link is not None:
+            self._send(END)
         self._flush()
         return sums, steps
 
