@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export MAX_JOBS ?= 2
 
-.PHONY: demo test test-slow test-all install bench lint cuda-check clean
+.PHONY: demo test test-slow test-all install bench lint cuda-check gpu-wheels clean
 
 demo: install
 	$(PY) -m llkern demo
@@ -54,6 +54,12 @@ cuda-check: install
 	  echo "g++ -fsyntax-only $$f"; \
 	  g++ -std=c++20 -fsyntax-only $$includes $$cuda_include -I.ci/cuda_stubs $$f || exit 1; \
 	done
+
+# The peers that bench/gpu_check.sh's bench stage measures beside llkern, as wheels for the GPU machine
+# (it has no network): carry .whl with the call; the stage installs them.
+PEER_WHEELS ?= liger-kernel==0.8.5 cut-cross-entropy==25.1.1 inf-cl==1.2.1
+gpu-wheels: install
+	$(PY) -m pip download -q --no-deps -d .whl $(PEER_WHEELS)
 
 clean:
 	rm -rf build $(VENV) *.egg-info llkern/_C*.so

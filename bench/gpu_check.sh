@@ -11,8 +11,9 @@
 #   bash bench/gpu_check.sh sanitize   # compute-sanitizer racecheck and synccheck on every op
 #   bash bench/gpu_check.sh tests      # the rest of the suite on this machine's torch and triton
 #
-# Carry the liger-kernel and cut-cross-entropy wheels for bench/gpu_aux_head.py's peers, inf-cl for
-# bench/gpu_similarity.py's. Logs and results go to $OUT (default /tmp/llkern-gpu); commit bench/results/.
+# The bench stage installs the peers' wheels from .whl/ (make gpu-wheels here, then carry .whl): liger-kernel
+# and cut-cross-entropy for bench/gpu_aux_head.py, inf-cl for bench/gpu_similarity.py.
+# Logs and results go to $OUT (default /tmp/llkern-gpu); commit bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/llkern-gpu}
@@ -123,6 +124,12 @@ for stage in "${stages[@]}"; do
     summary verify ;;
   bench)
     ensure_built
+    if compgen -G ".whl/*.whl" >/dev/null; then
+      echo "== the peers' wheels: $(cd .whl && echo *.whl)"
+      $PY -m pip install -q --no-deps --no-index .whl/*.whl || echo "!! the peers' wheels did not install"
+    else
+      echo "== no .whl/ (make gpu-wheels, then carry .whl): the peers are skipped"
+    fi
     echo "== benchmarks"
     run transport "$(left 70 350)" bench.txt $PY bench/gpu_transport.py
     run aux-head "$(left 100 250)" bench.txt $PY bench/gpu_aux_head.py
