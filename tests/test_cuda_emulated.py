@@ -301,8 +301,11 @@ def test_transport_matches_the_cpu_kernel(emu, dtype, shape, reduction, with_x, 
 
 # --- aux_head_loss / aux_head_backward -------------------------------------------------------------------
 
+# The emulator's build takes the logits AUX_HEAD_CHUNK_ELEMENTS at a time: one chunk for the small heads,
+# several for 1000 / 1025 classes and for 300 rows x 33 classes.
 AUX_SHAPES = [((6, 7, 3, 5), 11), ((5, 7), 1), ((1, 7), 3), ((2, 97, 7), 13), ((4, 9, 2, 2), 1025),
-              ((70, 64), 10), ((37, 45, 3, 3), 7), ((3, 70, 2, 2), 1000), ((5, 70), 1025), ((300, 8), 5)]
+              ((70, 64), 10), ((37, 45, 3, 3), 7), ((3, 70, 2, 2), 1000), ((5, 70), 1025), ((300, 8), 5),
+              ((300, 8), 33)]
 
 
 def aux_inputs(shape, classes, dtype, bias=True):
@@ -360,6 +363,7 @@ def test_aux_head_target_out_of_range_poisons_its_row_on_the_device(emu):
 
 # --- info_nce / supcon_loss / renyi_mutual_information ---------------------------------------------------
 
+# One block of rows of the N x N matrix up to N = 45, several above (SIMILARITY_BLOCK_ELEMENTS values a block).
 SIM_SIZES = [(1, 3), (7, 1), (7, 3), (97, 129), (150, 5)]
 
 

@@ -16,8 +16,11 @@ namespace {
 
 // Logits per chunk: 32 MiB in fp32 (and 16 MiB more for their 16-bit copy with 16-bit features), so a
 // large head's extra memory stays under 64 MiB; at 32000 classes that is 262 rows a product, still
-// enough to keep cuBLAS near its peak.
-constexpr int64_t kChunkElements = int64_t(1) << 23;
+// enough to keep cuBLAS near its peak. (tests/cuda_emu builds with small chunks, so that several run.)
+#ifndef LLKERN_CUDA_AUX_HEAD_CHUNK_ELEMENTS
+#define LLKERN_CUDA_AUX_HEAD_CHUNK_ELEMENTS (int64_t(1) << 23)
+#endif
+constexpr int64_t kChunkElements = LLKERN_CUDA_AUX_HEAD_CHUNK_ELEMENTS;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_loss_cuda(
     const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -15,10 +15,15 @@ namespace {
 
 void* current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
+// Values per block of the N x N matrix: 32 MiB of fp32, at N = 32768 256 rows, wide enough for cuBLAS.
+// (tests/cuda_emu builds with a small block, so that several blocks run at small N.)
+#ifndef LLKERN_CUDA_SIMILARITY_BLOCK_ELEMENTS
+#define LLKERN_CUDA_SIMILARITY_BLOCK_ELEMENTS (int64_t(1) << 23)
+#endif
+
 struct Cuda {
-  // 32 MiB of fp32 per block: at N = 32768, 256 rows, wide enough for cuBLAS.
   static constexpr bool kLowPrecisionProducts = true;  // bfloat16 inputs: bfloat16 products on the tensor cores
-  static constexpr int64_t kBlockElements = int64_t(1) << 23;
+  static constexpr int64_t kBlockElements = LLKERN_CUDA_SIMILARITY_BLOCK_ELEMENTS;
   static void contrast_rows(const ContrastRowsParams& p) {
     contrast_rows_cuda(p, current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

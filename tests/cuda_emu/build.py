@@ -23,6 +23,8 @@ EMU = Path(__file__).resolve().parent
 BUILD = ROOT / "build" / "cuda_emu"
 
 _library: torch.library.Library | None = None
+SIMILARITY_BLOCK_ELEMENTS = 2048  # values of the N x N matrix per block (the GPU's: 2^23)
+AUX_HEAD_CHUNK_ELEMENTS = 4096  # logits per chunk (the GPU's: 2^23)
 
 
 def _matching(text: str, start: int, open_: str, close: str) -> int:
@@ -191,18 +193,27 @@ def load(verbose: bool = False, sanitize: bool | None = None) -> None:
     sources = _sources()
     # The extension's name changes with the emulator's headers, so a changed runtime is a full rebuild.
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(EMU.rglob("*.h")))).hexdigest()[:8]
-    flags = ["-O1", "-g0", "-ffp-contract=off", "-Dllkern=llkern_emu", "-Wno-unused-function"]
+    # Blocks of the similarity matrix and chunks of the aux head's logits far smaller than the GPU's, so
+    # that the tests' small sizes run several of them.
+    flags = ["-O1", "-g0", "-ffp-contract=off", "-Dllkern=llkern_emu", "-Wno-unused-function",
+             f"-DLLKERN_CUDA_SIMILARITY_BLOCK_ELEMENTS={SIMILARITY_BLOCK_ELEMENTS}",
+             f"-DLLKERN_CUDA_AUX_HEAD_CHUNK_ELEMENTS={AUX_HEAD_CHUNK_ELEMENTS}"]
     sanitizer = ["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else []
     build_directory = BUILD / "asan" if sanitize else BUILD
     build_directory.mkdir(parents=True, exist_ok=True)
-    _library = _define_schemas()
-    cpp_extension.load(
-        name=f"llkern_cuda_emu_{'asan_' if sanitize else ''}{digest}",
-        sources=sources,
-        extra_include_paths=[str(EMU / "include"), str(ROOT / "csrc" / "cuda")],
-        extra_cflags=flags + sanitizer,
-        extra_ldflags=sanitizer,
-        build_directory=str(build_directory),
-        is_python_module=False,
-        verbose=verbose,
-    )
+    library = _define_schemas()
+    try:
+        cpp_extension.load(
+            name=f"llkern_cuda_emu_{'asan_' if sanitize else ''}{digest}",
+            sources=sources,
+            extra_include_paths=[str(EMU / "include"), str(ROOT / "csrc" / "cuda")],
+            extra_cflags=flags + sanitizer,
+            extra_ldflags=sanitizer,
+            build_directory=str(build_directory),
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except BaseException:
+        library._destroy()  # a later call defines the schemas again and retries the build
+        raise
+    _library = library
