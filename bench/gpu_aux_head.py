@@ -7,6 +7,9 @@ machine has no network: carry their wheels, see /work/.library/device/README.md)
 milliseconds and peak extra memory (allocated above the inputs and their gradients); appends rows to
 bench/results/results.jsonl.
 
+The first shape is launch-bound (kernels of microseconds): it also gets llkern's and eager's steps replayed
+from a CUDA graph, the GPU's share of the time.
+
 Floors (H100, 3.0 TB/s, ~800 TFLOP/s bf16): 1024×64×8×8 fp32 reads the features once and writes
 their gradient once, 2 × 16 MiB → 11 µs; 256×2048×7×7 bf16, 2 × 49 MiB → 34 µs; the token shape is
 three 16384×2048×32000 GEMMs, 6.4 TFLOP → 8.1 ms.
@@ -28,11 +31,13 @@ from common import (
     add_dry_run_argument,
     append_result,
     bench_device,
+    cuda_graphed,
     dry_run,
     require_device,
     set_dry_run,
     speedups,
     time_and_peak,
+    time_ms,
 )
 
 import llkern
@@ -42,6 +47,7 @@ SHAPES = [  # (features shape, classes, dtype)
     ((256, 2048, 7, 7), 1000, torch.bfloat16),
     ((1, 16384, 2048), 32000, torch.bfloat16),
 ]
+LAUNCH_BOUND_SHAPE = SHAPES[0][0]
 DRY_SHAPES = [  # --dry-run: the same three kinds, tiny and odd
     ((7, 13, 3, 3), 5, torch.float32),
     ((5, 11, 3, 3), 37, torch.bfloat16),
@@ -101,7 +107,8 @@ def bench_shape(shape: tuple[int, ...], classes: int, dtype: torch.dtype) -> Non
         return step
 
     results = {}
-    for label, fn in variants().items():
+    fns = variants()
+    for label, fn in fns.items():
         step = step_of(fn)
         try:
             ms, iqr, extra = time_and_peak(step, reps=20, warmup=3)
@@ -110,6 +117,16 @@ def bench_shape(shape: tuple[int, ...], classes: int, dtype: torch.dtype) -> Non
             print(f"{label} failed on {list(shape)}: {error}")
             continue
         results[label] = (ms, iqr, extra)
+    if shape == LAUNCH_BOUND_SHAPE or (dry_run() and shape == DRY_SHAPES[0][0]):
+        # Kernels of a few microseconds: the rows above time Python and launches as much as the GPU. The
+        # same steps replayed from a CUDA graph time the GPU's part (llkern's step makes no host sync).
+        for label in ("llkern", "eager"):
+            try:
+                ms, iqr = time_ms(cuda_graphed(step_of(fns[label])), reps=50, warmup=5)
+            except Exception as error:
+                print(f"{label}, CUDA graph failed on {list(shape)}: {error}")
+                continue
+            results[f"{label}, CUDA graph"] = (ms, iqr, float("nan"))
     for label, (ms, iqr, extra) in results.items():
         vs_eager, vs_compile = speedups(results, ms)
         append_result({"op": "aux_head_loss fwd+bwd", "shape": [*shape, classes],
