@@ -3,9 +3,8 @@
 Shapes (issue 3): 1024×64×8×8 → 10 fp32, 256×2048×7×7 → 1000 bf16, and 16384 tokens × 2048 → 32000
 bf16. Against eager PyTorch, torch.compile, ``F.linear_cross_entropy`` (when torch has it), and
 Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy when importable (the GPU
-machine has no network: carry their wheels, see /work/.library/device/README.md). Prints median
-milliseconds and peak extra memory (allocated above the inputs and their gradients); appends rows to
-bench/results/results.jsonl.
+machine has no network: `make gpu-wheels` here, then carry .whl). Prints median milliseconds and peak
+extra memory (allocated above the inputs and their gradients); appends rows to bench/results/results.jsonl.
 
 The first shape is launch-bound (kernels of microseconds): it also gets llkern's and eager's steps replayed
 from a CUDA graph, the GPU's share of the time.

@@ -2,8 +2,8 @@
 
 Shapes (issue 4): N ∈ {4096, 16384, 32768}, d ∈ {128, 256}, bf16 and fp32; the symmetric InfoNCE
 (CLIP's loss, the one Inf-CL computes). Against eager PyTorch (the loss over the whole N×N
-matrix), torch.compile, and Inf-CL when importable (PyPI ``inf-cl``; carry the wheel: the GPU
-machine has no network). Prints median milliseconds and peak extra memory (allocated above the
+matrix), torch.compile, and Inf-CL when importable (PyPI ``inf-cl``; the GPU machine has no network:
+`make gpu-wheels` here, then carry .whl). Prints median milliseconds and peak extra memory (allocated above the
 inputs and their gradients); appends rows to bench/results/results.jsonl.
 
 Floor (H100, ~800 TFLOP/s bf16 dense on tensor cores): symmetric InfoNCE at N = 32768, d = 128
