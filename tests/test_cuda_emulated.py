@@ -124,6 +124,7 @@ def test_emulator_exposes_shared_memory_reused_without_a_barrier(emu, thread_ord
     ("exited_lane", "lane 16 named in the mask has exited"),
     ("divergent", "meet at different calls: (__shfl_xor_sync and __ballot_sync|__ballot_sync and __shfl_xor_sync)"),
     ("deadlock", "deadlock in block"),
+    ("partial_mask", "masks naming part of a warp are not emulated"),
 ])
 def test_emulator_reports_undefined_warp_synchronisation(emu, case, match):
     with pytest.raises(RuntimeError, match=match):

@@ -75,6 +75,12 @@ __global__ void divergent(int32_t* out) {
   }
 }
 
+// A shuffle among the even lanes only.
+__global__ void partial_mask(int32_t* out) {
+  const int lane = threadIdx.x % 32;
+  if (lane % 2 == 0) out[threadIdx.x] = __shfl_xor_sync(0x55555555u, lane, 2);
+}
+
 // Lane 0 waits for its warp while the others wait for the block.
 __global__ void deadlock(int32_t* out) {
   if (threadIdx.x == 0) {
@@ -110,6 +116,8 @@ at::Tensor run(c10::string_view which, int64_t blocks, int64_t threads) {
     divergent<<<grid, block>>>(o);
   } else if (name == "past_the_end") {
     past_the_end<<<grid, block>>>(o);
+  } else if (name == "partial_mask") {
+    partial_mask<<<grid, block>>>(o);
   } else if (name == "deadlock") {
     deadlock<<<grid, block>>>(o);
   } else {

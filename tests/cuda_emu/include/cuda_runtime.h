@@ -235,6 +235,11 @@ inline WarpMeeting& meet(SyncKind kind, unsigned mask, uint64_t value, int32_t p
   const int lane = lane_of(f);
   if (!(mask >> lane & 1u)) fail(std::string(sync_name(kind)) + " called with a mask that omits the calling lane");
   const unsigned participants = mask & existing_lanes(f);
+  // Each lane counts its own meetings, and the two slots alternate with that count: a mask that leaves
+  // out lanes of the warp would put them out of step. llkern's kernels use full masks.
+  if (participants != existing_lanes(f)) {
+    fail(std::string(sync_name(kind)) + ": masks naming part of a warp are not emulated");
+  }
   WarpMeeting& m = r.block.warps[warp_of(f)][f.warp_generation & 1u];
   if (m.arrived == 0) {
     m.kind = kind;
