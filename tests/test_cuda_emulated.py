@@ -8,9 +8,10 @@ else within the dtype's rounding of the CPU result, which the op's own tests hol
 reference. The emulated device has 2 multiprocessors, so the one-wave grids take many grid-stride
 steps. Every test runs with a block's threads scheduled in order, in reverse, and warp by warp (each
 warp running ahead), which turns a missing __syncthreads into a wrong value; and once more built with
-AddressSanitizer, which stops at any access outside a tensor. This is no substitute for the GPU (no
-races, no timing, no approximate intrinsics), but it runs the kernels' index arithmetic, tails, vector
-paths, warp shuffles and shared-memory reductions in CI. Slow: the two builds take about two minutes.
+AddressSanitizer, which stops at any access outside a tensor. opcheck holds the CUDA bindings' outputs
+to llkern's fake kernels. This is no substitute for the GPU (no races, no timing, no approximate
+intrinsics), but it runs the kernels' index arithmetic, tails, vector paths, warp shuffles and
+shared-memory reductions in CI. Slow: the two builds take about two minutes.
 """
 
 import os
@@ -389,3 +390,62 @@ def test_similarity_ops_match_the_cpu_kernels(emu, dtype, n, d):
         args = (z1, labels, sigma, label_sigma, True)
         assert_outputs_close(("mi", "d t"), emu.renyi_mutual_information(*args),
                              torch.ops.llkern.renyi_mutual_information(*args), tol, f"renyi {sigma=} {label_sigma=}")
+
+
+# --- the CUDA bindings against the fake kernels ----------------------------------------------------------
+
+
+def opcheck_cases() -> dict[str, tuple[str, tuple]]:
+    """name -> (op, args): the layouts and dtypes whose outputs' shapes, strides and dtypes the CUDA
+    bindings choose (channels_last and permuted inputs, 16-bit features, each op's optional arguments)."""
+    x = torch.randn(3, 5, 7, 9)
+    x_cl = x.to(memory_format=torch.channels_last)
+    y, mask = torch.ops.llkern.relu_with_mask(x_cl)
+    bn_x, weight, bias, mean, invstd = bn_inputs((4, 6, 5, 7), torch.float32, True, channels_last=True)
+    feats, w, b, target = aux_inputs((6, 7, 3, 5), 11, torch.float32)
+    tokens, tw, tb, ttarget = aux_inputs((2, 97, 7), 13, torch.bfloat16)
+    z1, z2 = torch.randn(9, 4), torch.randn(9, 4)
+    labels = torch.randint(0, 3, (9,))
+    return {
+        "relu": ("relu_with_mask", (x,)),
+        "relu channels_last": ("relu_with_mask", (x_cl,)),
+        "relu permuted": ("relu_with_mask", (x.transpose(1, 3),)),
+        "relu strided bf16": ("relu_with_mask", (x.bfloat16()[:, :, ::2],)),
+        "relu backward": ("relu_mask_backward", (torch.randn(x.shape), mask, y.stride())),
+        "bn-relu channels_last": ("batch_norm_relu", (bn_x, weight, bias, mean, invstd, True)),
+        "bn-relu no affine": ("batch_norm_relu", (bn_x.contiguous(), None, None, mean, invstd, False)),
+        "bn-relu backward": ("batch_norm_relu_backward", (torch.randn(bn_x.shape), bn_x, weight, bias, mean,
+                                                          invstd, True, True)),
+        "bn-relu backward, no input grad": ("batch_norm_relu_backward", (torch.randn(bn_x.shape), bn_x, None, bias,
+                                                                         mean, invstd, False, False)),
+        "transport": ("transport_penalty", (torch.randn(3, 7), torch.randn(3, 7), 0.5, "mean", True)),
+        "transport bf16": ("transport_penalty", (torch.randn(3, 7).bfloat16(), None, 0.5, "sum_per_sample", False)),
+        "transport backward": ("transport_penalty_backward", (torch.tensor(2.0), torch.randn(3, 7), None, 0.5,
+                                                              "mean")),
+        "aux head": ("aux_head_loss", (feats, w, b, target, -100, 0.1, "mean", True)),
+        "aux head channels_last": ("aux_head_loss", (feats.to(memory_format=torch.channels_last), w, None, target,
+                                                     -100, 0.0, "sum", False)),
+        "aux head tokens bf16": ("aux_head_loss", (tokens, tw, tb, ttarget, -100, 0.0, "mean", True)),
+        "aux head backward": ("aux_head_backward", (torch.tensor(0.5), torch.randn(6, 7), [6, 7, 3, 5], True,
+                                                    torch.bfloat16)),
+        "info_nce": ("info_nce", (z1, z2, 0.2, True, True, True)),
+        "info_nce bf16": ("info_nce", (z1.bfloat16(), z2.bfloat16(), 0.2, False, False, False)),
+        "supcon": ("supcon_loss", (z1, labels, 0.2, True, True)),
+        "renyi": ("renyi_mutual_information", (z1, labels, None, 0.5, True)),
+    }
+
+
+OPCHECK_CASES = ["relu", "relu channels_last", "relu permuted", "relu strided bf16", "relu backward",
+                 "bn-relu channels_last", "bn-relu no affine", "bn-relu backward", "bn-relu backward, no input grad",
+                 "transport", "transport bf16", "transport backward", "aux head", "aux head channels_last",
+                 "aux head tokens bf16", "aux head backward", "info_nce", "info_nce bf16", "supcon", "renyi"]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_cuda_bindings_agree_with_the_fake_kernels(emu_ops, case):
+    # The fake (meta) kernels are llkern's own (registered for llkern_emu by build.py): torch.compile and
+    # every tracer take the outputs' metadata from them, so the CUDA binding must produce exactly that.
+    cases = opcheck_cases()
+    assert sorted(cases) == sorted(OPCHECK_CASES)
+    op, args = cases[case]
+    torch.library.opcheck(getattr(emu_ops, op).default, args, test_utils=("test_schema", "test_faketensor"))

@@ -116,13 +116,20 @@ def _sources() -> list[str]:
 
 
 def _define_schemas() -> torch.library.Library:
-    """llkern_emu's schemas: llkern's, renamed."""
-    import llkern  # noqa: F401  (loads llkern._C, whose registrations hold the schemas)
+    """llkern_emu's schemas, llkern's renamed, and llkern's fake (meta) kernels registered for them, so that
+    ``torch.library.opcheck`` can hold the CUDA bindings' outputs to what the fake kernels promise."""
+    from torch._library.simple_registry import singleton
+
+    import llkern  # noqa: F401  (loads llkern._C, whose registrations hold the schemas; llkern.ops the fakes)
 
     library = torch.library.Library("llkern_emu", "DEF")
     for schema in torch._C._jit_get_all_schemas():
         if schema.name.startswith("llkern::"):
-            library.define(str(schema).split("::", 1)[1])
+            name = str(schema).split("::", 1)[1]
+            library.define(name)
+            fake = singleton.find(schema.name).fake_impl.kernel
+            if fake is not None:
+                torch.library.register_fake(f"llkern_emu::{schema.name.split('::', 1)[1]}", fake.func, lib=library)
     return library
 
 
