@@ -1,11 +1,12 @@
 """Build llkern's CUDA kernels and CUDA bindings for the CPU, against tests/cuda_emu's runtime.
 
 ``load()`` compiles every ``csrc/cuda/*.cu`` and ``csrc/bindings/*_cuda.cpp``, unchanged apart from
-the launch syntax, into one extension whose ops are ``torch.ops.llkern_emu.<op>``: the same schemas as
-``torch.ops.llkern``, taking CPU tensors, and running the CUDA binding's code and the CUDA kernels (each
-CUDA thread a fiber, see ``include/cuda_runtime.h``). The C++ namespace ``llkern`` becomes ``llkern_emu``
-so that nothing clashes with ``llkern._C``. The build is cached in ``build/cuda_emu`` (ninja rebuilds
-what changed); the first one takes a few minutes on 2 cores.
+kernel launches and ``__shared__`` declarations (rewritten below), into one extension whose ops are
+``torch.ops.llkern_emu.<op>``: the same schemas (and fake kernels) as ``torch.ops.llkern``, taking CPU
+tensors, and running the CUDA binding's code and the CUDA kernels (each CUDA thread a fiber, see
+``include/cuda_runtime.h``). The C++ namespace ``llkern`` becomes ``llkern_emu`` so that nothing clashes
+with ``llkern._C``. The build is cached in ``build/cuda_emu`` (ninja rebuilds what changed); the first
+one takes about a minute on 2 cores.
 """
 
 from __future__ import annotations
