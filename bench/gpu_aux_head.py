@@ -11,7 +11,9 @@ from a CUDA graph, the GPU's share of the time.
 
 Floors (H100, 3.0 TB/s, ~800 TFLOP/s bf16): 1024×64×8×8 fp32 reads the features once and writes
 their gradient once, 2 × 16 MiB → 11 µs; 256×2048×7×7 bf16, 2 × 49 MiB → 34 µs; the token shape is
-three 16384×2048×32000 GEMMs, 6.4 TFLOP → 8.1 ms.
+three 16384×2048×32000 GEMMs, 6.4 TFLOP → 8.1 ms. Memory there: llkern holds d weight in float32 (250 MiB)
+and a 48 MiB chunk of logits; with ``low_memory=True`` d weight is summed in bfloat16 and the logits chunk is
+48 MiB of bfloat16 (Liger-Kernel's default; "Liger FLCE, fp32 dW" is its float32 accumulation).
 
     python bench/gpu_aux_head.py [--dry-run]   # --dry-run: DRY_SHAPES on the CPU, nothing written
 """
@@ -61,6 +63,9 @@ def eager(f, w, b, t):
 
 def variants():
     out = {"llkern": lambda f, w, b, t: llkern.functional.aux_head_loss(f, w, b, t, impl="kernel"),
+           # bfloat16 logits and d weight summed in bfloat16 (no effect on the float32 shape)
+           "llkern low_memory": lambda f, w, b, t: llkern.functional.aux_head_loss(f, w, b, t, low_memory=True,
+                                                                                   impl="kernel"),
            "eager": eager, "torch.compile": torch.compile(eager)}
     if hasattr(F, "linear_cross_entropy"):
         def torch_lce(f, w, b, t):
@@ -73,7 +78,12 @@ def variants():
         def liger(f, w, b, t):
             rows = f.mean((2, 3)) if f.dim() == 4 else f.reshape(-1, f.shape[-1])
             return liger_fused_linear_cross_entropy(rows, w, t.reshape(-1), b)
+
+        def liger_fp32(f, w, b, t):  # d weight summed in float32, like llkern's default
+            rows = f.mean((2, 3)) if f.dim() == 4 else f.reshape(-1, f.shape[-1])
+            return liger_fused_linear_cross_entropy(rows, w, t.reshape(-1), b, accum_dtype=torch.float32)
         out["Liger FLCE"] = liger
+        out["Liger FLCE, fp32 dW"] = liger_fp32
     except ImportError:
         print("liger-kernel not importable: skipped")
     try:

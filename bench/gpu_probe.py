@@ -117,6 +117,10 @@ def cases(smoke: bool) -> list[dict]:
         tgt = torch.randint(0, k, (b,), generator=g).to(DEVICE)
         out.append(dict(op="aux_head_loss[tokens]", dtype=tag, inputs=[feats, w], mask=[True, True],
                         fn=lambda f, w, impl, t=tgt: LF.aux_head_loss(f, w, None, t.to(f.device), impl=impl)))
+        if dtype == torch.bfloat16:  # bfloat16 logits and d weight summed in bfloat16 (3 chunks at full size)
+            out.append(dict(op="aux_head_loss[tokens, low_memory]", dtype=tag, inputs=[feats, w], mask=[True, True],
+                            fn=lambda f, w, impl, t=tgt: LF.aux_head_loss(f, w, None, t.to(f.device), impl=impl,
+                                                                          low_memory=True)))
         # similarity losses
         n, d = (97, 7) if smoke else (4096, 128)
         z1, z2 = rn(n, d, dtype=dtype), rn(n, d, dtype=dtype)

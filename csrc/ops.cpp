@@ -25,10 +25,12 @@ TORCH_LIBRARY(llkern, m) {
 
   // Fused auxiliary head: mean-pool (4-D features) -> linear -> cross-entropy. Returns the loss,
   // the number of correct predictions and, with with_grad, d loss / d rows (rows x C), d weight
-  // and d bias, all formed in the forward (the loss is a leaf of the local graph).
+  // and d bias, all formed in the forward (the loss is a leaf of the local graph). low_memory (bfloat16
+  // on a GPU): bfloat16 logits and d weight summed over the row chunks in bfloat16.
   m.def(
       "aux_head_loss(Tensor features, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "
-      "float label_smoothing, str reduction, bool with_grad=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float label_smoothing, str reduction, bool with_grad=False, bool low_memory=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // llkern's cache of large CPU buffers (see cpu/buffer_pool.cpp), like torch.cuda.empty_cache.
   m.def("cpu_buffer_cache_bytes() -> int", []() { return int64_t(llkern::buffer_pool_cached_bytes()); });
   m.def("empty_cpu_buffer_cache() -> ()", []() { llkern::buffer_pool_empty(); });

@@ -271,6 +271,84 @@ def test_scaled_upstream_gradient():
         torch.testing.assert_close(g.double(), 2.5 * r, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(6, 5), (2, 3, 5), (6, 5, 2, 2)])
+def test_scaled_gradients_reuse_the_saved_memory_only_when_nothing_else_can_see_it(shape):
+    # A scaled upstream gradient (a GPU one always counts as scaled) multiplies the saved gradients in
+    # place on the graph's last backward, so d weight (and d rows) are not copied at the peak.
+    features, weight, bias, target = make(shape, 4)
+    _, _, ref = reference64(features, weight, bias, target)
+    loss, _, grad_rows, grad_weight, grad_bias = torch.ops.llkern.aux_head_loss(
+        features, weight, bias, target, -100, 0.0, "mean", True)
+    pointer = grad_weight.data_ptr()
+    del grad_rows, grad_weight, grad_bias
+    (3.0 * loss).backward()
+    assert weight.grad.data_ptr() == pointer
+    for param, r in zip((features, weight, bias), ref, strict=True):
+        torch.testing.assert_close(param.grad.double(), 3 * r, rtol=1e-5, atol=1e-7)
+    # A retained graph keeps its saved gradients unscaled for the next backward.
+    for p in (features, weight, bias):
+        p.grad = None
+    loss = aux_head_loss(features, weight, bias, target, impl="kernel")
+    (3.0 * loss).backward(retain_graph=True)
+    (5.0 * loss).backward()
+    for param, r in zip((features, weight, bias), ref, strict=True):
+        torch.testing.assert_close(param.grad.double(), 8 * r, rtol=1e-5, atol=1e-7)
+    # Outputs the caller still holds are not scaled under them.
+    loss, _, grad_rows, grad_weight, grad_bias = torch.ops.llkern.aux_head_loss(
+        features, weight, bias, target, -100, 0.0, "mean", True)
+    held = [t.clone() for t in (grad_rows, grad_weight, grad_bias)]
+    torch.autograd.grad(2.0 * loss, [features, weight, bias])
+    for t, h in zip((grad_rows, grad_weight, grad_bias), held, strict=True):
+        assert torch.equal(t, h)
+
+
+@pytest.mark.parametrize("shape", [(IN_PASS_ROWS, 45), (3, 37, 40), (5, 70), (2, 3, 70)])
+def test_low_memory_changes_nothing_on_the_cpu(shape):
+    # (bfloat16 heads compute in float32 on the CPU; the GPU's low-memory head is in test_cuda_emulated)
+    features, weight, bias, target = make(shape, 1000 if shape[-1] == 70 else 10, dtype=torch.bfloat16)
+    outs = []
+    for low_memory in (False, True):
+        loss, correct = aux_head_loss(features, weight, bias, target, return_correct=True, low_memory=low_memory,
+                                      impl="kernel")
+        outs.append([loss, correct, *torch.autograd.grad(loss, [features, weight, bias])])
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_low_memory_error_relative_to_pytorch(device):
+    # 1000 tokens x 32000 classes: two chunks of bfloat16 logits on a GPU (768 rows each), so d weight is
+    # rounded to bfloat16 twice; on the CPU the option changes nothing.
+    features, weight, bias, target = make((1000, 24), 32000, device, torch.bfloat16)
+    loss = aux_head_loss(features, weight, bias, target, low_memory=True, impl="kernel")
+    grads = torch.autograd.grad(loss, [features, weight, bias])
+    ref_loss, _, ref = reference64(features, weight, bias, target)
+    f, w, b = (t.detach().clone().requires_grad_() for t in (features, weight, bias))
+    torch_loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(f, w, b), target)
+    torch_grads = torch.autograd.grad(torch_loss, [f, w, b])
+
+    def err(a, r):
+        return ((a.double().cpu() - r.cpu()).norm() / r.norm().clamp_min(1e-30)).item()
+
+    assert err(loss, ref_loss) <= max(2 * err(torch_loss, ref_loss), 1e-6)
+    for name, g, t, r in zip(("features", "weight", "bias"), grads, torch_grads, ref, strict=True):
+        assert g.dtype == torch.bfloat16
+        assert err(g, r) <= (1 + 2**0.5) * err(t, r) + 1e-6, name
+
+
+def test_bfloat16_gradients_leave_the_op_in_bfloat16():
+    # d rows and d weight of bfloat16 features come out of the op in bfloat16 (the GPU writes them so);
+    # d pooled of image features, which the broadcast reads, stays float32, as does d bias.
+    for shape, rows_dtype in (((5, 7), torch.bfloat16), ((2, 3, 7), torch.bfloat16), ((5, 7, 2, 2), torch.float32)):
+        features, weight, bias, target = make(shape, 6, dtype=torch.bfloat16)
+        _, _, d_rows, d_weight, d_bias = torch.ops.llkern.aux_head_loss(
+            features, weight, bias, target, -100, 0.0, "mean", True)
+        assert (d_rows.dtype, d_weight.dtype, d_bias.dtype) == (rows_dtype, torch.bfloat16, torch.float32)
+    features, weight, bias, target = make((5, 7), 6, dtype=torch.float16)
+    outs = torch.ops.llkern.aux_head_loss(features, weight, bias, target, -100, 0.0, "mean", True)
+    assert [t.dtype for t in outs[2:]] == [torch.float32] * 3
+
+
 def test_extreme_logit_range_matches_reference():
     # Logits spread over hundreds of units: exp(z - max) underflows for most classes (the
     # vectorised exponential clamps its argument at -87); loss and gradients must still match.
@@ -355,6 +433,9 @@ def test_opcheck(device, shape):
                               (features, weight, bias, target, -100, 0.1, "mean", with_grad))
         torch.library.opcheck(torch.ops.llkern.aux_head_loss.default,
                               (features, weight, None, target, -100, 0.0, "sum", with_grad))
+        low = [t.detach().bfloat16().requires_grad_() for t in (features, weight, bias)]
+        torch.library.opcheck(torch.ops.llkern.aux_head_loss.default,
+                              (*low, target, -100, 0.0, "mean", with_grad, True))
     grad_pooled = torch.randn(3, 4, device=device)
     grad = torch.tensor(1.5, device=device)
     torch.library.opcheck(torch.ops.llkern.aux_head_backward.default,
@@ -416,6 +497,7 @@ def test_bad_input(mutate, error, match, impl):
     (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
     (dict(reduction="none"), ValueError, "reduction"),
     (dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (dict(low_memory="yes"), TypeError, "low_memory"),
 ])
 def test_bad_options(kwargs, error, match):
     features, weight, bias, target = make((4, 6), 5)

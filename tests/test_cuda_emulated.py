@@ -353,6 +353,53 @@ def test_aux_head_target_out_of_range_poisons_its_row_on_the_device(emu):
         torch.ops.llkern.aux_head_loss(features, weight, bias, target, -100, 0.0, "sum", True)
 
 
+# The low-memory head (bfloat16 logits, d weight summed over the row chunks in bfloat16): chunks of
+# 3 * AUX_HEAD_CHUNK_ELEMENTS logits, so 25 chunks for 300 rows at 1025 classes, 4 for 194 tokens at 200.
+LOW_MEMORY_SHAPES = [((300, 8), 1025), ((2, 97, 7), 200), ((300, 8), 33), ((3, 70, 2, 2), 1000), ((200, 64), 500)]
+
+
+def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("shape,classes", LOW_MEMORY_SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_aux_head_low_memory_against_float64(emu, shape, classes, with_bias):
+    # Judged as the op's bfloat16 tests judge it: error against the float64 reference relative to PyTorch's
+    # own bfloat16 error (F.linear + F.cross_entropy in bfloat16), d weight allowed one rounding a chunk.
+    from .test_aux_head import reference64
+
+    features, weight, bias, target = make_aux_head_inputs(shape, classes, dtype=torch.bfloat16)
+    bias = bias if with_bias else None
+    ref_loss, _, ref = reference64(features, weight, bias, target, label_smoothing=0.1)
+    channels = shape[1] if len(shape) == 4 else shape[-1]
+    ref_rows = (ref[0].sum((2, 3)) if len(shape) == 4 else ref[0]).reshape(-1, channels)
+    f, w, b = (t.detach().clone().requires_grad_() if t is not None else None for t in (features, weight, bias))
+    rows = f.mean((2, 3)) if f.dim() == 4 else f
+    eager_loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(rows, w, b).reshape(-1, classes),
+                                                   target.reshape(-1), label_smoothing=0.1)
+    eager = torch.autograd.grad(eager_loss, [rows, w] + ([b] if with_bias else []))
+    args = (features.detach(), weight.detach(), bias.detach() if with_bias else None, target, -100, 0.1, "mean", True)
+    loss, correct, d_rows, d_weight, d_bias = emu.aux_head_loss(*args, True)
+    assert (d_rows.dtype, d_weight.dtype) == (torch.float32 if len(shape) == 4 else torch.bfloat16, torch.bfloat16)
+    rows_per_chunk = 3 * build.AUX_HEAD_CHUNK_ELEMENTS // classes
+    chunks = -(-ref_rows.shape[0] // (rows_per_chunk // 64 * 64 if rows_per_chunk >= 128 else rows_per_chunk))
+    assert relative_error(loss, ref_loss) <= 2 * relative_error(eager_loss, ref_loss)
+    eager_rows = eager[0].reshape(ref_rows.shape)
+    assert relative_error(d_rows.reshape(ref_rows.shape), ref_rows) <= 2 * relative_error(eager_rows, ref_rows)
+    assert relative_error(d_weight, ref[1]) <= (1 + chunks**0.5) * relative_error(eager[1], ref[1])
+    if with_bias:
+        assert relative_error(d_bias, ref[2]) <= 2 * relative_error(eager[2], ref[2])
+    assert torch.equal(correct, emu.aux_head_loss(*args, False)[1])
+
+
+def test_aux_head_low_memory_keeps_non_finite_ignored_rows_out_of_d_weight(emu):
+    features, weight, bias, target = aux_inputs((300, 8), 1025, torch.bfloat16)
+    features[target == -100] = float("inf")
+    _, _, d_rows, d_weight, d_bias = emu.aux_head_loss(features, weight, bias, target, -100, 0.0, "mean", True, True)
+    assert d_weight.isfinite().all() and d_bias.isfinite().all() and d_rows.isfinite().all()
+
+
 # --- info_nce / supcon_loss / renyi_mutual_information ---------------------------------------------------
 
 # One block of rows of the N x N matrix up to N = 45, several above (SIMILARITY_BLOCK_ELEMENTS values a block).
@@ -416,6 +463,9 @@ def opcheck_cases() -> dict[str, tuple[str, tuple]]:
         "aux head channels_last": ("aux_head_loss", (feats.to(memory_format=torch.channels_last), w, None, target,
                                                      -100, 0.0, "sum", False)),
         "aux head tokens bf16": ("aux_head_loss", (tokens, tw, tb, ttarget, -100, 0.0, "mean", True)),
+        "aux head tokens low memory": ("aux_head_loss", (tokens, tw, None, ttarget, -100, 0.1, "sum", True, True)),
+        "aux head pooled low memory": ("aux_head_loss", (feats.bfloat16(), w.bfloat16(), b.bfloat16(), target, -100,
+                                                         0.0, "mean", True, True)),
         "aux head backward": ("aux_head_backward", (torch.tensor(0.5), torch.randn(6, 7), [6, 7, 3, 5], True,
                                                     torch.bfloat16)),
         "info_nce": ("info_nce", (z1, z2, 0.2, True, True, True)),
@@ -428,7 +478,8 @@ def opcheck_cases() -> dict[str, tuple[str, tuple]]:
 OPCHECK_CASES = ["relu", "relu channels_last", "relu permuted", "relu strided bf16", "relu backward",
                  "bn-relu channels_last", "bn-relu no affine", "bn-relu backward", "bn-relu backward, no input grad",
                  "transport", "transport bf16", "transport backward", "aux head", "aux head channels_last",
-                 "aux head tokens bf16", "aux head backward", "info_nce", "info_nce bf16", "supcon", "renyi"]
+                 "aux head tokens bf16", "aux head tokens low memory", "aux head pooled low memory",
+                 "aux head backward", "info_nce", "info_nce bf16", "supcon", "renyi"]
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES)

@@ -68,30 +68,58 @@ inline AuxHeadShape check_aux_head_inputs(const at::Tensor& features, const at::
   return s;
 }
 
+// d rows and d weight are returned in the features' dtype for bfloat16 features (d rows of 4-D features, the
+// pooled gradient that aux_head_backward broadcasts, stays in float32), else in the accumulation dtype:
+// float32 for float32 and float16, float64 for float64. On every device, so the fake kernel needs no device.
+inline at::ScalarType grad_rows_dtype(at::ScalarType features, bool pooled) {
+  return features == at::kBFloat16 && !pooled ? at::kBFloat16 : loss_dtype(features);
+}
+inline at::ScalarType grad_weight_dtype(at::ScalarType features) {
+  return features == at::kBFloat16 ? at::kBFloat16 : loss_dtype(features);
+}
+
+// Rows per chunk of logits: `chunk_elements` logits, in whole multiples of 64 rows once there are 128 or
+// more (cuBLAS tiles).
+inline int64_t chunk_rows(int64_t chunk_elements, int64_t classes) {
+  const int64_t rows = std::max<int64_t>(1, chunk_elements / classes);
+  return rows >= 128 ? rows / 64 * 64 : rows;
+}
+
 // Large heads: the logits one chunk of rows at a time (rows @ W^T + b through ATen: BLAS or
 // cuBLAS), turned into d loss / d logits in place by `rows_pass(params, start)` (the device's
 // cross-entropy rows kernel), then the gradient products. `base` holds every field of the
 // cross-entropy parameters but the chunk's logits, targets and row count.
 //
 // `rows` and `w` are the products' operands: in the accumulation dtype (fp32 or fp64), or, for bfloat16
-// features on a GPU, in bfloat16, as F.linear takes them: the products then run on the tensor
-// cores with float32 accumulation and float32 results (logits, d rows, and d weight accumulated across
-// chunks in float32), and d loss / d logits is rounded to bfloat16 for the two gradient products,
-// as autocast's backward of F.linear rounds it.
+// features on a GPU, in bfloat16, as F.linear takes them: the products then run on the tensor cores with
+// float32 accumulation. There, d loss / d logits is rounded to bfloat16 for the two gradient products, as
+// autocast's backward of F.linear rounds it, and each chunk's d rows is one product over all classes,
+// written in bfloat16 (`grad_rows` is bfloat16). d weight sums over the chunks: in float32 when
+// `grad_weight` is float32 (4 bytes a weight); in bfloat16, rounded once a chunk, when it is bfloat16 (the
+// low-memory head). The low-memory head also holds its logits in bfloat16 (as F.linear returns them; the
+// rows pass reads them in float and writes d loss / d logits over them), so a chunk of logits costs
+// 2 bytes each instead of 4 + 2.
 template <typename RowsPass>
 void chunked_head(const at::Tensor& rows, const at::Tensor& w, const at::Tensor& b, const at::Tensor& labels,
                   int64_t chunk_elements, const CrossEntropyRowsParams& base, at::Tensor& grad_rows,
                   at::Tensor& grad_weight, at::Tensor& grad_bias, RowsPass rows_pass) {
   const bool low = low_precision_operands(rows.scalar_type());
+  const bool low_memory = low && grad_weight.scalar_type() == rows.scalar_type();
+  TORCH_CHECK(low || grad_rows.numel() == 0 || grad_rows.scalar_type() == rows.scalar_type(),
+              "llkern.aux_head_loss: internal error: d rows in ", grad_rows.scalar_type(), " for rows in ",
+              rows.scalar_type());
   // The op is already below autocast (its inputs were cast by the caller); with the autocast key still
   // live, addmm/mm would return 16-bit logits that the rows kernel reads as Acc (issue 15, A1).
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const int64_t chunk = std::max<int64_t>(1, chunk_elements / base.classes);
+  const int64_t chunk = chunk_rows(chunk_elements, base.classes);
+  const at::Tensor b16 = low_memory && b.defined() ? b.to(rows.scalar_type()) : at::Tensor();
   for (int64_t start = 0; start < rows.size(0); start += chunk) {
     const int64_t len = std::min(chunk, rows.size(0) - start);
     const at::Tensor x = rows.narrow(0, start, len);
     at::Tensor logits;
-    if (low) {
+    if (low_memory) {  // bfloat16 logits, the bias added before the one rounding (as F.linear does)
+      logits = b16.defined() ? at::addmm(b16, x, w.t()) : at::mm(x, w.t());
+    } else if (low) {
       logits = mm_float32(x, w.t());
       if (b.defined()) logits.add_(b);
     } else {
@@ -101,21 +129,22 @@ void chunked_head(const at::Tensor& rows, const at::Tensor& w, const at::Tensor&
     p.logits = logits.data_ptr();
     p.target = labels.data_ptr<int64_t>() + start;
     p.rows = len;
+    p.bfloat16_logits = low_memory;
     rows_pass(p, start);
     if (base.write_grad) {  // logits now hold d loss / d logits
       at::Tensor grad_x = grad_rows.narrow(0, start, len);
       // Ignored rows have zero d loss / d logits, but 0 * inf = NaN: leave their features out of dW
       // (as the fused CPU path does), so non-finite features there cannot poison the weights.
       const at::Tensor ignored = labels.narrow(0, start, len).eq(base.ignore_index).unsqueeze(1);
-      if (low) {
-        const at::Tensor g = logits.to(rows.scalar_type());
-        mm_float32_out(grad_x, g, w);
-        addmm_float32_(grad_weight, g.t(), x.masked_fill(ignored, 0));
+      const at::Tensor x_kept = x.masked_fill(ignored, 0);
+      const at::Tensor g = low && !low_memory ? logits.to(rows.scalar_type()) : logits;
+      product_into(grad_x, g, w);  // (bfloat16 d rows from a bfloat16 product; pooled rows: float32)
+      if (low_memory && start == 0) {
+        at::mm_out(grad_weight, g.t(), x_kept);
       } else {
-        at::mm_out(grad_x, logits, w);
-        grad_weight.addmm_(logits.t(), x.masked_fill(ignored, 0));
+        product_add(grad_weight, g.t(), x_kept);
       }
-      if (grad_bias.numel() > 0) grad_bias.add_(logits.sum(0));
+      if (grad_bias.numel() > 0) grad_bias.add_(at::sum(logits, at::IntArrayRef{0}, false, grad_bias.scalar_type()));
     }
   }
 }

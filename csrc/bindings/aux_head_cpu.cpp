@@ -27,18 +27,20 @@ int64_t check_targets(const at::Tensor& target, int64_t classes, int64_t ignore_
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The outputs, d rows and d weight in the dtypes the op returns (computed in float32 for bfloat16 features).
 Outputs finish(double loss_sum, int64_t correct, int64_t valid, c10::string_view reduction,
-               const at::TensorOptions& acc_options, const at::Tensor& features, at::Tensor grad_rows,
-               at::Tensor grad_weight, at::Tensor grad_bias) {
+               const at::TensorOptions& acc_options, const at::Tensor& features, const AuxHeadShape& s,
+               const at::Tensor& grad_rows, const at::Tensor& grad_weight, at::Tensor grad_bias) {
   const double loss_value = valid == 0 ? 0.0 : (reduction == "mean" ? loss_sum / double(valid) : loss_sum);
   return {at::full({}, loss_value, acc_options), at::full({}, correct, features.options().dtype(at::kLong)),
-          std::move(grad_rows), std::move(grad_weight), std::move(grad_bias)};
+          grad_rows.to(grad_rows_dtype(features.scalar_type(), s.pooled)),
+          grad_weight.to(grad_weight_dtype(features.scalar_type())), std::move(grad_bias)};
 }
 
 Outputs aux_head_loss_cpu(
     const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, int64_t ignore_index, double label_smoothing, c10::string_view reduction,
-    bool with_grad) {
+    bool with_grad, bool /*low_memory: bfloat16 heads compute in float32 here*/) {
   const AuxHeadShape s = check_aux_head_inputs(features, weight, bias, target, label_smoothing, reduction);
   const at::ScalarType acc = loss_dtype(features.scalar_type());
   const at::TensorOptions acc_options = features.options().dtype(acc);
@@ -85,7 +87,7 @@ Outputs aux_head_loss_cpu(
     p.loss_sum = &loss_sum;
     p.correct = &correct;
     fused_head_cpu(p);
-    return finish(loss_sum, correct, valid, reduction, acc_options, features, grad_rows, grad_weight, grad_bias);
+    return finish(loss_sum, correct, valid, reduction, acc_options, features, s, grad_rows, grad_weight, grad_bias);
   }
 
   // Large head: logits one chunk of rows at a time, matrix products through ATen (BLAS).
@@ -105,7 +107,7 @@ Outputs aux_head_loss_cpu(
   base.correct = &correct;
   chunked_head(rows, w, b, labels, kChunkElements, base, grad_rows, grad_weight, grad_bias,
                [](CrossEntropyRowsParams& p, int64_t) { cross_entropy_rows_cpu(p); });
-  return finish(loss_sum, correct, valid, reduction, acc_options, features, grad_rows, grad_weight, grad_bias);
+  return finish(loss_sum, correct, valid, reduction, acc_options, features, s, grad_rows, grad_weight, grad_bias);
 }
 
 // d features = grad_loss / (H W) * grad_pooled broadcast over H, W, in the features' dtype and layout.

@@ -14,18 +14,21 @@
 namespace llkern {
 namespace {
 
-// Logits per chunk: 32 MiB in fp32 (and 16 MiB more for their 16-bit copy with 16-bit features), so a
-// large head's extra memory stays under 64 MiB; at 32000 classes that is 262 rows a product, still
-// enough to keep cuBLAS near its peak. (tests/cuda_emu builds with small chunks, so that several run.)
+// Logits per chunk: 32 MiB in fp32 (and 16 MiB more for their bfloat16 copy with bfloat16 features); at
+// 32000 classes that is 256 rows a product, still enough to keep cuBLAS near its peak. The low-memory
+// head holds 48 MiB of bfloat16 logits (768 rows at 32000 classes: 22 chunks for 16384 tokens, so 22
+// bfloat16 roundings of d weight) and nothing else of that size. (tests/cuda_emu builds with small chunks,
+// so that several run.)
 #ifndef LLKERN_CUDA_AUX_HEAD_CHUNK_ELEMENTS
 #define LLKERN_CUDA_AUX_HEAD_CHUNK_ELEMENTS (int64_t(1) << 23)
 #endif
 constexpr int64_t kChunkElements = LLKERN_CUDA_AUX_HEAD_CHUNK_ELEMENTS;
+constexpr int64_t kLowMemoryChunkElements = 3 * kChunkElements;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_loss_cuda(
     const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, int64_t ignore_index, double label_smoothing, c10::string_view reduction,
-    bool with_grad) {
+    bool with_grad, bool low_memory) {
   const AuxHeadShape s = check_aux_head_inputs(features, weight, bias, target, label_smoothing, reduction);
   const c10::cuda::CUDAGuard guard(features.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
@@ -44,9 +47,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // bfloat16 features: the products take bfloat16 operands (pooled rows rounded to it, as eager pooling
-  // would leave them; the weight as it is) with float32 results (chunked_head; float16 keeps float32
+  // would leave them; the weight as it is) with float32 accumulation (chunked_head; float16 keeps float32
   // products, see low_precision_operands).
   const bool low = low_precision_operands(features.scalar_type());
+  low_memory = low_memory && low;  // (a no-op for other dtypes)
   at::Tensor rows;
   if (s.pooled) {
     const at::Tensor f = s.channels_last ? features : features.contiguous();
@@ -60,8 +64,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
   }
   const at::Tensor w = (low ? weight : weight.to(acc)).contiguous();
   const at::Tensor b = bias.has_value() ? bias->to(acc) : at::Tensor();
-  at::Tensor grad_rows = with_grad ? at::empty({s.rows, s.channels}, acc_options) : at::empty({0}, acc_options);
-  at::Tensor grad_weight = with_grad ? at::zeros({s.classes, s.channels}, acc_options) : at::empty({0}, acc_options);
+  const at::ScalarType rows_dtype = grad_rows_dtype(features.scalar_type(), s.pooled);
+  const at::ScalarType weight_dtype = grad_weight_dtype(features.scalar_type());
+  at::Tensor grad_rows = with_grad ? at::empty({s.rows, s.channels}, features.options().dtype(rows_dtype))
+                                  : at::empty({0}, features.options().dtype(rows_dtype));
+  // (accumulated in float32 unless low_memory; the low-memory head's first chunk overwrites it)
+  at::Tensor grad_weight = !with_grad ? at::empty({0}, features.options().dtype(weight_dtype))
+                           : low_memory ? at::empty({s.classes, s.channels}, features.options().dtype(weight_dtype))
+                                        : at::zeros({s.classes, s.channels}, acc_options);
   at::Tensor grad_bias = with_grad && bias.has_value() ? at::zeros({s.classes}, acc_options) : at::empty({0}, acc_options);
   at::Tensor row_loss = at::empty({s.rows}, acc_options);
   at::Tensor row_correct = at::empty({s.rows}, features.options().dtype(at::kInt));
@@ -74,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
   base.mean = reduction == "mean";
   base.write_grad = with_grad;
   base.is_double = acc == at::kDouble;
-  chunked_head(rows, w, b, labels, kChunkElements, base, grad_rows, grad_weight, grad_bias,
+  const int64_t chunk_elements = low_memory ? kLowMemoryChunkElements : kChunkElements;
+  chunked_head(rows, w, b, labels, chunk_elements, base, grad_rows, grad_weight, grad_bias,
                [&](CrossEntropyRowsParams& p, int64_t start) {
                  p.row_loss = static_cast<char*>(row_loss.data_ptr()) + start * row_loss.element_size();
                  p.row_correct = row_correct.data_ptr<int32_t>() + start;
@@ -94,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
   fp.correct = correct.data_ptr<int64_t>();
   finish_cross_entropy_cuda(fp, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {loss, correct, grad_rows, grad_weight, grad_bias};
+  return {loss, correct, grad_rows, grad_weight.to(weight_dtype), grad_bias};
 }
 
 at::Tensor aux_head_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& grad_pooled, at::IntArrayRef sizes,

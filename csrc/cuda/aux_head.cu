@@ -97,20 +97,22 @@ __device__ __forceinline__ double mean_scale(const unsigned long long* counts, b
   return mean ? 1.0 / double(valid > 0 ? valid : 1) : 1.0;
 }
 
-template <typename A>
+// T: the logits' storage (A, or bfloat16 for the low-memory head: read and rewritten as bfloat16, every
+// step computed in float).
+template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
-    cross_entropy_rows(A* __restrict__ logits, const int64_t* __restrict__ target, int64_t rows, int64_t classes,
+    cross_entropy_rows(T* __restrict__ logits, const int64_t* __restrict__ target, int64_t rows, int64_t classes,
                        int64_t ignore_index, A eps, const unsigned long long* __restrict__ counts, bool mean,
                        bool write_grad, A* __restrict__ row_loss, int32_t* __restrict__ row_correct) {
   const int lane = threadIdx.x % 32;
   const A scale = A(mean_scale(counts, mean));
   for (int64_t row = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32; row < rows;
        row += int64_t(gridDim.x) * kWarps) {
-    A* z = logits + row * classes;
+    T* z = logits + row * classes;
     const int64_t y = target[row];
     if (y == ignore_index) {
       if (write_grad) {
-        for (int64_t k = lane; k < classes; k += 32) z[k] = A(0);
+        for (int64_t k = lane; k < classes; k += 32) z[k] = store_f<T>(A(0));
       }
       if (lane == 0) {
         row_loss[row] = A(0);
@@ -120,7 +122,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (y < 0 || y >= classes) {  // unchecked on the host (no sync): poison the row, never read z[y]
       if (write_grad) {
-        for (int64_t k = lane; k < classes; k += 32) z[k] = quiet_nan<A>();
+        for (int64_t k = lane; k < classes; k += 32) z[k] = store_f<T>(quiet_nan<A>());
       }
       if (lane == 0) {
         row_loss[row] = quiet_nan<A>();
@@ -130,11 +132,11 @@ __global__ void __launch_bounds__(kThreads)
     }
     // Pass 1: max, its first index, and the sum of the logits. (A NaN logit gives a NaN loss;
     // the comparisons skip it for the argmax, where torch.argmax would pick it.)
-    A max = z[0];
+    A max = load_f(z[0]);
     int64_t argmax = 0;
     A total = 0;
     for (int64_t k = lane; k < classes; k += 32) {
-      const A v = z[k];
+      const A v = load_f(z[k]);
       if (v > max || (v == max && k < argmax)) {
         max = v;
         argmax = k;
@@ -152,10 +154,10 @@ __global__ void __launch_bounds__(kThreads)
     total = warp_sum(total);
     // Pass 2: the sum of exponentials.
     A sum_exp = 0;
-    for (int64_t k = lane; k < classes; k += 32) sum_exp += exp(z[k] - max);
+    for (int64_t k = lane; k < classes; k += 32) sum_exp += exp(load_f(z[k]) - max);
     sum_exp = warp_sum(sum_exp);
     const A lse = max + log(sum_exp);
-    const A z_y = z[y];
+    const A z_y = load_f(z[y]);
     if (lane == 0) {
       row_loss[row] = (A(1) - eps) * (lse - z_y) + eps * (lse - total / A(classes));
       row_correct[row] = argmax == y;
@@ -166,9 +168,9 @@ __global__ void __launch_bounds__(kThreads)
     if (write_grad) {
       const A eps_per_class = eps / A(classes);
       for (int64_t k = lane; k < classes; k += 32) {
-        A g = exp(z[k] - lse) - eps_per_class;
+        A g = exp(load_f(z[k]) - lse) - eps_per_class;
         if (k == y) g -= A(1) - eps;
-        z[k] = scale * g;
+        z[k] = store_f<T>(scale * g);
       }
     }
   }
@@ -298,11 +300,15 @@ void cross_entropy_rows_cuda(const CrossEntropyRowsParams& p, void* stream) {
   const unsigned blocks = blocks_for(p.rows, kWarps);
   const auto* counts = reinterpret_cast<const unsigned long long*>(p.counts);
   if (p.is_double) {
-    cross_entropy_rows<double><<<blocks, kThreads, 0, s>>>(
+    cross_entropy_rows<double, double><<<blocks, kThreads, 0, s>>>(
         static_cast<double*>(p.logits), p.target, p.rows, p.classes, p.ignore_index, p.label_smoothing,
         counts, p.mean, p.write_grad, static_cast<double*>(p.row_loss), p.row_correct);
+  } else if (p.bfloat16_logits) {
+    cross_entropy_rows<__nv_bfloat16, float><<<blocks, kThreads, 0, s>>>(
+        static_cast<__nv_bfloat16*>(p.logits), p.target, p.rows, p.classes, p.ignore_index,
+        float(p.label_smoothing), counts, p.mean, p.write_grad, static_cast<float*>(p.row_loss), p.row_correct);
   } else {
-    cross_entropy_rows<float><<<blocks, kThreads, 0, s>>>(
+    cross_entropy_rows<float, float><<<blocks, kThreads, 0, s>>>(
         static_cast<float*>(p.logits), p.target, p.rows, p.classes, p.ignore_index, float(p.label_smoothing),
         counts, p.mean, p.write_grad, static_cast<float*>(p.row_loss), p.row_correct);
   }

@@ -36,6 +36,8 @@ struct CrossEntropyRowsParams {
   double grad_scale = 1.0;
   bool write_grad = false;
   bool is_double = false;
+  // CUDA: logits held in bfloat16 (the low-memory head), read and overwritten as bfloat16, computed in float.
+  bool bfloat16_logits = false;
   double* loss_sum = nullptr;  // CPU out: sum of the chunk's row losses, added to
   int64_t* correct = nullptr;  // CPU out: number of correct predictions in the chunk, added to
   void* row_loss = nullptr;        // CUDA out: per-row loss (Acc), 0 for ignored rows

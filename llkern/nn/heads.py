@@ -32,16 +32,19 @@ class LinearHead(nn.Module):
         num_classes: number of classes.
         in_channels: C; ``None`` infers it on the first call (``nn.LazyLinear``).
         bias: whether the linear layer has a bias.
+        low_memory: bfloat16 on a GPU: bfloat16 logits and d weight (see
+            :func:`llkern.functional.aux_head_loss`), for language-model heads.
         impl: implementation of the fused loss (``"auto"``, ``"kernel"``, ``"reference"``).
     """
 
     def __init__(self, num_classes: int, in_channels: int | None = None, bias: bool = True,
-                 impl: str = "auto") -> None:
+                 impl: str = "auto", low_memory: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"LinearHead: expected num_classes >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.impl = impl
+        self.low_memory = low_memory
         self.fc = nn.LazyLinear(num_classes, bias=bias) if in_channels is None else nn.Linear(
             in_channels, num_classes, bias=bias)
 
@@ -61,7 +64,7 @@ class LinearHead(nn.Module):
                 self(features[:1])  # sizes the lazy layer
         return aux_head_loss(features, self.fc.weight, self.fc.bias, target, ignore_index=ignore_index,
                              label_smoothing=label_smoothing, reduction=reduction, return_correct=True,
-                             impl=self.impl)
+                             low_memory=self.low_memory, impl=self.impl)
 
 
 def _pool(name: str, features: torch.Tensor) -> torch.Tensor:

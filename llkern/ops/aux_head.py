@@ -23,7 +23,7 @@ REDUCTIONS = ("mean", "sum")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _check(features, weight, bias, target, ignore_index, label_smoothing, reduction) -> None:
+def _check(features, weight, bias, target, ignore_index, label_smoothing, reduction, low_memory) -> None:
     name = "llkern.aux_head_loss"
     for arg, value in (("features", features), ("weight", weight), ("target", target)):
         if not isinstance(value, torch.Tensor):
@@ -64,6 +64,8 @@ def _check(features, weight, bias, target, ignore_index, label_smoothing, reduct
         raise ValueError(f"{name}: expected label_smoothing in [0, 1], got {label_smoothing!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{name}: expected reduction to be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(low_memory, bool):
+        raise TypeError(f"{name}: expected low_memory to be a bool, got {low_memory!r}")
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
@@ -103,6 +105,7 @@ def aux_head_loss(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     return_correct: bool = False,
+    low_memory: bool = False,
     impl: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of a linear classifier on mean-pooled features, fused; logits are never stored.
@@ -123,10 +126,19 @@ def aux_head_loss(
         reduction: ``"mean"`` (over the non-ignored targets) or ``"sum"``.
         return_correct: also return the number of correct predictions (first argmax equals the
             target, ignored targets excluded), counted in the kernel.
+        low_memory: bfloat16 on a GPU, large heads (language-model heads: tokens × vocabulary): hold
+            the logits in bfloat16 (as ``F.linear`` returns them) and sum d weight over the chunks
+            of rows in bfloat16, as Liger-Kernel does, instead of float32 logits and a float32
+            d weight (4 bytes per weight). Extra memory is then one 48 MiB chunk of logits and
+            its rows, at the cost of one bfloat16 rounding of d weight per chunk (768 rows at
+            32000 classes: 22 chunks for 16384 tokens). No effect on other dtypes, or on the CPU,
+            where bfloat16 heads compute in float32.
         impl: ``"auto"``, ``"kernel"`` or ``"reference"`` (see :mod:`llkern._ext`).
 
     Returns:
         The loss (float32; float64 for float64 inputs), and with ``return_correct`` an int64 count.
+        The gradients reach the inputs in their dtypes; bfloat16 ones are rounded from float32
+        sums over all classes (d features) or all rows (d weight, unless ``low_memory``).
 
     Labels out of range raise ``ValueError`` on the CPU. On a GPU that check would wait for the device,
     so by default it is skipped there and such a row gives a NaN loss and NaN gradients; turn it on with
@@ -139,14 +151,15 @@ def aux_head_loss(
     already share a dtype are left as they are.
     """
     features, weight, bias = _autocast_inputs(features, weight, bias)
-    _check(features, weight, bias, target, ignore_index, label_smoothing, reduction)
+    _check(features, weight, bias, target, ignore_index, label_smoothing, reduction, low_memory)
     if use_kernel("aux_head_loss", features.device, impl):
         if features.device.type != "cpu" and check_values(target):  # (the CPU kernel checks as it reads)
             _check_labels_reference(target, weight.shape[0], ignore_index)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (features, weight, bias))
         loss, correct, *_ = torch.ops.llkern.aux_head_loss(features, weight, bias, target, int(ignore_index),
-                                                           float(label_smoothing), reduction, needs_grad)
+                                                           float(label_smoothing), reduction, needs_grad,
+                                                           low_memory)
     else:
         # (on a GPU too: F.cross_entropy would stop the device with an assert on a bad label)
         if has_values(target):
@@ -162,21 +175,30 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _grad_dtypes(features: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """dtypes of the op's d rows and d weight (csrc/bindings/aux_head_common.h: grad_rows_dtype)."""
+    acc = _acc_dtype(features.dtype)
+    if features.dtype != torch.bfloat16:
+        return acc, acc
+    return (acc if features.dim() == 4 else torch.bfloat16), torch.bfloat16
+
+
 if extension_loaded():
 
     @torch.library.register_fake("llkern::aux_head_loss")
-    def _fake(features, weight, bias, target, ignore_index, label_smoothing, reduction, with_grad=False):
+    def _fake(features, weight, bias, target, ignore_index, label_smoothing, reduction, with_grad=False,
+              low_memory=False):
         acc = _acc_dtype(features.dtype)
+        rows_dtype, weight_dtype = _grad_dtypes(features)
         channels = features.shape[1] if features.dim() == 4 else features.shape[-1]
         rows = features.shape[0] * features.shape[1] if features.dim() == 3 else features.shape[0]
         classes = weight.shape[0]
-        empty = features.new_empty((0,), dtype=acc)
         return (
             features.new_empty((), dtype=acc),
             features.new_empty((), dtype=torch.int64),
-            features.new_empty((rows, channels), dtype=acc) if with_grad else empty,
-            features.new_empty((classes, channels), dtype=acc) if with_grad else empty.clone(),
-            features.new_empty((classes,), dtype=acc) if with_grad and bias is not None else empty.clone(),
+            features.new_empty((rows, channels) if with_grad else (0,), dtype=rows_dtype),
+            features.new_empty((classes, channels) if with_grad else (0,), dtype=weight_dtype),
+            features.new_empty((classes,) if with_grad and bias is not None else (0,), dtype=acc),
         )
 
     @torch.library.register_fake("llkern::aux_head_backward")
