@@ -8,6 +8,9 @@ inputs and their gradients); appends rows to bench/results/results.jsonl.
 
 Floor (H100, ~800 TFLOP/s bf16 dense on tensor cores): symmetric InfoNCE at N = 32768, d = 128
 needs four N×N×d products, 4 × 2·N²·d = 1.1 TFLOP → 1.4 ms; at fp32 (no TF32) ~60 TFLOP/s → 18 ms.
+llkern's fused bfloat16 op (llkern/ops/info_nce_fused.py) recomputes the tiles instead of storing them: six
+products (one per direction for the log-sum-exps, two per direction in the backward), 1.65 TFLOP → 2.1 ms,
+and 6 N² exponentials (6.4e9: ~1.5 ms of the H100's 4.2e12/s MUFU rate, partly hidden under the products).
 
     python bench/gpu_similarity.py [--dry-run]   # --dry-run: DRY_SHAPES on the CPU, nothing written
 """
@@ -50,6 +53,8 @@ def eager(a, b):
 
 def variants():
     out = {"llkern": lambda a, b: llkern.functional.info_nce(a, b, TAU, symmetric=True, impl="kernel"),
+           # the blocked C++ op, which bfloat16 inputs on a GPU no longer take (float32 does: same row twice)
+           "llkern blocked": lambda a, b: torch.ops.llkern.info_nce(a, b, TAU, True, True, True)[0],
            "eager": eager, "torch.compile": torch.compile(eager)}
     try:
         from inf_cl import cal_inf_loss

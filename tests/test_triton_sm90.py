@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from llkern.triton_kernels import context_add, mean_kl, miracle_encode, philox
+    from llkern.triton_kernels import context_add, info_nce, mean_kl, miracle_encode, philox
 
     def pointers(*names, dtype="*fp32"):
         return {name: dtype for name in names}
@@ -64,6 +64,23 @@ SCRIPT = textwrap.dedent("""
                     "stride_rho_j", "seed", "first_block", "gumbel_first")},
             dict(NUM_CANDIDATES=1024, SPLITS=4, SAMPLE=True, F64=False, TILE=128, BLOCK=32)),
     }
+    # the fused InfoNCE: bfloat16 operands (what info_nce runs on a GPU), float32 without TF32, float64
+    for tag, ptr, acc in (("bf16", "*bf16", tl.float32), ("fp32", "*fp32", tl.float32), ("fp64", "*fp64", tl.float64)):
+        acc_ptr = "*fp64" if acc == tl.float64 else "*fp32"
+        for d in (128, 256):
+            blocks = dict(BLOCK_N=info_nce.COLUMN_BLOCK, BLOCK_D=info_nce.width_block(d))
+            flags = dict(ACC=acc, IEEE=tag == "fp32", INTERPRETED=False)
+            kernels[f"info_nce_row_lse_{tag}_{d}"] = (info_nce.row_lse, {
+                "a_ptr": ptr, "b_ptr": ptr, "lse_ptr": acc_ptr, "diag_ptr": acc_ptr, "params_ptr": acc_ptr,
+                **ints("N", "D")}, dict(**flags, **blocks, BLOCK_M=info_nce.row_block(d)))
+            kernels[f"info_nce_row_grad_{tag}_{d}"] = (info_nce.row_grad, {
+                "a_ptr": ptr, "b_ptr": ptr, "lse_a_ptr": acc_ptr, "lse_b_ptr": acc_ptr, "z_ptr": ptr,
+                "norm_ptr": acc_ptr, "grad_ptr": acc_ptr, "params_ptr": acc_ptr, "out_ptr": ptr,
+                **ints("N", "D", "stride_z", "stride_out")},
+                dict(USE_A=True, USE_B=True, NORMALIZE=True, **flags, **blocks, BLOCK_M=info_nce.grad_row_block(d)))
+        kernels[f"info_nce_normalize_rows_{tag}"] = (info_nce.normalize_rows, {
+            "z_ptr": ptr, "u_ptr": ptr, "norm_ptr": acc_ptr, **ints("N", "D", "stride_z")},
+            dict(NORMALIZE=True, ACC=acc, INTERPRETED=False, ROWS=info_nce.NORMALIZE_ROWS, BLOCK_D=128))
     target = GPUTarget("cuda", 90, 32)
     for name, (kernel, signature, constants) in kernels.items():
         # the launcher would turn a seed or stream of 1 into a constant, which has no .to()
@@ -71,7 +88,9 @@ SCRIPT = textwrap.dedent("""
             if param.name in ("seed", "stream", "first", "first_block", "gumbel_first", "kappa_bits", "delta_bits"):
                 assert param.do_not_specialize, f"{name}: {param.name} must be in do_not_specialize"
         signature = {**signature, **{k: "constexpr" for k in constants}}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=target)
+        options = {"num_warps": info_nce.WARPS} if name.startswith("info_nce_row") else {}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=target,
+                                  options=options)
         assert compiled.asm.get("cubin"), name
         print(name, "ok")
 """)
@@ -81,4 +100,4 @@ def test_every_triton_kernel_compiles_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(" ok") == 8, result.stdout
+    assert result.stdout.count(" ok") == 8 + 15, result.stdout

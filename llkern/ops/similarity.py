@@ -18,6 +18,7 @@ import numbers
 import torch
 
 from llkern._ext import extension_loaded, no_double_backward, use_kernel
+from llkern.ops.info_nce_fused import info_nce_fused, takes_fused_info_nce
 from llkern.reference.similarity import (
     _check_labels,
     _check_temperature,
@@ -40,7 +41,9 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.07, *, s
     """InfoNCE of two views with the positives on the diagonal, computed block by block.
 
     ``s_ij = z1_i · z2_j / τ`` and ``L = mean_i [LSE_j s_ij − s_ii]``; with ``symmetric`` the mean of
-    that and the same over the columns (CLIP). The N×N matrix is never held.
+    that and the same over the columns (CLIP). The N×N matrix is never held: bfloat16 CUDA embeddings
+    (d ≤ 256) take the fused Triton op (:mod:`llkern.ops.info_nce_fused`: only tiles of it, in
+    registers), the rest the blocked C++ op (blocks of rows of it).
 
     Args:
         z1, z2: ``(N, d)`` embeddings of the two views (float32, float64, bfloat16, float16).
@@ -55,6 +58,8 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.07, *, s
     name = "llkern.info_nce"
     check_views(name, z1, z2)
     tau = _check_temperature(name, temperature)
+    if takes_fused_info_nce(z1, impl):  # bfloat16 on a GPU: the fused Triton kernels, no N×N blocks
+        return info_nce_fused(z1, z2, tau, symmetric=symmetric, normalize=normalize)
     if use_kernel("info_nce", z1.device, impl):
         return torch.ops.llkern.info_nce(z1, z2, tau, bool(symmetric), bool(normalize),
                                          _needs_grad(z1, z2))[0]

@@ -1,0 +1,204 @@
+"""Fused InfoNCE (Triton): the op's Python side.
+
+``llkern::info_nce_fused`` and ``llkern::info_nce_fused_backward`` are ``torch.library.triton_op``s over
+the kernels of triton_kernels/info_nce.py. The N×N similarity matrix exists only in tiles: the forward
+keeps each row's (and, symmetric, each column's) log-sum-exp and the unit rows in the products' dtype;
+the backward recomputes the tiles and writes d z1 and d z2 in the inputs' dtype, the normalisation's
+backward included. Memory beyond the inputs and their gradients: the two operand copies (2·N·d values
+of the inputs' dtype) and a few values per row, at any N. Time: two N²d products a direction in the
+backward, one in each forward pass, on the tensor cores for bfloat16.
+
+:func:`llkern.functional.info_nce` takes this op for bfloat16 CUDA inputs with d ≤ 256; the blocked C++
+op (``torch.ops.llkern.info_nce``) takes the rest. Call :func:`info_nce_fused` directly for float32 or
+float64 (tests: exact operands, no TF32), or on CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llkern._ext import IMPLS, device_guard, no_double_backward
+from llkern.ops.context import triton_available
+from llkern.reference.similarity import _check_temperature, check_views
+
+__all__ = ["info_nce_fused", "takes_fused_info_nce"]
+
+NAME = "llkern.info_nce_fused"
+DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+MAX_WIDTH = 256  # = triton_kernels.info_nce.MAX_WIDTH (not imported here: importing it imports triton)
+
+
+def takes_fused_info_nce(z1: torch.Tensor, impl: str) -> bool:
+    """Whether :func:`llkern.functional.info_nce` runs this op: bfloat16 CUDA embeddings of d ≤ 256, unless
+    ``impl="reference"``."""
+    return (impl != "reference" and z1.device.type == "cuda" and z1.dtype == torch.bfloat16
+            and z1.shape[1] <= MAX_WIDTH and triton_available(z1.device))
+
+
+def info_nce_fused(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.07, *, symmetric: bool = False,
+                   normalize: bool = True, impl: str = "kernel") -> torch.Tensor:
+    """InfoNCE as :func:`llkern.functional.info_nce` computes it, by the fused Triton kernels.
+
+    Args:
+        z1, z2: ``(N, d)`` embeddings, d ≤ 256; bfloat16 (tensor-core products with float32 accumulation),
+            float32 or float64 (exact products). Any strides with unit stride along d; others are copied.
+        temperature: τ > 0.
+        symmetric: average both directions (CLIP).
+        normalize: L2-normalise the rows first.
+        impl: ``"kernel"`` (default: raise where the kernels cannot run) or ``"reference"``.
+
+    Returns:
+        The mean loss, float32 (float64 for float64 inputs).
+    """
+    check_views(NAME, z1, z2)
+    tau = _check_temperature(NAME, temperature)
+    if impl not in IMPLS:
+        raise ValueError(f"{NAME}: expected impl to be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        from llkern.reference.similarity import info_nce_reference
+
+        return info_nce_reference(z1, z2, tau, symmetric=symmetric, normalize=normalize)
+    if z1.dtype not in DTYPES:
+        raise TypeError(f"{NAME}: expected z1 and z2 of dtype bfloat16, float32 or float64, got {z1.dtype} "
+                        "(llkern.functional.info_nce takes float16)")
+    if z1.shape[1] > MAX_WIDTH:
+        raise ValueError(f"{NAME}: expected at most {MAX_WIDTH} features, got z1 of shape {list(z1.shape)} "
+                         "(llkern.functional.info_nce takes wider embeddings)")
+    if not triton_available(z1.device):
+        raise RuntimeError(f"{NAME}: its Triton kernels run on CUDA tensors, or on CPU tensors in Triton's "
+                           "interpreter (TRITON_INTERPRET=1, set before llkern's kernels are first used)")
+    z1, z2 = (z if z.stride(1) == 1 else z.contiguous() for z in (z1, z2))
+    return torch.ops.llkern.info_nce_fused(z1, z2, tau, bool(symmetric), bool(normalize))[0]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _interpreted() -> bool:
+    from llkern.triton_kernels import INTERPRETED
+
+    return INTERPRETED
+
+
+def _triton_acc(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _params(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The kernels' scalars as a tensor of the accumulation dtype (float64 runs get float64 scalars), filled
+    on the device (no copy from the host)."""
+    out = torch.empty(len(values), dtype=dtype, device=device)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
+
+
+def _unit_rows(z: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from llkern.triton_kernels import info_nce as kernels
+
+    n, d = z.shape
+    u = torch.empty((n, d), dtype=z.dtype, device=z.device)
+    norm = torch.empty((n if normalize else 0,), dtype=_acc(z.dtype), device=z.device)
+    grid = (triton_cdiv(n, kernels.NORMALIZE_ROWS),)
+    torch.library.wrap_triton(kernels.normalize_rows)[grid](
+        z, u, norm, n, d, z.stride(0), NORMALIZE=normalize, ACC=_triton_acc(z.dtype), INTERPRETED=_interpreted(),
+        ROWS=kernels.NORMALIZE_ROWS,
+        BLOCK_D=kernels.width_block(d))
+    return u, norm
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+@torch.library.triton_op("llkern::info_nce_fused", mutates_args=())
+def _info_nce_fused_op(z1: torch.Tensor, z2: torch.Tensor, temperature: float, symmetric: bool,
+                       normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]:
+    """(loss, u1, u2, |z1|, |z2|, lse): lse[0] the rows' log-sum-exp, lse[1] the columns' (symmetric)."""
+    from llkern.triton_kernels import info_nce as kernels
+
+    n, d = z1.shape
+    acc = _acc(z1.dtype)
+    with device_guard(z1):
+        u1, norm1 = _unit_rows(z1, normalize)
+        u2, norm2 = _unit_rows(z2, normalize)
+        lse = torch.empty((2 if symmetric else 1, n), dtype=acc, device=z1.device)
+        diag = torch.empty_like(lse)
+        params = _params([1.0 / temperature], acc, z1.device)
+        block = kernels.row_block(d)
+        for i, (a, b) in enumerate([(u1, u2), (u2, u1)][: lse.shape[0]]):
+            torch.library.wrap_triton(kernels.row_lse)[(triton_cdiv(n, block),)](
+                a, b, lse[i], diag[i], params, n, d, ACC=_triton_acc(z1.dtype), IEEE=z1.dtype == torch.float32,
+                INTERPRETED=_interpreted(), BLOCK_M=block, BLOCK_N=kernels.COLUMN_BLOCK, BLOCK_D=kernels.width_block(d),
+                num_warps=kernels.WARPS)
+    loss = (lse - diag).mean()  # (symmetric: the mean of both directions' means)
+    return loss, u1, u2, norm1, norm2, lse
+
+
+@torch.library.triton_op("llkern::info_nce_fused_backward", mutates_args=())
+def _info_nce_fused_backward_op(grad: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, u1: torch.Tensor,
+                                u2: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, lse: torch.Tensor,
+                                temperature: float, symmetric: bool,
+                                normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d z1, d z2) in the inputs' dtype, for an upstream gradient ``grad`` (0-d, on the device)."""
+    from llkern.triton_kernels import info_nce as kernels
+
+    n, d = z1.shape
+    acc = _acc(z1.dtype)
+    weight = 1.0 / (2 * n if symmetric else n)
+    rows_lse = lse[0]
+    columns_lse = lse[1] if symmetric else lse[0]  # (unused one-way)
+    grads = []
+    with device_guard(z1):
+        grad = grad.to(acc).reshape(())
+        # d z1: rows of s, softmax over each row (and, symmetric, over each column); d z2: rows of sᵀ, where
+        # the two terms trade places.
+        for a, b, z, norm, lse_a, lse_b, w_a, w_b in (
+                (u1, u2, z1, norm1, rows_lse, columns_lse, weight, weight if symmetric else 0.0),
+                (u2, u1, z2, norm2, columns_lse, rows_lse, weight if symmetric else 0.0, weight)):
+            out = torch.empty((n, d), dtype=z.dtype, device=z.device)
+            block = kernels.grad_row_block(d)
+            torch.library.wrap_triton(kernels.row_grad)[(triton_cdiv(n, block),)](
+                a, b, lse_a, lse_b, z, norm, grad, _params([1.0 / temperature, w_a, w_b], acc, z.device), out,
+                n, d, z.stride(0), out.stride(0), USE_A=w_a != 0.0, USE_B=w_b != 0.0, NORMALIZE=normalize,
+                ACC=_triton_acc(z.dtype), IEEE=z.dtype == torch.float32, INTERPRETED=_interpreted(), BLOCK_M=block,
+                BLOCK_N=kernels.COLUMN_BLOCK, BLOCK_D=kernels.width_block(d), num_warps=kernels.WARPS)
+            grads.append(out)
+    return grads[0], grads[1]
+
+
+@_info_nce_fused_op.register_fake
+def _info_nce_fused_fake(z1, z2, temperature, symmetric, normalize):
+    n, d = z1.shape
+    acc = _acc(z1.dtype)
+    return (z1.new_empty((), dtype=acc), z1.new_empty((n, d)), z2.new_empty((n, d)),
+            z1.new_empty((n if normalize else 0,), dtype=acc), z2.new_empty((n if normalize else 0,), dtype=acc),
+            z1.new_empty((2 if symmetric else 1, n), dtype=acc))
+
+
+@_info_nce_fused_backward_op.register_fake
+def _info_nce_fused_backward_fake(grad, z1, z2, u1, u2, norm1, norm2, lse, temperature, symmetric, normalize):
+    return z1.new_empty(z1.shape), z2.new_empty(z2.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    z1, z2, temperature, symmetric, normalize = inputs
+    _, u1, u2, norm1, norm2, lse = output
+    ctx.save_for_backward(z1, z2, u1, u2, norm1, norm2, lse)
+    ctx.args = (temperature, symmetric, normalize)
+    ctx.mark_non_differentiable(u1, u2, norm1, norm2, lse)
+
+
+def _backward(ctx, grad, *_):
+    no_double_backward("info_nce")
+    if grad is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return None, None, None, None, None
+    d1, d2 = torch.ops.llkern.info_nce_fused_backward(grad, *ctx.saved_tensors, *ctx.args)
+    return d1, d2, None, None, None
+
+
+_info_nce_fused_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,218 @@
+"""Fused InfoNCE (Triton; on the CPU under TRITON_INTERPRET=1, set in conftest): loss and both gradients
+against float64, odd sizes, strides, bfloat16 judged against PyTorch's own bfloat16 error, gradcheck,
+opcheck, torch.compile, memory without an N×N matrix, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llkern.ops.context import triton_available
+from llkern.ops.info_nce_fused import info_nce_fused, takes_fused_info_nce
+from llkern.reference.similarity import info_nce_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not triton_available(torch.device(DEVICE)),
+                                reason="needs triton (and a GPU or TRITON_INTERPRET=1)")
+
+SIZES = [(1, 3), (7, 1), (7, 5), (97, 33), (130, 128), (65, 256)]  # N below, at and past a tile; d = 1 … 256
+OPTIONS = [(False, True), (True, True), (False, False), (True, False)]  # (symmetric, normalize)
+
+
+def views(n, d, dtype=torch.float32, scale=1.0):
+    z1 = (scale * torch.randn(n, d, device=DEVICE)).to(dtype).requires_grad_()
+    z2 = (scale * torch.randn(n, d, device=DEVICE)).to(dtype).requires_grad_()
+    return z1, z2
+
+
+def reference64(z1, z2, tau, **options):
+    a, b = (z.detach().double().requires_grad_() for z in (z1, z2))
+    loss = info_nce_reference(a, b, tau, **options)
+    return loss.detach(), torch.autograd.grad(loss, [a, b])
+
+
+def relative_error(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("n,d", SIZES)
+@pytest.mark.parametrize("symmetric,normalize", OPTIONS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_matches_float64_reference(n, d, symmetric, normalize, dtype, tol):
+    z1, z2 = views(n, d, dtype, scale=1.0 if normalize else 0.3)
+    loss = info_nce_fused(z1, z2, 0.1, symmetric=symmetric, normalize=normalize)
+    grads = torch.autograd.grad(loss, [z1, z2])
+    ref_loss, ref = reference64(z1, z2, 0.1, symmetric=symmetric, normalize=normalize)
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=tol)
+    for g, r, z in zip(grads, ref, (z1, z2), strict=True):
+        assert g.dtype == z.dtype and g.shape == z.shape
+        # (d = 1 with normalize: the gradient is 0 up to rounding; judged absolutely there)
+        assert relative_error(g, r) <= tol or (g.double() - r).abs().max() <= tol
+
+
+@pytest.mark.parametrize("n,d", [(7, 5), (97, 33), (200, 128)])
+@pytest.mark.parametrize("symmetric,normalize", OPTIONS)
+def test_bfloat16_error_relative_to_pytorch(n, d, symmetric, normalize):
+    # PyTorch in bfloat16 as autocast runs it: normalisation and the product in bfloat16, the
+    # cross-entropy in float32.
+    z1, z2 = views(n, d, torch.bfloat16, scale=1.0 if normalize else 0.3)
+    loss = info_nce_fused(z1, z2, 0.1, symmetric=symmetric, normalize=normalize)
+    grads = torch.autograd.grad(loss, [z1, z2])
+    ref_loss, ref = reference64(z1, z2, 0.1, symmetric=symmetric, normalize=normalize)
+    a, b = (z.detach().clone().requires_grad_() for z in (z1, z2))
+    u1, u2 = (F.normalize(a, dim=1), F.normalize(b, dim=1)) if normalize else (a, b)
+    s = (u1 @ u2.T).float() / 0.1
+    target = torch.arange(n, device=DEVICE)
+    eager = F.cross_entropy(s, target)
+    if symmetric:
+        eager = 0.5 * (eager + F.cross_entropy(s.T, target))
+    eager_grads = torch.autograd.grad(eager, [a, b])
+    assert relative_error(loss, ref_loss) <= 2 * relative_error(eager, ref_loss) + 1e-6
+    for g, e, r in zip(grads, eager_grads, ref, strict=True):
+        assert g.dtype == torch.bfloat16
+        assert relative_error(g, r) <= 2 * relative_error(e, r) + 1e-6
+
+
+def test_strided_inputs():
+    z1 = torch.randn(40, 27, device=DEVICE)[:, :9].requires_grad_()  # row stride 27
+    z2 = torch.randn(40, 18, device=DEVICE)[:, ::2].requires_grad_()  # column stride 2: copied
+    loss = info_nce_fused(z1, z2, 0.2, symmetric=True)
+    grads = torch.autograd.grad(loss, [z1, z2])
+    ref_loss, ref = reference64(z1, z2, 0.2, symmetric=True)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
+    for g, r in zip(grads, ref, strict=True):
+        assert relative_error(g, r) <= 2e-5
+
+
+def test_scaled_upstream_gradient_and_one_input_needing_grad():
+    z1, z2 = views(33, 7)
+    z2 = z2.detach()
+    loss = info_nce_fused(z1, z2, 0.3)
+    (g,) = torch.autograd.grad(3.0 * loss, [z1])
+    _, ref = reference64(z1, z2, 0.3)
+    assert relative_error(g, 3 * ref[0]) <= 2e-5
+
+
+def test_small_temperature_and_rows_at_the_norm_clamp():
+    z1, z2 = views(20, 6)
+    with torch.no_grad():
+        z1[3] = 0.0  # |z| = 0: F.normalize's clamp, gradient only divided by eps there
+    loss = info_nce_fused(z1, z2, 0.01, symmetric=True)
+    grads = torch.autograd.grad(loss, [z1, z2])
+    ref_loss, ref = reference64(z1, z2, 0.01, symmetric=True)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
+    for g, r in zip(grads, ref, strict=True):
+        assert relative_error(g, r) <= 5e-5
+
+
+def test_gradcheck_float64():
+    z1, z2 = views(6, 4, torch.float64)
+    for symmetric in (False, True):
+        assert torch.autograd.gradcheck(lambda a, b, s=symmetric: info_nce_fused(a, b, 0.5, symmetric=s), (z1, z2))
+
+
+def test_opcheck():
+    # AOT dispatch traces into a triton_op's body with fake tensors, and Triton's interpreter then tries to
+    # run the kernels on them: that part of opcheck runs on a GPU only (as for context_add).
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if DEVICE == "cuda":
+        utils += ("test_aot_dispatch_dynamic",)
+    z1, z2 = (z.detach() for z in views(9, 5))
+    for symmetric, normalize in OPTIONS:
+        torch.library.opcheck(torch.ops.llkern.info_nce_fused.default, (z1, z2, 0.2, symmetric, normalize),
+                              test_utils=utils)
+        _, u1, u2, n1, n2, lse = torch.ops.llkern.info_nce_fused(z1, z2, 0.2, symmetric, normalize)
+        torch.library.opcheck(torch.ops.llkern.info_nce_fused_backward.default,
+                              (torch.tensor(1.5, device=DEVICE), z1, z2, u1, u2, n1, n2, lse, 0.2, symmetric,
+                               normalize), test_utils=utils)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile traces into a triton_op's body, and Triton's interpreter "
+                    "then runs the kernels on fake tensors: GPU only")
+def test_torch_compile_fullgraph():
+    z1, z2 = views(17, 6)
+
+    def f(a, b):
+        return info_nce_fused(a, b, 0.2, symmetric=True) * 2.0
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(z1, z2)
+    grads = torch.autograd.grad(out, [z1, z2])
+    ref_loss, ref = reference64(z1, z2, 0.2, symmetric=True)
+    torch.testing.assert_close(out.double(), 2 * ref_loss, rtol=2e-5, atol=2e-5)
+    for g, r in zip(grads, ref, strict=True):
+        assert relative_error(g, 2 * r) <= 2e-5
+
+
+def test_double_backward_raises():
+    z1, z2 = views(5, 3, torch.float64)
+    loss = info_nce_fused(z1, z2, 0.5)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(loss, [z1], create_graph=True)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU allocations, read from the profiler")
+def test_nothing_of_the_n_by_n_matrix_is_held():
+    # Forward and backward of N = 512, d = 16 in float32: allocations peak at a few N×d tensors (the unit
+    # rows, the gradients) and vectors of N, never anything of N² = 1 MiB.
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    n, d = 512, 16
+    z1, z2 = views(n, d)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = info_nce_fused(z1, z2, 0.1, symmetric=True)
+        torch.autograd.grad(loss, [z1, z2])
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation:
+            events.append((event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.total_allocated))
+        stack.extend(event.children)
+    events.sort()
+    start = events[0][2] - events[0][1]
+    peak = max(total for _, _, total in events) - start
+    assert 0 < peak <= 6 * n * d * 4 + 64 * n * 4 < n * n * 4
+
+
+def test_takes_fused_only_for_bfloat16_cuda_embeddings():
+    z = torch.randn(4, 8, device=DEVICE)
+    assert not takes_fused_info_nce(z, "auto")  # float32
+    assert not takes_fused_info_nce(z.bfloat16(), "reference")
+    assert not takes_fused_info_nce(torch.randn(4, 300, device=DEVICE).bfloat16(), "auto")  # d > 256
+    assert takes_fused_info_nce(z.bfloat16(), "auto") == (DEVICE == "cuda")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the routing runs on CUDA tensors")
+def test_info_nce_takes_the_fused_op_for_bfloat16_on_a_gpu():
+    from llkern.functional import info_nce
+
+    z1, z2 = views(300, 64, torch.bfloat16)
+    loss = info_nce(z1, z2, 0.1, symmetric=True)
+    assert torch.equal(loss, info_nce_fused(z1, z2, 0.1, symmetric=True))
+    assert "InfoNceFused" in type(loss.grad_fn).__name__ or loss.grad_fn is not None
+
+
+BAD = [
+    (lambda a, b: (a.half(), b.half()), TypeError, "bfloat16, float32 or float64"),
+    (lambda a, b: (a.int(), b.int()), TypeError, "z1"),
+    (lambda a, b: (a, b[:3]), ValueError, "same shape"),
+    (lambda a, b: (a[:0], b[:0]), ValueError, "non-empty"),
+    (lambda a, b: (a[0], b[0]), ValueError, "z1"),
+    (lambda a, b: (torch.randn(4, 257, device=DEVICE), torch.randn(4, 257, device=DEVICE)), ValueError, "256"),
+    (lambda a, b: (a, b.double()), ValueError, "one dtype"),
+]
+
+
+@pytest.mark.parametrize("mutate,error,match", BAD)
+def test_bad_input(mutate, error, match):
+    z1, z2 = (z.detach() for z in views(4, 6))
+    with pytest.raises(error, match=match):
+        info_nce_fused(*mutate(z1, z2), 0.1)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_temperature(temperature):
+    z1, z2 = (z.detach() for z in views(4, 6))
+    with pytest.raises(ValueError, match="temperature"):
+        info_nce_fused(z1, z2, temperature)
