@@ -1,8 +1,9 @@
 """GPU benchmark of the similarity-matrix losses, forward + backward, side by side in one run.
 
 Shapes (issue 4): N ∈ {4096, 16384, 32768}, d ∈ {128, 256}, bf16 and fp32; the symmetric InfoNCE
-(CLIP's loss, the one Inf-CL computes). Against eager PyTorch (the loss over the whole N×N
-matrix), torch.compile, and Inf-CL when importable (PyPI ``inf-cl``; the GPU machine has no network:
+(CLIP's loss, the one Inf-CL computes); then supervised contrastive and Rényi-2 MI at N = 16384, d = 128
+(issue 15). Against eager PyTorch (the loss over the whole N×N matrix), torch.compile, and Inf-CL when
+importable (PyPI ``inf-cl``; the GPU machine has no network:
 `make gpu-wheels` here, then carry .whl). Prints median milliseconds and peak extra memory (allocated above the
 inputs and their gradients); appends rows to bench/results/results.jsonl.
 
@@ -98,6 +99,61 @@ def bench_shape(n: int, d: int, dtype: torch.dtype) -> None:
               f"{vs_eager:.2f}x | {vs_compile:.2f}x |")
 
 
+# Supervised contrastive and Rényi-2 MI on one view (issue 15, C: N = 16384): llkern (the fused SupCon for
+# bfloat16 on a GPU, the blocked op otherwise), the blocked op itself, and the references eagerly and compiled.
+ONE_VIEW_SHAPES = [(16384, 128, torch.bfloat16), (16384, 128, torch.float32)]
+DRY_ONE_VIEW_SHAPES = [(97, 7, torch.bfloat16), (97, 7, torch.float32)]
+CLASSES = 100
+
+
+def one_view_variants() -> dict[str, dict]:
+    from llkern.reference.similarity import renyi_mutual_information_reference, supcon_reference
+
+    def supcon_eager(z, y):
+        return supcon_reference(z, y, TAU)
+
+    def renyi_eager(z, y):
+        return renyi_mutual_information_reference(z, y)
+
+    return {
+        "supcon fwd+bwd": {
+            "llkern": lambda z, y: llkern.functional.supcon_loss(z, y, TAU, impl="kernel"),
+            "llkern blocked": lambda z, y: torch.ops.llkern.supcon_loss(z, y, TAU, True, True)[0],
+            "eager": supcon_eager, "torch.compile": torch.compile(supcon_eager)},
+        "renyi_mutual_information fwd+bwd": {
+            "llkern": lambda z, y: llkern.functional.renyi_mutual_information(z, y, impl="kernel"),
+            "eager": renyi_eager, "torch.compile": torch.compile(renyi_eager)},
+    }
+
+
+def bench_one_view(n: int, d: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    z = torch.randn(n, d, device=bench_device(), dtype=dtype, requires_grad=True)
+    y = torch.randint(0, CLASSES, (n,), device=bench_device())
+    inputs_mib = z.numel() * z.element_size() / 2**20
+    for op, fns in one_view_variants().items():
+        results = {}
+        for label, fn in fns.items():
+            def step(fn=fn):
+                fn(z, y).backward()
+                z.grad = None
+            try:
+                ms, iqr, extra = time_and_peak(step)
+                extra -= inputs_mib
+            except Exception as error:
+                print(f"{op} {label} failed at N={n}, d={d}, {dtype}: {first_line(error)}")
+                empty_cache()
+                continue
+            results[label] = (ms, iqr, extra)
+        for label, (ms, iqr, extra) in results.items():
+            vs_eager, vs_compile = speedups(results, ms)
+            append_result({"op": op, "shape": [n, d], "dtype": str(dtype).removeprefix("torch."), "impl": label,
+                           "median_ms": ms, "iqr_ms": iqr, "extra_MiB": extra, "vs_eager": vs_eager,
+                           "vs_compile": vs_compile})
+            print(f"| {op} {n}×{d} | {str(dtype).removeprefix('torch.')} | {label} | {ms:.3f} | {extra:.0f} | "
+                  f"{vs_eager:.2f}x | {vs_compile:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dry_run_argument(parser)
@@ -107,6 +163,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for n, d, dtype in DRY_SHAPES if dry_run() else SHAPES:
         bench_shape(n, d, dtype)
+    for n, d, dtype in DRY_ONE_VIEW_SHAPES if dry_run() else ONE_VIEW_SHAPES:
+        bench_one_view(n, d, dtype)
 
 
 if __name__ == "__main__":

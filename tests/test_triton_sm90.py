@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from llkern.triton_kernels import context_add, info_nce, mean_kl, miracle_encode, philox
+    from llkern.triton_kernels import context_add, info_nce, mean_kl, miracle_encode, philox, supcon
 
     def pointers(*names, dtype="*fp32"):
         return {name: dtype for name in names}
@@ -78,6 +78,15 @@ SCRIPT = textwrap.dedent("""
                 "norm_ptr": acc_ptr, "grad_ptr": acc_ptr, "params_ptr": acc_ptr, "out_ptr": ptr,
                 **ints("N", "D", "stride_z", "stride_out")},
                 dict(USE_A=True, USE_B=True, NORMALIZE=True, **flags, **blocks, BLOCK_M=info_nce.grad_row_block(d)))
+            kernels[f"supcon_row_stats_{tag}_{d}"] = (supcon.row_stats, {
+                "u_ptr": ptr, "labels_ptr": "*i64", "lse_ptr": acc_ptr, "positive_sum_ptr": acc_ptr,
+                "count_ptr": "*i32", "params_ptr": acc_ptr, **ints("N", "D")},
+                dict(**flags, **blocks, BLOCK_M=info_nce.row_block(d)))
+            kernels[f"supcon_row_grad_{tag}_{d}"] = (supcon.row_grad, {
+                "u_ptr": ptr, "labels_ptr": "*i64", "lse_ptr": acc_ptr, "w_ptr": acc_ptr, "inv_count_ptr": acc_ptr,
+                "z_ptr": ptr, "norm_ptr": acc_ptr, "params_ptr": acc_ptr, "out_ptr": ptr,
+                **ints("N", "D", "stride_z", "stride_out")},
+                dict(NORMALIZE=True, **flags, **blocks, BLOCK_M=info_nce.grad_row_block(d)))
         kernels[f"info_nce_normalize_rows_{tag}"] = (info_nce.normalize_rows, {
             "z_ptr": ptr, "u_ptr": ptr, "norm_ptr": acc_ptr, **ints("N", "D", "stride_z")},
             dict(NORMALIZE=True, ACC=acc, INTERPRETED=False, ROWS=info_nce.NORMALIZE_ROWS, BLOCK_D=128))
@@ -88,7 +97,7 @@ SCRIPT = textwrap.dedent("""
             if param.name in ("seed", "stream", "first", "first_block", "gumbel_first", "kappa_bits", "delta_bits"):
                 assert param.do_not_specialize, f"{name}: {param.name} must be in do_not_specialize"
         signature = {**signature, **{k: "constexpr" for k in constants}}
-        options = {"num_warps": info_nce.WARPS} if name.startswith("info_nce_row") else {}
+        options = {"num_warps": info_nce.WARPS} if name.startswith(("info_nce_row", "supcon_row")) else {}
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=target,
                                   options=options)
         assert compiled.asm.get("cubin"), name
@@ -100,4 +109,4 @@ def test_every_triton_kernel_compiles_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(" ok") == 8 + 15, result.stdout
+    assert result.stdout.count(" ok") == 8 + 15 + 12, result.stdout

@@ -19,6 +19,7 @@ import torch
 
 from llkern._ext import extension_loaded, no_double_backward, use_kernel
 from llkern.ops.info_nce_fused import info_nce_fused, takes_fused_info_nce
+from llkern.ops.supcon_fused import supcon_fused, takes_fused_supcon
 from llkern.reference.similarity import (
     _check_labels,
     _check_temperature,
@@ -68,7 +69,8 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.07, *, s
 
 def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07, *, normalize: bool = True,
                 impl: str = "auto") -> torch.Tensor:
-    """Supervised contrastive loss on one view (Khosla et al.'s L_out, self excluded), block by block.
+    """Supervised contrastive loss on one view (Khosla et al.'s L_out, self excluded), block by block (bfloat16
+    CUDA embeddings with d ≤ 256: by the fused Triton op, :mod:`llkern.ops.supcon_fused`, tile by tile).
 
     ``L_i = −(1/|P(i)|) Σ_{p∈P(i)} [s_ip − LSE_{a≠i} s_ia]`` with ``P(i) = {p ≠ i : y_p = y_i}``,
     averaged over the anchors that have a positive. Anchors without one contribute nothing; a batch
@@ -85,6 +87,8 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07
     check_embeddings(name, "z", z)
     _check_labels(name, labels, z.shape[0], z.device)
     tau = _check_temperature(name, temperature)
+    if takes_fused_supcon(z, impl):  # bfloat16 on a GPU: the fused Triton kernels
+        return supcon_fused(z, labels, tau, normalize=normalize)
     if use_kernel("supcon_loss", z.device, impl):
         return torch.ops.llkern.supcon_loss(z, labels.to(torch.int64), tau, bool(normalize), _needs_grad(z))[0]
     return supcon_reference(z, labels, tau, normalize=normalize)
