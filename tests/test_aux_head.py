@@ -293,6 +293,13 @@ def test_scaled_gradients_reuse_the_saved_memory_only_when_nothing_else_can_see_
     (5.0 * loss).backward()
     for param, r in zip((features, weight, bias), ref, strict=True):
         torch.testing.assert_close(param.grad.double(), 8 * r, rtol=1e-5, atol=1e-7)
+    # Nor are tensors a saved-tensor hook kept (the hook may hand them to the caller).
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (kept.append(t), t)[1], lambda t: t):
+        loss = aux_head_loss(features, weight, bias, target, impl="kernel")
+    before = [t.clone() for t in kept]
+    torch.autograd.grad(3.0 * loss, [features, weight, bias])
+    assert kept and all(torch.equal(t, b) for t, b in zip(kept, before, strict=True))
     # Outputs the caller still holds are not scaled under them.
     loss, _, grad_rows, grad_weight, grad_bias = torch.ops.llkern.aux_head_loss(
         features, weight, bias, target, -100, 0.0, "mean", True)

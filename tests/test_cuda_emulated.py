@@ -393,6 +393,18 @@ def test_aux_head_low_memory_against_float64(emu, shape, classes, with_bias):
     assert torch.equal(correct, emu.aux_head_loss(*args, False)[1])
 
 
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_aux_head_loss_without_gradients_is_the_loss_with_them(emu, low_memory):
+    # Without with_grad (evaluation, or the forward of a recomputing backward) the head must take the same
+    # logits: bfloat16 ones only with low_memory.
+    features, weight, bias, target = aux_inputs((300, 8), 1025, torch.bfloat16)
+    args = (features, weight, bias, target, -100, 0.1, "mean")
+    with_grad = emu.aux_head_loss(*args, True, low_memory)
+    without = emu.aux_head_loss(*args, False, low_memory)
+    assert torch.equal(with_grad[0], without[0]) and torch.equal(with_grad[1], without[1])
+    assert [t.numel() for t in without[2:]] == [0, 0, 0]
+
+
 def test_aux_head_low_memory_keeps_non_finite_ignored_rows_out_of_d_weight(emu):
     features, weight, bias, target = aux_inputs((300, 8), 1025, torch.bfloat16)
     features[target == -100] = float("inf")

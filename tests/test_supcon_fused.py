@@ -99,6 +99,12 @@ def test_strided_input_and_scaled_gradient():
     check64(w, labels, 0.2, 2e-5)
 
 
+def test_the_op_itself_takes_any_strides():
+    z, labels = torch.randn(12, 8, device=DEVICE)[:, ::2], torch.randint(0, 3, (12,), device=DEVICE)
+    loss = torch.ops.llkern.supcon_fused(z, labels, 0.2, True)[0]
+    torch.testing.assert_close(loss.double(), reference64(z, labels, 0.2)[0], rtol=2e-5, atol=2e-5)
+
+
 def test_small_temperature_and_a_row_at_the_norm_clamp():
     z, labels = make(30, 6, 3)
     with torch.no_grad():
@@ -160,7 +166,8 @@ def test_takes_fused_only_for_bfloat16_cuda_embeddings():
     assert not takes_fused_supcon(z, "auto")
     assert not takes_fused_supcon(z.bfloat16(), "reference")
     assert not takes_fused_supcon(torch.randn(4, 300, device=DEVICE).bfloat16(), "auto")
-    assert takes_fused_supcon(z.bfloat16(), "auto") == (DEVICE == "cuda")
+    bf16_tensor_cores = DEVICE == "cuda" and torch.cuda.get_device_capability() >= (8, 0)
+    assert takes_fused_supcon(z.bfloat16(), "auto") == bf16_tensor_cores
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the routing runs on CUDA tensors")

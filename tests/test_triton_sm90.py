@@ -87,6 +87,18 @@ SCRIPT = textwrap.dedent("""
                 "z_ptr": ptr, "norm_ptr": acc_ptr, "params_ptr": acc_ptr, "out_ptr": ptr,
                 **ints("N", "D", "stride_z", "stride_out")},
                 dict(NORMALIZE=True, **flags, **blocks, BLOCK_M=info_nce.grad_row_block(d)))
+        if tag == "bf16":  # the narrow tiles, the one-way loss's d z1 and d z2, no normalisation
+            for d, use_a, use_b in ((16, True, False), (64, False, True)):
+                blocks = dict(BLOCK_N=info_nce.COLUMN_BLOCK, BLOCK_D=info_nce.width_block(d))
+                kernels[f"info_nce_row_lse_{tag}_{d}"] = (info_nce.row_lse, {
+                    "a_ptr": ptr, "b_ptr": ptr, "lse_ptr": acc_ptr, "diag_ptr": acc_ptr, "params_ptr": acc_ptr,
+                    **ints("N", "D")}, dict(**flags, **blocks, BLOCK_M=info_nce.row_block(d)))
+                kernels[f"info_nce_row_grad_{tag}_{d}_one_way"] = (info_nce.row_grad, {
+                    "a_ptr": ptr, "b_ptr": ptr, "lse_a_ptr": acc_ptr, "lse_b_ptr": acc_ptr, "z_ptr": ptr,
+                    "norm_ptr": acc_ptr, "grad_ptr": acc_ptr, "params_ptr": acc_ptr, "out_ptr": ptr,
+                    **ints("N", "D", "stride_z", "stride_out")},
+                    dict(USE_A=use_a, USE_B=use_b, NORMALIZE=False, **flags, **blocks,
+                         BLOCK_M=info_nce.grad_row_block(d)))
         kernels[f"info_nce_normalize_rows_{tag}"] = (info_nce.normalize_rows, {
             "z_ptr": ptr, "u_ptr": ptr, "norm_ptr": acc_ptr, **ints("N", "D", "stride_z")},
             dict(NORMALIZE=True, ACC=acc, INTERPRETED=False, ROWS=info_nce.NORMALIZE_ROWS, BLOCK_D=128))
@@ -109,4 +121,4 @@ def test_every_triton_kernel_compiles_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(" ok") == 8 + 15 + 12, result.stdout
+    assert result.stdout.count(" ok") == 8 + 15 + 12 + 4, result.stdout

@@ -65,7 +65,8 @@ def normalize_rows(z_ptr, u_ptr, norm_ptr, N, D, stride_z, NORMALIZE: tl.constex
     r64 = rows.to(tl.int64)[:, None]
     z = tl.load(z_ptr + r64 * stride_z + dims[None, :], mask=mask, other=0.0).to(ACC)
     if NORMALIZE:
-        norm = tl.maximum(tl.sqrt(tl.sum(z * z, 1)), NORM_EPS)
+        # (eps made in ACC: a bare constant would be a float32 1e-12, 4e-9 off in float64)
+        norm = tl.maximum(tl.sqrt(tl.sum(z * z, 1)), tl.full((ROWS,), NORM_EPS, ACC))
         tl.store(norm_ptr + rows, norm, mask=rows < N)
         z = z / norm[:, None]
     tl.store(u_ptr + r64 * D + dims[None, :], _cast(z, u_ptr.dtype.element_ty, INTERPRETED), mask=mask)
@@ -198,7 +199,7 @@ def row_grad(a_ptr, b_ptr, lse_a_ptr, lse_b_ptr, z_ptr, norm_ptr, grad_ptr, para
         norm = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
         u = z / norm[:, None]
         radial = tl.sum(du * u, 1)
-        projected = tl.where((norm > NORM_EPS)[:, None], du - u * radial[:, None], du)
+        projected = tl.where((norm > tl.full((BLOCK_M,), NORM_EPS, ACC))[:, None], du - u * radial[:, None], du)
         du = projected / norm[:, None]
     tl.store(out_ptr + r64 * stride_out + dims[None, :], _cast(du, out_ptr.dtype.element_ty, INTERPRETED),
              mask=a_mask)

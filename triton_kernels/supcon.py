@@ -132,6 +132,7 @@ def row_grad(u_ptr, labels_ptr, lse_ptr, w_ptr, inv_count_ptr, z_ptr, norm_ptr, 
         norm = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
         u = z / norm[:, None]
         radial = tl.sum(du * u, 1)
-        du = tl.where((norm > NORM_EPS)[:, None], du - u * radial[:, None], du) / norm[:, None]
+        at_clamp = norm <= tl.full((BLOCK_M,), NORM_EPS, ACC)
+        du = tl.where(at_clamp[:, None], du, du - u * radial[:, None]) / norm[:, None]
     tl.store(out_ptr + r64 * stride_out + dims[None, :], _cast(du, out_ptr.dtype.element_ty, INTERPRETED),
              mask=a_mask)

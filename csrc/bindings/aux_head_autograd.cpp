@@ -8,6 +8,7 @@
 // scales them by the incoming gradient and, for 4-D features, broadcasts d rows over H x W.
 // Called with with_grad=false while inputs need gradients, the op saves its inputs instead and
 // the backward recomputes.
+#include <ATen/SavedTensorHooks.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
@@ -59,12 +60,13 @@ bool is_plain_cpu_one(const at::Tensor& grad) {
          grad.item<double>() == 1.0;
 }
 
-// grad * t, in t's dtype (a 16-bit t is multiplied in float32 and rounded once). In place when this is
-// the graph's last backward (not retained) and nothing else holds t's memory (the op's outputs were
-// dropped, as the Python wrapper drops them): t is about to be freed, and a copy would add its size to
+// grad * t, in t's dtype (a 16-bit t is multiplied in float32 and rounded: a bfloat16 gradient is then
+// rounded twice, at most an ulp more). In place when this is the graph's last backward (not retained),
+// nothing else holds t's memory (the op's outputs were dropped, as the Python wrapper drops them) and no
+// saved-tensor hook saw t (one may have kept it): t is about to be freed, and a copy would add its size to
 // the peak (189 MiB for the d rows and d weight of a 16384 x 2048 -> 32000 bfloat16 head).
-at::Tensor scaled(const at::Tensor& t, const at::Tensor& grad) {
-  if (!torch::autograd::get_current_graph_task_keep_graph() && !t.key_set().has_any(traced_keys()) &&
+at::Tensor scaled(const at::Tensor& t, const at::Tensor& grad, bool hooked) {
+  if (!hooked && !torch::autograd::get_current_graph_task_keep_graph() && !t.key_set().has_any(traced_keys()) &&
       t.has_storage() && t.storage().use_count() == 1) {
     return t.mul_(grad);
   }
@@ -89,6 +91,7 @@ class AuxHeadLossFunction : public torch::autograd::Function<AuxHeadLossFunction
     ctx->set_materialize_grads(false);
     ctx->saved_data["with_grad"] = with_grad;
     ctx->saved_data["low_memory"] = low_memory;
+    ctx->saved_data["hooked"] = at::SavedTensorDefaultHooks::get_hooks().has_value();
     ctx->saved_data["sizes"] = features.sizes().vec();
     ctx->saved_data["dtype"] = features.scalar_type();
     ctx->saved_data["weight_dtype"] = weight.scalar_type();
@@ -137,6 +140,7 @@ class AuxHeadLossFunction : public torch::autograd::Function<AuxHeadLossFunction
       grad_bias = std::get<4>(results);
     }
     const bool unit = is_plain_cpu_one(grad);
+    const bool hooked = ctx->saved_data["hooked"].toBool();
     // (the loss's dtype, float32 or float64: bfloat16 gradients are scaled in float32, not by a rounded grad)
     const at::Tensor g = unit ? at::Tensor() : grad.to(grad_bias.scalar_type());
     const auto weight_dtype = ctx->saved_data["weight_dtype"].toScalarType();
@@ -145,12 +149,12 @@ class AuxHeadLossFunction : public torch::autograd::Function<AuxHeadLossFunction
       if (sizes.size() == 4) {
         out[0] = call_broadcast(grad, grad_rows, sizes, ctx->saved_data["channels_last"].toBool(), dtype);
       } else {
-        out[0] = (unit ? grad_rows : scaled(grad_rows, g)).to(dtype);
+        out[0] = (unit ? grad_rows : scaled(grad_rows, g, hooked)).to(dtype);
       }
     }
-    if (ctx->needs_input_grad(1)) out[1] = (unit ? grad_weight : scaled(grad_weight, g)).to(weight_dtype);
+    if (ctx->needs_input_grad(1)) out[1] = (unit ? grad_weight : scaled(grad_weight, g, hooked)).to(weight_dtype);
     if (ctx->needs_input_grad(2) && ctx->saved_data["has_bias"].toBool()) {
-      out[2] = (unit ? grad_bias : scaled(grad_bias, g)).to(weight_dtype);
+      out[2] = (unit ? grad_bias : scaled(grad_bias, g, hooked)).to(weight_dtype);
     }
     return out;
   }

@@ -94,17 +94,20 @@ inline int64_t chunk_rows(int64_t chunk_elements, int64_t classes) {
 // features on a GPU, in bfloat16, as F.linear takes them: the products then run on the tensor cores with
 // float32 accumulation. There, d loss / d logits is rounded to bfloat16 for the two gradient products, as
 // autocast's backward of F.linear rounds it, and each chunk's d rows is one product over all classes,
-// written in bfloat16 (`grad_rows` is bfloat16). d weight sums over the chunks: in float32 when
-// `grad_weight` is float32 (4 bytes a weight); in bfloat16, rounded once a chunk, when it is bfloat16 (the
-// low-memory head). The low-memory head also holds its logits in bfloat16 (as F.linear returns them; the
+// written in bfloat16 (`grad_rows` is bfloat16). d weight sums over the chunks: in float32 by default (4 bytes
+// a weight); with `low_memory`, in bfloat16 (`grad_weight` is bfloat16), rounded once a chunk. The low-memory
+// head also holds its logits in bfloat16 (as F.linear returns them; the
 // rows pass reads them in float and writes d loss / d logits over them), so a chunk of logits costs
 // 2 bytes each instead of 4 + 2.
 template <typename RowsPass>
 void chunked_head(const at::Tensor& rows, const at::Tensor& w, const at::Tensor& b, const at::Tensor& labels,
-                  int64_t chunk_elements, const CrossEntropyRowsParams& base, at::Tensor& grad_rows,
-                  at::Tensor& grad_weight, at::Tensor& grad_bias, RowsPass rows_pass) {
+                  int64_t chunk_elements, bool low_memory, const CrossEntropyRowsParams& base,
+                  at::Tensor& grad_rows, at::Tensor& grad_weight, at::Tensor& grad_bias, RowsPass rows_pass) {
   const bool low = low_precision_operands(rows.scalar_type());
-  const bool low_memory = low && grad_weight.scalar_type() == rows.scalar_type();
+  low_memory = low_memory && low;
+  TORCH_CHECK(!low_memory || !base.write_grad || grad_weight.scalar_type() == rows.scalar_type(),
+              "llkern.aux_head_loss: internal error: the low-memory head sums d weight in ", rows.scalar_type(),
+              ", got ", grad_weight.scalar_type());
   TORCH_CHECK(low || grad_rows.numel() == 0 || grad_rows.scalar_type() == rows.scalar_type(),
               "llkern.aux_head_loss: internal error: d rows in ", grad_rows.scalar_type(), " for rows in ",
               rows.scalar_type());

@@ -105,7 +105,7 @@ Outputs aux_head_loss_cpu(
   base.is_double = acc == at::kDouble;
   base.loss_sum = &loss_sum;
   base.correct = &correct;
-  chunked_head(rows, w, b, labels, kChunkElements, base, grad_rows, grad_weight, grad_bias,
+  chunked_head(rows, w, b, labels, kChunkElements, /*low_memory=*/false, base, grad_rows, grad_weight, grad_bias,
                [](CrossEntropyRowsParams& p, int64_t) { cross_entropy_rows_cpu(p); });
   return finish(loss_sum, correct, valid, reduction, acc_options, features, s, grad_rows, grad_weight, grad_bias);
 }

@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aux_head_
   base.write_grad = with_grad;
   base.is_double = acc == at::kDouble;
   const int64_t chunk_elements = low_memory ? kLowMemoryChunkElements : kChunkElements;
-  chunked_head(rows, w, b, labels, chunk_elements, base, grad_rows, grad_weight, grad_bias,
+  chunked_head(rows, w, b, labels, chunk_elements, low_memory, base, grad_rows, grad_weight, grad_bias,
                [&](CrossEntropyRowsParams& p, int64_t start) {
                  p.row_loss = static_cast<char*>(row_loss.data_ptr()) + start * row_loss.element_size();
                  p.row_correct = row_correct.data_ptr<int32_t>() + start;

@@ -21,18 +21,24 @@ from llkern._ext import IMPLS, device_guard, no_double_backward
 from llkern.ops.context import triton_available
 from llkern.reference.similarity import _check_temperature, check_views
 
-__all__ = ["info_nce_fused", "takes_fused_info_nce"]
+__all__ = ["fused_fits", "info_nce_fused", "takes_fused_info_nce"]
 
 NAME = "llkern.info_nce_fused"
 DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 MAX_WIDTH = 256  # = triton_kernels.info_nce.MAX_WIDTH (not imported here: importing it imports triton)
 
 
+def fused_fits(z: torch.Tensor, impl: str) -> bool:
+    """Whether the fused similarity ops take ``z`` for ``impl``: bfloat16 embeddings of d ≤ 256 on a CUDA GPU
+    with bfloat16 tensor cores (compute capability 8.0 or more), unless ``impl="reference"``."""
+    return (impl != "reference" and z.device.type == "cuda" and z.dtype == torch.bfloat16
+            and z.shape[1] <= MAX_WIDTH and triton_available(z.device)
+            and torch.cuda.get_device_capability(z.device) >= (8, 0))
+
+
 def takes_fused_info_nce(z1: torch.Tensor, impl: str) -> bool:
-    """Whether :func:`llkern.functional.info_nce` runs this op: bfloat16 CUDA embeddings of d ≤ 256, unless
-    ``impl="reference"``."""
-    return (impl != "reference" and z1.device.type == "cuda" and z1.dtype == torch.bfloat16
-            and z1.shape[1] <= MAX_WIDTH and triton_available(z1.device))
+    """Whether :func:`llkern.functional.info_nce` runs this op (see :func:`fused_fits`)."""
+    return fused_fits(z1, impl)
 
 
 def info_nce_fused(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.07, *, symmetric: bool = False,
@@ -58,17 +64,32 @@ def info_nce_fused(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.07
         from llkern.reference.similarity import info_nce_reference
 
         return info_nce_reference(z1, z2, tau, symmetric=symmetric, normalize=normalize)
-    if z1.dtype not in DTYPES:
-        raise TypeError(f"{NAME}: expected z1 and z2 of dtype bfloat16, float32 or float64, got {z1.dtype} "
-                        "(llkern.functional.info_nce takes float16)")
-    if z1.shape[1] > MAX_WIDTH:
-        raise ValueError(f"{NAME}: expected at most {MAX_WIDTH} features, got z1 of shape {list(z1.shape)} "
-                         "(llkern.functional.info_nce takes wider embeddings)")
-    if not triton_available(z1.device):
-        raise RuntimeError(f"{NAME}: its Triton kernels run on CUDA tensors, or on CPU tensors in Triton's "
+    check_fused_inputs(NAME, "z1 and z2", z1, "llkern.functional.info_nce")
+    return run_info_nce_fused(z1, z2, tau, symmetric, normalize)
+
+
+def check_fused_inputs(name: str, arg: str, z: torch.Tensor, other: str) -> None:
+    """What the fused kernels need beyond what the losses' own checks ask."""
+    if z.dtype not in DTYPES:
+        raise TypeError(f"{name}: expected {arg} of dtype bfloat16, float32 or float64, got {z.dtype} "
+                        f"({other} takes float16)")
+    if z.shape[1] > MAX_WIDTH:
+        raise ValueError(f"{name}: expected at most {MAX_WIDTH} features, got shape {list(z.shape)} "
+                         f"({other} takes wider embeddings)")
+    if not triton_available(z.device):
+        raise RuntimeError(f"{name}: its Triton kernels run on CUDA tensors, or on CPU tensors in Triton's "
                            "interpreter (TRITON_INTERPRET=1, set before llkern's kernels are first used)")
-    z1, z2 = (z if z.stride(1) == 1 else z.contiguous() for z in (z1, z2))
+
+
+def run_info_nce_fused(z1: torch.Tensor, z2: torch.Tensor, tau: float, symmetric: bool,
+                       normalize: bool) -> torch.Tensor:
+    """The op on inputs already checked (by :func:`info_nce_fused` or :func:`llkern.functional.info_nce`)."""
     return torch.ops.llkern.info_nce_fused(z1, z2, tau, bool(symmetric), bool(normalize))[0]
+
+
+def _unit_stride(z: torch.Tensor) -> torch.Tensor:
+    """z with unit stride along d, which the kernels assume (rows may have any stride)."""
+    return z if z.stride(1) == 1 else z.contiguous()
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -123,6 +144,7 @@ def _info_nce_fused_op(z1: torch.Tensor, z2: torch.Tensor, temperature: float, s
 
     n, d = z1.shape
     acc = _acc(z1.dtype)
+    z1, z2 = _unit_stride(z1), _unit_stride(z2)
     with device_guard(z1):
         u1, norm1 = _unit_rows(z1, normalize)
         u2, norm2 = _unit_rows(z2, normalize)
@@ -149,6 +171,7 @@ def _info_nce_fused_backward_op(grad: torch.Tensor, z1: torch.Tensor, z2: torch.
 
     n, d = z1.shape
     acc = _acc(z1.dtype)
+    z1, z2 = _unit_stride(z1), _unit_stride(z2)
     weight = 1.0 / (2 * n if symmetric else n)
     rows_lse = lse[0]
     columns_lse = lse[1] if symmetric else lse[0]  # (unused one-way)

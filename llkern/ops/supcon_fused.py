@@ -16,15 +16,15 @@ from __future__ import annotations
 import torch
 
 from llkern._ext import IMPLS, device_guard, no_double_backward
-from llkern.ops.context import triton_available
 from llkern.ops.info_nce_fused import (
-    DTYPES,
-    MAX_WIDTH,
     _acc,
     _interpreted,
     _params,
     _triton_acc,
     _unit_rows,
+    _unit_stride,
+    check_fused_inputs,
+    fused_fits,
     triton_cdiv,
 )
 from llkern.reference.similarity import _check_labels, _check_temperature, check_embeddings
@@ -35,10 +35,9 @@ NAME = "llkern.supcon_fused"
 
 
 def takes_fused_supcon(z: torch.Tensor, impl: str) -> bool:
-    """Whether :func:`llkern.functional.supcon_loss` runs this op: bfloat16 CUDA embeddings of d ≤ 256,
-    unless ``impl="reference"``."""
-    return (impl != "reference" and z.device.type == "cuda" and z.dtype == torch.bfloat16
-            and z.shape[1] <= MAX_WIDTH and triton_available(z.device))
+    """Whether :func:`llkern.functional.supcon_loss` runs this op (see
+    :func:`llkern.ops.info_nce_fused.fused_fits`)."""
+    return fused_fits(z, impl)
 
 
 def supcon_fused(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07, *, normalize: bool = True,
@@ -67,16 +66,12 @@ def supcon_fused(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.0
         from llkern.reference.similarity import supcon_reference
 
         return supcon_reference(z, labels, tau, normalize=normalize)
-    if z.dtype not in DTYPES:
-        raise TypeError(f"{NAME}: expected z of dtype bfloat16, float32 or float64, got {z.dtype} "
-                        "(llkern.functional.supcon_loss takes float16)")
-    if z.shape[1] > MAX_WIDTH:
-        raise ValueError(f"{NAME}: expected at most {MAX_WIDTH} features, got z of shape {list(z.shape)} "
-                         "(llkern.functional.supcon_loss takes wider embeddings)")
-    if not triton_available(z.device):
-        raise RuntimeError(f"{NAME}: its Triton kernels run on CUDA tensors, or on CPU tensors in Triton's "
-                           "interpreter (TRITON_INTERPRET=1, set before llkern's kernels are first used)")
-    z = z if z.stride(1) == 1 else z.contiguous()
+    check_fused_inputs(NAME, "z", z, "llkern.functional.supcon_loss")
+    return run_supcon_fused(z, labels, tau, normalize)
+
+
+def run_supcon_fused(z: torch.Tensor, labels: torch.Tensor, tau: float, normalize: bool) -> torch.Tensor:
+    """The op on inputs already checked (by :func:`supcon_fused` or :func:`llkern.functional.supcon_loss`)."""
     return torch.ops.llkern.supcon_fused(z, labels.to(torch.int64).contiguous(), tau, bool(normalize))[0]
 
 
@@ -94,6 +89,7 @@ def _supcon_fused_op(z: torch.Tensor, labels: torch.Tensor, temperature: float,
 
     n, d = z.shape
     acc = _acc(z.dtype)
+    z = _unit_stride(z)
     with device_guard(z):
         u, norm = _unit_rows(z, normalize)
         lse = torch.empty(n, dtype=acc, device=z.device)
@@ -119,6 +115,7 @@ def _supcon_fused_backward_op(grad: torch.Tensor, z: torch.Tensor, labels: torch
 
     n, d = z.shape
     acc = _acc(z.dtype)
+    z = _unit_stride(z)
     anchor = count > 0
     # d loss / d s_ij = -grad / A · ([j ∈ P(i)] / c_i − softmax_i(j)) for anchors i: w_i = grad / A
     w = torch.where(anchor, grad.to(acc) / anchor.sum().clamp_min(1), 0.0).to(acc)
