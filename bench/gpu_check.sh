@@ -6,7 +6,9 @@
 # ($OUT/<stage>-summary.json) and prints a short table last.
 #
 #   bash bench/gpu_check.sh verify     # op tests (no -x), probe (errors, syncs, times), memcheck on every op
-#   bash bench/gpu_check.sh bench      # op benchmarks against eager / torch.compile / peers, floors
+#   bash bench/gpu_check.sh bench      # op benchmarks against eager / torch.compile / peers: transport, aux
+#                                      # head, InfoNCE
+#   bash bench/gpu_check.sh bench2     # the same for SupCon and Rényi, context add, Mean-KL, MIRACLE, activations
 #   bash bench/gpu_check.sh system     # ResNet-110 memory table, torchrun + NCCL, the MIRACLE round trip
 #   bash bench/gpu_check.sh sanitize   # compute-sanitizer racecheck and synccheck on every op
 #   bash bench/gpu_check.sh tests      # the rest of the suite on this machine's torch and triton
@@ -29,7 +31,7 @@ fi
 PY=${PYTHON:-python3}
 status=0
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { echo "name a stage: verify, bench, system, sanitize, tests"; exit 2; }
+[ ${#stages[@]} -eq 0 ] && { echo "name a stage: verify, bench, bench2, system, sanitize, tests"; exit 2; }
 STEPS=()  # "name rc seconds" of the current stage, for its summary
 
 # left LIMIT [RESERVE]: LIMIT, cut so that RESERVE seconds remain before the stage's deadline (at least 5)
@@ -131,16 +133,24 @@ for stage in "${stages[@]}"; do
     else
       echo "== no .whl/ (make gpu-wheels, then carry .whl): the peers are skipped"
     fi
+    # (split in two stages on 2026-12-07, when the fused InfoNCE/SupCon rows, the low-memory aux head and Liger's
+    # float32 rows were added: the eight steps' limits no longer fitted one 500 s stage)
     echo "== benchmarks"
-    run transport "$(left 70 350)" bench.txt $PY bench/gpu_transport.py
-    run aux-head "$(left 100 250)" bench.txt $PY bench/gpu_aux_head.py
-    run similarity "$(left 110 160)" bench.txt $PY bench/gpu_similarity.py
-    run context "$(left 40 120)" bench.txt $PY bench/gpu_context.py
-    run mean-kl "$(left 70 50)" bench.txt $PY bench/gpu_mean_kl.py  # (its torch.compile row compiles ~20 s)
-    run miracle-select "$(left 45 65)" bench.txt $PY bench/gpu_miracle_select.py
-    run activation "$(left 60 5)" bench.txt $PY bench/gpu_activation.py  # relu masks, BN+ReLU recompute
+    run transport "$(left 70 330)" bench.txt $PY bench/gpu_transport.py
+    run aux-head "$(left 130 200)" bench.txt $PY bench/gpu_aux_head.py
+    run similarity "$(left 200 5)" bench.txt $PY bench/gpu_similarity.py --part info-nce
     cp bench/results/results.jsonl "$OUT/results.jsonl" 2>/dev/null
     summary bench ;;
+  bench2)
+    ensure_built
+    echo "== benchmarks, second part"
+    run similarity-one-view "$(left 120 280)" bench.txt $PY bench/gpu_similarity.py --part one-view
+    run context "$(left 50 230)" bench.txt $PY bench/gpu_context.py
+    run mean-kl "$(left 90 140)" bench.txt $PY bench/gpu_mean_kl.py  # (its torch.compile row compiles ~20 s)
+    run miracle-select "$(left 60 80)" bench.txt $PY bench/gpu_miracle_select.py
+    run activation "$(left 75 5)" bench.txt $PY bench/gpu_activation.py  # relu masks, BN+ReLU recompute
+    cp bench/results/results.jsonl "$OUT/results.jsonl" 2>/dev/null
+    summary bench2 ;;
   system)
     ensure_built
     echo "== system runs"
