@@ -414,6 +414,23 @@ def test_aux_head_low_memory_keeps_non_finite_ignored_rows_out_of_d_weight(emu):
 
 # --- info_nce / supcon_loss / renyi_mutual_information ---------------------------------------------------
 
+
+def test_renyi_holds_two_half_blocks_and_two_spreads(emu_ops):
+    # With gradients the CUDA op keeps t, the two spreads L(K²) and L(K² [same]) (one is the gradient it
+    # returns) and two blocks of half the block size each (32 MiB together on a GPU); nothing else of N×d
+    # size: ~2 float32 N×d values beyond its output, where it once held 4.1 (a widened copy of a bfloat16
+    # input, a temporary in the last sum, blocks kept to the end).
+    from .allocations import peak_allocated_bytes
+
+    n, d = 1024, 128
+    for dtype in (torch.bfloat16, torch.float32):
+        t, labels = torch.randn(n, d).to(dtype), torch.randint(0, 10, (n,))
+        peak, (_, grad) = peak_allocated_bytes(
+            lambda t=t, labels=labels: emu_ops.renyi_mutual_information(t, labels, None, 0.5, True))
+        beyond_output = peak - grad.numel() * grad.element_size()
+        blocks = build.SIMILARITY_BLOCK_ELEMENTS * 4  # two halves
+        assert beyond_output <= 2.2 * n * d * 4 + blocks + 64 * n, (dtype, beyond_output / (n * d * 4))
+
 # One block of rows of the N x N matrix up to N = 45, several above (SIMILARITY_BLOCK_ELEMENTS values a block).
 SIM_SIZES = [(1, 3), (7, 1), (7, 3), (97, 129), (150, 5)]
 

@@ -10,6 +10,8 @@ from llkern.ops.context import triton_available
 from llkern.ops.info_nce_fused import info_nce_fused, takes_fused_info_nce
 from llkern.reference.similarity import info_nce_reference
 
+from .allocations import peak_allocated_bytes
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not triton_available(torch.device(DEVICE)),
                                 reason="needs triton (and a GPU or TRITON_INTERPRET=1)")
@@ -175,23 +177,14 @@ def test_double_backward_raises():
 def test_nothing_of_the_n_by_n_matrix_is_held():
     # Forward and backward of N = 512, d = 16 in float32: allocations peak at a few N×d tensors (the unit
     # rows, the gradients) and vectors of N, never anything of N² = 1 MiB.
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
     n, d = 512, 16
     z1, z2 = views(n, d)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+    def step():
         loss = info_nce_fused(z1, z2, 0.1, symmetric=True)
-        torch.autograd.grad(loss, [z1, z2])
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        if event.tag == _EventType.Allocation:
-            events.append((event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.total_allocated))
-        stack.extend(event.children)
-    events.sort()
-    start = events[0][2] - events[0][1]
-    peak = max(total for _, _, total in events) - start
+        return torch.autograd.grad(loss, [z1, z2])
+
+    peak, _ = peak_allocated_bytes(step)
     assert 0 < peak <= 6 * n * d * 4 + 64 * n * 4 < n * n * 4
 
 

@@ -11,6 +11,7 @@ from llkern.ops.context import triton_available
 from llkern.ops.supcon_fused import supcon_fused, takes_fused_supcon
 from llkern.reference.similarity import supcon_reference
 
+from .allocations import peak_allocated_bytes
 from .test_info_nce_fused import relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,23 +142,14 @@ def test_double_backward_raises():
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU allocations, read from the profiler")
 def test_nothing_of_the_n_by_n_matrix_is_held():
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
     n, d = 512, 16
     z, labels = make(n, d, 10)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+    def step():
         loss = supcon_fused(z, labels, 0.1)
-        torch.autograd.grad(loss, [z])
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        if event.tag == _EventType.Allocation:
-            events.append((event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.total_allocated))
-        stack.extend(event.children)
-    events.sort()
-    start = events[0][2] - events[0][1]
-    peak = max(total for _, _, total in events) - start
+        return torch.autograd.grad(loss, [z])
+
+    peak, _ = peak_allocated_bytes(step)
     assert 0 < peak <= 4 * n * d * 4 + 64 * n * 4 < n * n * 4
 
 

@@ -253,15 +253,23 @@ std::tuple<at::Tensor, at::Tensor> renyi_mutual_information(const at::Tensor& t_
                     ": expected sigma to be a finite number > 0 or None, got ", sigma.value_or(0.0));
   TORCH_CHECK_VALUE(!label_sigma.has_value() || (*label_sigma > 0 && std::isfinite(*label_sigma)), name,
                     ": expected label_sigma to be a finite number > 0 or None");
-  const at::Tensor t_acc = t_in.to(loss_dtype(t_in.scalar_type()));
-  const at::TensorOptions acc = t_acc.options();
+  const at::TensorOptions acc = t_in.options().dtype(loss_dtype(t_in.scalar_type()));
   // In units of sigma (a 0-d tensor: the default is computed on the device), so the kernels use
   // width 1. Centred too: distances do not change, and |t_i|^2 + |t_j|^2 - 2 t_i.t_j no longer
   // cancels a large common offset away. (The gradient of a function of the differences sums to
-  // zero over the rows, so it is the same with respect to t as to t - mean.)
-  const at::Tensor width = sigma.has_value() ? at::full({}, *sigma, acc.dtype(at::kDouble)) : default_sigma(t_acc);
-  const at::Tensor t = ((t_acc - t_acc.mean(0, /*keepdim=*/true)) / width.to(acc.dtype())).contiguous();
-  const int64_t N = t.size(0), rows_per_block = block_rows<Device>(N);
+  // zero over the rows, so it is the same with respect to t as to t - mean.) The widened copy of a
+  // 16-bit input is freed once t is formed.
+  at::Tensor width, t;
+  {
+    const at::Tensor t_acc = t_in.to(acc.dtype());
+    width = sigma.has_value() ? at::full({}, *sigma, acc.dtype(at::kDouble)) : default_sigma(t_acc);
+    t = ((t_acc - t_acc.mean(0, /*keepdim=*/true)) / width.to(acc.dtype())).contiguous();
+  }
+  // With gradients two blocks are alive (the kernel values and their same-label part): each gets half the
+  // elements, so the pair holds what one block holds without (32 MiB on a GPU).
+  const int64_t N = t.size(0);
+  const int64_t block_elements = with_grad ? Device::kBlockElements / 2 : Device::kBlockElements;
+  const int64_t rows_per_block = std::clamp<int64_t>(block_elements / N, 1, N);
   const at::Tensor sq_norms = (t * t).sum(1).contiguous();
   // Off the label blocks B_ij = exp(-1/label_sigma^2), so B_ij^2 = exp(-2/label_sigma^2).
   const double off_sq = label_sigma.has_value() ? std::exp(-2.0 / (*label_sigma * *label_sigma)) : 0.0;
@@ -314,12 +322,14 @@ std::tuple<at::Tensor, at::Tensor> renyi_mutual_information(const at::Tensor& t_
   // I = S(A) + S(B) - S(A, B), S(M) = -log2(|M|_F^2 / N^2) with tr(M) = N for all three.
   const at::Tensor mi = (at::log2(f_joint) - at::log2(f_all) - at::log2(f_labels) + 2.0 * std::log2(n));
   if (!with_grad) return {mi.to(acc.dtype()), at::empty({0}, acc)};
+  block.reset();  // (the blocks are done with: not part of the peak of what follows)
+  same_block.reset();
   // In units of sigma: dI/dt'_i = -4 / ln 2 sum_j K_ij^2 (B_ij^2 / F_joint - 1 / F_all) (t'_i - t'_j),
   // and dI/dt = dI/dt' / sigma.
   const double c = -4.0 / std::log(2.0);
   const at::Tensor coef_all = (c * (off_sq / f_joint - 1.0 / f_all) / width).to(acc.dtype());
   const at::Tensor coef_same = (c * (1.0 - off_sq) / f_joint / width).to(acc.dtype());
-  const at::Tensor grad = spread_all.mul_(coef_all).add_(spread_same * coef_same);
+  const at::Tensor grad = spread_all.mul_(coef_all).add_(spread_same.mul_(coef_same));
   return {mi.to(acc.dtype()), grad};
 }
 
