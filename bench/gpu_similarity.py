@@ -72,31 +72,40 @@ def variants():
     return out
 
 
+def measure_and_report(op: str, n: int, d: int, dtype: torch.dtype, steps: dict, inputs_mib: float) -> None:
+    """Time and peak memory of each step (label → a forward + backward), side by side; rows appended to
+    results.jsonl and printed. Memory is above the inputs and their gradients, which any implementation holds."""
+    results = {}
+    for label, step in steps.items():
+        try:
+            ms, iqr, extra = time_and_peak(step)
+            extra -= inputs_mib
+        except Exception as error:  # out of memory at the large shapes, or a peer that cannot run
+            print(f"{op} {label} failed at N={n}, d={d}, {dtype}: {first_line(error)}")
+            empty_cache()
+            continue
+        results[label] = (ms, iqr, extra)
+    tag = str(dtype).removeprefix("torch.")
+    for label, (ms, iqr, extra) in results.items():
+        vs_eager, vs_compile = speedups(results, ms)
+        append_result({"op": op, "shape": [n, d], "dtype": tag, "impl": label, "median_ms": ms, "iqr_ms": iqr,
+                       "extra_MiB": extra, "vs_eager": vs_eager, "vs_compile": vs_compile})
+        print(f"| {op} {n}×{d} | {tag} | {label} | {ms:.3f} | {extra:.0f} | {vs_eager:.2f}x | {vs_compile:.2f}x |")
+
+
 def bench_shape(n: int, d: int, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     a = torch.randn(n, d, device=bench_device(), dtype=dtype, requires_grad=True)
     b = torch.randn(n, d, device=bench_device(), dtype=dtype, requires_grad=True)
-    inputs_mib = 2 * a.numel() * a.element_size() / 2**20
-    results = {}
-    for label, fn in variants().items():
-        def step(fn=fn):
+
+    def step_of(fn):
+        def step():
             fn(a, b).backward()
             a.grad = b.grad = None
-        try:
-            ms, iqr, extra = time_and_peak(step)
-            extra -= inputs_mib  # (the gradients of the inputs: any implementation holds them)
-        except Exception as error:  # out of memory at the large shapes, or a peer that cannot run
-            print(f"{label} failed at N={n}, d={d}, {dtype}: {first_line(error)}")
-            empty_cache()
-            continue
-        results[label] = (ms, iqr, extra)
-    for label, (ms, iqr, extra) in results.items():
-        vs_eager, vs_compile = speedups(results, ms)
-        append_result({"op": "info_nce symmetric fwd+bwd", "shape": [n, d], "dtype": str(dtype).removeprefix("torch."),
-                       "impl": label, "median_ms": ms, "iqr_ms": iqr, "extra_MiB": extra, "vs_eager": vs_eager,
-                       "vs_compile": vs_compile})
-        print(f"| {n}×{d} | {str(dtype).removeprefix('torch.')} | {label} | {ms:.3f} | {extra:.0f} | "
-              f"{vs_eager:.2f}x | {vs_compile:.2f}x |")
+        return step
+
+    steps = {label: step_of(fn) for label, fn in variants().items()}
+    measure_and_report("info_nce symmetric fwd+bwd", n, d, dtype, steps, 2 * a.numel() * a.element_size() / 2**20)
 
 
 # Supervised contrastive and Rényi-2 MI on one view (issue 15, C: N = 16384): llkern (the fused SupCon for
@@ -130,28 +139,16 @@ def bench_one_view(n: int, d: int, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     z = torch.randn(n, d, device=bench_device(), dtype=dtype, requires_grad=True)
     y = torch.randint(0, CLASSES, (n,), device=bench_device())
-    inputs_mib = z.numel() * z.element_size() / 2**20
+
+    def step_of(fn):
+        def step():
+            fn(z, y).backward()
+            z.grad = None
+        return step
+
     for op, fns in one_view_variants().items():
-        results = {}
-        for label, fn in fns.items():
-            def step(fn=fn):
-                fn(z, y).backward()
-                z.grad = None
-            try:
-                ms, iqr, extra = time_and_peak(step)
-                extra -= inputs_mib
-            except Exception as error:
-                print(f"{op} {label} failed at N={n}, d={d}, {dtype}: {first_line(error)}")
-                empty_cache()
-                continue
-            results[label] = (ms, iqr, extra)
-        for label, (ms, iqr, extra) in results.items():
-            vs_eager, vs_compile = speedups(results, ms)
-            append_result({"op": op, "shape": [n, d], "dtype": str(dtype).removeprefix("torch."), "impl": label,
-                           "median_ms": ms, "iqr_ms": iqr, "extra_MiB": extra, "vs_eager": vs_eager,
-                           "vs_compile": vs_compile})
-            print(f"| {op} {n}×{d} | {str(dtype).removeprefix('torch.')} | {label} | {ms:.3f} | {extra:.0f} | "
-                  f"{vs_eager:.2f}x | {vs_compile:.2f}x |")
+        steps = {label: step_of(fn) for label, fn in fns.items()}
+        measure_and_report(op, n, d, dtype, steps, z.numel() * z.element_size() / 2**20)
 
 
 def main() -> None:
@@ -162,7 +159,7 @@ def main() -> None:
     args = parser.parse_args()
     set_dry_run(args.dry_run)
     require_device()
-    print("| N×d | dtype | impl | ms | extra MiB | vs eager | vs compile |")
+    print("| op, N×d | dtype | impl | ms | extra MiB | vs eager | vs compile |")
     print("|---|---|---|---|---|---|---|")
     if args.part in ("all", "info-nce"):
         for n, d, dtype in DRY_SHAPES if dry_run() else SHAPES:

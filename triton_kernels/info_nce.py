@@ -165,6 +165,23 @@ def _grad_tile(a, b_ptr, start, rows, dims, N, D, scale, lse_a, lse_b_ptr, w_a, 
 
 
 @triton.jit
+def store_through_normalize(du, z_ptr, norm_ptr, out_ptr, rows, row_ok, dims, mask, stride_z, stride_out,
+                            NORMALIZE: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr,
+                            BLOCK_M: tl.constexpr):
+    """Store d z for these rows given d u (u = z / max(|z|, eps)), in out's dtype: (d u − u (u·d u)) / |z|, and
+    only d u / eps at the clamp, as F.normalize's gradient. Without NORMALIZE, d u itself."""
+    r64 = rows.to(tl.int64)[:, None]
+    if NORMALIZE:
+        z = tl.load(z_ptr + r64 * stride_z + dims[None, :], mask=mask, other=0.0).to(ACC)
+        norm = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
+        u = z / norm[:, None]
+        radial = tl.sum(du * u, 1)
+        at_clamp = norm <= tl.full((BLOCK_M,), NORM_EPS, ACC)  # (eps in ACC: see normalize_rows)
+        du = tl.where(at_clamp[:, None], du, du - u * radial[:, None]) / norm[:, None]
+    tl.store(out_ptr + r64 * stride_out + dims[None, :], _cast(du, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+@triton.jit
 def row_grad(a_ptr, b_ptr, lse_a_ptr, lse_b_ptr, z_ptr, norm_ptr, grad_ptr, params_ptr, out_ptr, N, D, stride_z,
              stride_out, USE_A: tl.constexpr, USE_B: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
              IEEE: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -193,13 +210,5 @@ def row_grad(a_ptr, b_ptr, lse_a_ptr, lse_b_ptr, z_ptr, norm_ptr, grad_ptr, para
             acc = _grad_tile(a, b_ptr, start, rows, dims, N, D, scale, lse_a, lse_b_ptr, w_a, w_b, acc, USE_A, USE_B,
                              ACC, IEEE, INTERPRETED, BLOCK_M, BLOCK_N)
     grad = tl.load(grad_ptr).to(ACC)
-    du = acc * (scale * grad)
-    if NORMALIZE:
-        z = tl.load(z_ptr + r64 * stride_z + dims[None, :], mask=a_mask, other=0.0).to(ACC)
-        norm = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
-        u = z / norm[:, None]
-        radial = tl.sum(du * u, 1)
-        projected = tl.where((norm > tl.full((BLOCK_M,), NORM_EPS, ACC))[:, None], du - u * radial[:, None], du)
-        du = projected / norm[:, None]
-    tl.store(out_ptr + r64 * stride_out + dims[None, :], _cast(du, out_ptr.dtype.element_ty, INTERPRETED),
-             mask=a_mask)
+    store_through_normalize(acc * (scale * grad), z_ptr, norm_ptr, out_ptr, rows, row_ok, dims, a_mask, stride_z,
+                            stride_out, NORMALIZE, ACC, INTERPRETED, BLOCK_M)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .info_nce import NORM_EPS, _cast, _dot, _scores
+from .info_nce import _cast, _dot, _scores, store_through_normalize
 
 
 @triton.jit
@@ -126,13 +126,5 @@ def row_grad(u_ptr, labels_ptr, lse_ptr, w_ptr, inv_count_ptr, z_ptr, norm_ptr, 
         for start in range(0, N, BLOCK_N):
             acc = _grad_tile(a, u_ptr, labels_ptr, label_rows, start, rows, dims, N, D, scale, lse_rows, w_rows,
                              inv_count_rows, lse_ptr, w_ptr, inv_count_ptr, acc, ACC, IEEE, INTERPRETED, BLOCK_N)
-    du = acc * scale
-    if NORMALIZE:
-        z = tl.load(z_ptr + r64 * stride_z + dims[None, :], mask=a_mask, other=0.0).to(ACC)
-        norm = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
-        u = z / norm[:, None]
-        radial = tl.sum(du * u, 1)
-        at_clamp = norm <= tl.full((BLOCK_M,), NORM_EPS, ACC)
-        du = tl.where(at_clamp[:, None], du, du - u * radial[:, None]) / norm[:, None]
-    tl.store(out_ptr + r64 * stride_out + dims[None, :], _cast(du, out_ptr.dtype.element_ty, INTERPRETED),
-             mask=a_mask)
+    store_through_normalize(acc * scale, z_ptr, norm_ptr, out_ptr, rows, row_ok, dims, a_mask, stride_z, stride_out,
+                            NORMALIZE, ACC, INTERPRETED, BLOCK_M)
