@@ -136,15 +136,15 @@ for stage in "${stages[@]}"; do
     # (split in two stages on 2026-12-07, when the fused InfoNCE/SupCon rows, the low-memory aux head and Liger's
     # float32 rows were added: the eight steps' limits no longer fitted one 500 s stage)
     echo "== benchmarks"
-    run transport "$(left 70 330)" bench.txt $PY bench/gpu_transport.py
-    run aux-head "$(left 130 200)" bench.txt $PY bench/gpu_aux_head.py
+    run transport "$(left 70 335)" bench.txt $PY bench/gpu_transport.py
+    run aux-head "$(left 130 205)" bench.txt $PY bench/gpu_aux_head.py
     run similarity "$(left 200 5)" bench.txt $PY bench/gpu_similarity.py --part info-nce
     cp bench/results/results.jsonl "$OUT/results.jsonl" 2>/dev/null
     summary bench ;;
   bench2)
     ensure_built
     echo "== benchmarks, second part"
-    run similarity-one-view "$(left 120 280)" bench.txt $PY bench/gpu_similarity.py --part one-view
+    run similarity-one-view "$(left 200 280)" bench.txt $PY bench/gpu_similarity.py --part one-view
     run context "$(left 50 230)" bench.txt $PY bench/gpu_context.py
     run mean-kl "$(left 90 140)" bench.txt $PY bench/gpu_mean_kl.py  # (its torch.compile row compiles ~20 s)
     run miracle-select "$(left 60 80)" bench.txt $PY bench/gpu_miracle_select.py

@@ -98,6 +98,7 @@ def test_float64_rows_below_the_norm_clamp():
     with torch.no_grad():
         z1[2] *= 1e-14 / z1[2].norm()
         z2[5] *= 3e-13 / z2[5].norm()
+        z1[6] = torch.tensor([1e-12, 0.0, 0.0, 0.0])  # exactly at the clamp: clamp_min passes the gradient
     loss = info_nce_fused(z1, z2, 0.5, symmetric=True)
     grads = torch.autograd.grad(loss, [z1, z2])
     ref_loss, ref = reference64(z1, z2, 0.5, symmetric=True)

@@ -101,9 +101,29 @@ def test_strided_input_and_scaled_gradient():
 
 
 def test_the_op_itself_takes_any_strides():
-    z, labels = torch.randn(12, 8, device=DEVICE)[:, ::2], torch.randint(0, 3, (12,), device=DEVICE)
+    z, labels = torch.randn(12, 8, device=DEVICE)[:, ::2], torch.randint(0, 3, (24,), device=DEVICE)[::2]
     loss = torch.ops.llkern.supcon_fused(z, labels, 0.2, True)[0]
     torch.testing.assert_close(loss.double(), reference64(z, labels, 0.2)[0], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_a_non_finite_row_gives_a_non_finite_loss(bad, normalize):
+    # (unchecked, as on a GPU with value checks off: the op itself) a row of its own label meets every other
+    # row's log-sum-exp; a NaN or inf there must not turn into a finite loss
+    z = torch.randn(10, 4, dtype=torch.float64, device=DEVICE)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 9], device=DEVICE)
+    z[9, 0] = bad
+    loss = torch.ops.llkern.supcon_fused(z, labels, 0.1, normalize)[0]
+    assert not torch.isfinite(loss)
+
+
+def test_float64_rows_at_and_below_the_norm_clamp():
+    z, labels = make(9, 3, 2, torch.float64)
+    with torch.no_grad():
+        z[1] = torch.tensor([1e-12, 0.0, 0.0])  # at the clamp: clamp_min passes the gradient
+        z[4] *= 1e-14 / z[4].norm()  # below: only divided by eps
+    check64(z, labels, 0.5, 1e-12)
 
 
 def test_small_temperature_and_a_row_at_the_norm_clamp():

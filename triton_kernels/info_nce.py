@@ -169,15 +169,16 @@ def store_through_normalize(du, z_ptr, norm_ptr, out_ptr, rows, row_ok, dims, ma
                             NORMALIZE: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr,
                             BLOCK_M: tl.constexpr):
     """Store d z for these rows given d u (u = z / max(|z|, eps)), in out's dtype: (d u − u (u·d u)) / |z|, and
-    only d u / eps at the clamp, as F.normalize's gradient. Without NORMALIZE, d u itself."""
+    only d u / eps below the clamp, as F.normalize's gradient (clamp_min passes the gradient at |z| = eps, so
+    the test is on |z| itself, not on the clamped norm the forward kept). Without NORMALIZE, d u itself."""
     r64 = rows.to(tl.int64)[:, None]
     if NORMALIZE:
         z = tl.load(z_ptr + r64 * stride_z + dims[None, :], mask=mask, other=0.0).to(ACC)
         norm = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
         u = z / norm[:, None]
         radial = tl.sum(du * u, 1)
-        at_clamp = norm <= tl.full((BLOCK_M,), NORM_EPS, ACC)  # (eps in ACC: see normalize_rows)
-        du = tl.where(at_clamp[:, None], du, du - u * radial[:, None]) / norm[:, None]
+        below_clamp = tl.sqrt(tl.sum(z * z, 1)) < tl.full((BLOCK_M,), NORM_EPS, ACC)  # (eps in ACC: normalize_rows)
+        du = tl.where(below_clamp[:, None], du, du - u * radial[:, None]) / norm[:, None]
     tl.store(out_ptr + r64 * stride_out + dims[None, :], _cast(du, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 

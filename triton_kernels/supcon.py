@@ -70,8 +70,9 @@ def row_stats(u_ptr, labels_ptr, lse_ptr, positive_sum_ptr, count_ptr, params_pt
             running_max, running_sum, positive_sum, count = _stats_tile(
                 a, u_ptr, labels_ptr, label_rows, start, rows, dims, N, D, scale, running_max, running_sum,
                 positive_sum, count, ACC, IEEE, INTERPRETED, BLOCK_N)
-    has_others = running_sum > 0
-    lse = tl.where(has_others, running_max + tl.log(tl.where(has_others, running_sum, 1.0)), 0.0)
+    # 0 for a row that met no other column (N = 1 only); a NaN or inf score stays NaN, as in the reference
+    alone = running_max == float("-inf")
+    lse = tl.where(alone, 0.0, running_max + tl.log(tl.where(alone, 1.0, running_sum)))
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(positive_sum_ptr + rows, positive_sum, mask=row_ok)
     tl.store(count_ptr + rows, count, mask=row_ok)

@@ -140,7 +140,8 @@ class AuxHeadLossFunction : public torch::autograd::Function<AuxHeadLossFunction
       grad_bias = std::get<4>(results);
     }
     const bool unit = is_plain_cpu_one(grad);
-    const bool hooked = ctx->saved_data["hooked"].toBool();
+    // (a recomputing backward's gradients are its own: no hook saw them)
+    const bool hooked = ctx->saved_data["hooked"].toBool() && ctx->saved_data["with_grad"].toBool();
     // (the loss's dtype, float32 or float64: bfloat16 gradients are scaled in float32, not by a rounded grad)
     const at::Tensor g = unit ? at::Tensor() : grad.to(grad_bias.scalar_type());
     const auto weight_dtype = ctx->saved_data["weight_dtype"].toScalarType();

@@ -89,7 +89,7 @@ def _supcon_fused_op(z: torch.Tensor, labels: torch.Tensor, temperature: float,
 
     n, d = z.shape
     acc = _acc(z.dtype)
-    z = _unit_stride(z)
+    z, labels = _unit_stride(z), labels.contiguous()
     with device_guard(z):
         u, norm = _unit_rows(z, normalize)
         lse = torch.empty(n, dtype=acc, device=z.device)
@@ -115,7 +115,7 @@ def _supcon_fused_backward_op(grad: torch.Tensor, z: torch.Tensor, labels: torch
 
     n, d = z.shape
     acc = _acc(z.dtype)
-    z = _unit_stride(z)
+    z, labels = _unit_stride(z), labels.contiguous()
     anchor = count > 0
     # d loss / d s_ij = -grad / A · ([j ∈ P(i)] / c_i − softmax_i(j)) for anchors i: w_i = grad / A
     w = torch.where(anchor, grad.to(acc) / anchor.sum().clamp_min(1), 0.0).to(acc)
