@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llkern.ops.context import triton_available
-from llkern.ops.info_nce_fused import info_nce_fused, takes_fused_info_nce
+from llkern.ops.info_nce_fused import fused_fits, info_nce_fused
 from llkern.reference.similarity import info_nce_reference
 
 from .allocations import peak_allocated_bytes
@@ -114,6 +114,11 @@ def test_scaled_upstream_gradient_and_one_input_needing_grad():
     (g,) = torch.autograd.grad(3.0 * loss, [z1])
     _, ref = reference64(z1, z2, 0.3)
     assert relative_error(g, 3 * ref[0]) <= 2e-5
+    # the backward forms only the gradient asked for
+    saved = [t.detach() for t in torch.ops.llkern.info_nce_fused(z1.detach(), z2, 0.3, False, True)[1:]]
+    d1, d2 = torch.ops.llkern.info_nce_fused_backward(torch.tensor(3.0, device=DEVICE), z1.detach(), z2, *saved, 0.3,
+                                                      False, True, True, False)
+    assert d2.numel() == 0 and relative_error(d1, 3 * ref[0]) <= 2e-5
 
 
 def test_small_temperature_and_rows_at_the_norm_clamp():
@@ -135,20 +140,22 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(lambda a, b, s=symmetric: info_nce_fused(a, b, 0.5, symmetric=s), (z1, z2))
 
 
+# AOT dispatch traces into a triton_op's body with fake tensors, and Triton's interpreter then tries to run the
+# kernels on them: that part of opcheck runs on a GPU only (as for context_add). (Also test_supcon_fused's.)
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") + (
+    ("test_aot_dispatch_dynamic",) if DEVICE == "cuda" else ())
+
+
 def test_opcheck():
-    # AOT dispatch traces into a triton_op's body with fake tensors, and Triton's interpreter then tries to
-    # run the kernels on them: that part of opcheck runs on a GPU only (as for context_add).
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if DEVICE == "cuda":
-        utils += ("test_aot_dispatch_dynamic",)
     z1, z2 = (z.detach() for z in views(9, 5))
     for symmetric, normalize in OPTIONS:
         torch.library.opcheck(torch.ops.llkern.info_nce_fused.default, (z1, z2, 0.2, symmetric, normalize),
-                              test_utils=utils)
+                              test_utils=OPCHECK_UTILS)
         _, u1, u2, n1, n2, lse = torch.ops.llkern.info_nce_fused(z1, z2, 0.2, symmetric, normalize)
-        torch.library.opcheck(torch.ops.llkern.info_nce_fused_backward.default,
-                              (torch.tensor(1.5, device=DEVICE), z1, z2, u1, u2, n1, n2, lse, 0.2, symmetric,
-                               normalize), test_utils=utils)
+        for wanted in ((True, True), (False, True)):
+            torch.library.opcheck(torch.ops.llkern.info_nce_fused_backward.default,
+                                  (torch.tensor(1.5, device=DEVICE), z1, z2, u1, u2, n1, n2, lse, 0.2, symmetric,
+                                   normalize, *wanted), test_utils=OPCHECK_UTILS)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile traces into a triton_op's body, and Triton's interpreter "
@@ -189,13 +196,14 @@ def test_nothing_of_the_n_by_n_matrix_is_held():
     assert 0 < peak <= 6 * n * d * 4 + 64 * n * 4 < n * n * 4
 
 
-def test_takes_fused_only_for_bfloat16_cuda_embeddings():
+def test_fused_only_for_bfloat16_cuda_embeddings():
+    # (what info_nce and supcon_loss ask before taking the fused ops)
     z = torch.randn(4, 8, device=DEVICE)
-    assert not takes_fused_info_nce(z, "auto")  # float32
-    assert not takes_fused_info_nce(z.bfloat16(), "reference")
-    assert not takes_fused_info_nce(torch.randn(4, 300, device=DEVICE).bfloat16(), "auto")  # d > 256
+    assert not fused_fits(z, "auto")  # float32
+    assert not fused_fits(z.bfloat16(), "reference")
+    assert not fused_fits(torch.randn(4, 300, device=DEVICE).bfloat16(), "auto")  # d > 256
     bf16_tensor_cores = DEVICE == "cuda" and torch.cuda.get_device_capability() >= (8, 0)
-    assert takes_fused_info_nce(z.bfloat16(), "auto") == bf16_tensor_cores
+    assert fused_fits(z.bfloat16(), "auto") == bf16_tensor_cores
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the routing runs on CUDA tensors")

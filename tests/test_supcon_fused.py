@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from llkern.ops.context import triton_available
-from llkern.ops.supcon_fused import supcon_fused, takes_fused_supcon
+from llkern.ops.supcon_fused import supcon_fused
 from llkern.reference.similarity import supcon_reference
 
 from .allocations import peak_allocated_bytes
-from .test_info_nce_fused import relative_error
+from .test_info_nce_fused import OPCHECK_UTILS, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not triton_available(torch.device(DEVICE)),
@@ -139,10 +139,7 @@ def test_gradcheck_float64():
 
 
 def test_opcheck():
-    # (as for the fused InfoNCE: AOT dispatch runs the kernels on fake tensors in the interpreter: GPU only)
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if DEVICE == "cuda":
-        utils += ("test_aot_dispatch_dynamic",)
+    utils = OPCHECK_UTILS
     z, labels = make(9, 5, 3)
     z = z.detach()
     for normalize in (True, False):
@@ -171,15 +168,6 @@ def test_nothing_of_the_n_by_n_matrix_is_held():
 
     peak, _ = peak_allocated_bytes(step)
     assert 0 < peak <= 4 * n * d * 4 + 64 * n * 4 < n * n * 4
-
-
-def test_takes_fused_only_for_bfloat16_cuda_embeddings():
-    z = torch.randn(4, 8, device=DEVICE)
-    assert not takes_fused_supcon(z, "auto")
-    assert not takes_fused_supcon(z.bfloat16(), "reference")
-    assert not takes_fused_supcon(torch.randn(4, 300, device=DEVICE).bfloat16(), "auto")
-    bf16_tensor_cores = DEVICE == "cuda" and torch.cuda.get_device_capability() >= (8, 0)
-    assert takes_fused_supcon(z.bfloat16(), "auto") == bf16_tensor_cores
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the routing runs on CUDA tensors")

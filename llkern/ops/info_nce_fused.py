@@ -21,7 +21,7 @@ from llkern._ext import IMPLS, device_guard, no_double_backward
 from llkern.ops.context import triton_available
 from llkern.reference.similarity import _check_temperature, check_views
 
-__all__ = ["fused_fits", "info_nce_fused", "takes_fused_info_nce"]
+__all__ = ["fused_fits", "info_nce_fused"]
 
 NAME = "llkern.info_nce_fused"
 DTYPES = (torch.bfloat16, torch.float32, torch.float64)
@@ -29,16 +29,12 @@ MAX_WIDTH = 256  # = triton_kernels.info_nce.MAX_WIDTH (not imported here: impor
 
 
 def fused_fits(z: torch.Tensor, impl: str) -> bool:
-    """Whether the fused similarity ops take ``z`` for ``impl``: bfloat16 embeddings of d ≤ 256 on a CUDA GPU
-    with bfloat16 tensor cores (compute capability 8.0 or more), unless ``impl="reference"``."""
+    """Whether :func:`llkern.functional.info_nce` and ``supcon_loss`` take the fused ops for ``z`` and
+    ``impl``: bfloat16 embeddings of d ≤ 256 on a CUDA GPU with bfloat16 tensor cores (compute capability 8.0 or
+    more), unless ``impl="reference"``."""
     return (impl != "reference" and z.device.type == "cuda" and z.dtype == torch.bfloat16
             and z.shape[1] <= MAX_WIDTH and triton_available(z.device)
             and torch.cuda.get_device_capability(z.device) >= (8, 0))
-
-
-def takes_fused_info_nce(z1: torch.Tensor, impl: str) -> bool:
-    """Whether :func:`llkern.functional.info_nce` runs this op (see :func:`fused_fits`)."""
-    return fused_fits(z1, impl)
 
 
 def info_nce_fused(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.07, *, symmetric: bool = False,
@@ -126,8 +122,7 @@ def _unit_rows(z: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Te
     grid = (triton_cdiv(n, kernels.NORMALIZE_ROWS),)
     torch.library.wrap_triton(kernels.normalize_rows)[grid](
         z, u, norm, n, d, z.stride(0), NORMALIZE=normalize, ACC=_triton_acc(z.dtype), INTERPRETED=_interpreted(),
-        ROWS=kernels.NORMALIZE_ROWS,
-        BLOCK_D=kernels.width_block(d))
+        ROWS=kernels.NORMALIZE_ROWS, BLOCK_D=kernels.width_block(d))
     return u, norm
 
 
@@ -164,9 +159,10 @@ def _info_nce_fused_op(z1: torch.Tensor, z2: torch.Tensor, temperature: float, s
 @torch.library.triton_op("llkern::info_nce_fused_backward", mutates_args=())
 def _info_nce_fused_backward_op(grad: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, u1: torch.Tensor,
                                 u2: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, lse: torch.Tensor,
-                                temperature: float, symmetric: bool,
-                                normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d z1, d z2) in the inputs' dtype, for an upstream gradient ``grad`` (0-d, on the device)."""
+                                temperature: float, symmetric: bool, normalize: bool, grad_z1: bool,
+                                grad_z2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d z1, d z2) in the inputs' dtype, for an upstream gradient ``grad`` (0-d, on the device); one not asked
+    for (grad_z1, grad_z2) is an empty tensor and costs nothing."""
     from llkern.triton_kernels import info_nce as kernels
 
     n, d = z1.shape
@@ -180,9 +176,12 @@ def _info_nce_fused_backward_op(grad: torch.Tensor, z1: torch.Tensor, z2: torch.
         grad = grad.to(acc).reshape(())
         # d z1: rows of s, softmax over each row (and, symmetric, over each column); d z2: rows of sᵀ, where
         # the two terms trade places.
-        for a, b, z, norm, lse_a, lse_b, w_a, w_b in (
-                (u1, u2, z1, norm1, rows_lse, columns_lse, weight, weight if symmetric else 0.0),
-                (u2, u1, z2, norm2, columns_lse, rows_lse, weight if symmetric else 0.0, weight)):
+        for wanted, a, b, z, norm, lse_a, lse_b, w_a, w_b in (
+                (grad_z1, u1, u2, z1, norm1, rows_lse, columns_lse, weight, weight if symmetric else 0.0),
+                (grad_z2, u2, u1, z2, norm2, columns_lse, rows_lse, weight if symmetric else 0.0, weight)):
+            if not wanted:
+                grads.append(z.new_empty((0,)))
+                continue
             out = torch.empty((n, d), dtype=z.dtype, device=z.device)
             block = kernels.grad_row_block(d)
             torch.library.wrap_triton(kernels.row_grad)[(triton_cdiv(n, block),)](
@@ -204,8 +203,9 @@ def _info_nce_fused_fake(z1, z2, temperature, symmetric, normalize):
 
 
 @_info_nce_fused_backward_op.register_fake
-def _info_nce_fused_backward_fake(grad, z1, z2, u1, u2, norm1, norm2, lse, temperature, symmetric, normalize):
-    return z1.new_empty(z1.shape), z2.new_empty(z2.shape)
+def _info_nce_fused_backward_fake(grad, z1, z2, u1, u2, norm1, norm2, lse, temperature, symmetric, normalize,
+                                  grad_z1, grad_z2):
+    return z1.new_empty(z1.shape if grad_z1 else (0,)), z2.new_empty(z2.shape if grad_z2 else (0,))
 
 
 def _setup_context(ctx, inputs, output):
@@ -220,8 +220,9 @@ def _backward(ctx, grad, *_):
     no_double_backward("info_nce")
     if grad is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         return None, None, None, None, None
-    d1, d2 = torch.ops.llkern.info_nce_fused_backward(grad, *ctx.saved_tensors, *ctx.args)
-    return d1, d2, None, None, None
+    wanted = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    d1, d2 = torch.ops.llkern.info_nce_fused_backward(grad, *ctx.saved_tensors, *ctx.args, *wanted)
+    return d1 if wanted[0] else None, d2 if wanted[1] else None, None, None, None
 
 
 _info_nce_fused_op.register_autograd(_backward, setup_context=_setup_context)

@@ -18,8 +18,8 @@ import numbers
 import torch
 
 from llkern._ext import extension_loaded, no_double_backward, use_kernel
-from llkern.ops.info_nce_fused import run_info_nce_fused, takes_fused_info_nce
-from llkern.ops.supcon_fused import run_supcon_fused, takes_fused_supcon
+from llkern.ops.info_nce_fused import fused_fits, run_info_nce_fused
+from llkern.ops.supcon_fused import run_supcon_fused
 from llkern.reference.similarity import (
     _check_labels,
     _check_temperature,
@@ -59,7 +59,7 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.07, *, s
     name = "llkern.info_nce"
     check_views(name, z1, z2)
     tau = _check_temperature(name, temperature)
-    if takes_fused_info_nce(z1, impl):  # bfloat16 on a GPU: the fused Triton kernels, no N×N blocks
+    if fused_fits(z1, impl):  # bfloat16 on a GPU: the fused Triton kernels, no N×N blocks
         return run_info_nce_fused(z1, z2, tau, symmetric, normalize)
     if use_kernel("info_nce", z1.device, impl):
         return torch.ops.llkern.info_nce(z1, z2, tau, bool(symmetric), bool(normalize),
@@ -87,7 +87,7 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07
     check_embeddings(name, "z", z)
     _check_labels(name, labels, z.shape[0], z.device)
     tau = _check_temperature(name, temperature)
-    if takes_fused_supcon(z, impl):  # bfloat16 on a GPU: the fused Triton kernels
+    if fused_fits(z, impl):  # bfloat16 on a GPU: the fused Triton kernels
         return run_supcon_fused(z, labels, tau, normalize)
     if use_kernel("supcon_loss", z.device, impl):
         return torch.ops.llkern.supcon_loss(z, labels.to(torch.int64), tau, bool(normalize), _needs_grad(z))[0]

@@ -24,20 +24,13 @@ from llkern.ops.info_nce_fused import (
     _unit_rows,
     _unit_stride,
     check_fused_inputs,
-    fused_fits,
     triton_cdiv,
 )
 from llkern.reference.similarity import _check_labels, _check_temperature, check_embeddings
 
-__all__ = ["supcon_fused", "takes_fused_supcon"]
+__all__ = ["supcon_fused"]
 
 NAME = "llkern.supcon_fused"
-
-
-def takes_fused_supcon(z: torch.Tensor, impl: str) -> bool:
-    """Whether :func:`llkern.functional.supcon_loss` runs this op (see
-    :func:`llkern.ops.info_nce_fused.fused_fits`)."""
-    return fused_fits(z, impl)
 
 
 def supcon_fused(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07, *, normalize: bool = True,
