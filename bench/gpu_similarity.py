@@ -9,9 +9,11 @@ inputs and their gradients); appends rows to bench/results/results.jsonl.
 
 Floor (H100, ~800 TFLOP/s bf16 dense on tensor cores): symmetric InfoNCE at N = 32768, d = 128
 needs four N×N×d products, 4 × 2·N²·d = 1.1 TFLOP → 1.4 ms; at fp32 (no TF32) ~60 TFLOP/s → 18 ms.
-llkern's fused bfloat16 op (llkern/ops/info_nce_fused.py) recomputes the tiles instead of storing them: six
-products (one per direction for the log-sum-exps, two per direction in the backward), 1.65 TFLOP → 2.1 ms,
-and 6 N² exponentials (6.4e9: ~1.5 ms of the H100's 4.2e12/s MUFU rate, partly hidden under the products).
+llkern's fused bfloat16 op (llkern/ops/info_nce_fused.py) recomputes the tiles instead of storing them: five
+products (one forward pass gives the rows' and the columns' log-sum-exps against a fixed offset, two products per
+direction in the backward), 1.4 TFLOP → 1.7 ms, and 3 N² exponentials (3.2e9: ~0.8 ms of the H100's 4.2e12/s
+MUFU rate, partly hidden under the products). The row "llkern, running max" is the same op with a running
+maximum (six products, 6 N² exponentials), measured beside it.
 
     python bench/gpu_similarity.py [--dry-run]   # --dry-run: DRY_SHAPES on the CPU, nothing written
 """
@@ -40,6 +42,7 @@ from common import (
 )
 
 import llkern
+from llkern.ops.info_nce_fused import fused_fits, running_maximum
 
 TAU = 0.07
 SHAPES = [(n, d, dtype) for n in (4096, 16384, 32768) for d in (128, 256) for dtype in (torch.bfloat16, torch.float32)]
@@ -93,6 +96,21 @@ def measure_and_report(op: str, n: int, d: int, dtype: torch.dtype, steps: dict,
         print(f"| {op} {n}×{d} | {tag} | {label} | {ms:.3f} | {extra:.0f} | {vs_eager:.2f}x | {vs_compile:.2f}x |")
 
 
+def with_running_maximum(steps: dict, z: torch.Tensor) -> dict:
+    """steps with, after "llkern", the fused kernels before the shared offset ("llkern, running max": InfoNCE's
+    two forward passes, two exponentials an element in the backward), forward and backward both, where the
+    fused kernels run (bfloat16 on a GPU)."""
+    if not fused_fits(z, "kernel"):
+        return steps
+    llkern_step = steps["llkern"]
+
+    def running_max_step():
+        with running_maximum():
+            llkern_step()
+    return {"llkern": llkern_step, "llkern, running max": running_max_step,
+            **{k: v for k, v in steps.items() if k != "llkern"}}
+
+
 def bench_shape(n: int, d: int, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     a = torch.randn(n, d, device=bench_device(), dtype=dtype, requires_grad=True)
@@ -104,7 +122,7 @@ def bench_shape(n: int, d: int, dtype: torch.dtype) -> None:
             a.grad = b.grad = None
         return step
 
-    steps = {label: step_of(fn) for label, fn in variants().items()}
+    steps = with_running_maximum({label: step_of(fn) for label, fn in variants().items()}, a)
     measure_and_report("info_nce symmetric fwd+bwd", n, d, dtype, steps, 2 * a.numel() * a.element_size() / 2**20)
 
 
@@ -148,6 +166,8 @@ def bench_one_view(n: int, d: int, dtype: torch.dtype) -> None:
 
     for op, fns in one_view_variants().items():
         steps = {label: step_of(fn) for label, fn in fns.items()}
+        if op.startswith("supcon"):
+            steps = with_running_maximum(steps, z)
         measure_and_report(op, n, d, dtype, steps, z.numel() * z.element_size() / 2**20)
 
 

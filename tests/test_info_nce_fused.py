@@ -2,12 +2,15 @@
 against float64, odd sizes, strides, bfloat16 judged against PyTorch's own bfloat16 error, gradcheck,
 opcheck, torch.compile, memory without an N×N matrix, bad input."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from llkern.ops import info_nce_fused as fused_module
 from llkern.ops.context import triton_available
-from llkern.ops.info_nce_fused import fused_fits, info_nce_fused
+from llkern.ops.info_nce_fused import fused_fits, info_nce_fused, running_maximum, shared_offset
 from llkern.reference.similarity import info_nce_reference
 
 from .allocations import peak_allocated_bytes
@@ -73,6 +76,82 @@ def test_bfloat16_error_relative_to_pytorch(n, d, symmetric, normalize):
     for g, e, r in zip(grads, eager_grads, ref, strict=True):
         assert g.dtype == torch.bfloat16
         assert relative_error(g, r) <= 2 * relative_error(e, r) + 1e-6
+
+
+@pytest.mark.parametrize("n,d", [(130, 16), (400, 8), (256, 32)])  # 400: programs take several row blocks
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_shared_offset_and_running_maximum_agree_with_float64(n, d, symmetric, dtype, tol):
+    # The same inputs through both forms of the log-sum-exps (τ = 0.1 takes the shared offset by default)
+    z1, z2 = views(n, d, dtype)
+    ref_loss, ref = reference64(z1, z2, 0.1, symmetric=symmetric)
+    for form in (contextlib.nullcontext, running_maximum):
+        with form():
+            loss = info_nce_fused(z1, z2, 0.1, symmetric=symmetric)
+            grads = torch.autograd.grad(loss, [z1, z2])
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=tol)
+        for g, r in zip(grads, ref, strict=True):
+            assert relative_error(g, r) <= tol
+
+
+def test_shared_offset_bounds():
+    assert shared_offset(0.1, True) == pytest.approx(10.1)
+    assert shared_offset(1.01 / 35, True) == pytest.approx(35.0)
+    assert shared_offset(1.01 / 35.01, True) is None  # the smallest terms would leave float32's normal range
+    assert shared_offset(0.1, False) is None  # unbounded scores
+    with running_maximum():
+        assert shared_offset(0.1, True) is None
+    assert shared_offset(0.1, True) is not None
+
+
+def lowest_scores(n, d, dtype, transpose):
+    """Every column along w and row 0 against it: row 0 scores −1/τ against all (transpose: the same for column 0)."""
+    z1, z2 = (z.detach() for z in views(n, d, dtype))
+    w = torch.randn(d, dtype=dtype, device=DEVICE)
+    z2[:] = w * torch.rand(n, 1, dtype=dtype, device=DEVICE).add(0.5)  # (lengths differ; directions do not)
+    z1[0] = -w
+    return (z2, z1) if transpose else (z1, z2)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_rows_and_columns_at_the_lowest_scores_the_offset_takes(transpose, dtype, tol):
+    # τ at the limit (c = 35): row (or column) 0 scores −c everywhere, so its terms are exp(−70), still normal
+    # float32 numbers: its log-sum-exp and its gradients hold.
+    tau = 1.01 / 35
+    assert shared_offset(tau, True) is not None
+    z1, z2 = (z.requires_grad_() for z in lowest_scores(50, 6, dtype, transpose))
+    loss = info_nce_fused(z1, z2, tau, symmetric=True)
+    grads = torch.autograd.grad(loss, [z1, z2])
+    ref_loss, ref = reference64(z1, z2, tau, symmetric=True)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=tol)
+    for g, r in zip(grads, ref, strict=True):
+        assert relative_error(g, r) <= tol
+
+
+def test_each_form_launches_only_its_kernels(monkeypatch):
+    # wrap_triton refuses a kernel that is not a triton.jit function: a form that launches the other's fails
+    from llkern.triton_kernels import info_nce as kernels
+
+    z1, z2 = views(20, 4)
+    monkeypatch.setattr(kernels, "row_lse", None)
+    torch.autograd.grad(info_nce_fused(z1, z2, 0.1, symmetric=True), [z1, z2])  # shared offset: row_sums only
+    with running_maximum(), pytest.raises(Exception, match="triton"):
+        info_nce_fused(z1, z2, 0.1, symmetric=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(kernels, "row_sums", None)
+    with running_maximum():
+        torch.autograd.grad(info_nce_fused(z1, z2, 0.1, symmetric=True), [z1, z2])
+    with pytest.raises(Exception, match="triton"):
+        info_nce_fused(z1, z2, 0.1, symmetric=True)
+
+
+def test_partial_column_sums_take_one_row_per_program():
+    assert fused_module._programs(1, torch.device("cpu")) == 1
+    assert fused_module._programs(1000, torch.device("cpu")) == fused_module.INTERPRETER_PROGRAMS
+    if DEVICE == "cuda":
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        assert fused_module._programs(10**6, torch.device("cuda")) == 2 * sms
 
 
 def test_strided_inputs():

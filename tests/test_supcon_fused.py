@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llkern.ops.context import triton_available
+from llkern.ops.info_nce_fused import running_maximum, shared_offset
 from llkern.ops.supcon_fused import supcon_fused
 from llkern.reference.similarity import supcon_reference
 
@@ -51,6 +52,31 @@ def check64(z, labels, tau, tol, **options):
 def test_matches_float64_reference(n, d, classes, normalize, dtype, tol):
     z, labels = make(n, d, classes, dtype, scale=1.0 if normalize else 0.3)
     check64(z, labels, 0.1, tol, normalize=normalize)
+
+
+@pytest.mark.parametrize("n,d,classes", [(1, 3, 2), (97, 33, 5), (130, 16, 3), (65, 256, 4)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_shared_offset_and_running_maximum_agree_with_float64(n, d, classes, dtype, tol):
+    # τ = 0.1 with normalised rows: the backward forms G with one exponential (shared offset) by default
+    z, labels = make(n, d, classes, dtype)
+    assert shared_offset(0.1, True) is not None
+    check64(z, labels, 0.1, tol)
+    with running_maximum():
+        check64(z, labels, 0.1, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_a_row_at_the_lowest_scores_the_offset_takes(dtype, tol):
+    # τ at the limit (c = 35): row 70 against every other row scores −c, so its terms are exp(−70) and
+    # α_70 = w_70 e^70; its own term exp(s_kk − c) α_k, if not left out, would swamp its gradient. (Row 70: in
+    # the second block of rows, its diagonal in a later tile than the first.)
+    n, d, k = 100, 5, 70
+    z, labels = make(n, d, 3, dtype)
+    w = torch.randn(d, dtype=dtype, device=DEVICE)
+    with torch.no_grad():
+        z[:] = w * torch.rand(n, 1, dtype=dtype, device=DEVICE).add(0.5)
+        z[k] = -w
+    check64(z, labels, 1.01 / 35, tol)
 
 
 @pytest.mark.parametrize("pattern", ["one class", "pairs", "no positives", "int32 labels with negatives"])

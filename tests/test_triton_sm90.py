@@ -73,20 +73,29 @@ SCRIPT = textwrap.dedent("""
             kernels[f"info_nce_row_lse_{tag}_{d}"] = (info_nce.row_lse, {
                 "a_ptr": ptr, "b_ptr": ptr, "lse_ptr": acc_ptr, "diag_ptr": acc_ptr, "params_ptr": acc_ptr,
                 **ints("N", "D")}, dict(**flags, **blocks, BLOCK_M=info_nce.row_block(d)))
-            kernels[f"info_nce_row_grad_{tag}_{d}"] = (info_nce.row_grad, {
-                "a_ptr": ptr, "b_ptr": ptr, "lse_a_ptr": acc_ptr, "lse_b_ptr": acc_ptr, "z_ptr": ptr,
-                "norm_ptr": acc_ptr, "grad_ptr": acc_ptr, "params_ptr": acc_ptr, "out_ptr": ptr,
-                **ints("N", "D", "stride_z", "stride_out")},
-                dict(USE_A=True, USE_B=True, NORMALIZE=True, **flags, **blocks, BLOCK_M=info_nce.grad_row_block(d)))
+            for shared in (False, True):
+                kernels[f"info_nce_row_grad_{tag}_{d}" + ("_shared" if shared else "")] = (info_nce.row_grad, {
+                    "a_ptr": ptr, "b_ptr": ptr, "stat_a_ptr": acc_ptr, "stat_b_ptr": acc_ptr, "z_ptr": ptr,
+                    "norm_ptr": acc_ptr, "grad_ptr": acc_ptr, "params_ptr": acc_ptr, "out_ptr": ptr,
+                    **ints("N", "D", "stride_z", "stride_out")},
+                    dict(USE_A=True, USE_B=True, SHARED=shared, NORMALIZE=True, **flags, **blocks,
+                         BLOCK_M=info_nce.grad_row_block(d)))
+            # the shared offset's one pass: rows and columns (symmetric; EVEN: N = 32768), rows only (one-way)
+            for columns, even in ((True, True), (False, False)):
+                kernels[f"info_nce_row_sums_{tag}_{d}_{'columns' if columns else 'rows'}"] = (info_nce.row_sums, {
+                    "a_ptr": ptr, "b_ptr": ptr, "lse_ptr": acc_ptr, "diag_ptr": acc_ptr, "colsum_ptr": acc_ptr,
+                    "params_ptr": acc_ptr, **ints("N", "D")},
+                    dict(COLUMNS=columns, EVEN=even, **flags, **blocks, BLOCK_M=info_nce.row_block(d)))
             kernels[f"supcon_row_stats_{tag}_{d}"] = (supcon.row_stats, {
                 "u_ptr": ptr, "labels_ptr": "*i64", "lse_ptr": acc_ptr, "positive_sum_ptr": acc_ptr,
                 "count_ptr": "*i32", "params_ptr": acc_ptr, **ints("N", "D")},
                 dict(**flags, **blocks, BLOCK_M=info_nce.row_block(d)))
-            kernels[f"supcon_row_grad_{tag}_{d}"] = (supcon.row_grad, {
-                "u_ptr": ptr, "labels_ptr": "*i64", "lse_ptr": acc_ptr, "w_ptr": acc_ptr, "inv_count_ptr": acc_ptr,
-                "z_ptr": ptr, "norm_ptr": acc_ptr, "params_ptr": acc_ptr, "out_ptr": ptr,
-                **ints("N", "D", "stride_z", "stride_out")},
-                dict(NORMALIZE=True, **flags, **blocks, BLOCK_M=info_nce.grad_row_block(d)))
+            for shared in (False, True):
+                kernels[f"supcon_row_grad_{tag}_{d}" + ("_shared" if shared else "")] = (supcon.row_grad, {
+                    "u_ptr": ptr, "labels_ptr": "*i64", "stat_ptr": acc_ptr, "w_ptr": acc_ptr,
+                    "inv_count_ptr": acc_ptr, "z_ptr": ptr, "norm_ptr": acc_ptr, "params_ptr": acc_ptr, "out_ptr": ptr,
+                    **ints("N", "D", "stride_z", "stride_out")},
+                    dict(SHARED=shared, NORMALIZE=True, **flags, **blocks, BLOCK_M=info_nce.grad_row_block(d)))
         if tag == "bf16":  # the narrow tiles, the one-way loss's d z1 and d z2, no normalisation
             for d, use_a, use_b in ((16, True, False), (64, False, True)):
                 blocks = dict(BLOCK_N=info_nce.COLUMN_BLOCK, BLOCK_D=info_nce.width_block(d))
@@ -94,10 +103,16 @@ SCRIPT = textwrap.dedent("""
                     "a_ptr": ptr, "b_ptr": ptr, "lse_ptr": acc_ptr, "diag_ptr": acc_ptr, "params_ptr": acc_ptr,
                     **ints("N", "D")}, dict(**flags, **blocks, BLOCK_M=info_nce.row_block(d)))
                 kernels[f"info_nce_row_grad_{tag}_{d}_one_way"] = (info_nce.row_grad, {
-                    "a_ptr": ptr, "b_ptr": ptr, "lse_a_ptr": acc_ptr, "lse_b_ptr": acc_ptr, "z_ptr": ptr,
+                    "a_ptr": ptr, "b_ptr": ptr, "stat_a_ptr": acc_ptr, "stat_b_ptr": acc_ptr, "z_ptr": ptr,
                     "norm_ptr": acc_ptr, "grad_ptr": acc_ptr, "params_ptr": acc_ptr, "out_ptr": ptr,
                     **ints("N", "D", "stride_z", "stride_out")},
-                    dict(USE_A=use_a, USE_B=use_b, NORMALIZE=False, **flags, **blocks,
+                    dict(USE_A=use_a, USE_B=use_b, SHARED=False, NORMALIZE=False, **flags, **blocks,
+                         BLOCK_M=info_nce.grad_row_block(d)))
+                kernels[f"info_nce_row_grad_{tag}_{d}_one_way_shared"] = (info_nce.row_grad, {
+                    "a_ptr": ptr, "b_ptr": ptr, "stat_a_ptr": acc_ptr, "stat_b_ptr": acc_ptr, "z_ptr": ptr,
+                    "norm_ptr": acc_ptr, "grad_ptr": acc_ptr, "params_ptr": acc_ptr, "out_ptr": ptr,
+                    **ints("N", "D", "stride_z", "stride_out")},
+                    dict(USE_A=use_a, USE_B=use_b, SHARED=True, NORMALIZE=True, **flags, **blocks,
                          BLOCK_M=info_nce.grad_row_block(d)))
         kernels[f"info_nce_normalize_rows_{tag}"] = (info_nce.normalize_rows, {
             "z_ptr": ptr, "u_ptr": ptr, "norm_ptr": acc_ptr, **ints("N", "D", "stride_z")},
@@ -121,4 +136,4 @@ def test_every_triton_kernel_compiles_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(" ok") == 8 + 15 + 12 + 4, result.stdout
+    assert result.stdout.count(" ok") == 8 + 15 + 12 + 4 + 18 + 2 + 6, result.stdout

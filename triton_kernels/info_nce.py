@@ -7,14 +7,21 @@ With unit rows ``u1 = z1/|z1|``, ``u2 = z2/|z2|`` and ``s = u1 u2ᵀ / τ``:
 - ``row_lse``: for a block of rows of A, ``LSE_j (a_i · b_j) · scale`` and the diagonal ``a_i · b_i ·
   scale``, column tiles of B streamed with an online max and sum. Run on (u1, u2) for the rows of s and,
   for the symmetric loss, on (u2, u1) for its columns.
+- ``row_sums``: the same log-sum-exps against one fixed offset ``c`` that bounds every score (unit rows:
+  ``|s| ≤ c ≈ 1/τ``) instead of a running maximum, so that one exponential ``exp(s_ij − c)`` per element
+  serves its row's sum and, symmetric, its column's: rows and columns in one pass over the tiles. Taken
+  where ``c`` is small enough that every row's largest term stays a normal float (llkern/ops/info_nce_fused.py:
+  ``shared_offset``).
 - ``row_grad``: for a block of rows of A, ``d a_i = scale · grad · Σ_j G_ij b_j`` with
   ``G_ij = w_a exp(s_ij − lse_a[i]) + w_b exp(s_ij − lse_b[j]) − (w_a + w_b) δ_ij``, s recomputed tile by
   tile, then through the normalisation (``(d u − u (u·d u)) / |z|``, only ``/ |z|`` at the clamp) and
   stored in z's dtype. Run on (u1, u2) for d z1 and on (u2, u1) for d z2 (the roles of the two softmax
-  terms swap).
+  terms swap). SHARED (with row_sums' offset): ``G_ij = exp(s_ij − c) (α_i + β_j)`` with
+  ``α_i = w_a exp(c − lse_a[i])``, ``β_j = w_b exp(c − lse_b[j])``: one exponential per element, not two.
 
 Per element of s: two products of d multiply-adds in the backward, one in each forward pass, and an
-exponential or two; nothing of s is written to memory. Products take the operand dtype (bfloat16 for
+exponential or two (with the shared offset: one, and the symmetric forward is one pass, not two);
+nothing of s is written to memory. Products take the operand dtype (bfloat16 for
 bfloat16 inputs) with float32 accumulation (float64 operands: float64); G is rounded to the operand
 dtype for its product, as the backward of an eager bfloat16 matmul rounds its gradient.
 
@@ -148,6 +155,101 @@ def row_lse(a_ptr, b_ptr, lse_ptr, diag_ptr, params_ptr, N, D, ACC: tl.constexpr
 
 
 @triton.jit
+def _sums_tile(a, b_ptr, colsum_ptr, start, row0, rows, row_ok, dims, N, D, k, offset2, row_sum, diag,
+               COLUMNS: tl.constexpr, EVEN: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
+               INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = start + tl.arange(0, BLOCK_N)
+    t, _ = _scores(a, b_ptr, cols, dims, N, D, k, ACC, IEEE, INTERPRETED)  # s · log2(e)
+    # (only the tiles that cross the diagonal pick it out; reading it from the rows themselves instead kept a
+    # register copy of A alive through the loop: 255 registers and spills at d = 128)
+    if (start < row0 + BLOCK_M) & (row0 < start + BLOCK_N):
+        diag += tl.sum(tl.where(rows[:, None] == cols[None, :], t, 0.0), 1)
+    e = tl.exp2(t - offset2)  # = exp(s − c)
+    if not EVEN:  # (padded rows and columns have s = 0, whose term is not 0)
+        e = tl.where(row_ok[:, None] & (cols < N)[None, :], e, 0.0)
+    row_sum += tl.sum(e, 1)
+    if COLUMNS:  # this program's own row of partial column sums: no other program writes it
+        col_ok = cols < N
+        tl.store(colsum_ptr + cols, tl.load(colsum_ptr + cols, mask=col_ok, other=0.0) + tl.sum(e, 0), mask=col_ok)
+    return row_sum, diag
+
+
+@triton.jit
+def _block_sums(a_ptr, b_ptr, lse_ptr, diag_ptr, colsum_ptr, block, N, D, k, offset2, offset, scale,
+                COLUMNS: tl.constexpr, EVEN: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
+                INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    row0 = block * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    a_mask = row_ok[:, None] & (dims < D)[None, :]
+    a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], mask=a_mask, other=0.0)
+    row_sum = tl.zeros((BLOCK_M,), ACC)
+    diag = tl.zeros((BLOCK_M,), ACC)
+    if INTERPRETED:
+        start = 0
+        while start < N:
+            row_sum, diag = _sums_tile(a, b_ptr, colsum_ptr, start, row0, rows, row_ok, dims, N, D, k, offset2, row_sum,
+                                       diag, COLUMNS, EVEN, ACC, IEEE, INTERPRETED, BLOCK_M, BLOCK_N)
+            start += BLOCK_N
+    else:
+        for start in range(0, N, BLOCK_N):
+            row_sum, diag = _sums_tile(a, b_ptr, colsum_ptr, start, row0, rows, row_ok, dims, N, D, k, offset2, row_sum,
+                                       diag, COLUMNS, EVEN, ACC, IEEE, INTERPRETED, BLOCK_M, BLOCK_N)
+    tl.store(lse_ptr + rows, offset + tl.log(tl.where(row_ok, row_sum, 1.0)), mask=row_ok)  # (padded rows: 0)
+    tl.store(diag_ptr + rows, diag * (scale / k), mask=row_ok)  # (t = s · log2 e)
+
+
+@triton.jit
+def row_sums(a_ptr, b_ptr, lse_ptr, diag_ptr, colsum_ptr, params_ptr, N, D, COLUMNS: tl.constexpr,
+             EVEN: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """lse[i] = c + log Σ_j exp(s_ij − c) and diag[i] = s_ii, s = A Bᵀ · scale, for c ≥ every s_ij; COLUMNS:
+    also the columns' sums Σ_i exp(s_ij − c), this program's share of them added into row p of colsum
+    ((programs × N), zeros; the caller sums its rows). Program p takes the row blocks p, p + P, … (P programs),
+    so colsum has P rows, not one per block. params: (scale·log2 e, c·log2 e, c, scale) in ACC. EVEN: N a
+    multiple of both blocks (no padded rows or columns)."""
+    k = tl.load(params_ptr)
+    offset2 = tl.load(params_ptr + 1)
+    offset = tl.load(params_ptr + 2)
+    scale = tl.load(params_ptr + 3)
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    colsum_ptr += pid.to(tl.int64) * N
+    num_blocks = tl.cdiv(N, BLOCK_M)
+    if INTERPRETED:
+        block = pid
+        while block < num_blocks:
+            _block_sums(a_ptr, b_ptr, lse_ptr, diag_ptr, colsum_ptr, block, N, D, k, offset2, offset, scale, COLUMNS,
+                        EVEN, ACC, IEEE, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D)
+            block += programs
+    else:
+        for block in range(pid, num_blocks, programs):
+            _block_sums(a_ptr, b_ptr, lse_ptr, diag_ptr, colsum_ptr, block, N, D, k, offset2, offset, scale, COLUMNS,
+                        EVEN, ACC, IEEE, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _grad_tile_shared(a, b_ptr, start, dims, N, D, k, offset2, alpha, beta_ptr, acc, USE_A: tl.constexpr,
+                      USE_B: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    cols = start + tl.arange(0, BLOCK_N)
+    t, b = _scores(a, b_ptr, cols, dims, N, D, k, ACC, IEEE, INTERPRETED)
+    e = tl.exp2(t - offset2)
+    # (padded columns: their rows of B are zeros, so whatever finite G they get adds nothing; the diagonal's
+    # −(w_a + w_b) is added after the loop)
+    if USE_A and USE_B:
+        beta = tl.load(beta_ptr + cols, mask=cols < N, other=0.0)
+        g = e * (alpha[:, None] + beta[None, :])
+    elif USE_A:
+        g = e * alpha[:, None]
+    else:
+        beta = tl.load(beta_ptr + cols, mask=cols < N, other=0.0)
+        g = e * beta[None, :]
+    return _dot(_cast(g, b.dtype, INTERPRETED), b, acc, ACC, IEEE, INTERPRETED)
+
+
+@triton.jit
 def _grad_tile(a, b_ptr, start, rows, dims, N, D, scale, lse_a, lse_b_ptr, w_a, w_b, acc, USE_A: tl.constexpr,
                USE_B: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -183,12 +285,14 @@ def store_through_normalize(du, z_ptr, norm_ptr, out_ptr, rows, row_ok, dims, ma
 
 
 @triton.jit
-def row_grad(a_ptr, b_ptr, lse_a_ptr, lse_b_ptr, z_ptr, norm_ptr, grad_ptr, params_ptr, out_ptr, N, D, stride_z,
-             stride_out, USE_A: tl.constexpr, USE_B: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
-             IEEE: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_D: tl.constexpr):
+def row_grad(a_ptr, b_ptr, stat_a_ptr, stat_b_ptr, z_ptr, norm_ptr, grad_ptr, params_ptr, out_ptr, N, D, stride_z,
+             stride_out, USE_A: tl.constexpr, USE_B: tl.constexpr, SHARED: tl.constexpr, NORMALIZE: tl.constexpr,
+             ACC: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """d z (of A's rows) = grad · scale · Σ_j G_ij b_j through the normalisation, in out's dtype; params:
-    (scale, w_a, w_b) in ACC; grad: the loss's gradient, read on the device."""
+    (scale, w_a, w_b, scale·log2 e, c·log2 e) in ACC; grad: the loss's gradient, read on the device. stat_a,
+    stat_b: the log-sum-exps lse_a (of A's rows) and lse_b (of B's), or, SHARED, α = w_a exp(c − lse_a) and
+    β = w_b exp(c − lse_b)."""
     scale = tl.load(params_ptr)
     w_a = tl.load(params_ptr + 1)
     w_b = tl.load(params_ptr + 2)
@@ -198,18 +302,35 @@ def row_grad(a_ptr, b_ptr, lse_a_ptr, lse_b_ptr, z_ptr, norm_ptr, grad_ptr, para
     a_mask = row_ok[:, None] & (dims < D)[None, :]
     r64 = rows.to(tl.int64)[:, None]
     a = tl.load(a_ptr + r64 * D + dims[None, :], mask=a_mask, other=0.0)
-    lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=0.0)
+    stat_a = tl.load(stat_a_ptr + rows, mask=row_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
-    if INTERPRETED:
-        start = 0
-        while start < N:
-            acc = _grad_tile(a, b_ptr, start, rows, dims, N, D, scale, lse_a, lse_b_ptr, w_a, w_b, acc, USE_A, USE_B,
-                             ACC, IEEE, INTERPRETED, BLOCK_M, BLOCK_N)
-            start += BLOCK_N
+    if SHARED:
+        k = tl.load(params_ptr + 3)
+        offset2 = tl.load(params_ptr + 4)
+        if INTERPRETED:
+            start = 0
+            while start < N:
+                acc = _grad_tile_shared(a, b_ptr, start, dims, N, D, k, offset2, stat_a, stat_b_ptr, acc, USE_A, USE_B,
+                                        ACC, IEEE, INTERPRETED, BLOCK_N)
+                start += BLOCK_N
+        else:
+            for start in range(0, N, BLOCK_N):
+                acc = _grad_tile_shared(a, b_ptr, start, dims, N, D, k, offset2, stat_a, stat_b_ptr, acc, USE_A, USE_B,
+                                        ACC, IEEE, INTERPRETED, BLOCK_N)
+        # the diagonal's −(w_a + w_b) δ_ij, once: − (w_a + w_b) b_i
+        b_same = tl.load(b_ptr + r64 * D + dims[None, :], mask=a_mask, other=0.0).to(ACC)
+        acc -= (w_a + w_b) * b_same
     else:
-        for start in range(0, N, BLOCK_N):
-            acc = _grad_tile(a, b_ptr, start, rows, dims, N, D, scale, lse_a, lse_b_ptr, w_a, w_b, acc, USE_A, USE_B,
-                             ACC, IEEE, INTERPRETED, BLOCK_M, BLOCK_N)
+        if INTERPRETED:
+            start = 0
+            while start < N:
+                acc = _grad_tile(a, b_ptr, start, rows, dims, N, D, scale, stat_a, stat_b_ptr, w_a, w_b, acc, USE_A,
+                                 USE_B, ACC, IEEE, INTERPRETED, BLOCK_M, BLOCK_N)
+                start += BLOCK_N
+        else:
+            for start in range(0, N, BLOCK_N):
+                acc = _grad_tile(a, b_ptr, start, rows, dims, N, D, scale, stat_a, stat_b_ptr, w_a, w_b, acc, USE_A,
+                                 USE_B, ACC, IEEE, INTERPRETED, BLOCK_M, BLOCK_N)
     grad = tl.load(grad_ptr).to(ACC)
     store_through_normalize(acc * (scale * grad), z_ptr, norm_ptr, out_ptr, rows, row_ok, dims, a_mask, stride_z,
                             stride_out, NORMALIZE, ACC, INTERPRETED, BLOCK_M)

@@ -10,8 +10,12 @@ With unit rows u (info_nce.normalize_rows) and ``s = u uᵀ / τ``, ``P(i) = {p 
   0 otherwise), ``d u_k = (1/τ) Σ_j (G_kj + G_jk) u_j`` (s is symmetric, so one tile gives both terms), then
   the normalisation's backward, stored in z's dtype.
 
+  SHARED (normalised rows, τ not too small: llkern/ops/info_nce_fused.py, ``shared_offset``): with an offset
+  c ≥ every score and ``α_i = w_i exp(c − LSE_i)``, ``G_kj + G_jk = exp(s_kj − c) (α_k + α_j) − [j∈P(k)]
+  (w_k / c_k + w_j / c_j)``: one exponential per element instead of two.
+
 Per element of s: one product of d multiply-adds in the forward, two in the backward, and three
-exponentials; nothing of s is written to memory.
+exponentials (SHARED: two); nothing of s is written to memory.
 """
 
 from __future__ import annotations
@@ -100,32 +104,69 @@ def _grad_tile(a, u_ptr, labels_ptr, label_rows, start, rows, dims, N, D, scale,
 
 
 @triton.jit
-def row_grad(u_ptr, labels_ptr, lse_ptr, w_ptr, inv_count_ptr, z_ptr, norm_ptr, params_ptr, out_ptr, N, D, stride_z,
-             stride_out, NORMALIZE: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _grad_tile_shared(a, u_ptr, labels_ptr, label_rows, start, row0, rows, dims, N, D, k, offset2, alpha_rows,
+                      positive_rows, alpha_ptr, w_ptr, inv_count_ptr, acc, ACC: tl.constexpr, IEEE: tl.constexpr,
+                      INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    t, b = _scores(a, u_ptr, cols, dims, N, D, k, ACC, IEEE, INTERPRETED)
+    label_cols = tl.load(labels_ptr + cols, mask=col_ok, other=0)
+    alpha_cols = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0)
+    positive_cols = tl.load(w_ptr + cols, mask=col_ok, other=0.0) * tl.load(inv_count_ptr + cols, mask=col_ok,
+                                                                            other=0.0)
+    # (padded columns: their rows of u are zeros, so the finite G they get adds nothing)
+    g = tl.exp2(t - offset2) * (alpha_rows[:, None] + alpha_cols[None, :])
+    g -= tl.where(label_rows[:, None] == label_cols[None, :], positive_rows[:, None] + positive_cols[None, :], 0.0)
+    if (start < row0 + BLOCK_M) & (row0 < start + BLOCK_N):  # only tiles that cross the diagonal hold j = k
+        g = tl.where(rows[:, None] == cols[None, :], 0.0, g)
+    return _dot(_cast(g, b.dtype, INTERPRETED), b, acc, ACC, IEEE, INTERPRETED)
+
+
+@triton.jit
+def row_grad(u_ptr, labels_ptr, stat_ptr, w_ptr, inv_count_ptr, z_ptr, norm_ptr, params_ptr, out_ptr, N, D, stride_z,
+             stride_out, SHARED: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
+             INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """d z (this program's rows) = scale · Σ_j (G_kj + G_jk) u_j through the normalisation, in out's dtype.
-    w: grad / anchors for anchors, 0 otherwise (ACC); inv_count: 1 / max(c, 1) (ACC); params: (scale,)."""
+    w: grad / anchors for anchors, 0 otherwise (ACC); inv_count: 1 / max(c, 1) (ACC); stat: LSE over the other
+    rows, or, SHARED, α = w exp(c − LSE); params: (scale,), SHARED (scale, scale·log2 e, c·log2 e)."""
     scale = tl.load(params_ptr)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N
     a_mask = row_ok[:, None] & (dims < D)[None, :]
     r64 = rows.to(tl.int64)[:, None]
     a = tl.load(u_ptr + r64 * D + dims[None, :], mask=a_mask, other=0.0)
     label_rows = tl.load(labels_ptr + rows, mask=row_ok, other=0)
-    lse_rows = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    stat_rows = tl.load(stat_ptr + rows, mask=row_ok, other=0.0)
     w_rows = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
     inv_count_rows = tl.load(inv_count_ptr + rows, mask=row_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC)
-    if INTERPRETED:  # (see info_nce._dot)
+    if SHARED:
+        k = tl.load(params_ptr + 1)
+        offset2 = tl.load(params_ptr + 2)
+        positive_rows = w_rows * inv_count_rows
+        if INTERPRETED:
+            start = 0
+            while start < N:
+                acc = _grad_tile_shared(a, u_ptr, labels_ptr, label_rows, start, row0, rows, dims, N, D, k, offset2,
+                                        stat_rows, positive_rows, stat_ptr, w_ptr, inv_count_ptr, acc, ACC, IEEE,
+                                        INTERPRETED, BLOCK_M, BLOCK_N)
+                start += BLOCK_N
+        else:
+            for start in range(0, N, BLOCK_N):
+                acc = _grad_tile_shared(a, u_ptr, labels_ptr, label_rows, start, row0, rows, dims, N, D, k, offset2,
+                                        stat_rows, positive_rows, stat_ptr, w_ptr, inv_count_ptr, acc, ACC, IEEE,
+                                        INTERPRETED, BLOCK_M, BLOCK_N)
+    elif INTERPRETED:  # (see info_nce._dot)
         start = 0
         while start < N:
-            acc = _grad_tile(a, u_ptr, labels_ptr, label_rows, start, rows, dims, N, D, scale, lse_rows, w_rows,
-                             inv_count_rows, lse_ptr, w_ptr, inv_count_ptr, acc, ACC, IEEE, INTERPRETED, BLOCK_N)
+            acc = _grad_tile(a, u_ptr, labels_ptr, label_rows, start, rows, dims, N, D, scale, stat_rows, w_rows,
+                             inv_count_rows, stat_ptr, w_ptr, inv_count_ptr, acc, ACC, IEEE, INTERPRETED, BLOCK_N)
             start += BLOCK_N
     else:
         for start in range(0, N, BLOCK_N):
-            acc = _grad_tile(a, u_ptr, labels_ptr, label_rows, start, rows, dims, N, D, scale, lse_rows, w_rows,
-                             inv_count_rows, lse_ptr, w_ptr, inv_count_ptr, acc, ACC, IEEE, INTERPRETED, BLOCK_N)
+            acc = _grad_tile(a, u_ptr, labels_ptr, label_rows, start, rows, dims, N, D, scale, stat_rows, w_rows,
+                             inv_count_rows, stat_ptr, w_ptr, inv_count_ptr, acc, ACC, IEEE, INTERPRETED, BLOCK_N)
     store_through_normalize(acc * scale, z_ptr, norm_ptr, out_ptr, rows, row_ok, dims, a_mask, stride_z, stride_out,
                             NORMALIZE, ACC, INTERPRETED, BLOCK_M)

@@ -5,8 +5,16 @@ the kernels of triton_kernels/info_nce.py. The N×N similarity matrix exists onl
 keeps each row's (and, symmetric, each column's) log-sum-exp and the unit rows in the products' dtype;
 the backward recomputes the tiles and writes d z1 and d z2 in the inputs' dtype, the normalisation's
 backward included. Memory beyond the inputs and their gradients: the two operand copies (2·N·d values
-of the inputs' dtype) and a few values per row, at any N. Time: two N²d products a direction in the
-backward, one in each forward pass, on the tensor cores for bfloat16.
+of the inputs' dtype), a few values per row, and (symmetric, shared offset) the forward's partial column
+sums, one row of N per program (at most twice the GPU's multiprocessors). Time: two N²d products a
+direction in the backward, one in each forward pass, on the tensor cores for bfloat16.
+
+Normalised rows bound every score, |s_ij| ≤ c = 1.01/τ (1 % for the rounding of bfloat16 unit rows), so
+for τ ≥ 1.01/35 the log-sum-exps take c as their offset instead of a running maximum (``shared_offset``):
+one exponential per element then serves a row's sum and its column's, the symmetric forward is one pass
+over the tiles, and the backward forms G with one exponential per element instead of two. (exp(−2c) ≥
+e^−70 keeps every row's largest term a normal float32, so the sums are as exact as with the maximum.)
+Below that τ, or without normalisation, the kernels keep the running maximum.
 
 :func:`llkern.functional.info_nce` takes this op for bfloat16 CUDA inputs with d ≤ 256; the blocked C++
 op (``torch.ops.llkern.info_nce``) takes the rest. Call :func:`info_nce_fused` directly for float32 or
@@ -14,6 +22,10 @@ float64 (tests: exact operands, no TF32), or on CPU tensors under ``TRITON_INTER
 """
 
 from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
 
 import torch
 
@@ -26,6 +38,32 @@ __all__ = ["fused_fits", "info_nce_fused"]
 NAME = "llkern.info_nce_fused"
 DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 MAX_WIDTH = 256  # = triton_kernels.info_nce.MAX_WIDTH (not imported here: importing it imports triton)
+SCORE_BOUND = 1.01  # |u1_i · u2_j| ≤ 1 for unit rows, and ≤ (1 + 2⁻⁹)² for their bfloat16 roundings
+SHARED_OFFSET_LIMIT = 35.0  # the largest offset c taken: exp(s − c) ≥ exp(−2c) ≥ e^−70, a normal float32
+LOG2E = math.log2(math.e)
+INTERPRETER_PROGRAMS = 3  # row_sums' programs on the CPU (few, so that the tests see programs take several blocks)
+
+
+def shared_offset(temperature: float, normalize: bool) -> float | None:
+    """The offset c ≥ every score that the kernels' log-sum-exps take instead of a running maximum, or None
+    where they keep the maximum (no normalisation: the scores are unbounded; τ < 1.01/35: the smallest
+    terms would leave float32's normal range)."""
+    if not normalize:
+        return None
+    offset = SCORE_BOUND / temperature
+    return offset if offset <= SHARED_OFFSET_LIMIT else None
+
+
+@contextlib.contextmanager
+def running_maximum() -> Iterator[None]:
+    """Within it, the fused InfoNCE keeps a running maximum at every τ (the kernels before the shared offset):
+    for tests and benchmarks that compare the two. Enter it around the backward too."""
+    global SHARED_OFFSET_LIMIT
+    saved, SHARED_OFFSET_LIMIT = SHARED_OFFSET_LIMIT, -math.inf
+    try:
+        yield
+    finally:
+        SHARED_OFFSET_LIMIT = saved
 
 
 def fused_fits(z: torch.Tensor, impl: str) -> bool:
@@ -130,6 +168,14 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def _programs(blocks: int, device: torch.device) -> int:
+    """row_sums' programs: one per row block up to two per multiprocessor, which then take several blocks each
+    (so its partial column sums stay at most 2 × SMs rows of N)."""
+    if device.type == "cuda":
+        return min(blocks, 2 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(blocks, INTERPRETER_PROGRAMS)
+
+
 @torch.library.triton_op("llkern::info_nce_fused", mutates_args=())
 def _info_nce_fused_op(z1: torch.Tensor, z2: torch.Tensor, temperature: float, symmetric: bool,
                        normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -140,18 +186,34 @@ def _info_nce_fused_op(z1: torch.Tensor, z2: torch.Tensor, temperature: float, s
     n, d = z1.shape
     acc = _acc(z1.dtype)
     z1, z2 = _unit_stride(z1), _unit_stride(z2)
+    offset = shared_offset(temperature, normalize)
+    flags = dict(ACC=_triton_acc(z1.dtype), IEEE=z1.dtype == torch.float32, INTERPRETED=_interpreted(),
+                 BLOCK_M=kernels.row_block(d), BLOCK_N=kernels.COLUMN_BLOCK, BLOCK_D=kernels.width_block(d),
+                 num_warps=kernels.WARPS)
     with device_guard(z1):
         u1, norm1 = _unit_rows(z1, normalize)
         u2, norm2 = _unit_rows(z2, normalize)
+        if offset is not None:
+            # one pass: each exponential goes into its row's sum and its column's partial sum
+            programs = _programs(triton_cdiv(n, flags["BLOCK_M"]), z1.device)
+            lse = torch.empty((2 if symmetric else 1, n), dtype=acc, device=z1.device)
+            diag = torch.empty(n, dtype=acc, device=z1.device)
+            colsum = torch.zeros((programs, n) if symmetric else (0,), dtype=acc, device=z1.device)
+            scale = 1.0 / temperature
+            params = _params([scale * LOG2E, offset * LOG2E, offset, scale], acc, z1.device)
+            even = n % flags["BLOCK_M"] == 0 and n % flags["BLOCK_N"] == 0
+            torch.library.wrap_triton(kernels.row_sums)[(programs,)](
+                u1, u2, lse[0], diag, colsum, params, n, d, COLUMNS=symmetric, EVEN=even, **flags)
+            if symmetric:
+                lse[1] = colsum.sum(0).log_().add_(offset)
+            loss = (lse - diag).mean()  # (symmetric: the mean of both directions' means)
+            return loss, u1, u2, norm1, norm2, lse
         lse = torch.empty((2 if symmetric else 1, n), dtype=acc, device=z1.device)
         diag = torch.empty_like(lse)
         params = _params([1.0 / temperature], acc, z1.device)
-        block = kernels.row_block(d)
         for i, (a, b) in enumerate([(u1, u2), (u2, u1)][: lse.shape[0]]):
-            torch.library.wrap_triton(kernels.row_lse)[(triton_cdiv(n, block),)](
-                a, b, lse[i], diag[i], params, n, d, ACC=_triton_acc(z1.dtype), IEEE=z1.dtype == torch.float32,
-                INTERPRETED=_interpreted(), BLOCK_M=block, BLOCK_N=kernels.COLUMN_BLOCK, BLOCK_D=kernels.width_block(d),
-                num_warps=kernels.WARPS)
+            torch.library.wrap_triton(kernels.row_lse)[(triton_cdiv(n, flags["BLOCK_M"]),)](
+                a, b, lse[i], diag[i], params, n, d, **flags)
     loss = (lse - diag).mean()  # (symmetric: the mean of both directions' means)
     return loss, u1, u2, norm1, norm2, lse
 
@@ -169,26 +231,35 @@ def _info_nce_fused_backward_op(grad: torch.Tensor, z1: torch.Tensor, z2: torch.
     acc = _acc(z1.dtype)
     z1, z2 = _unit_stride(z1), _unit_stride(z2)
     weight = 1.0 / (2 * n if symmetric else n)
+    offset = shared_offset(temperature, normalize)
+    scale = 1.0 / temperature
     rows_lse = lse[0]
     columns_lse = lse[1] if symmetric else lse[0]  # (unused one-way)
     grads = []
     with device_guard(z1):
         grad = grad.to(acc).reshape(())
+        if offset is not None:  # the kernels take α = w exp(c − lse), so that G_ij = exp(s_ij − c) (α_i + β_j)
+            rows_stat = torch.exp(offset - rows_lse) * weight
+            columns_stat = torch.exp(offset - columns_lse) * weight if symmetric else rows_stat
+        else:
+            rows_stat, columns_stat = rows_lse, columns_lse
         # d z1: rows of s, softmax over each row (and, symmetric, over each column); d z2: rows of sᵀ, where
         # the two terms trade places.
-        for wanted, a, b, z, norm, lse_a, lse_b, w_a, w_b in (
-                (grad_z1, u1, u2, z1, norm1, rows_lse, columns_lse, weight, weight if symmetric else 0.0),
-                (grad_z2, u2, u1, z2, norm2, columns_lse, rows_lse, weight if symmetric else 0.0, weight)):
+        for wanted, a, b, z, norm, stat_a, stat_b, w_a, w_b in (
+                (grad_z1, u1, u2, z1, norm1, rows_stat, columns_stat, weight, weight if symmetric else 0.0),
+                (grad_z2, u2, u1, z2, norm2, columns_stat, rows_stat, weight if symmetric else 0.0, weight)):
             if not wanted:
                 grads.append(z.new_empty((0,)))
                 continue
             out = torch.empty((n, d), dtype=z.dtype, device=z.device)
             block = kernels.grad_row_block(d)
+            values = [scale, w_a, w_b] + ([scale * LOG2E, offset * LOG2E] if offset is not None else [])
             torch.library.wrap_triton(kernels.row_grad)[(triton_cdiv(n, block),)](
-                a, b, lse_a, lse_b, z, norm, grad, _params([1.0 / temperature, w_a, w_b], acc, z.device), out,
-                n, d, z.stride(0), out.stride(0), USE_A=w_a != 0.0, USE_B=w_b != 0.0, NORMALIZE=normalize,
-                ACC=_triton_acc(z.dtype), IEEE=z.dtype == torch.float32, INTERPRETED=_interpreted(), BLOCK_M=block,
-                BLOCK_N=kernels.COLUMN_BLOCK, BLOCK_D=kernels.width_block(d), num_warps=kernels.WARPS)
+                a, b, stat_a, stat_b, z, norm, grad, _params(values, acc, z.device), out,
+                n, d, z.stride(0), out.stride(0), USE_A=w_a != 0.0, USE_B=w_b != 0.0, SHARED=offset is not None,
+                NORMALIZE=normalize, ACC=_triton_acc(z.dtype), IEEE=z.dtype == torch.float32,
+                INTERPRETED=_interpreted(), BLOCK_M=block, BLOCK_N=kernels.COLUMN_BLOCK,
+                BLOCK_D=kernels.width_block(d), num_warps=kernels.WARPS)
             grads.append(out)
     return grads[0], grads[1]
 

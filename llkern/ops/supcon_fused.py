@@ -4,7 +4,9 @@
 triton_kernels/supcon.py, built like the fused InfoNCE (llkern/ops/info_nce_fused.py): the N×N matrix only in
 tiles; the forward keeps each row's log-sum-exp over the other rows, its count of positives and the unit rows
 in the products' dtype; the backward recomputes the tiles. Memory beyond the input and its gradient: N·d
-values of the input's dtype and a few per row. Time: one N²d product in the forward, two in the backward.
+values of the input's dtype and a few per row. Time: one N²d product in the forward, two in the backward;
+where the fused InfoNCE takes a fixed offset (normalised rows, τ ≥ 1.01/35: ``shared_offset``), the backward
+forms G_kj + G_jk with one exponential per element instead of two.
 
 :func:`llkern.functional.supcon_loss` takes this op for bfloat16 CUDA inputs with d ≤ 256; the blocked C++
 op the rest. Call :func:`supcon_fused` directly for float32 or float64, or on CPU tensors under
@@ -17,6 +19,7 @@ import torch
 
 from llkern._ext import IMPLS, device_guard, no_double_backward
 from llkern.ops.info_nce_fused import (
+    LOG2E,
     _acc,
     _interpreted,
     _params,
@@ -24,6 +27,7 @@ from llkern.ops.info_nce_fused import (
     _unit_rows,
     _unit_stride,
     check_fused_inputs,
+    shared_offset,
     triton_cdiv,
 )
 from llkern.reference.similarity import _check_labels, _check_temperature, check_embeddings
@@ -115,11 +119,17 @@ def _supcon_fused_backward_op(grad: torch.Tensor, z: torch.Tensor, labels: torch
     inv_count = 1.0 / count.clamp_min(1).to(acc)
     out = torch.empty((n, d), dtype=z.dtype, device=z.device)
     block = info_nce.grad_row_block(d)
+    scale = 1.0 / temperature
+    offset = shared_offset(temperature, normalize)
+    if offset is not None:  # one exponential per element: G_kj + G_jk = exp(s_kj − c) (α_k + α_j) − …
+        stat, values = w * torch.exp(offset - lse), [scale, scale * LOG2E, offset * LOG2E]
+    else:
+        stat, values = lse, [scale]
     with device_guard(z):
         torch.library.wrap_triton(supcon.row_grad)[(triton_cdiv(n, block),)](
-            u, labels, lse, w, inv_count, z, norm, _params([1.0 / temperature], acc, z.device), out, n, d,
-            z.stride(0), out.stride(0), NORMALIZE=normalize, ACC=_triton_acc(z.dtype), IEEE=z.dtype == torch.float32,
-            INTERPRETED=_interpreted(), BLOCK_M=block, **_blocks(d))
+            u, labels, stat, w, inv_count, z, norm, _params(values, acc, z.device), out, n, d,
+            z.stride(0), out.stride(0), SHARED=offset is not None, NORMALIZE=normalize, ACC=_triton_acc(z.dtype),
+            IEEE=z.dtype == torch.float32, INTERPRETED=_interpreted(), BLOCK_M=block, **_blocks(d))
     return out
 
 
