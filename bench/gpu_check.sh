@@ -104,6 +104,7 @@ EOF
 }
 
 OP_TESTS=(tests/test_transport.py tests/test_aux_head.py tests/test_similarity.py tests/test_info_nce_fused.py tests/test_supcon_fused.py
+          tests/test_renyi_fused.py
           tests/test_context.py
           tests/test_mean_kl.py tests/test_miracle_select.py tests/test_random.py tests/test_triton_sm90.py
           tests/test_build.py tests/test_value_checks.py tests/test_fast_divmod.py tests/test_compression.py

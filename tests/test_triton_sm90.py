@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from llkern.triton_kernels import context_add, info_nce, mean_kl, miracle_encode, philox, supcon
+    from llkern.triton_kernels import context_add, info_nce, mean_kl, miracle_encode, philox, renyi, supcon
 
     def pointers(*names, dtype="*fp32"):
         return {name: dtype for name in names}
@@ -96,6 +96,12 @@ SCRIPT = textwrap.dedent("""
                     "inv_count_ptr": acc_ptr, "z_ptr": ptr, "norm_ptr": acc_ptr, "params_ptr": acc_ptr, "out_ptr": ptr,
                     **ints("N", "D", "stride_z", "stride_out")},
                     dict(SHARED=shared, NORMALIZE=True, **flags, **blocks, BLOCK_M=info_nce.grad_row_block(d)))
+            kernels[f"renyi_row_sums_{tag}_{d}"] = (renyi.row_sums, {
+                "u_ptr": ptr, "sq_ptr": acc_ptr, "labels_ptr": "*i64", "all_ptr": acc_ptr, "same_ptr": acc_ptr,
+                "count_ptr": "*i32", **ints("N", "D")}, dict(**flags, **blocks, BLOCK_M=info_nce.row_block(d)))
+            kernels[f"renyi_row_grad_{tag}_{d}"] = (renyi.row_grad, {
+                "u_ptr": ptr, "sq_ptr": acc_ptr, "labels_ptr": "*i64", "coef_ptr": acc_ptr, "out_ptr": ptr,
+                **ints("N", "D", "stride_out")}, dict(**flags, **blocks, BLOCK_M=info_nce.grad_row_block(d)))
         if tag == "bf16":  # the narrow tiles, the one-way loss's d z1 and d z2, no normalisation
             for d, use_a, use_b in ((16, True, False), (64, False, True)):
                 blocks = dict(BLOCK_N=info_nce.COLUMN_BLOCK, BLOCK_D=info_nce.width_block(d))
@@ -124,7 +130,7 @@ SCRIPT = textwrap.dedent("""
             if param.name in ("seed", "stream", "first", "first_block", "gumbel_first", "kappa_bits", "delta_bits"):
                 assert param.do_not_specialize, f"{name}: {param.name} must be in do_not_specialize"
         signature = {**signature, **{k: "constexpr" for k in constants}}
-        options = {"num_warps": info_nce.WARPS} if name.startswith(("info_nce_row", "supcon_row")) else {}
+        options = {"num_warps": info_nce.WARPS} if name.startswith(("info_nce_row", "supcon_row", "renyi_row")) else {}
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=target,
                                   options=options)
         assert compiled.asm.get("cubin"), name
@@ -136,4 +142,4 @@ def test_every_triton_kernel_compiles_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(" ok") == 8 + 15 + 12 + 4 + 18 + 2 + 6, result.stdout
+    assert result.stdout.count(" ok") == 8 + 15 + 12 + 4 + 18 + 2 + 6 + 12, result.stdout

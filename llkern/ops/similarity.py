@@ -19,6 +19,7 @@ import torch
 
 from llkern._ext import extension_loaded, no_double_backward, use_kernel
 from llkern.ops.info_nce_fused import fused_fits, run_info_nce_fused
+from llkern.ops.renyi_fused import run_renyi_fused
 from llkern.ops.supcon_fused import run_supcon_fused
 from llkern.reference.similarity import (
     _check_labels,
@@ -110,8 +111,9 @@ def renyi_mutual_information(t: torch.Tensor, labels: torch.Tensor, *, sigma: fl
 
     A is the Gaussian Gram matrix of the rows of ``t`` (flattened), B the labels' Gram matrix
     and ``S(A, B) = S(A∘B / tr(A∘B))``. For α = 2 the entropies are Frobenius norms, accumulated
-    block by block with the gradient; other α go through an eigen-decomposition (reference path,
-    small N only).
+    block by block with the gradient (bfloat16 CUDA inputs with d ≤ 256: by the fused Triton op,
+    :mod:`llkern.ops.renyi_fused`, tile by tile); other α go through an eigen-decomposition (reference
+    path, small N only).
 
     Args:
         t: ``(N, ...)`` representations (rows flattened).
@@ -131,6 +133,8 @@ def renyi_mutual_information(t: torch.Tensor, labels: torch.Tensor, *, sigma: fl
     _check_labels(name, labels, t.shape[0], t.device)
     sigma = _check_width(name, "sigma", sigma)
     label_sigma = _check_width(name, "label_sigma", label_sigma)
+    if alpha == 2.0 and fused_fits(t, impl):  # bfloat16 on a GPU: the fused Triton kernels, no N×N blocks
+        return run_renyi_fused(t, labels, sigma, label_sigma)
     if alpha == 2.0 and use_kernel("renyi_mutual_information", t.device, impl):
         return torch.ops.llkern.renyi_mutual_information(t, labels.to(torch.int64), sigma, label_sigma,
                                                          _needs_grad(t))[0]
