@@ -130,9 +130,10 @@ def cases(smoke: bool) -> list[dict]:
         out.append(dict(op="supcon_loss", dtype=tag, inputs=[z1], mask=[True],
                         fn=lambda a, impl, lab=labels: LF.supcon_loss(a, lab.to(a.device), 0.1, impl=impl)))
         nr = 97 if smoke else 2048
+        # (σ = √d: random rows are ~√(2d) apart, so K² ≈ e⁻² and the gradient is not ≈ 0 as at Silverman's width)
         out.append(dict(op="renyi_mutual_information", dtype=tag, inputs=[z1[:nr]], mask=[True],
-                        fn=lambda a, impl, lab=labels[:nr]: LF.renyi_mutual_information(a, lab.to(a.device),
-                                                                                          impl=impl)))
+                        fn=lambda a, impl, lab=labels[:nr]: LF.renyi_mutual_information(
+                            a, lab.to(a.device), sigma=math.sqrt(a.shape[1]), impl=impl)))
         # context add (Triton)
         shape = (2, 3, 7, 5) if smoke else (16, 64, 64, 64)
         h = rn(*shape, dtype=dtype)
