@@ -106,7 +106,7 @@ def _renyi_fused_op(t: torch.Tensor, labels: torch.Tensor, sigma: float | None,
         t_acc = t.to(acc)
         width = (torch.full((), sigma, dtype=torch.float64, device=t.device) if sigma is not None
                  else default_sigma_tensor(t_acc))
-        u = ((t_acc - t_acc.mean(0, keepdim=True)) / width.to(acc)).to(t.dtype)
+        u = (t_acc - t_acc.mean(0, keepdim=True)).div_(width.to(acc)).to(t.dtype)  # (one float32 copy, not two)
         del t_acc
         u_acc = u.to(acc)
         sq = (u_acc * u_acc).sum(1)  # of the rounded rows: the products see those
