@@ -65,12 +65,14 @@ def test_shared_offset_and_running_maximum_agree_with_float64(n, d, classes, dty
         check64(z, labels, 0.1, tol)
 
 
+@pytest.mark.parametrize("d,k", [(5, 70), (200, 97)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_a_row_at_the_lowest_scores_the_offset_takes(dtype, tol):
-    # τ at the limit (c = 35): row 70 against every other row scores −c, so its terms are exp(−70) and
-    # α_70 = w_70 e^70; its own term exp(s_kk − c) α_k, if not left out, would swamp its gradient. (Row 70: in
-    # the second block of rows, its diagonal in a later tile than the first.)
-    n, d, k = 100, 5, 70
+def test_a_row_at_the_lowest_scores_the_offset_takes(d, k, dtype, tol):
+    # τ at the limit (c = 35): row k against every other row scores −c, so its terms are exp(−70) and
+    # α_k = w_k e^70; its own term exp(s_kk − c) α_k, if not left out, would swamp its gradient. (Row 70: in the
+    # second block of 64 rows, its diagonal in a later tile than the first; row 97 at d = 200: in the fourth block
+    # of 32 rows, whose diagonal lies in the tile of columns 64–127, which starts before the block.)
+    n = 100
     z, labels = make(n, d, 3, dtype)
     w = torch.randn(d, dtype=dtype, device=DEVICE)
     with torch.no_grad():
@@ -113,6 +115,21 @@ def test_bfloat16_error_relative_to_pytorch(n, d, classes, normalize):
     assert relative_error(loss, ref_loss) <= 2 * relative_error(eager, ref_loss) + 1e-6
     assert grad.dtype == torch.bfloat16
     assert relative_error(grad, ref) <= 2 * relative_error(eager_grad, ref) + 1e-6
+
+
+def test_a_huge_upstream_gradient():
+    # α = w exp(c − LSE) reaches e^70 / anchors; the upstream gradient is multiplied in at the end, not into α
+    # (there it overflowed: NaN at 1e9). The loss of two opposite rows of one label is constant: gradient 0.
+    x = torch.randn(1, 6, device=DEVICE)
+    z = torch.cat([x, -x]).requires_grad_()
+    labels = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    loss = supcon_fused(z, labels, 1.01 / 35)
+    (grad,) = torch.autograd.grad(loss, [z], grad_outputs=torch.tensor(1e9, device=DEVICE))
+    assert torch.isfinite(grad).all() and grad.abs().max() <= 1e9 * 1e-4
+    w, labels = make(30, 6, 3)
+    (grad,) = torch.autograd.grad(supcon_fused(w, labels, 0.1), [w], grad_outputs=torch.tensor(1e9, device=DEVICE))
+    _, ref = reference64(w, labels, 0.1)
+    assert relative_error(grad, 1e9 * ref) <= 2e-5
 
 
 def test_strided_input_and_scaled_gradient():

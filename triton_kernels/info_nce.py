@@ -7,17 +7,17 @@ With unit rows ``u1 = z1/|z1|``, ``u2 = z2/|z2|`` and ``s = u1 u2ᵀ / τ``:
 - ``row_lse``: for a block of rows of A, ``LSE_j (a_i · b_j) · scale`` and the diagonal ``a_i · b_i ·
   scale``, column tiles of B streamed with an online max and sum. Run on (u1, u2) for the rows of s and,
   for the symmetric loss, on (u2, u1) for its columns.
-- ``row_sums``: the same log-sum-exps against one fixed offset ``c`` that bounds every score (unit rows:
-  ``|s| ≤ c ≈ 1/τ``) instead of a running maximum, so that one exponential ``exp(s_ij − c)`` per element
-  serves its row's sum and, symmetric, its column's: rows and columns in one pass over the tiles. Taken
-  where ``c`` is small enough that every row's largest term stays a normal float (llkern/ops/info_nce_fused.py:
-  ``shared_offset``).
+- ``row_sums``: the sums of ``exp(s_ij − c)`` against one fixed offset ``c`` that bounds every score (unit
+  rows: ``|s| ≤ c ≈ 1/τ``) instead of a running maximum, so that one exponential per element serves its
+  row's sum and, symmetric, its column's: rows and columns in one pass over the tiles; and the diagonal's own
+  term, so that each loss is the log of a ratio (near 1 where the loss is small). Taken where ``c`` is small
+  enough that every row's largest term stays a normal float (llkern/ops/info_nce_fused.py: ``shared_offset``).
 - ``row_grad``: for a block of rows of A, ``d a_i = scale · grad · Σ_j G_ij b_j`` with
   ``G_ij = w_a exp(s_ij − lse_a[i]) + w_b exp(s_ij − lse_b[j]) − (w_a + w_b) δ_ij``, s recomputed tile by
   tile, then through the normalisation (``(d u − u (u·d u)) / |z|``, only ``/ |z|`` at the clamp) and
   stored in z's dtype. Run on (u1, u2) for d z1 and on (u2, u1) for d z2 (the roles of the two softmax
-  terms swap). SHARED (with row_sums' offset): ``G_ij = exp(s_ij − c) (α_i + β_j)`` with
-  ``α_i = w_a exp(c − lse_a[i])``, ``β_j = w_b exp(c − lse_b[j])``: one exponential per element, not two.
+  terms swap). SHARED (with row_sums' offset): ``G_ij = exp(s_ij − c) (α_i + β_j)`` with ``α_i = w_a /
+  sum_a[i]``, ``β_j = w_b / sum_b[j]`` from row_sums' sums: one exponential per element, not two.
 
 Per element of s: two products of d multiply-adds in the backward, one in each forward pass, and an
 exponential or two (with the shared offset: one, and the symmetric forward is one pass, not two);
@@ -160,13 +160,12 @@ def _sums_tile(a, b_ptr, colsum_ptr, start, row0, rows, row_ok, dims, N, D, k, o
                INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = start + tl.arange(0, BLOCK_N)
     t, _ = _scores(a, b_ptr, cols, dims, N, D, k, ACC, IEEE, INTERPRETED)  # s · log2(e)
-    # (only the tiles that cross the diagonal pick it out; reading it from the rows themselves instead kept a
-    # register copy of A alive through the loop: 255 registers and spills at d = 128)
-    if (start < row0 + BLOCK_M) & (row0 < start + BLOCK_N):
-        diag += tl.sum(tl.where(rows[:, None] == cols[None, :], t, 0.0), 1)
     e = tl.exp2(t - offset2)  # = exp(s − c)
     if not EVEN:  # (padded rows and columns have s = 0, whose term is not 0)
         e = tl.where(row_ok[:, None] & (cols < N)[None, :], e, 0.0)
+    # (only the tiles that cross the diagonal pick it out)
+    if (start < row0 + BLOCK_M) & (row0 < start + BLOCK_N):
+        diag += tl.sum(tl.where(rows[:, None] == cols[None, :], e, 0.0), 1)
     row_sum += tl.sum(e, 1)
     if COLUMNS:  # this program's own row of partial column sums: no other program writes it
         col_ok = cols < N
@@ -175,7 +174,7 @@ def _sums_tile(a, b_ptr, colsum_ptr, start, row0, rows, row_ok, dims, N, D, k, o
 
 
 @triton.jit
-def _block_sums(a_ptr, b_ptr, lse_ptr, diag_ptr, colsum_ptr, block, N, D, k, offset2, offset, scale,
+def _block_sums(a_ptr, b_ptr, sum_ptr, diag_ptr, colsum_ptr, block, N, D, k, offset2,
                 COLUMNS: tl.constexpr, EVEN: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
                 INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     row0 = block * BLOCK_M
@@ -196,23 +195,22 @@ def _block_sums(a_ptr, b_ptr, lse_ptr, diag_ptr, colsum_ptr, block, N, D, k, off
         for start in range(0, N, BLOCK_N):
             row_sum, diag = _sums_tile(a, b_ptr, colsum_ptr, start, row0, rows, row_ok, dims, N, D, k, offset2, row_sum,
                                        diag, COLUMNS, EVEN, ACC, IEEE, INTERPRETED, BLOCK_M, BLOCK_N)
-    tl.store(lse_ptr + rows, offset + tl.log(tl.where(row_ok, row_sum, 1.0)), mask=row_ok)  # (padded rows: 0)
-    tl.store(diag_ptr + rows, diag * (scale / k), mask=row_ok)  # (t = s · log2 e)
+    tl.store(sum_ptr + rows, row_sum, mask=row_ok)
+    tl.store(diag_ptr + rows, diag, mask=row_ok)
 
 
 @triton.jit
-def row_sums(a_ptr, b_ptr, lse_ptr, diag_ptr, colsum_ptr, params_ptr, N, D, COLUMNS: tl.constexpr,
+def row_sums(a_ptr, b_ptr, sum_ptr, diag_ptr, colsum_ptr, params_ptr, N, D, COLUMNS: tl.constexpr,
              EVEN: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """lse[i] = c + log Σ_j exp(s_ij − c) and diag[i] = s_ii, s = A Bᵀ · scale, for c ≥ every s_ij; COLUMNS:
-    also the columns' sums Σ_i exp(s_ij − c), this program's share of them added into row p of colsum
-    ((programs × N), zeros; the caller sums its rows). Program p takes the row blocks p, p + P, … (P programs),
-    so colsum has P rows, not one per block. params: (scale·log2 e, c·log2 e, c, scale) in ACC. EVEN: N a
+    """sum[i] = Σ_j exp(s_ij − c) and diag[i] = exp(s_ii − c), s = A Bᵀ · scale, for c ≥ every s_ij (the loss
+    of row i is log(sum[i] / diag[i]): a ratio near 1 where the loss is small, not a difference of two numbers
+    near c); COLUMNS: also the columns' sums Σ_i exp(s_ij − c), this program's share of them added into row p
+    of colsum ((programs × N), zeros; the caller sums its rows). Program p takes the row blocks p, p + P, …
+    (P programs), so colsum has P rows, not one per block. params: (scale·log2 e, c·log2 e) in ACC. EVEN: N a
     multiple of both blocks (no padded rows or columns)."""
     k = tl.load(params_ptr)
     offset2 = tl.load(params_ptr + 1)
-    offset = tl.load(params_ptr + 2)
-    scale = tl.load(params_ptr + 3)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     colsum_ptr += pid.to(tl.int64) * N
@@ -220,24 +218,23 @@ def row_sums(a_ptr, b_ptr, lse_ptr, diag_ptr, colsum_ptr, params_ptr, N, D, COLU
     if INTERPRETED:
         block = pid
         while block < num_blocks:
-            _block_sums(a_ptr, b_ptr, lse_ptr, diag_ptr, colsum_ptr, block, N, D, k, offset2, offset, scale, COLUMNS,
-                        EVEN, ACC, IEEE, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D)
+            _block_sums(a_ptr, b_ptr, sum_ptr, diag_ptr, colsum_ptr, block, N, D, k, offset2, COLUMNS, EVEN, ACC,
+                        IEEE, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D)
             block += programs
     else:
         for block in range(pid, num_blocks, programs):
-            _block_sums(a_ptr, b_ptr, lse_ptr, diag_ptr, colsum_ptr, block, N, D, k, offset2, offset, scale, COLUMNS,
-                        EVEN, ACC, IEEE, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D)
+            _block_sums(a_ptr, b_ptr, sum_ptr, diag_ptr, colsum_ptr, block, N, D, k, offset2, COLUMNS, EVEN, ACC,
+                        IEEE, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
-def _grad_tile_shared(a, b_ptr, start, dims, N, D, k, offset2, alpha, beta_ptr, acc, USE_A: tl.constexpr,
-                      USE_B: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+def _grad_tile_shared(a, b_ptr, start, row0, rows, dims, N, D, k, offset2, alpha, beta_ptr, w_diag, acc,
+                      USE_A: tl.constexpr, USE_B: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
+                      INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = start + tl.arange(0, BLOCK_N)
     t, b = _scores(a, b_ptr, cols, dims, N, D, k, ACC, IEEE, INTERPRETED)
     e = tl.exp2(t - offset2)
-    # (padded columns: their rows of B are zeros, so whatever finite G they get adds nothing; the diagonal's
-    # −(w_a + w_b) is added after the loop)
+    # (padded columns: their rows of B are zeros, so whatever finite G they get adds nothing)
     if USE_A and USE_B:
         beta = tl.load(beta_ptr + cols, mask=cols < N, other=0.0)
         g = e * (alpha[:, None] + beta[None, :])
@@ -246,6 +243,10 @@ def _grad_tile_shared(a, b_ptr, start, dims, N, D, k, offset2, alpha, beta_ptr, 
     else:
         beta = tl.load(beta_ptr + cols, mask=cols < N, other=0.0)
         g = e * beta[None, :]
+    # the diagonal's −(w_a + w_b), in the tiles that cross it and before G is rounded: G_ii = w (p_ii − 1) is
+    # small where the loss is, and rounding w p_ii first would leave an error of w/256 in bfloat16
+    if (start < row0 + BLOCK_M) & (row0 < start + BLOCK_N):
+        g = tl.where(rows[:, None] == cols[None, :], g - w_diag, g)
     return _dot(_cast(g, b.dtype, INTERPRETED), b, acc, ACC, IEEE, INTERPRETED)
 
 
@@ -291,12 +292,13 @@ def row_grad(a_ptr, b_ptr, stat_a_ptr, stat_b_ptr, z_ptr, norm_ptr, grad_ptr, pa
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """d z (of A's rows) = grad · scale · Σ_j G_ij b_j through the normalisation, in out's dtype; params:
     (scale, w_a, w_b, scale·log2 e, c·log2 e) in ACC; grad: the loss's gradient, read on the device. stat_a,
-    stat_b: the log-sum-exps lse_a (of A's rows) and lse_b (of B's), or, SHARED, α = w_a exp(c − lse_a) and
-    β = w_b exp(c − lse_b)."""
+    stat_b: the log-sum-exps lse_a (of A's rows) and lse_b (of B's), or, SHARED, α = w_a / sum_a and
+    β = w_b / sum_b with row_sums' sums of exp(s − c)."""
     scale = tl.load(params_ptr)
     w_a = tl.load(params_ptr + 1)
     w_b = tl.load(params_ptr + 2)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N
     a_mask = row_ok[:, None] & (dims < D)[None, :]
@@ -310,16 +312,13 @@ def row_grad(a_ptr, b_ptr, stat_a_ptr, stat_b_ptr, z_ptr, norm_ptr, grad_ptr, pa
         if INTERPRETED:
             start = 0
             while start < N:
-                acc = _grad_tile_shared(a, b_ptr, start, dims, N, D, k, offset2, stat_a, stat_b_ptr, acc, USE_A, USE_B,
-                                        ACC, IEEE, INTERPRETED, BLOCK_N)
+                acc = _grad_tile_shared(a, b_ptr, start, row0, rows, dims, N, D, k, offset2, stat_a, stat_b_ptr,
+                                        w_a + w_b, acc, USE_A, USE_B, ACC, IEEE, INTERPRETED, BLOCK_M, BLOCK_N)
                 start += BLOCK_N
         else:
             for start in range(0, N, BLOCK_N):
-                acc = _grad_tile_shared(a, b_ptr, start, dims, N, D, k, offset2, stat_a, stat_b_ptr, acc, USE_A, USE_B,
-                                        ACC, IEEE, INTERPRETED, BLOCK_N)
-        # the diagonal's −(w_a + w_b) δ_ij, once: − (w_a + w_b) b_i
-        b_same = tl.load(b_ptr + r64 * D + dims[None, :], mask=a_mask, other=0.0).to(ACC)
-        acc -= (w_a + w_b) * b_same
+                acc = _grad_tile_shared(a, b_ptr, start, row0, rows, dims, N, D, k, offset2, stat_a, stat_b_ptr,
+                                        w_a + w_b, acc, USE_A, USE_B, ACC, IEEE, INTERPRETED, BLOCK_M, BLOCK_N)
     else:
         if INTERPRETED:
             start = 0

@@ -6,8 +6,8 @@ With unit rows u (info_nce.normalize_rows) and ``s = u uᵀ / τ``, ``P(i) = {p 
 - ``row_stats``: for a block of rows, ``LSE_{a≠i} s_ia``, ``Σ_{p∈P(i)} s_ip`` and c_i, column tiles streamed
   with an online max and sum (labels compared per tile: no host-side grouping). The loss
   ``−(1/A) Σ_{c_i>0} (Σ_p s_ip − c_i LSE_i) / c_i`` over the A anchors with a positive is formed from these.
-- ``row_grad``: with ``G_ij = w_i (exp(s_ij − LSE_i) − [j∈P(i)] / c_i)`` (j ≠ i; ``w_i = grad / A`` for anchors,
-  0 otherwise), ``d u_k = (1/τ) Σ_j (G_kj + G_jk) u_j`` (s is symmetric, so one tile gives both terms), then
+- ``row_grad``: with ``G_ij = w_i (exp(s_ij − LSE_i) − [j∈P(i)] / c_i)`` (j ≠ i; ``w_i = 1 / A`` for anchors,
+  0 otherwise), ``d u_k = (grad/τ) Σ_j (G_kj + G_jk) u_j`` (s is symmetric, so one tile gives both terms), then
   the normalisation's backward, stored in z's dtype.
 
   SHARED (normalised rows, τ not too small: llkern/ops/info_nce_fused.py, ``shared_offset``): with an offset
@@ -123,12 +123,15 @@ def _grad_tile_shared(a, u_ptr, labels_ptr, label_rows, start, row0, rows, dims,
 
 
 @triton.jit
-def row_grad(u_ptr, labels_ptr, stat_ptr, w_ptr, inv_count_ptr, z_ptr, norm_ptr, params_ptr, out_ptr, N, D, stride_z,
-             stride_out, SHARED: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
-             INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """d z (this program's rows) = scale · Σ_j (G_kj + G_jk) u_j through the normalisation, in out's dtype.
-    w: grad / anchors for anchors, 0 otherwise (ACC); inv_count: 1 / max(c, 1) (ACC); stat: LSE over the other
-    rows, or, SHARED, α = w exp(c − LSE); params: (scale,), SHARED (scale, scale·log2 e, c·log2 e)."""
+def row_grad(u_ptr, labels_ptr, stat_ptr, w_ptr, inv_count_ptr, z_ptr, norm_ptr, grad_ptr, params_ptr, out_ptr, N, D,
+             stride_z, stride_out, SHARED: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
+             IEEE: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """d z (this program's rows) = grad · scale · Σ_j (G_kj + G_jk) u_j through the normalisation, in out's
+    dtype. w: 1 / anchors for anchors, 0 otherwise (ACC); inv_count: 1 / max(c, 1) (ACC); stat: LSE over the
+    other rows, or, SHARED, α = w exp(c − LSE) (≤ e⁷⁰ / anchors: the upstream gradient is kept out of it and
+    multiplied in at the end); grad: the loss's gradient, read on the device; params: (scale,), SHARED (scale,
+    scale·log2 e, c·log2 e)."""
     scale = tl.load(params_ptr)
     row0 = tl.program_id(0) * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -168,5 +171,6 @@ def row_grad(u_ptr, labels_ptr, stat_ptr, w_ptr, inv_count_ptr, z_ptr, norm_ptr,
         for start in range(0, N, BLOCK_N):
             acc = _grad_tile(a, u_ptr, labels_ptr, label_rows, start, rows, dims, N, D, scale, stat_rows, w_rows,
                              inv_count_rows, stat_ptr, w_ptr, inv_count_ptr, acc, ACC, IEEE, INTERPRETED, BLOCK_N)
-    store_through_normalize(acc * scale, z_ptr, norm_ptr, out_ptr, rows, row_ok, dims, a_mask, stride_z, stride_out,
-                            NORMALIZE, ACC, INTERPRETED, BLOCK_M)
+    grad = tl.load(grad_ptr).to(ACC)
+    store_through_normalize(acc * (scale * grad), z_ptr, norm_ptr, out_ptr, rows, row_ok, dims, a_mask, stride_z,
+                            stride_out, NORMALIZE, ACC, INTERPRETED, BLOCK_M)

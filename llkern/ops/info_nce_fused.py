@@ -10,11 +10,13 @@ sums, one row of N per program (at most twice the GPU's multiprocessors). Time: 
 direction in the backward, one in each forward pass, on the tensor cores for bfloat16.
 
 Normalised rows bound every score, |s_ij| ≤ c = 1.01/τ (1 % for the rounding of bfloat16 unit rows), so
-for τ ≥ 1.01/35 the log-sum-exps take c as their offset instead of a running maximum (``shared_offset``):
-one exponential per element then serves a row's sum and its column's, the symmetric forward is one pass
-over the tiles, and the backward forms G with one exponential per element instead of two. (exp(−2c) ≥
-e^−70 keeps every row's largest term a normal float32, so the sums are as exact as with the maximum.)
-Below that τ, or without normalisation, the kernels keep the running maximum.
+for τ ≥ 1.01/35 the sums take c as their offset instead of a running maximum (``shared_offset``): one
+exponential per element then serves a row's sum and its column's, the symmetric forward is one pass over
+the tiles, and the backward forms G with one exponential per element instead of two. (exp(−2c) ≥ e^−70
+keeps every row's largest term a normal float32, so the sums are as exact as with the maximum; each loss is
+log(sum / exp(s_ii − c)), a ratio near 1 where it is small.) Below that τ, without normalisation, or where the
+partial column sums would need more than COLUMN_SUMS_BYTES, the kernels keep the running maximum; the
+forward's choice (``_one_pass``) is passed to its backward.
 
 :func:`llkern.functional.info_nce` takes this op for bfloat16 CUDA inputs with d ≤ 256; the blocked C++
 op (``torch.ops.llkern.info_nce``) takes the rest. Call :func:`info_nce_fused` directly for float32 or
@@ -42,6 +44,7 @@ SCORE_BOUND = 1.01  # |u1_i · u2_j| ≤ 1 for unit rows, and ≤ (1 + 2⁻⁹)�
 SHARED_OFFSET_LIMIT = 35.0  # the largest offset c taken: exp(s − c) ≥ exp(−2c) ≥ e^−70, a normal float32
 LOG2E = math.log2(math.e)
 INTERPRETER_PROGRAMS = 3  # row_sums' programs on the CPU (few, so that the tests see programs take several blocks)
+COLUMN_SUMS_BYTES = 64 * 2**20  # the most the symmetric one-pass form holds in partial column sums
 
 
 def shared_offset(temperature: float, normalize: bool) -> float | None:
@@ -56,8 +59,9 @@ def shared_offset(temperature: float, normalize: bool) -> float | None:
 
 @contextlib.contextmanager
 def running_maximum() -> Iterator[None]:
-    """Within it, the fused InfoNCE keeps a running maximum at every τ (the kernels before the shared offset):
-    for tests and benchmarks that compare the two. Enter it around the backward too."""
+    """Within it, the fused InfoNCE and SupCon keep a running maximum at every τ (the kernels before the shared
+    offset): for tests and benchmarks that compare the two. (The form is chosen at the forward and kept for its
+    backward, wherever that runs.)"""
     global SHARED_OFFSET_LIMIT
     saved, SHARED_OFFSET_LIMIT = SHARED_OFFSET_LIMIT, -math.inf
     try:
@@ -168,46 +172,68 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def _programs(blocks: int, device: torch.device) -> int:
-    """row_sums' programs: one per row block up to two per multiprocessor, which then take several blocks each
-    (so its partial column sums stay at most 2 × SMs rows of N)."""
+def _programs(blocks: int, n: int, value_bytes: int, device: torch.device) -> int | None:
+    """row_sums' programs for the symmetric one-pass form: one per block of rows, at most two per multiprocessor
+    (they then take several blocks each) and at most what keeps their partial column sums (programs × N values)
+    within COLUMN_SUMS_BYTES. None where that budget leaves fewer programs than the GPU has multiprocessors
+    (N above ~127k on an H200): the two-pass form is taken there."""
+    by_budget = COLUMN_SUMS_BYTES // (n * value_bytes)
     if device.type == "cuda":
-        return min(blocks, 2 * torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(blocks, INTERPRETER_PROGRAMS)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        programs = min(blocks, 2 * sms, by_budget)
+        return programs if programs >= min(blocks, sms) else None
+    programs = min(blocks, INTERPRETER_PROGRAMS, by_budget)
+    return programs if programs >= 1 else None
+
+
+def _one_pass(z: torch.Tensor, temperature: float, symmetric: bool, normalize: bool) -> bool:
+    """Whether the op takes the shared offset for these inputs (the forward decides; its backward is told)."""
+    if shared_offset(temperature, normalize) is None:
+        return False
+    if not symmetric:
+        return True
+    from llkern.triton_kernels import info_nce as kernels
+
+    n, d = z.shape
+    blocks = triton_cdiv(n, kernels.row_block(d))
+    return _programs(blocks, n, _acc(z.dtype).itemsize, z.device) is not None
 
 
 @torch.library.triton_op("llkern::info_nce_fused", mutates_args=())
 def _info_nce_fused_op(z1: torch.Tensor, z2: torch.Tensor, temperature: float, symmetric: bool,
                        normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                  torch.Tensor, torch.Tensor]:
-    """(loss, u1, u2, |z1|, |z2|, lse): lse[0] the rows' log-sum-exp, lse[1] the columns' (symmetric)."""
+    """(loss, u1, u2, |z1|, |z2|, stats): stats[0] the rows' log-sum-exps, stats[1] the columns' (symmetric);
+    where the forward takes the shared offset (``_one_pass``), their sums of exp(s − c) instead."""
     from llkern.triton_kernels import info_nce as kernels
 
     n, d = z1.shape
     acc = _acc(z1.dtype)
     z1, z2 = _unit_stride(z1), _unit_stride(z2)
-    offset = shared_offset(temperature, normalize)
+    shared = _one_pass(z1, temperature, symmetric, normalize)
     flags = dict(ACC=_triton_acc(z1.dtype), IEEE=z1.dtype == torch.float32, INTERPRETED=_interpreted(),
                  BLOCK_M=kernels.row_block(d), BLOCK_N=kernels.COLUMN_BLOCK, BLOCK_D=kernels.width_block(d),
                  num_warps=kernels.WARPS)
     with device_guard(z1):
         u1, norm1 = _unit_rows(z1, normalize)
         u2, norm2 = _unit_rows(z2, normalize)
-        if offset is not None:
+        if shared:
             # one pass: each exponential goes into its row's sum and its column's partial sum
-            programs = _programs(triton_cdiv(n, flags["BLOCK_M"]), z1.device)
-            lse = torch.empty((2 if symmetric else 1, n), dtype=acc, device=z1.device)
+            offset = SCORE_BOUND / temperature
+            blocks = triton_cdiv(n, flags["BLOCK_M"])
+            programs = _programs(blocks, n, acc.itemsize, z1.device) if symmetric else blocks
+            sums = torch.empty((2 if symmetric else 1, n), dtype=acc, device=z1.device)
             diag = torch.empty(n, dtype=acc, device=z1.device)
             colsum = torch.zeros((programs, n) if symmetric else (0,), dtype=acc, device=z1.device)
-            scale = 1.0 / temperature
-            params = _params([scale * LOG2E, offset * LOG2E, offset, scale], acc, z1.device)
+            params = _params([LOG2E / temperature, offset * LOG2E], acc, z1.device)
             even = n % flags["BLOCK_M"] == 0 and n % flags["BLOCK_N"] == 0
             torch.library.wrap_triton(kernels.row_sums)[(programs,)](
-                u1, u2, lse[0], diag, colsum, params, n, d, COLUMNS=symmetric, EVEN=even, **flags)
+                u1, u2, sums[0], diag, colsum, params, n, d, COLUMNS=symmetric, EVEN=even, **flags)
             if symmetric:
-                lse[1] = colsum.sum(0).log_().add_(offset)
-            loss = (lse - diag).mean()  # (symmetric: the mean of both directions' means)
-            return loss, u1, u2, norm1, norm2, lse
+                torch.sum(colsum, 0, out=sums[1])
+            # each row's (and column's) loss log(sum / exp(s_ii − c)): the log of a ratio near 1 where it is small
+            loss = torch.log(sums / diag).mean()  # (symmetric: the mean of both directions' means)
+            return loss, u1, u2, norm1, norm2, sums
         lse = torch.empty((2 if symmetric else 1, n), dtype=acc, device=z1.device)
         diag = torch.empty_like(lse)
         params = _params([1.0 / temperature], acc, z1.device)
@@ -220,29 +246,27 @@ def _info_nce_fused_op(z1: torch.Tensor, z2: torch.Tensor, temperature: float, s
 
 @torch.library.triton_op("llkern::info_nce_fused_backward", mutates_args=())
 def _info_nce_fused_backward_op(grad: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, u1: torch.Tensor,
-                                u2: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, lse: torch.Tensor,
-                                temperature: float, symmetric: bool, normalize: bool, grad_z1: bool,
+                                u2: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, stats: torch.Tensor,
+                                temperature: float, symmetric: bool, normalize: bool, shared: bool, grad_z1: bool,
                                 grad_z2: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(d z1, d z2) in the inputs' dtype, for an upstream gradient ``grad`` (0-d, on the device); one not asked
-    for (grad_z1, grad_z2) is an empty tensor and costs nothing."""
+    for (grad_z1, grad_z2) is an empty tensor and costs nothing. shared: the forward took the shared offset, and
+    stats holds its sums, not log-sum-exps."""
     from llkern.triton_kernels import info_nce as kernels
 
     n, d = z1.shape
     acc = _acc(z1.dtype)
     z1, z2 = _unit_stride(z1), _unit_stride(z2)
     weight = 1.0 / (2 * n if symmetric else n)
-    offset = shared_offset(temperature, normalize)
     scale = 1.0 / temperature
-    rows_lse = lse[0]
-    columns_lse = lse[1] if symmetric else lse[0]  # (unused one-way)
+    rows_stat = stats[0]
+    columns_stat = stats[1] if symmetric else stats[0]  # (unused one-way)
     grads = []
     with device_guard(z1):
         grad = grad.to(acc).reshape(())
-        if offset is not None:  # the kernels take α = w exp(c − lse), so that G_ij = exp(s_ij − c) (α_i + β_j)
-            rows_stat = torch.exp(offset - rows_lse) * weight
-            columns_stat = torch.exp(offset - columns_lse) * weight if symmetric else rows_stat
-        else:
-            rows_stat, columns_stat = rows_lse, columns_lse
+        if shared:  # the kernels take α = w / sum, so that G_ij = exp(s_ij − c) (α_i + β_j)
+            rows_stat = weight / rows_stat
+            columns_stat = weight / columns_stat if symmetric else rows_stat
         # d z1: rows of s, softmax over each row (and, symmetric, over each column); d z2: rows of sᵀ, where
         # the two terms trade places.
         for wanted, a, b, z, norm, stat_a, stat_b, w_a, w_b in (
@@ -253,10 +277,10 @@ def _info_nce_fused_backward_op(grad: torch.Tensor, z1: torch.Tensor, z2: torch.
                 continue
             out = torch.empty((n, d), dtype=z.dtype, device=z.device)
             block = kernels.grad_row_block(d)
-            values = [scale, w_a, w_b] + ([scale * LOG2E, offset * LOG2E] if offset is not None else [])
+            values = [scale, w_a, w_b] + ([LOG2E / temperature, SCORE_BOUND / temperature * LOG2E] if shared else [])
             torch.library.wrap_triton(kernels.row_grad)[(triton_cdiv(n, block),)](
                 a, b, stat_a, stat_b, z, norm, grad, _params(values, acc, z.device), out,
-                n, d, z.stride(0), out.stride(0), USE_A=w_a != 0.0, USE_B=w_b != 0.0, SHARED=offset is not None,
+                n, d, z.stride(0), out.stride(0), USE_A=w_a != 0.0, USE_B=w_b != 0.0, SHARED=shared,
                 NORMALIZE=normalize, ACC=_triton_acc(z.dtype), IEEE=z.dtype == torch.float32,
                 INTERPRETED=_interpreted(), BLOCK_M=block, BLOCK_N=kernels.COLUMN_BLOCK,
                 BLOCK_D=kernels.width_block(d), num_warps=kernels.WARPS)
@@ -274,8 +298,8 @@ def _info_nce_fused_fake(z1, z2, temperature, symmetric, normalize):
 
 
 @_info_nce_fused_backward_op.register_fake
-def _info_nce_fused_backward_fake(grad, z1, z2, u1, u2, norm1, norm2, lse, temperature, symmetric, normalize,
-                                  grad_z1, grad_z2):
+def _info_nce_fused_backward_fake(grad, z1, z2, u1, u2, norm1, norm2, stats, temperature, symmetric, normalize,
+                                  shared, grad_z1, grad_z2):
     return z1.new_empty(z1.shape if grad_z1 else (0,)), z2.new_empty(z2.shape if grad_z2 else (0,))
 
 
@@ -283,7 +307,7 @@ def _setup_context(ctx, inputs, output):
     z1, z2, temperature, symmetric, normalize = inputs
     _, u1, u2, norm1, norm2, lse = output
     ctx.save_for_backward(z1, z2, u1, u2, norm1, norm2, lse)
-    ctx.args = (temperature, symmetric, normalize)
+    ctx.args = (temperature, symmetric, normalize, _one_pass(z1, temperature, symmetric, normalize))
     ctx.mark_non_differentiable(u1, u2, norm1, norm2, lse)
 
 

@@ -114,8 +114,9 @@ def _supcon_fused_backward_op(grad: torch.Tensor, z: torch.Tensor, labels: torch
     acc = _acc(z.dtype)
     z, labels = _unit_stride(z), labels.contiguous()
     anchor = count > 0
-    # d loss / d s_ij = -grad / A · ([j ∈ P(i)] / c_i − softmax_i(j)) for anchors i: w_i = grad / A
-    w = torch.where(anchor, grad.to(acc) / anchor.sum().clamp_min(1), 0.0).to(acc)
+    # d loss / d s_ij = -grad / A · ([j ∈ P(i)] / c_i − softmax_i(j)) for anchors i: w_i = 1 / A (the kernel
+    # multiplies grad in last)
+    w = torch.where(anchor, 1.0 / anchor.sum().clamp_min(1).to(acc), 0.0).to(acc)
     inv_count = 1.0 / count.clamp_min(1).to(acc)
     out = torch.empty((n, d), dtype=z.dtype, device=z.device)
     block = info_nce.grad_row_block(d)
@@ -127,7 +128,7 @@ def _supcon_fused_backward_op(grad: torch.Tensor, z: torch.Tensor, labels: torch
         stat, values = lse, [scale]
     with device_guard(z):
         torch.library.wrap_triton(supcon.row_grad)[(triton_cdiv(n, block),)](
-            u, labels, stat, w, inv_count, z, norm, _params(values, acc, z.device), out, n, d,
+            u, labels, stat, w, inv_count, z, norm, grad.to(acc).reshape(()), _params(values, acc, z.device), out, n, d,
             z.stride(0), out.stride(0), SHARED=offset is not None, NORMALIZE=normalize, ACC=_triton_acc(z.dtype),
             IEEE=z.dtype == torch.float32, INTERPRETED=_interpreted(), BLOCK_M=block, **_blocks(d))
     return out
