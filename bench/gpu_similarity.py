@@ -21,6 +21,7 @@ maximum (six products, 6 N² exponentials), measured beside it.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -135,8 +136,14 @@ DRY_ONE_VIEW_SHAPES = [(97, 7, torch.bfloat16), (97, 7, torch.float32)]
 CLASSES = 100
 
 
+def renyi_width(z: torch.Tensor) -> float:
+    """σ = √d: rows of randn are ~√(2d) apart, so K² ≈ e⁻² (at Silverman's width, ~0.9, every K² off the diagonal
+    would be 0 and the gradient exactly 0: the same work, but a trivial case)."""
+    return math.sqrt(z.shape[1])
+
+
 def one_view_variants() -> dict[str, dict]:
-    from llkern.reference.similarity import default_sigma_tensor, supcon_reference
+    from llkern.reference.similarity import supcon_reference
 
     def supcon_eager(z, y):
         return supcon_reference(z, y, TAU)
@@ -144,7 +151,7 @@ def one_view_variants() -> dict[str, dict]:
     def renyi_eager(z, y):
         # what one writes in PyTorch: distances through one product (the reference's exact differences would
         # hold an N×N×d tensor, 128 GiB at N = 16384), in z's dtype as autocast runs it, the rest in float32
-        u = (z - z.mean(0)) / default_sigma_tensor(z.detach()).to(z.dtype)
+        u = (z - z.mean(0)) / renyi_width(z)
         sq = (u.float() ** 2).sum(1)
         k2 = torch.exp(-(sq[:, None] + sq[None, :] - 2 * (u @ u.T).float()).clamp_min(0))
         same = (y[:, None] == y[None, :]).float()
@@ -157,9 +164,11 @@ def one_view_variants() -> dict[str, dict]:
             "llkern blocked": lambda z, y: torch.ops.llkern.supcon_loss(z, y, TAU, True, True)[0],
             "eager": supcon_eager, "torch.compile": torch.compile(supcon_eager)},
         "renyi_mutual_information fwd+bwd": {
-            "llkern": lambda z, y: llkern.functional.renyi_mutual_information(z, y, impl="kernel"),
+            "llkern": lambda z, y: llkern.functional.renyi_mutual_information(z, y, sigma=renyi_width(z),
+                                                                             impl="kernel"),
             # the blocked op, which bfloat16 inputs on a GPU no longer take (float32 does: the same row twice)
-            "llkern blocked": lambda z, y: torch.ops.llkern.renyi_mutual_information(z, y, None, None, True)[0],
+            "llkern blocked": lambda z, y: torch.ops.llkern.renyi_mutual_information(z, y, renyi_width(z), None,
+                                                                                    True)[0],
             "eager": renyi_eager, "torch.compile": torch.compile(renyi_eager)},
     }
 

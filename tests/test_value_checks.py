@@ -163,6 +163,11 @@ def test_bad_values_on_the_gpu_give_nan_or_raise_with_the_checks_on():
     bad_z = torch.randn(6, 3, device="cuda")
     bad_z[2, 1] = float("inf")
     assert torch.isnan(llkern.functional.info_nce(torch.randn(6, 3, device="cuda"), bad_z))
+    # Rényi: the blocked op (float32) and the fused one (bfloat16); a NaN distance once became 0 there (K² = 1,
+    # and a finite value of 0 bits)
+    six_labels = torch.tensor([0, 1, 0, 1, 2, 2], device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.isnan(llkern.functional.renyi_mutual_information(bad_z.to(dtype), six_labels)), dtype
     with llkern.value_checks():
         with pytest.raises(ValueError, match="target 7 is out of range"):
             llkern.aux_head_loss(features, weight, None, labels)

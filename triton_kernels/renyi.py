@@ -38,7 +38,10 @@ def _gram_tile(a, u_ptr, sq_ptr, sq_rows, start, row0, rows, dims, N, D, SELF: t
     col_ok = cols < N
     dots, b = _scores(a, u_ptr, cols, dims, N, D, 1.0, ACC, IEEE, INTERPRETED)
     sq_cols = tl.load(sq_ptr + cols, mask=col_ok, other=0.0)
-    distance = tl.maximum(sq_rows[:, None] + sq_cols[None, :] - 2.0 * dots, 0.0)
+    distance = sq_rows[:, None] + sq_cols[None, :] - 2.0 * dots
+    # (clamped at 0 by a select, not tl.maximum: that compiles to PTX max, which turns a NaN distance into 0,
+    # K² into 1 and the value of a NaN input into a finite 0)
+    distance = tl.where(distance < 0.0, 0.0, distance)
     k2 = tl.exp2(distance * -LOG2E)
     if (start < row0 + BLOCK_M) & (row0 < start + BLOCK_N):  # only tiles that cross the diagonal hold j = i
         k2 = tl.where(rows[:, None] == cols[None, :], 1.0 if SELF else 0.0, k2)
@@ -101,7 +104,7 @@ def _grad_tile(a, u_ptr, sq_ptr, labels_ptr, sq_rows, label_rows, start, row0, r
     k2, cols, col_ok, b = _gram_tile(a, u_ptr, sq_ptr, sq_rows, start, row0, rows, dims, N, D, False, ACC, IEEE,
                                      INTERPRETED, BLOCK_M, BLOCK_N)
     label_cols = tl.load(labels_ptr + cols, mask=col_ok, other=0)
-    h = k2 * tl.where(label_rows[:, None] == label_cols[None, :], coef_all + coef_same, coef_all)
+    h = k2 * tl.where(label_rows[:, None] == label_cols[None, :], coef_same, coef_all)
     h = _cast(tl.where(col_ok[None, :], h, 0.0), b.dtype, INTERPRETED)
     h_sum += tl.sum(h.to(ACC), 1)
     return _dot(h, b, acc, ACC, IEEE, INTERPRETED), h_sum
@@ -111,7 +114,7 @@ def _grad_tile(a, u_ptr, sq_ptr, labels_ptr, sq_rows, label_rows, start, row0, r
 def row_grad(u_ptr, sq_ptr, labels_ptr, coef_ptr, out_ptr, N, D, stride_out, ACC: tl.constexpr, IEEE: tl.constexpr,
              INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """d t (this program's rows) = Σ_j H_ij (u_i − u_j), H_ij = K²_ij (a + b [y_i = y_j]), in out's dtype;
-    coef: (a, b) in ACC, on the device (they hold the upstream gradient)."""
+    coef: (a, a + b) in ACC, on the device (they hold the upstream gradient)."""
     coef_all = tl.load(coef_ptr)
     coef_same = tl.load(coef_ptr + 1)
     row0 = tl.program_id(0) * BLOCK_M

@@ -169,7 +169,8 @@ __global__ void __launch_bounds__(kThreads)
       const A distance = sq_i + sq_norms[j] - 2 * d[j];
       // K_ij^2 off the diagonal (its K_ii^2 = 1 is added below, and left out of the weights:
       // its term t_i - t_i is zero, and keeping it would cancel t_i against t_i)
-      const A k2 = j == self ? A(0) : exp(-(distance > 0 ? distance : A(0)) * inv_sigma_sq);
+      // (clamped with distance < 0, not distance > 0: a NaN distance must stay NaN, not become 0 and K^2 1)
+      const A k2 = j == self ? A(0) : exp(-(distance < A(0) ? A(0) : distance) * inv_sigma_sq);
       const bool equal = labels[j] == y;
       total += k2;
       same += equal ? k2 : A(0);

@@ -73,8 +73,8 @@ def running_maximum() -> Iterator[None]:
 def fused_fits(z: torch.Tensor, impl: str) -> bool:
     """Whether :func:`llkern.functional.info_nce` and ``supcon_loss`` take the fused ops for ``z`` and
     ``impl``: bfloat16 embeddings of d ≤ 256 on a CUDA GPU with bfloat16 tensor cores (compute capability 8.0 or
-    more), unless ``impl="reference"``."""
-    return (impl != "reference" and z.device.type == "cuda" and z.dtype == torch.bfloat16
+    more), for ``impl`` "auto" or "kernel" (any other goes on to the checks that name it)."""
+    return (impl in ("auto", "kernel") and z.device.type == "cuda" and z.dtype == torch.bfloat16
             and z.shape[1] <= MAX_WIDTH and triton_available(z.device)
             and torch.cuda.get_device_capability(z.device) >= (8, 0))
 
@@ -117,6 +117,14 @@ def check_fused_inputs(name: str, arg: str, z: torch.Tensor, other: str) -> None
     if not triton_available(z.device):
         raise RuntimeError(f"{name}: its Triton kernels run on CUDA tensors, or on CPU tensors in Triton's "
                            "interpreter (TRITON_INTERPRET=1, set before llkern's kernels are first used)")
+
+
+def check_op_labels(op: str, labels: torch.Tensor, n: int, device: torch.device) -> None:
+    """What the raw ops read of their labels without looking at the values (no host synchronisation): an int64
+    vector of N on the data's device (a shorter one would be read past its end)."""
+    if labels.dtype != torch.int64 or labels.shape != (n,) or labels.device != device:
+        raise ValueError(f"{op}: expected labels as an int64 tensor of shape ({n},) on {device}, got "
+                         f"{labels.dtype} of shape {tuple(labels.shape)} on {labels.device}")
 
 
 def run_info_nce_fused(z1: torch.Tensor, z2: torch.Tensor, tau: float, symmetric: bool,

@@ -27,6 +27,7 @@ from llkern.ops.info_nce_fused import (
     _unit_rows,
     _unit_stride,
     check_fused_inputs,
+    check_op_labels,
     shared_offset,
     triton_cdiv,
 )
@@ -85,6 +86,7 @@ def _supcon_fused_op(z: torch.Tensor, labels: torch.Tensor, temperature: float,
     from llkern.triton_kernels import info_nce, supcon
 
     n, d = z.shape
+    check_op_labels("llkern::supcon_fused", labels, n, z.device)
     acc = _acc(z.dtype)
     z, labels = _unit_stride(z), labels.contiguous()
     with device_guard(z):
@@ -111,6 +113,7 @@ def _supcon_fused_backward_op(grad: torch.Tensor, z: torch.Tensor, labels: torch
     from llkern.triton_kernels import info_nce, supcon
 
     n, d = z.shape
+    check_op_labels("llkern::supcon_fused_backward", labels, n, z.device)
     acc = _acc(z.dtype)
     z, labels = _unit_stride(z), labels.contiguous()
     anchor = count > 0
