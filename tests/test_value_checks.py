@@ -168,6 +168,14 @@ def test_bad_values_on_the_gpu_give_nan_or_raise_with_the_checks_on():
     six_labels = torch.tensor([0, 1, 0, 1, 2, 2], device="cuda")
     for dtype in (torch.float32, torch.bfloat16):
         assert torch.isnan(llkern.functional.renyi_mutual_information(bad_z.to(dtype), six_labels)), dtype
+    # the fused Triton losses (bfloat16): a NaN or inf row must not vanish in a max (PTX max drops NaN)
+    for bad in (float("nan"), float("inf")):
+        z = torch.randn(6, 3, device="cuda", dtype=torch.bfloat16)
+        z[2, 1] = bad
+        other = torch.randn(6, 3, device="cuda", dtype=torch.bfloat16)
+        for symmetric in (False, True):
+            assert torch.isnan(llkern.functional.info_nce(other, z, 0.1, symmetric=symmetric)), (bad, symmetric)
+        assert torch.isnan(llkern.functional.supcon_loss(z, six_labels, 0.1)), bad
     with llkern.value_checks():
         with pytest.raises(ValueError, match="target 7 is out of range"):
             llkern.aux_head_loss(features, weight, None, labels)
