@@ -5,7 +5,9 @@ rejects (a module global that is not a ``tl.constexpr``, an int argument that th
 into a constant when it equals 1). Here each kernel goes through Triton's real compiler and the
 ptxas bundled with Triton, to PTX and a cubin, in a subprocess with the interpreter off; the
 seeds and streams must be marked ``do_not_specialize`` (a seed of 1 would otherwise become a
-Python int inside the kernel).
+Python int inside the kernel). The bfloat16 variants of the fused losses, what runs on a GPU, must
+also compile without register spills (ptxas -v); the float32 and float64 ones, which tests call directly,
+may spill.
 """
 
 import os
@@ -23,7 +25,14 @@ SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
     from llkern.triton_kernels import context_add, info_nce, mean_kl, miracle_encode, philox, renyi, supcon
+
+    PTXAS = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
 
     def pointers(*names, dtype="*fp32"):
         return {name: dtype for name in names}
@@ -136,6 +145,14 @@ SCRIPT = textwrap.dedent("""
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=target,
                                   options=options)
         assert compiled.asm.get("cubin"), name
+        if "_bf16" in name:  # what runs on a GPU: no register spills (ptxas -v on the kernel's PTX)
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as ptx:
+                ptx.write(compiled.asm["ptx"])
+            report = subprocess.run([PTXAS, "-v", "-arch=sm_90a", ptx.name, "-o", os.devnull], capture_output=True,
+                                    text=True).stderr
+            os.unlink(ptx.name)
+            assert "Used" in report and " 0 bytes spill stores" in report, (name, report)
+            print(name, "no spills")
         print(name, "ok")
 """)
 
@@ -145,3 +162,5 @@ def test_every_triton_kernel_compiles_for_sm90():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count(" ok") == 8 + 15 + 12 + 4 + 30 + 2 + 6 + 12, result.stdout
+    # every bfloat16 kernel of the fused losses (what info_nce, supcon_loss and renyi_mutual_information run)
+    assert result.stdout.count(" no spills") == 31, result.stdout
