@@ -238,7 +238,7 @@ def _info_nce_fused_op(z1: torch.Tensor, z2: torch.Tensor, temperature: float, s
             torch.library.wrap_triton(kernels.row_sums)[(programs,)](
                 u1, u2, sums[0], diag, colsum, params, n, d, COLUMNS=symmetric, EVEN=even, **flags)
             if symmetric:
-                torch.sum(colsum, 0, out=sums[1])
+                sums[1].copy_(colsum.sum(0))
             # each row's (and column's) loss log(sum / exp(s_ii − c)): the log of a ratio near 1 where it is small
             loss = torch.log(sums / diag).mean()  # (symmetric: the mean of both directions' means)
             return loss, u1, u2, norm1, norm2, sums
