@@ -6,6 +6,7 @@
 # ($OUT/<stage>-summary.json) and prints a short table last.
 #
 #   bash bench/gpu_check.sh verify     # op tests (no -x), probe (errors, syncs, times), memcheck on every op
+#   bash bench/gpu_check.sh fused      # the fused Triton losses' tests (InfoNCE, SupCon, Rényi; both forms)
 #   bash bench/gpu_check.sh bench      # op benchmarks against eager / torch.compile / peers: transport, aux
 #                                      # head, InfoNCE
 #   bash bench/gpu_check.sh bench2     # the same for SupCon and Rényi, context add, Mean-KL, MIRACLE, activations
@@ -31,7 +32,7 @@ fi
 PY=${PYTHON:-python3}
 status=0
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { echo "name a stage: verify, bench, bench2, system, sanitize, tests"; exit 2; }
+[ ${#stages[@]} -eq 0 ] && { echo "name a stage: verify, fused, bench, bench2, system, sanitize, tests"; exit 2; }
 STEPS=()  # "name rc seconds" of the current stage, for its summary
 
 # left LIMIT [RESERVE]: LIMIT, cut so that RESERVE seconds remain before the stage's deadline (at least 5)
@@ -103,13 +104,15 @@ for name, t in tests.items():
 EOF
 }
 
-OP_TESTS=(tests/test_transport.py tests/test_aux_head.py tests/test_similarity.py tests/test_info_nce_fused.py tests/test_supcon_fused.py
-          tests/test_renyi_fused.py
+# (tests/test_triton_sm90.py compiles for sm_90 without a GPU: CI runs it, the GPU's minutes need not)
+OP_TESTS=(tests/test_transport.py tests/test_aux_head.py tests/test_similarity.py
           tests/test_context.py
-          tests/test_mean_kl.py tests/test_miracle_select.py tests/test_random.py tests/test_triton_sm90.py
+          tests/test_mean_kl.py tests/test_miracle_select.py tests/test_random.py
           tests/test_build.py tests/test_value_checks.py tests/test_fast_divmod.py tests/test_compression.py
           tests/test_miracle.py tests/test_contsup.py tests/test_relu_mask.py tests/test_batch_norm_relu.py
           tests/test_activation_memory.py)
+# the fused Triton losses: their own stage, since each kernel variant compiles on first use (~1 s each)
+FUSED_TESTS=(tests/test_info_nce_fused.py tests/test_supcon_fused.py tests/test_renyi_fused.py)
 
 for stage in "${stages[@]}"; do
   DEADLINE=$(( $(date +%s) + ${STAGE_SECONDS:-500} ))
@@ -126,6 +129,12 @@ for stage in "${stages[@]}"; do
     echo "== probe: errors against float64, host syncs, time against eager"
     run probe "$(left 150 5)" verify-probe.log $PY bench/gpu_probe.py --json "$OUT/probe.json"
     summary verify ;;
+  fused)
+    ensure_built
+    echo "== the fused Triton losses on the GPU: InfoNCE, SupCon, Rényi (no -x)"
+    run fused-tests "$(left 420 10)" fused-tests.log $PY -m pytest -q -p no:cacheprovider -n 16 --timeout 200 -rfE \
+      --junitxml="$OUT/fused-tests.xml" "${FUSED_TESTS[@]}"
+    summary fused ;;
   bench)
     ensure_built
     if compgen -G ".whl/*.whl" >/dev/null; then
@@ -183,10 +192,10 @@ for stage in "${stages[@]}"; do
     ensure_built
     echo "== the rest of the suite (this machine's torch and triton)"
     run suite "$(left 400 10)" tests.log $PY -m pytest -q -p no:cacheprovider -n 16 --timeout 200 -rfE \
-      -m "not slow" --junitxml="$OUT/tests-suite.xml" tests $(printf -- '--ignore=%s ' "${OP_TESTS[@]}")
+      -m "not slow" --junitxml="$OUT/tests-suite.xml" tests $(printf -- '--ignore=%s ' "${OP_TESTS[@]}" "${FUSED_TESTS[@]}")
     summary tests ;;
   *)
-    echo "unknown stage $stage (verify, bench, system, sanitize, tests)"; exit 2 ;;
+    echo "unknown stage $stage (verify, fused, bench, bench2, system, sanitize, tests)"; exit 2 ;;
   esac
 done
 exit $status
