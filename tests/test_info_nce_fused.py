@@ -35,6 +35,16 @@ def reference64(z1, z2, tau, **options):
     return loss.detach(), torch.autograd.grad(loss, [a, b])
 
 
+def assert_matches64(z1, z2, tau, tol=2e-5, **options):
+    """The fused loss and both gradients against float64: the loss to tol, each gradient to tol relatively."""
+    loss = info_nce_fused(z1, z2, tau, **options)
+    grads = torch.autograd.grad(loss, [z1, z2])
+    ref_loss, ref = reference64(z1, z2, tau, **options)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=tol)
+    for g, r in zip(grads, ref, strict=True):
+        assert relative_error(g, r) <= tol
+
+
 def relative_error(x, ref):
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
@@ -122,12 +132,7 @@ def test_rows_and_columns_at_the_lowest_scores_the_offset_takes(transpose, dtype
     tau = 1.01 / 35
     assert shared_offset(tau, True) is not None
     z1, z2 = (z.requires_grad_() for z in lowest_scores(50, 6, dtype, transpose))
-    loss = info_nce_fused(z1, z2, tau, symmetric=True)
-    grads = torch.autograd.grad(loss, [z1, z2])
-    ref_loss, ref = reference64(z1, z2, tau, symmetric=True)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=tol, atol=tol)
-    for g, r in zip(grads, ref, strict=True):
-        assert relative_error(g, r) <= tol
+    assert_matches64(z1, z2, tau, tol, symmetric=True)
 
 
 def test_each_form_launches_only_its_kernels(monkeypatch):
@@ -164,7 +169,6 @@ def test_the_backward_keeps_the_form_of_its_forward():
 
 def test_too_many_column_sums_take_the_two_pass_form(monkeypatch):
     z1, z2 = views(200, 8)
-    ref_loss, ref = reference64(z1, z2, 0.1, symmetric=True)
     assert fused_module._one_pass(z1, 0.1, True, True)
     monkeypatch.setattr(fused_module, "COLUMN_SUMS_BYTES", 200 * 4 - 1)  # not one row of N float32 values
     assert not fused_module._one_pass(z1, 0.1, True, True)
@@ -172,24 +176,14 @@ def test_too_many_column_sums_take_the_two_pass_form(monkeypatch):
     from llkern.triton_kernels import info_nce as kernels
 
     monkeypatch.setattr(kernels, "row_sums", None)
-    loss = info_nce_fused(z1, z2, 0.1, symmetric=True)
-    grads = torch.autograd.grad(loss, [z1, z2])
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
-    for g, r in zip(grads, ref, strict=True):
-        assert relative_error(g, r) <= 2e-5
+    assert_matches64(z1, z2, 0.1, symmetric=True)
 
 
 def test_programs_taking_several_row_blocks(monkeypatch):
     # three programs over 1000 rows (8 blocks): on a GPU they run at once and each adds into its own row of the
     # partial column sums; under the interpreter one after another
     monkeypatch.setattr(fused_module, "_programs", lambda blocks, n, value_bytes, device: min(blocks, 3))
-    z1, z2 = views(1000, 16)
-    loss = info_nce_fused(z1, z2, 0.1, symmetric=True)
-    grads = torch.autograd.grad(loss, [z1, z2])
-    ref_loss, ref = reference64(z1, z2, 0.1, symmetric=True)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
-    for g, r in zip(grads, ref, strict=True):
-        assert relative_error(g, r) <= 2e-5
+    assert_matches64(*views(1000, 16), 0.1, symmetric=True)
 
 
 def confident_views(n, d, noise, dtype):
@@ -240,12 +234,7 @@ def test_partial_column_sums_take_one_row_per_program_within_a_budget():
 def test_strided_inputs():
     z1 = torch.randn(40, 27, device=DEVICE)[:, :9].requires_grad_()  # row stride 27
     z2 = torch.randn(40, 18, device=DEVICE)[:, ::2].requires_grad_()  # column stride 2: copied
-    loss = info_nce_fused(z1, z2, 0.2, symmetric=True)
-    grads = torch.autograd.grad(loss, [z1, z2])
-    ref_loss, ref = reference64(z1, z2, 0.2, symmetric=True)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
-    for g, r in zip(grads, ref, strict=True):
-        assert relative_error(g, r) <= 2e-5
+    assert_matches64(z1, z2, 0.2, symmetric=True)
 
 
 def test_the_op_itself_takes_any_strides():

@@ -41,7 +41,7 @@ from llkern.ops.info_nce_fused import (
     check_op_labels,
     triton_cdiv,
 )
-from llkern.reference.similarity import _check_labels, check_embeddings, default_sigma_tensor
+from llkern.reference.similarity import default_sigma_tensor
 
 __all__ = ["renyi_fused"]
 
@@ -64,14 +64,9 @@ def renyi_fused(t: torch.Tensor, labels: torch.Tensor, *, sigma: float | None = 
     Returns:
         I(T; Y) in bits, float32 (float64 for float64 inputs).
     """
-    from llkern.ops.similarity import _check_width
+    from llkern.ops.similarity import check_renyi_inputs
 
-    if isinstance(t, torch.Tensor) and t.dim() > 2:
-        t = t.flatten(1)
-    check_embeddings(NAME, "t", t)
-    _check_labels(NAME, labels, t.shape[0], t.device)
-    sigma = _check_width(NAME, "sigma", sigma)
-    label_sigma = _check_width(NAME, "label_sigma", label_sigma)
+    t, sigma, label_sigma = check_renyi_inputs(NAME, t, labels, sigma, label_sigma)
     if impl not in IMPLS:
         raise ValueError(f"{NAME}: expected impl to be one of {IMPLS}, got {impl!r}")
     if impl == "reference":

@@ -104,6 +104,17 @@ def _check_width(name: str, arg: str, value: object) -> float | None:
     return float(value)
 
 
+def check_renyi_inputs(name: str, t: torch.Tensor, labels: torch.Tensor, sigma: object,
+                       label_sigma: object) -> tuple[torch.Tensor, float | None, float | None]:
+    """Rényi MI's argument checks (shared with :func:`llkern.ops.renyi_fused.renyi_fused`): t with its rows
+    flattened, and the two widths as floats or None."""
+    if isinstance(t, torch.Tensor) and t.dim() > 2:
+        t = t.flatten(1)
+    check_embeddings(name, "t", t)
+    _check_labels(name, labels, t.shape[0], t.device)
+    return t, _check_width(name, "sigma", sigma), _check_width(name, "label_sigma", label_sigma)
+
+
 def renyi_mutual_information(t: torch.Tensor, labels: torch.Tensor, *, sigma: float | None = None,
                              label_sigma: float | None = None, alpha: float = 2.0,
                              impl: str = "auto") -> torch.Tensor:
@@ -126,13 +137,7 @@ def renyi_mutual_information(t: torch.Tensor, labels: torch.Tensor, *, sigma: fl
     Returns:
         I(T; Y) in bits, float32 (float64 for float64 inputs); maximise it as a local objective.
     """
-    name = "llkern.renyi_mutual_information"
-    if isinstance(t, torch.Tensor) and t.dim() > 2:
-        t = t.flatten(1)
-    check_embeddings(name, "t", t)
-    _check_labels(name, labels, t.shape[0], t.device)
-    sigma = _check_width(name, "sigma", sigma)
-    label_sigma = _check_width(name, "label_sigma", label_sigma)
+    t, sigma, label_sigma = check_renyi_inputs("llkern.renyi_mutual_information", t, labels, sigma, label_sigma)
     if alpha == 2.0 and fused_fits(t, impl):  # bfloat16 on a GPU: the fused Triton kernels, no N×N blocks
         return run_renyi_fused(t, labels, sigma, label_sigma)
     if alpha == 2.0 and use_kernel("renyi_mutual_information", t.device, impl):
