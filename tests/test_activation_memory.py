@@ -584,6 +584,63 @@ def test_bn_relu_output_used_twice():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
 
 
+def test_bn_relu_conv_gradient_reaches_the_bn_output():
+    # The conv hands its input's gradient to the BatchNormReLU output's node: retain_grad, hooks and
+    # autograd.grad on that output see the same gradient as on a plain ReLU output.
+    torch.manual_seed(1)
+    ref_bn, ref_conv = nn.BatchNorm2d(3).double(), nn.Conv2d(3, 2, 3, padding=1).double()
+    bn, conv = BatchNormReLU.from_batch_norm(copy.deepcopy(ref_bn)), RecomputeInputConv2d.from_conv(
+        copy.deepcopy(ref_conv))
+    x = _away_from_zero(4, 3, 5, 4).requires_grad_()
+    a_ref = torch.relu(ref_bn(x))
+    (expected,) = torch.autograd.grad(ref_conv(a_ref).pow(2).sum(), a_ref)
+    a = bn(x)
+    out = conv(a)
+    assert "BatchNormReLUConv2d" in type(out.grad_fn).__name__
+    (got,) = torch.autograd.grad(out.pow(2).sum(), a, retain_graph=True)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    seen = []
+    a.register_hook(seen.append)
+    a.retain_grad()
+    out.pow(2).sum().backward()
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_bn_relu_conv_in_place_change_of_the_bn_input_fails_the_backward():
+    # As for BatchNorm2d → ReLU → Conv2d: the backward would recompute the conv's input from the changed x.
+    bn, conv = BatchNormReLU(3).double(), RecomputeInputConv2d(3, 2, 3).double()
+    plain_bn, plain_conv = nn.BatchNorm2d(3).double(), nn.Conv2d(3, 2, 3).double()
+    leaf = _away_from_zero(2, 3, 5, 5).requires_grad_()
+    for first, second in ((plain_bn, plain_conv), (bn, conv)):
+        x = leaf * 1.0
+        a = torch.relu(first(x)) if first is plain_bn else first(x)
+        x.mul_(-1)  # after the BN, before the conv saves anything
+        out = second(a)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, F64])
+def test_batch_norm_relu_gradient_passes_at_nan(dtype):
+    # ReLU's backward (threshold_backward) passes the gradient where its output is NaN; so do both paths.
+    bn = nn.BatchNorm2d(2).eval()
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+    new = BatchNormReLU.from_batch_norm(copy.deepcopy(bn).to(F64 if dtype == F64 else torch.float32)).eval()
+    bn.double()  # parameters in float32 for 16-bit inputs, as nn.BatchNorm2d under autocast
+    x = _away_from_zero(3, 2, 2, 3).abs()
+    x[1, 0, 1, 2] = float("nan")
+    xd = x.to(dtype).requires_grad_()
+    new(xd).sum().backward()
+    xr = x.to(dtype).double().requires_grad_()
+    torch.relu(bn(xr)).sum().backward()
+    assert xr.grad[1, 0, 1, 2] != 0
+    torch.testing.assert_close(xd.grad.double(), xr.grad, rtol=1e-2, atol=0)
+
+
 def test_convert_vgg_chains_units():
     # VGG units are (conv, BN, ReLU) Sequentials inside a Sequential: the BN-ReLU ending one unit feeds the
     # next unit's conv, which then recomputes its input. Before a max-pool (which saves its input) the ReLU

@@ -244,6 +244,27 @@ def test_bad_input():
         backward(x.double(), x, None, None, mean, invstd, True)
 
 
+def test_bad_input_refused_by_the_fake_implementation():
+    # Meta tensors (and torch.compile's fake tensors) run the Python fake: it refuses what the C++ op refuses.
+    x = torch.randn(2, 3, 4, device="meta")
+    mean, invstd = torch.zeros(3, device="meta"), torch.ones(3, device="meta")
+    op, backward = torch.ops.llkern.batch_norm_relu, torch.ops.llkern.batch_norm_relu_backward
+    assert op(x, None, None, mean, invstd, True).shape == x.shape
+    with pytest.raises(TypeError, match="input to be float32"):
+        op(x.long(), None, None, mean, invstd, True)
+    with pytest.raises(ValueError, match="expected mean of shape \\[3\\]"):
+        op(x, None, None, torch.zeros(4, device="meta"), invstd, True)
+    with pytest.raises(TypeError, match=r"expected invstd to be torch\.float32"):
+        op(x, None, None, mean, invstd.double(), True)
+    with pytest.raises(ValueError, match="expected grad of the shape of input"):
+        backward(torch.randn(2, 3, 5, device="meta"), x, None, None, mean, invstd, True)
+    with pytest.raises(TypeError, match="expected grad to have the dtype of input"):
+        backward(x.double(), x, None, None, mean, invstd, True)
+    compiled = torch.compile(lambda x, mean: op(x, None, None, mean, invstd.to("cpu"), True), backend="eager")
+    with pytest.raises(Exception, match="expected mean of shape \\[3\\]"):
+        compiled(torch.randn(2, 3, 4), torch.zeros(5))
+
+
 def test_statistics_requiring_grad_are_refused():
     x = torch.randn(2, 3, 4, requires_grad=True)
     mean, invstd = torch.zeros(3, requires_grad=True), torch.ones(3)

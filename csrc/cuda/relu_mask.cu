@@ -185,12 +185,14 @@ inline bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<ui
 // Blocks that fit on the device at once: the grid-stride loops then run in exactly one wave. Host-side
 // queries only (no synchronisation). The blocks per SM depend on the kernel and the architecture, and are
 // kept from the first call (a process mixing GPU generations would only get a less even grid); a failed
-// query falls back to an H100's 132 SMs x 8 blocks.
-template <typename Kernel>
-int64_t resident_blocks(Kernel kernel) {
-  static const int per_sm = [kernel] {
+// query falls back to an H100's 132 SMs x 8 blocks. The kernel is a template argument, not a function
+// argument: a vector and a scalar kernel share a function type but not their register counts, and each
+// needs its own cached count.
+template <auto Kernel>
+int64_t resident_blocks() {
+  static const int per_sm = [] {
     int blocks = 0;
-    const bool ok = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0) == cudaSuccess;
+    const bool ok = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, kThreads, 0) == cudaSuccess;
     return ok && blocks > 0 ? blocks : 8;
   }();
   int device = 0, sms = 0;
@@ -219,11 +221,11 @@ void forward_typed(const ReluMaskForwardParams& p, cudaStream_t stream) {
     constexpr int V = kVec<T>;
     const int64_t groups = n / (32 * V);
     const int64_t steps = groups + (words - groups * V);
-    auto kernel = relu_mask_forward_kernel<T, true>;
-    kernel<<<grid_for(steps, resident_blocks(kernel)), kThreads, 0, stream>>>(x, y, p.mask, n, word_aligned);
+    constexpr auto kernel = relu_mask_forward_kernel<T, true>;
+    kernel<<<grid_for(steps, resident_blocks<kernel>()), kThreads, 0, stream>>>(x, y, p.mask, n, word_aligned);
   } else {
-    auto kernel = relu_mask_forward_kernel<T, false>;
-    kernel<<<grid_for(words, resident_blocks(kernel)), kThreads, 0, stream>>>(x, y, p.mask, n, word_aligned);
+    constexpr auto kernel = relu_mask_forward_kernel<T, false>;
+    kernel<<<grid_for(words, resident_blocks<kernel>()), kThreads, 0, stream>>>(x, y, p.mask, n, word_aligned);
   }
 }
 
@@ -237,11 +239,11 @@ void backward_typed(const ReluMaskBackwardParams& p, cudaStream_t stream) {
     constexpr int V = kVec<T>;
     const int64_t groups = n / (32 * V);
     const int64_t steps = groups + (words - groups * V);
-    auto kernel = relu_mask_backward_kernel<T, true>;
-    kernel<<<grid_for(steps, resident_blocks(kernel)), kThreads, 0, stream>>>(grad, p.mask, grad_x, n);
+    constexpr auto kernel = relu_mask_backward_kernel<T, true>;
+    kernel<<<grid_for(steps, resident_blocks<kernel>()), kThreads, 0, stream>>>(grad, p.mask, grad_x, n);
   } else {
-    auto kernel = relu_mask_backward_kernel<T, false>;
-    kernel<<<grid_for(words, resident_blocks(kernel)), kThreads, 0, stream>>>(grad, p.mask, grad_x, n);
+    constexpr auto kernel = relu_mask_backward_kernel<T, false>;
+    kernel<<<grid_for(words, resident_blocks<kernel>()), kThreads, 0, stream>>>(grad, p.mask, grad_x, n);
   }
 }
 

@@ -232,23 +232,23 @@ def _pre_activation(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
 
 
 def _relu_backward(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``grad`` where ``z > 0``, else 0 (an infinite gradient included): ReLU's own backward kernel, one pass."""
+    """0 where ``z <= 0``, else ``grad`` (a NaN ``z`` passes it, as ReLU's backward does; an infinite gradient where
+    ``z <= 0`` gives 0): one pass."""
     if z.dtype == grad.dtype:
         return torch.ops.aten.threshold_backward(grad, z, 0)
-    return torch.where(z > 0, grad, 0)  # 16-bit inputs: z is float32, the gradient keeps the input's dtype
+    # 16-bit inputs: z is float32, the gradient keeps the input's dtype. ``z <= 0`` (not ``z > 0``) lets the
+    # gradient through at a NaN, as threshold_backward and the kernels do.
+    return torch.where(z <= 0, 0, grad)
 
 
 class _Recipe:
     """What a BatchNormReLU output carries so that the next conv can recompute it instead of saving it."""
 
-    __slots__ = ("bias", "eps", "invstd", "kernel", "mean", "running_mean", "running_var", "training", "version",
-                 "weight", "x")
+    __slots__ = ("bias", "invstd", "kernel", "mean", "training", "version", "weight", "x")
 
-    def __init__(self, x, weight, bias, mean, invstd, running_mean, running_var, training, eps, version,
-                 kernel: bool) -> None:
+    def __init__(self, x, weight, bias, mean, invstd, training, version, kernel: bool) -> None:
         self.x, self.weight, self.bias, self.mean, self.invstd = x, weight, bias, mean, invstd
-        self.running_mean, self.running_var, self.training, self.eps = running_mean, running_var, training, eps
-        self.version, self.kernel = version, kernel
+        self.training, self.version, self.kernel = training, version, kernel
 
 
 def _batch_norm_backward(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
@@ -295,48 +295,39 @@ class _BatchNormReLUFunction(torch.autograd.Function):
 
 
 class _BatchNormReLUConv2dFunction(torch.autograd.Function):
-    """conv2d(relu(BN(x))) that saves x and BN's statistics, not the conv's input."""
+    """conv2d(a) for ``a = relu(BN(x))``, saving x and BN's statistics instead of ``a``.
+
+    The backward recomputes ``a`` for the conv's weight gradient and hands ``a``'s gradient to ``a``'s own
+    autograd node (the BatchNormReLU's), which runs BN's backward: hooks and ``retain_grad`` on ``a`` see it,
+    a second consumer of ``a`` shares one BN backward, and that node's saved ``x`` catches an in-place change.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x, bn_weight, bn_bias, mean, invstd, running_mean, running_var, conv_weight, conv_bias,
-                activation: torch.Tensor, training: bool, eps: float, stride, padding, dilation, groups: int,
-                kernel: bool):
-        # ``activation`` is the BatchNormReLU output the forward already has (detached): no recomputation here.
-        ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, running_mean, running_var, conv_weight)
-        ctx.training, ctx.eps, ctx.has_conv_bias, ctx.kernel = training, eps, conv_bias is not None, kernel
+    def forward(ctx: Any, activation: torch.Tensor, x, bn_weight, bn_bias, mean, invstd, conv_weight, conv_bias,
+                training: bool, stride, padding, dilation, groups: int, kernel: bool):
+        # ``activation`` is the BatchNormReLU output the forward already has: no recomputation here, and it
+        # is not saved. ``x`` and the statistics are the tensors BatchNormReLU's node saved (same storages).
+        ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, conv_weight)
+        ctx.training, ctx.has_conv_bias, ctx.kernel = training, conv_bias is not None, kernel
         ctx.conv = (list(stride), list(padding), list(dilation), groups)
         return F.conv2d(activation, conv_weight, conv_bias, stride, padding, dilation, groups)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor):
-        x, bn_weight, bn_bias, mean, invstd, running_mean, running_var, conv_weight = ctx.saved_tensors
+        x, bn_weight, bn_bias, mean, invstd, conv_weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         needs = ctx.needs_input_grad
-        bn_needs = (needs[0], bn_weight is not None and needs[1], bn_bias is not None and needs[2])
         if ctx.kernel:
-            # The compiled ops recompute with the same kernel that produced the forward's activation.
+            # The compiled op recomputes with the same kernel that produced the forward's activation.
             activation = torch.ops.llkern.batch_norm_relu(x, bn_weight, bn_bias, mean, invstd, ctx.training)
         else:
-            # relu(z) > 0 exactly where z > 0, so the ReLU output serves as the mask too.
-            positive = _pre_activation(x, bn_weight, bn_bias, mean, invstd).relu_()
-            activation = positive.to(x.dtype)
+            activation = _pre_activation(x, bn_weight, bn_bias, mean, invstd).relu_().to(x.dtype)
         # The same aten op nn.Conv2d's autograd calls, on the same (recomputed, bit-identical) input.
         grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad, activation, conv_weight, [conv_weight.shape[0]] if ctx.has_conv_bias else None, stride, padding,
-            dilation, False, [0, 0], groups, [any(bn_needs), needs[7], ctx.has_conv_bias and needs[8]])
-        del activation
-        gx = gw = gb = None
-        if any(bn_needs) and ctx.kernel:
-            gx, gw, gb = torch.ops.llkern.batch_norm_relu_backward(grad_a, x, bn_weight, bn_bias, mean, invstd,
-                                                                   ctx.training, bn_needs[0])
-            gx, gw, gb = (gx if bn_needs[0] else None), (gw if bn_needs[1] else None), (gb if bn_needs[2] else None)
-        elif any(bn_needs):
-            grad_z = _relu_backward(grad_a, positive)
-            del positive, grad_a
-            gx, gw, gb = _batch_norm_backward(grad_z, x, bn_weight, mean, invstd, running_mean, running_var,
-                                              ctx.training, ctx.eps, bn_needs)
-        return gx, gw, gb, None, None, None, None, grad_w, grad_b, None, None, None, None, None, None, None, None
+            dilation, False, [0, 0], groups, [needs[0], needs[6], ctx.has_conv_bias and needs[7]])
+        return grad_a, None, None, None, None, None, grad_w, grad_b, None, None, None, None, None, None
 
 
 def _bn_relu_kernel(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
@@ -408,10 +399,10 @@ def batch_norm_relu(input: torch.Tensor, running_mean: torch.Tensor | None, runn
     else:
         out = _BatchNormReLUFunction.apply(input, weight, bias, mean, invstd, *saved_running, training, eps)
     if out.requires_grad:
-        # The recipe lets a following RecomputeInputConv2d avoid saving ``out``. It only lives as long as
-        # ``out``, whose autograd node already holds the same tensors, so it costs no memory.
-        setattr(out, _RECIPE_ATTR, _Recipe(input, weight, bias, mean, invstd, *saved_running, training, eps,
-                                           out._version, kernel))
+        # The recipe lets a following RecomputeInputConv2d avoid saving ``out``. It lives as long as ``out``,
+        # whose autograd node holds the same tensors until its backward has run: it costs no memory then, and
+        # after that only while the caller keeps ``out`` itself (its input then stays allocated with it).
+        setattr(out, _RECIPE_ATTR, _Recipe(input, weight, bias, mean, invstd, training, out._version, kernel))
     return out
 
 
@@ -461,7 +452,10 @@ class RecomputeInputConv2d(nn.Conv2d):
     """``nn.Conv2d`` that does not save its input when that input comes straight from a :class:`BatchNormReLU`.
 
     The backward recomputes the input, ``relu(BN(x))``, from the BN's input and statistics (which the
-    BatchNormReLU saves anyway) and then runs the convolution's and the BN's backward. Any other input
+    BatchNormReLU saves anyway) and runs the convolution's backward; the input's gradient goes to the
+    BatchNormReLU output's own node, which runs BN's backward (so hooks, ``retain_grad`` and
+    ``torch.autograd.grad`` on that output work, and an in-place change of ``x`` fails the backward as it
+    does for the plain modules). Any other input
     (or padding modes other than ``"zeros"``, string paddings, an input modified in place since the
     BatchNormReLU produced it, and everything under ``torch.compile``) takes ``nn.Conv2d``'s own path.
     Values and gradients equal ``nn.Conv2d``'s: the recomputed input is bit-identical to the forward's.
@@ -492,9 +486,10 @@ class RecomputeInputConv2d(nn.Conv2d):
                 or isinstance(self.padding, str) or input._version != recipe.version):
             return super().forward(input)
         r = recipe
-        return _BatchNormReLUConv2dFunction.apply(
-            r.x, r.weight, r.bias, r.mean, r.invstd, r.running_mean, r.running_var, self.weight, self.bias,
-            input.detach(), r.training, r.eps, self.stride, self.padding, self.dilation, self.groups, r.kernel)
+        # The recipe's tensors go in detached: their gradients come through ``input``'s own node.
+        detached = [t if t is None else t.detach() for t in (r.x, r.weight, r.bias, r.mean, r.invstd)]
+        return _BatchNormReLUConv2dFunction.apply(input, *detached, self.weight, self.bias, r.training,
+                                                  self.stride, self.padding, self.dilation, self.groups, r.kernel)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def check_inputs(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
                  invstd: torch.Tensor, name: str = "llkern.batch_norm_relu") -> None:
-    """The checks of the op (the C++ side repeats them), raised with the argument's name."""
+    """The op's argument checks, raised with the argument's name: what the fake implementation runs, so that
+    ``torch.compile`` and meta tensors refuse what the C++ op refuses (csrc/bindings/batch_norm_relu_common.h)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{name}: expected input to be a Tensor, got {type(input).__name__}")
     if input.dtype not in DTYPES:
@@ -49,6 +50,16 @@ def check_inputs(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
                             f"got {t.dtype}")
         if t.device != input.device:
             raise ValueError(f"{name}: expected {arg} on the device of input ({input.device}), got {t.device}")
+
+
+def check_grad(grad: torch.Tensor, input: torch.Tensor, name: str = "llkern.batch_norm_relu_backward") -> None:
+    """The backward's checks of ``grad`` against ``input``."""
+    if tuple(grad.shape) != tuple(input.shape):
+        raise ValueError(f"{name}: expected grad of the shape of input {list(input.shape)}, got {list(grad.shape)}")
+    if grad.dtype != input.dtype:
+        raise TypeError(f"{name}: expected grad to have the dtype of input ({input.dtype}), got {grad.dtype}")
+    if grad.device != input.device:
+        raise ValueError(f"{name}: expected grad on the device of input ({input.device}), got {grad.device}")
 
 
 def output_format(input: torch.Tensor) -> torch.memory_format:
@@ -83,10 +94,13 @@ if extension_loaded():
 
     @torch.library.register_fake("llkern::batch_norm_relu")
     def _fake(input, weight, bias, mean, invstd, training):
+        check_inputs(input, weight, bias, mean, invstd)
         return torch.empty_like(input, memory_format=output_format(input))
 
     @torch.library.register_fake("llkern::batch_norm_relu_backward")
     def _fake_backward(grad, input, weight, bias, mean, invstd, training, input_grad=True):
+        check_inputs(input, weight, bias, mean, invstd, "llkern.batch_norm_relu_backward")
+        check_grad(grad, input)
         grad_input = torch.empty_like(input, memory_format=output_format(input)) if input_grad else input.new_empty(0)
         grad_weight = weight.new_empty(weight.shape) if weight is not None else input.new_empty(0)
         grad_bias = bias.new_empty(bias.shape) if bias is not None else input.new_empty(0)
