@@ -51,6 +51,8 @@ from llkern.ops.aux_head import aux_head_loss
 from llkern.ops.context import context_add
 from llkern.ops.mean_kl import mean_kl_sample
 from llkern.ops.miracle_encode import miracle_select
+from llkern.ops.relu_mask import relu_with_mask
+from llkern.ops.similarity import info_nce, renyi_mutual_information, supcon_loss
 from llkern.ops.transport import transport_penalty
 
 _moved.install()  # llkern.losses, llkern.demo, ...: the paths before the package was laid out by area
@@ -103,6 +105,7 @@ __all__ = [
     "graph",
     "graph_conv",
     "heads",
+    "info_nce",
     "infopro_heads",
     "infopro_schedule",
     "kernel_available",
@@ -118,9 +121,12 @@ __all__ = [
     "normalized_adjacency",
     "plan_stages",
     "reconstruction_decoders",
+    "relu_with_mask",
+    "renyi_mutual_information",
     "run_module",
     "set_value_checks",
     "split",
+    "supcon_loss",
     "token_heads",
     "transport_penalty",
     "value_checks",

@@ -62,6 +62,71 @@ def test_empty_data_root_and_cuda_on_a_cpu_machine(tmp_path, capsys):
         assert code == 2 and "no CUDA device" in err
 
 
+def test_output_paths_and_bounds_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    # A path that cannot be written, or a value out of range, exits 2 before data is read or a step trained
+    # (each command's work is replaced by a failure here); missing parent folders are created.
+    def no_work(*args, **kwargs):
+        raise AssertionError("the command started its work")
+
+    for module in ("llkern.cli.compress_demo", "llkern.cli.moda_demo", "llkern.cli.demo"):
+        monkeypatch.setattr(f"{module}.run", no_work)
+    monkeypatch.setattr("llkern.cli.train._data", no_work)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for argv, message in [
+        (["train", "--output-dir", str(afile)], "--output-dir: "),
+        (["train", "--log", f"{afile}/x.json"], "is a file, not a folder"),
+        (["train", "--checkpoint", f"{afile}/deeper/c.pt"], "--checkpoint: cannot write"),
+        (["train", "--checkpoint", str(tmp_path)], None),  # a folder names its checkpoint.pt: no error here
+        (["train", "--mode", "sequential", "-k", "3", "--epochs", "4"], "give a multiple of 3 (e.g. 3 or 6)"),
+        (["compress", "--out", f"{afile}/x.mira"], "--out: cannot write"),
+        (["compress", "--json", str(tmp_path)], "--json: "),
+        (["moda", "--out", f"{afile}/report.md"], "--out: cannot write"),
+        (["moda", "--data", "cifar10"], "--data cifar10 needs --data-root"),
+        (["demo", "--modules", "9"], "expected an integer from 1 to 8"),
+        (["demo", "--plot", f"{afile}/demo.png"], "--plot: cannot write"),
+    ]:
+        if message is None:
+            with pytest.raises(AssertionError, match="started its work"):
+                cli.main(argv)
+            continue
+        code, _, err = status(argv, capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+    monkeypatch.undo()
+    log, checkpoint = tmp_path / "new" / "logs" / "run.json", tmp_path / "other" / "c.pt"
+    code, _, err = status(["train", *FAST, "-k", "2", "--epochs", "1", "--log", str(log), "--checkpoint",
+                           str(checkpoint)], capsys)
+    assert code == 0, err
+    assert log.is_file() and checkpoint.is_file()
+
+
+def test_help_shows_the_recipe_values(capsys):
+    _, plain, _ = status(["train", "--help"], capsys)
+    code, out, _ = status(["train", "--recipe", "infopro-resnet110-k4", "--help"], capsys)
+    assert code == 0
+    assert "(default: digits-resnet)" in plain and "(default: digits-resnet)" not in out
+    assert "(default: resnet110)" in out and "(default: infopro)" in out
+
+
+def test_pipeline_checkpoints_resume_only_as_a_pipeline(tmp_path, capsys):
+    # The saved options say how a checkpoint was trained; a resume in another layout is refused in one line.
+    options = {"k": 2, "epochs": 1, "model": "mlp"}
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    torch.save({"metadata": {"options": {**options, "pipeline_stages": 2}}}, shards / "checkpoint.stage0.pt")
+    single = tmp_path / "single"
+    single.mkdir()
+    torch.save({"metadata": {"options": {**options, "pipeline_stages": None}}}, single / "checkpoint.pt")
+    for argv, message in [
+        (["--output-dir", str(shards)], "shards of a 2-stage pipeline run; resume it the way it was trained: "
+                                        "torchrun --nproc-per-node 2 -m llkern train --pipeline-stages 2"),
+        (["--output-dir", str(shards), "--pipeline-stages", "3"], "was trained with 2 stages"),
+        (["--output-dir", str(single), "--pipeline-stages", "2"], "was not trained as a pipeline"),
+    ]:
+        code, _, err = status(["train", "--resume", *argv], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_version_and_help(capsys):
     code, out, _ = status(["--version"], capsys)
     assert code == 0 and re.match(r"llkern \d+\.\d+\.\d+ \(torch ", out)

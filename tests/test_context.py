@@ -141,10 +141,10 @@ def test_three_or_more_contexts_accumulate_in_float32():
     assert (err <= 0.5 * ulp + 1e-6 * ref.abs()).all(), (err / ulp).max()
 
 
-def test_cpu_tensors_without_the_interpreter_take_the_reference_and_say_so():
-    # Triton reads TRITON_INTERPRET when a kernel is defined: without it (or when it is set only after
-    # llkern's kernels were imported) CPU tensors get the PyTorch reference, with one warning per op, and
-    # impl="kernel" an error that says how to run it.
+def test_cpu_tensors_without_the_interpreter_take_the_reference():
+    # Triton reads TRITON_INTERPRET when a kernel is defined: without it CPU tensors get the PyTorch reference
+    # (silently: it is the CPU implementation); when it is set only after llkern's kernels were imported, with
+    # one warning per op; impl="kernel" an error that says how to run it.
     import os
     import subprocess
     import sys
@@ -153,8 +153,13 @@ def test_cpu_tensors_without_the_interpreter_take_the_reference_and_say_so():
 import os, warnings
 import torch, llkern
 import llkern.triton_kernels.context_add  # imported with the interpreter off
-os.environ["TRITON_INTERPRET"] = "1"       # too late for the kernels already defined
 h, c = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 8, 10)
+with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    torch.testing.assert_close(llkern.context_add(h, c), llkern.ops.context.context_add_reference(h, c))
+    llkern.mean_kl_sample(torch.randn(3, 4), torch.randn(3, 4), torch.zeros(3, 4), torch.ones(3, 4), seed=1)
+llkern.ops.context._warned.clear()
+os.environ["TRITON_INTERPRET"] = "1"       # too late for the kernels already defined
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     out = llkern.context_add(h, c)

@@ -353,6 +353,20 @@ def test_composite_in_localnet_with_per_module_schedules(digits):
         assert result.accuracies[k] is not None
 
 
+def test_localnet_warns_when_a_module_has_every_weight_zero(digits, recwarn):
+    # InfoPro's K=2 weights used for 4 modules: module 2 (K-2) gets λ = (0, 0), a module that never trains.
+    x, _ = digits
+    def two_terms(published_k):  # InfoPro's (reconstruction, task) weights on two terms llkern can run here
+        recon, task = llkern.infopro_schedule(*llkern.losses.INFOPRO_WEIGHTS["resnet32", published_k])
+        return lambda k, K: Composite([(TransportRegularized(task=False), recon), (CrossEntropy(), task)])
+
+    with pytest.warns(UserWarning, match="module 2's Composite loss has weight 0 at module 2 of 4"):
+        llkern.LocalNet(digits_resnet(4, width=8), num_classes=10, example_input=x[:2], losses=two_terms(2))
+    recwarn.clear()
+    llkern.LocalNet(digits_resnet(4, width=8), num_classes=10, example_input=x[:2], losses=two_terms(4))
+    assert not [w for w in recwarn if "weight 0" in str(w.message)]
+
+
 # --- schedules ---------------------------------------------------------------------------------------------------
 
 def test_linear_schedule_values():

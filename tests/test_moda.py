@@ -15,6 +15,7 @@ from torch import nn
 import llkern
 from llkern import moda
 from llkern.cli.moda_demo import main
+from llkern.cli.options import UsageError
 from llkern.moda import activations as moda_activations
 from llkern.models import BasicBlock, PreActBlock
 from llkern.models.moda_cnn import ResidualReLUBlock, digits_cnn, digits_resnet_moda
@@ -475,7 +476,7 @@ def test_demo_cifar_path_on_a_tiny_file(tmp_path):
                    "--pairs", "0,2", "--no-progress"])
     assert result.model == "vgg16(width=4)" and result.data == "cifar10"
     assert [r.classes for r in result.report.rows] == [(0,), (1,), (2,), (0, 2)]
-    with pytest.raises(ValueError, match="data-root"):
+    with pytest.raises(UsageError, match="data-root"):  # a usage error of the command (exit 2), not a crash
         main(["--data", "cifar10", "--no-progress"])
 
 

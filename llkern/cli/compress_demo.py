@@ -11,7 +11,7 @@
 4. Rebuild an ordinary ``nn.Module`` from the file alone (:func:`llkern.compress.miracle.decode`) and
    measure its test accuracy.
 
-The issue's target: a file of at most 1/200 of the float32 weights, and test accuracy within 2
+The target: a file of at most 1/200 of the float32 weights, and test accuracy within 2
 points of the uncompressed model.
 """
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from llkern.cli.options import HelpFormatter, nonnegative_int, plain_text, positive_int
+from llkern.cli.options import HelpFormatter, make_parents, nonnegative_int, output_path, plain_text, positive_int
 from llkern.compress import miracle
 from llkern.compress.mean_kl import MeanKLNetwork
 from llkern.data.images import load_digits
@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> CompressionR
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    result = run(args.out, bits=args.bits, block_size=args.block_size, pretrain_steps=args.pretrain_steps,
+    # the output paths before minutes of training: one that cannot be written fails now
+    output_path("--out", args.out)
+    if args.json:
+        output_path("--json", args.json)
+    result = run(make_parents(args.out), bits=args.bits, block_size=args.block_size, pretrain_steps=args.pretrain_steps,
                  steps=args.steps, retrain_steps=args.retrain_steps, chunk_blocks=args.chunk_blocks,
                  retrain_fraction=args.retrain_fraction,
                  choose=args.choose, seed=args.seed, impl=args.impl, device=args.device, progress=not args.no_progress)
@@ -183,7 +187,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> CompressionR
     print(f"target (≥ 200×, within 2 points): {'met' if result.meets_target else 'NOT met'}; "
           f"{result.seconds:.0f} s in all")
     if args.json:
-        Path(args.json).write_text(json.dumps({**asdict(result), "meets_target": result.meets_target}, indent=1))
+        figures = {**asdict(result), "meets_target": result.meets_target}
+        make_parents(args.json).write_text(json.dumps(figures, indent=1))
     return result
 
 

@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from llkern.cli.options import HelpFormatter, plain_text, positive_float, positive_int
+from llkern.cli.options import (
+    HelpFormatter,
+    int_between,
+    make_parents,
+    output_path,
+    plain_text,
+    positive_float,
+    positive_int,
+)
 from llkern.data.images import load_digits
 from llkern.local.memory import MemoryMeter
 from llkern.local.net import LocalNet
@@ -140,7 +148,7 @@ def plot(results: list[RunResult], path: str) -> bool:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=plain_text(__doc__),
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--modules", type=positive_int, default=4, help="number of local modules K (1..8)")
+    parser.add_argument("--modules", type=int_between(1, 8), default=4, help="number of local modules K (1..8)")
     parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs of each run")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per step")
     parser.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (Adam, one-cycle)")
@@ -154,10 +162,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
+    if args.plot:
+        output_path("--plot", args.plot)  # before the training, not after it
     results = run(args)
     print(format_table(results))
     if args.plot:
-        print(f"plot saved to {args.plot}" if plot(results, args.plot) else "matplotlib not installed: no plot")
+        saved = plot(results, make_parents(args.plot))
+        print(f"plot saved to {args.plot}" if saved else "matplotlib not installed: no plot")
     return 0
 
 

@@ -24,14 +24,21 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from llkern.cli.options import HelpFormatter, plain_text, positive_float, positive_int
+from llkern.cli.options import (
+    HelpFormatter,
+    UsageError,
+    make_parents,
+    output_path,
+    plain_text,
+    positive_float,
+    positive_int,
+)
 from llkern.data.images import load_cifar10, load_digits
 from llkern.moda import MODALoss, MODAReport, class_masks, count_weights, extract, modularity_report
 from llkern.models import vgg16
@@ -75,8 +82,9 @@ class DemoResult:
         r = self.report
         singles = r.singles
         mean_single = sum(s.fraction for s in singles) / len(singles) if singles else float("nan")
+        epochs = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}"
         lines = [
-            f"**{self.model} on {self.data}, {self.epochs} epochs** ({r.full_weights:,} weights; τ = {r.tau})",
+            f"**{self.model} on {self.data}, {epochs}** ({r.full_weights:,} weights; τ = {r.tau})",
             "",
             "| | test accuracy |",
             "|---|---|",
@@ -225,15 +233,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> DemoResult:
     parser.add_argument("--out", help="write the report (markdown) to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.epochs is not None and args.epochs < 1:
-        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.data == "cifar10" and not args.data_root:
+        raise UsageError("--data cifar10 needs --data-root (the folder of the extracted archive; nothing is "
+                         "downloaded)")
+    if args.out:
+        output_path("--out", args.out)
     result = run(args.data, model=args.model, data_root=args.data_root, epochs=args.epochs, seed=args.seed,
                  width=args.width, tau=args.tau, min_keep=args.min_keep, batch_size=args.batch_size, lr=args.lr,
                  pairs=tuple(args.pairs), device=args.device, progress=not args.no_progress)
     text = result.to_markdown()
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        make_parents(args.out).write_text(text + "\n")
     return result
 
 

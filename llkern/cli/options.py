@@ -4,8 +4,10 @@ their values, and the error that means "bad input, nothing was done" (exit statu
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 
 class UsageError(Exception):
@@ -31,7 +33,8 @@ def plain_text(text: str | None) -> str | None:
     return text.replace("**", "")
 
 
-def _number(kind: type, low: float | None, strict: bool, what: str) -> Callable[[str], float]:
+def _number(kind: type, low: float | None, strict: bool, what: str,
+            high: float | None = None) -> Callable[[str], float]:
     def parse(value: str) -> float:
         try:
             number = kind(value)
@@ -40,6 +43,8 @@ def _number(kind: type, low: float | None, strict: bool, what: str) -> Callable[
         if kind is float and number != number:  # NaN
             raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
         if low is not None and (number <= low if strict else number < low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+        if high is not None and number > high:
             raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
         return number
 
@@ -51,3 +56,34 @@ positive_int = _number(int, 0, True, "an integer >= 1")
 nonnegative_int = _number(int, 0, False, "an integer >= 0")
 positive_float = _number(float, 0.0, True, "a number > 0")
 nonnegative_float = _number(float, 0.0, False, "a number >= 0")
+
+
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    """An option type for integers from ``low`` to ``high`` (both included)."""
+    return _number(int, low, False, f"an integer from {low} to {high}", high)
+
+
+def output_path(option: str, path: str | os.PathLike[str], folder: bool = False) -> Path:
+    """``path`` as a Path, checked before any work that it can be written: a file path that is not a folder
+    (or, with ``folder=True``, a folder path that is not a file) under a writable folder. Missing parent
+    folders are fine (:func:`make_parents` creates them); a file where a parent folder should be is not."""
+    target = Path(path).expanduser()
+    if folder and target.exists() and not target.is_dir():
+        raise UsageError(f"{option}: {path} is a file, not a folder")
+    if not folder and target.is_dir():
+        raise UsageError(f"{option}: {path} is a folder; expected a file path")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{option}: cannot write {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"{option}: cannot write {path}: the folder {ancestor} is not writable")
+    return target
+
+
+def make_parents(path: str | os.PathLike[str]) -> Path:
+    """``path`` with its parent folders created (an output path that :func:`output_path` accepted)."""
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target

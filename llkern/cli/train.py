@@ -6,8 +6,9 @@ the test accuracy, the peak saved activations, the time) and the test accuracy o
 end. -k 1 trains the same model end to end. --recipe NAME starts from a published setting (llkern
 recipes lists them); options on the command line override it.
 
---output-dir DIR collects the run: options.json (every option, resolved), log.json, checkpoint.pt,
-curves.png (where matplotlib is installed) and tensorboard/ (where tensorboard is installed).
+--output-dir DIR collects the run: options.json (every option after recipe and command line; null: the
+default for the data), log.json, checkpoint.pt, curves.png (where matplotlib is installed) and tensorboard/
+(where tensorboard is installed).
 llkern eval --checkpoint DIR rebuilds the network from them and evaluates it; llkern train
 --resume --output-dir DIR continues the run, and a larger --epochs extends a finished one (the
 learning-rate schedule is then planned for the new length).
@@ -44,7 +45,9 @@ from torch import nn
 from llkern.cli.options import (
     HelpFormatter,
     UsageError,
+    make_parents,
     nonnegative_float,
+    output_path,
     plain_text,
     positive_float,
     positive_int,
@@ -117,7 +120,7 @@ def build_parser(defaults: dict[str, Any] | None = None, prog: str | None = "llk
                       help="gcn: hidden features (default 16 for karate, 32 for synthetic-graphs)")
     how = parser.add_argument_group("how to train")
     how.add_argument("--epochs", type=positive_int, default=10,
-                     help="epochs in all (sequential mode: each module gets epochs / K)")
+                     help="epochs in all (sequential mode: a multiple of K; each module gets epochs / K)")
     how.add_argument("--batch-size", type=positive_int, default=64, help="samples per step")
     how.add_argument("--optimizer", choices=CHOICES["optimizer"], default="adam", help="SGD (Nesterov) or AdamW")
     how.add_argument("--lr", type=positive_float, default=None,
@@ -183,8 +186,9 @@ def _checkpoint_file(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def saved_options(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The options a run saved with its checkpoint (``llkern train`` keeps them in the trainer's metadata)."""
+def saved_options(path: str | os.PathLike[str], run_options: bool = False) -> dict[str, Any]:
+    """The options a run saved with its checkpoint (``llkern train`` keeps them in the trainer's metadata);
+    without the options of :data:`RUN_OPTIONS` unless ``run_options``."""
     file = _checkpoint_file(path)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
@@ -194,14 +198,32 @@ def saved_options(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(options, dict):
         raise UsageError(f"--checkpoint: {file} holds no llkern train options (written by LocalTrainer.save "
                          "outside llkern train?)")
-    return {k: v for k, v in options.items() if k not in RUN_OPTIONS}
+    return dict(options) if run_options else {k: v for k, v in options.items() if k not in RUN_OPTIONS}
+
+
+def _check_pipeline_resume(saved: dict[str, Any], stages: int | None, checkpoint: str) -> None:
+    """A checkpoint resumes in the layout it was saved in: a pipeline's stage shards under the same number of
+    stages, a single trainer's file without --pipeline-stages."""
+    trained = saved.get("pipeline_stages")
+    if trained == stages:
+        return
+    if not stages:
+        raise UsageError(f"--resume: {checkpoint} holds the shards of a {trained}-stage pipeline run; resume it the "
+                         f"way it was trained: torchrun --nproc-per-node {trained} -m llkern train "
+                         f"--pipeline-stages {trained} --resume ... (more processes: replicas per stage)")
+    if not trained:
+        raise UsageError(f"--resume --pipeline-stages {stages}: {checkpoint} was not trained as a pipeline")
+    raise UsageError(f"--resume --pipeline-stages {stages}: {checkpoint} was trained with {trained} stages")
 
 
 def parse(argv: list[str], prog: str | None = "llkern train") -> argparse.Namespace:
     """``llkern train``'s options: defaults < recipe < the checkpoint's options (with --resume) < command line."""
     from llkern.cli.recipes import load_recipe
 
-    args = build_parser(prog=prog).parse_args(argv)
+    # With --help, the options are read first without it, so that the help shows a recipe's or a resumed
+    # checkpoint's values as the defaults.
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    args = build_parser(prog=prog).parse_args([a for a in argv if a not in ("-h", "--help")])
     defaults: dict[str, Any] = {}
     if args.recipe is not None:
         recipe = load_recipe(args.recipe)
@@ -215,10 +237,12 @@ def parse(argv: list[str], prog: str | None = "llkern train") -> argparse.Namesp
         checkpoint = args.checkpoint or defaults.get("checkpoint")
         if checkpoint is None:
             raise UsageError("--resume: give --checkpoint FILE or --output-dir DIR of the run to continue")
-        saved = saved_options(checkpoint)
+        saved = saved_options(checkpoint, run_options=True)
+        _check_pipeline_resume(saved, args.pipeline_stages, checkpoint)
+        saved = {k: v for k, v in saved.items() if k not in RUN_OPTIONS}
         _check_values(saved, build_parser(prog=prog), f"the options saved in {checkpoint}")
         defaults.update(saved)
-    if defaults:
+    if defaults or asks_help:
         args = build_parser(defaults, prog=prog).parse_args(argv)
     return args
 
@@ -268,6 +292,17 @@ def _check_options(args: argparse.Namespace) -> None:
             raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)")
     if args.resume and not args.checkpoint:
         raise UsageError("--resume: give --checkpoint FILE or --output-dir DIR of the run to continue")
+    if args.mode == "sequential" and args.epochs % args.k:
+        low = max(args.k, args.epochs - args.epochs % args.k)
+        raise UsageError(f"--epochs {args.epochs}: sequential mode trains each of the {args.k} modules for epochs / K "
+                         f"epochs; give a multiple of {args.k} (e.g. {low} or {low + args.k})")
+    # Output paths, before any data is read or any epoch trained: a path that cannot be written fails now.
+    if args.checkpoint is not None:
+        args.checkpoint = str(_checkpoint_path(args.checkpoint))  # a run folder names its checkpoint.pt
+    for option, path, folder in (("--output-dir", args.output_dir, True), ("--log", args.log, False),
+                                 ("--checkpoint", args.checkpoint, False), ("--tensorboard", args.tensorboard, True)):
+        if path is not None:
+            output_path(option, path, folder=folder)
 
 
 @dataclass
@@ -687,11 +722,13 @@ def _train(args: argparse.Namespace) -> dict:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "options.json").write_text(json.dumps(trainer.metadata["options"], indent=1) + "\n")
         if args.log:
-            sinks.append(args.log)
+            sinks.append(make_parents(args.log))
         board = args.tensorboard or (str(folder / "tensorboard") if folder and tensorboard_available() else None)
         if board:
             tensorboard = TensorBoardLogger(board)
             sinks.append(tensorboard)
+    if args.checkpoint:
+        make_parents(args.checkpoint)  # every stage of a pipeline writes its own shard there
     try:
         rows = trainer.fit(run.train_data, run.epochs, batch_size=run.batch_size, eval_data=run.eval_data,
                            progress=not args.no_progress, log=sinks, checkpoint=args.checkpoint,
@@ -754,7 +791,8 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = "llkern eval
         result = run.trainer.evaluate(*run.eval_data, exit="all", batch_size=given.batch_size)
     else:
         result = run.test()
-    _say(f"{_checkpoint_file(given.checkpoint)}: trained {run.trainer.epoch} epochs")
+    epochs = run.trainer.epoch
+    _say(f"{_checkpoint_file(given.checkpoint)}: trained {epochs} epoch{'s' if epochs != 1 else ''}")
     _report(run, result)
     return {"evaluation": result, "epochs": run.trainer.epoch}
 

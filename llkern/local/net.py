@@ -26,7 +26,7 @@ from torch import nn
 from llkern.local.planner import _is_layer, _last_layer
 from llkern.nn.context import ContextSupply
 from llkern.nn.heads import LinearHead, feature_channels
-from llkern.nn.losses import CrossEntropy, LocalContext, LocalLoss, Reconstruction
+from llkern.nn.losses import Composite, CrossEntropy, LocalContext, LocalLoss, Reconstruction
 
 HeadFactory = Callable[[int, "torch.Size | None"], nn.Module]
 LossFactory = Callable[[int, int], LocalLoss]
@@ -240,6 +240,11 @@ class LocalNet(nn.Module):
             if not isinstance(loss, LocalLoss):
                 raise TypeError(f"LocalNet: expected losses[{k}] to be a llkern.nn.losses.LocalLoss, "
                                 f"got {type(loss).__name__}")
+            if isinstance(loss, Composite) and not any(loss.weights(k, num_modules)):
+                # e.g. schedules of published weights for another K: the module would silently never train
+                warnings.warn(f"LocalNet: every term of module {k}'s Composite loss has weight 0 at module {k} of "
+                              f"{num_modules}, so module {k} gets no gradient and does not train (schedules made "
+                              "for another number of modules?)", UserWarning, stacklevel=2)
         if example_input is not None:  # decoders made by a factory are sized from the module outputs
             for loss in self.losses:
                 for m in loss.modules():

@@ -50,7 +50,8 @@ _warned: set[tuple[str, str]] = set()
 
 def use_triton(name: str, device: torch.device, impl: str) -> bool:
     """Resolve ``impl`` for a Triton op: True to run the kernel. ``"auto"`` takes the PyTorch reference where
-    the kernel cannot run, saying so once per op and device; ``"kernel"`` raises there."""
+    the kernel cannot run, saying so once per op and device, except on the CPU without ``TRITON_INTERPRET=1``
+    (there the reference is the implementation); ``"kernel"`` raises."""
     if impl not in IMPLS:
         raise ValueError(f"{name}: expected impl to be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
@@ -66,7 +67,9 @@ def use_triton(name: str, device: torch.device, impl: str) -> bool:
         why = f"its Triton kernel does not run on {device.type} tensors"
     if impl == "kernel":
         raise RuntimeError(f"{name}: impl='kernel' but {why}")
-    if (name, device.type) not in _warned and not torch.compiler.is_compiling():
+    # On the CPU, only a user who asked for the interpreter (too late: see triton_available) hears about it.
+    quiet = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"
+    if not quiet and (name, device.type) not in _warned and not torch.compiler.is_compiling():
         _warned.add((name, device.type))
         warnings.warn(f"{name}: {why}; using the PyTorch reference.", stacklevel=3)
     return False
