@@ -233,6 +233,9 @@ def test_pipeline_under_torchrun_then_resume_and_eval(tmp_path):
     evaluated = evaluate_main(["--checkpoint", str(tmp_path)])  # the shards joined, in one process
     assert evaluated["epochs"] == 3
     assert ", ".join(f"{100 * a:.2f}" for a in evaluated["evaluation"]["accuracy"]) == trained
+    # any stage's shard names the whole run
+    shard = evaluate_main(["--checkpoint", str(tmp_path / "checkpoint.stage1.pt")])
+    assert shard["evaluation"]["accuracy"] == evaluated["evaluation"]["accuracy"]
 
 
 def test_pipeline_options_are_checked(monkeypatch):

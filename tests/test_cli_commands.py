@@ -173,6 +173,16 @@ def test_resume_extends_a_finished_run(tmp_path):
         cli.run(["train", "--no-progress", "--output-dir", str(run_dir), "--resume", "--epochs", "2"])
 
 
+def test_checkpoint_of_another_network_is_refused_in_one_line(tmp_path, capsys):
+    # A state dict that does not fit lists every key; the message keeps to one short line.
+    run_dir = tmp_path / "run"
+    assert status(["train", *FAST, "-k", "2", "--epochs", "1", "--output-dir", str(run_dir)], capsys)[0] == 0
+    code, _, err = status(["train", "--no-progress", "--output-dir", str(run_dir), "--resume", "--model", "digits-cnn",
+                           "--data", "digits"], capsys)
+    assert code == 2 and "does not fit these options" in err
+    assert len(err.strip().splitlines()) == 1 and len(err) < 500, err
+
+
 def test_recipes_by_name_and_listed(capsys):
     names = recipe_names()
     assert "infopro-resnet110-k4" in names and "digits-resnet-k4" in names

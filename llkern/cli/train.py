@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,10 +293,6 @@ def _check_options(args: argparse.Namespace) -> None:
             raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)")
     if args.resume and not args.checkpoint:
         raise UsageError("--resume: give --checkpoint FILE or --output-dir DIR of the run to continue")
-    if args.mode == "sequential" and args.epochs % args.k:
-        low = max(args.k, args.epochs - args.epochs % args.k)
-        raise UsageError(f"--epochs {args.epochs}: sequential mode trains each of the {args.k} modules for epochs / K "
-                         f"epochs; give a multiple of {args.k} (e.g. {low} or {low + args.k})")
     # Output paths, before any data is read or any epoch trained: a path that cannot be written fails now.
     if args.checkpoint is not None:
         args.checkpoint = str(_checkpoint_path(args.checkpoint))  # a run folder names its checkpoint.pt
@@ -490,6 +487,12 @@ def _trainer(args: argparse.Namespace, net: Any, steps_per_epoch: int, default_l
 _SCHEDULE_LENGTH = ("total_steps", "_schedule_phases", "T_max")
 
 
+def _short(error: Exception, limit: int = 300) -> str:
+    """An exception's message on one line, cut to ``limit`` characters (a state dict's mismatch lists every key)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _resume(trainer: Any, checkpoint: str, epochs: int, mode: str) -> None:
     """Load the checkpoint into ``trainer``; a simultaneous run asked for more epochs than it was planned
     for keeps the schedules built for the new length (the run continues as if started with it)."""
@@ -503,7 +506,7 @@ def _resume(trainer: Any, checkpoint: str, epochs: int, mode: str) -> None:
         trainer.load(_checkpoint_path(checkpoint) if isinstance(trainer, PipelineTrainer)
                      else _checkpoint_file(checkpoint))
     except (ValueError, KeyError, RuntimeError) as error:
-        raise UsageError(f"--resume: {checkpoint} does not fit these options ({error})") from None
+        raise UsageError(f"--resume: {checkpoint} does not fit these options ({_short(error)})") from None
     saved_epochs = trainer.metadata.get("options", {}).get("epochs", epochs)
     trainer.metadata["options"] = options
     if epochs < trainer.epoch:
@@ -694,6 +697,10 @@ def _is_lead() -> bool:
 def train(args: argparse.Namespace) -> dict:
     """Run ``llkern train`` with parsed options; returns the final evaluation and the log rows."""
     _check_options(args)
+    if args.mode == "sequential" and args.epochs % args.k:
+        low = max(args.k, args.epochs - args.epochs % args.k)
+        raise UsageError(f"--epochs {args.epochs}: sequential mode trains each of the {args.k} modules for epochs / K "
+                         f"epochs; give a multiple of {args.k} (e.g. {low} or {low + args.k})")
     started = _start_distributed(args) if args.distributed or args.pipeline_stages else False
     try:
         return _train(args)
@@ -776,17 +783,18 @@ def evaluate_main(argv: list[str] | None = None, prog: str | None = "llkern eval
     run = _graph_run(args) if args.data in GRAPH_DATA or args.model == "gcn" else _image_run(args)
     file = _checkpoint_file(given.checkpoint)
     try:
-        if file.stem.endswith(".stage0"):  # a pipeline run: every stage's shard holds part of the net
+        shard = re.fullmatch(r"(.*)\.stage\d+", file.stem)
+        if shard:  # a pipeline run (any stage's shard given): every stage's shard holds part of the net
             from llkern.local.pipeline import read_shards
 
-            state = read_shards(file.with_name(file.name.replace(".stage0", "")))
+            state = read_shards(file.with_name(shard.group(1) + file.suffix))
             run.trainer.net.load_state_dict(state["net"])
             run.trainer.epoch = int(state["epoch"])
         else:
             run.trainer.load(file, restore_rng=False)
     except (ValueError, KeyError, RuntimeError) as error:
         raise UsageError(f"--checkpoint: {given.checkpoint} does not match the network its options build "
-                         f"({error})") from None
+                         f"({_short(error)})") from None
     if isinstance(run.eval_data, tuple):
         result = run.trainer.evaluate(*run.eval_data, exit="all", batch_size=given.batch_size)
     else:
