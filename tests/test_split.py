@@ -403,7 +403,7 @@ def test_vgg_like_sequential():
     with pytest.warns(UserWarning, match="ends in an nn.Linear"):
         plan = split(model, 4, by="layers")  # no example input: no measured bytes
     assert plan.saved_bytes is None and plan.total_saved_bytes is None and plan.costs == [6, 4, 4, 5]
-    assert "saved" not in str(plan).splitlines()[1]
+    assert "saved" not in str(plan).splitlines()[1] and "batch" not in str(plan) and plan.example_batch is None
 
 
 class Embed(nn.Module):
@@ -543,6 +543,8 @@ def test_split_by_time_balances_measured_unit_times():
     assert plan.boundaries[:2] == [0, 1], plan
     assert plan.costs[0] > plan.costs[1] > 0
     assert "cost (time)" in str(plan) and " ms" in str(plan)
+    assert plan.example_batch == 16 and "balanced by time (a batch of 16)" in str(plan)  # times grow with it
+    assert "saved for a batch of 16" in str(plan)
     assert all(p.grad is None for p in model.parameters())  # gradients left as they were
     assert torch.equal(bn.running_mean, running)  # statistics restored
     with pytest.raises(ValueError, match="by='time' measures each unit"):

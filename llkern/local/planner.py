@@ -109,6 +109,8 @@ class SplitPlan:
             example input (None without an example input).
         total_saved_bytes: the whole model's saved-for-backward bytes end to end on the example input
             (None without one).
+        example_batch: the example input's batch size, for which the bytes and times were measured (saved
+            bytes grow with the batch; None without an example input).
     """
 
     modules: list[nn.Sequential]
@@ -120,6 +122,7 @@ class SplitPlan:
     params: list[int]
     saved_bytes: list[int] | None = None
     total_saved_bytes: int | None = None
+    example_batch: int | None = None
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -151,11 +154,14 @@ class SplitPlan:
         table = [[c.ljust(w) if i in (1, 2) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
                   for r in [header, ["-" * w for w in widths], *rows]]
         mean = sum(self.costs) / len(self.costs)
-        lines = [f"SplitPlan: {len(self.modules)} modules from {len(self.unit_names)} units, balanced by {self.by}; "
-                 f"largest {fmt(max(self.costs))} = {max(self.costs) / mean if mean else 1.0:.2f}× the mean",
+        measured = self.example_batch is not None and self.by in ("saved_bytes", "time")
+        batch = f" (a batch of {self.example_batch})" if measured else ""
+        lines = [f"SplitPlan: {len(self.modules)} modules from {len(self.unit_names)} units, balanced by {self.by}"
+                 f"{batch}; largest {fmt(max(self.costs))} = {max(self.costs) / mean if mean else 1.0:.2f}× the mean",
                  *("  ".join(cells).rstrip() for cells in table)]
         if self.saved_bytes is not None and self.total_saved_bytes:
-            lines.append(f"end to end: {_format_bytes(self.total_saved_bytes)} saved; largest module "
+            lines.append(f"end to end: {_format_bytes(self.total_saved_bytes)} saved for a batch of "
+                         f"{self.example_batch}; largest module "
                          f"{_format_bytes(max(self.saved_bytes))} "
                          f"({100 * max(self.saved_bytes) / self.total_saved_bytes:.1f}%)")
         return "\n".join(lines)
@@ -584,4 +590,5 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
             saved = _measure_modules(modules, params, example_input)
     return SplitPlan(modules=modules, by=by, costs=costs, boundaries=bounds, unit_names=names,
                      unit_costs=[sum(s.values()) for s in unit_sets], params=module_params,
-                     saved_bytes=saved, total_saved_bytes=total)
+                     saved_bytes=saved, total_saved_bytes=total,
+                     example_batch=None if example_input is None else int(example_input.shape[0]))
