@@ -118,6 +118,9 @@ def test_bad_input(impl):
         mean_kl_sample(theta, gamma, nu, -rho, seed=0, impl=impl)
     with pytest.raises(ValueError, match="rho"), llkern.value_checks():
         mean_kl_sample(theta, gamma, nu, rho / 0, seed=0, impl=impl)
+    for bad in (float("inf"), float("nan")):  # an infinite γ once gave its block NaN weights silently
+        with pytest.raises(ValueError, match="gamma"), llkern.value_checks():
+            mean_kl_sample(theta, gamma.detach().index_fill(1, torch.tensor([2]), bad), nu, rho, seed=0, impl=impl)
     with pytest.raises(ValueError, match="like theta"):
         mean_kl_sample(theta, gamma[:3], nu, rho, seed=0, impl=impl)
     with pytest.raises(ValueError, match="num_blocks, block_size"):
@@ -133,6 +136,12 @@ def test_bad_input(impl):
         mean_kl_sample(theta, gamma, nu, rho, seed=0, delta=1.0, impl=impl)
     with pytest.raises(TypeError, match="floating-point"):
         mean_kl_sample(theta.long(), gamma.long(), nu.long(), rho.long(), seed=0, impl=impl)
+    wide = params((1, 8193))
+    if impl == "kernel":
+        with pytest.raises(ValueError, match="at most 8192 weights, got block_size 8193"):
+            mean_kl_sample(*wide, seed=0, impl=impl)
+    else:
+        assert torch.isfinite(mean_kl_sample(*wide, seed=0, impl=impl)).all()
 
 
 def test_kernel_poisons_a_bad_rho_instead_of_returning_finite_weights():

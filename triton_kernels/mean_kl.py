@@ -58,8 +58,9 @@ def _state(theta_ptr, gamma_ptr, nu_ptr, rho_ptr, num_blocks, block_size, seed, 
            HAS_NU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """Everything both passes need for this program's tile. κ_B and δ arrive as the bits of float64s
     (a Python float argument would be a float32) and are used at the accumulation precision."""
-    kappa_block = kappa_bits.to(tl.float64, bitcast=True).to(ACC)
-    delta = delta_bits.to(tl.float64, bitcast=True).to(ACC)
+    # tl.cast first: an int argument equal to 1 reaches the kernel as a constant under torch.compile
+    kappa_block = tl.cast(kappa_bits, tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    delta = tl.cast(delta_bits, tl.int64).to(tl.float64, bitcast=True).to(ACC)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = tl.arange(0, BLOCK).to(tl.int64)
     mask = (rows[:, None] < num_blocks) & (cols[None, :] < block_size)

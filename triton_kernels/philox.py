@@ -38,8 +38,10 @@ def stream_words(seed, stream, n):
     c0 = (n & 0xFFFFFFFF).to(tl.uint32)
     c1 = (n >> 32).to(tl.uint32)
     zero = tl.zeros_like(c0)
-    k0 = zero + seed.to(tl.uint32)
-    k1 = zero + stream.to(tl.uint32)
+    # tl.cast, not .to(): under torch.compile Inductor passes an int argument equal to 1 as a constant
+    # (do_not_specialize is the Triton launcher's, not Inductor's), and a constant has no .to()
+    k0 = zero + tl.cast(seed, tl.uint32)
+    k1 = zero + tl.cast(stream, tl.uint32)
     x0, x1, _, _ = philox4x32_10(c0, c1, zero, zero, k0, k1)
     return x0, x1
 
@@ -78,7 +80,9 @@ def stream_normal(seed, stream, n):
     x0, x1 = stream_words(seed, stream, n)
     # cos(2π u1) = −cos(2π (u1 − 1/2)): u1 − 1/2 is exact, and the argument stays in [−π, π]
     u1 = (x1 >> 8).to(tl.float32) * 5.9604644775390625e-08 - 0.5
-    return -tl.sqrt(_minus_two_log_u0(x0)) * tl.cos(6.283185307179586 * u1)
+    # sqrt_rn: tl.sqrt compiles to sqrt.approx (up to 2 ulp here), which alone could spend the documented
+    # budget (docs/random.md) that the interpreter's correctly rounded square root leaves
+    return -tl.sqrt_rn(_minus_two_log_u0(x0)) * tl.cos(6.283185307179586 * u1)
 
 
 @triton.jit(do_not_specialize=["seed", "stream", "first"])

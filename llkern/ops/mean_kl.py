@@ -34,6 +34,9 @@ TILE_ELEMENTS = 1024
 # Budgets above this are refused: the float32 kernel is exact to 1e-7 up to 1e7 nats per block and gives
 # NaN by 1e8, and MIRACLE's blocks carry tens of bits (C ≤ 32).
 MAX_KAPPA_BLOCK = 1e6
+# The kernels hold a block in registers: wider blocks are refused there (MIRACLE's widest, 256 weights per bit at
+# C ≤ 24, fit); the reference takes any width.
+MAX_KERNEL_BLOCK = 8192
 
 
 def _check(theta, gamma, nu, rho, seed, stream, kappa_block, delta) -> None:
@@ -64,6 +67,8 @@ def _check(theta, gamma, nu, rho, seed, stream, kappa_block, delta) -> None:
     # (a host sync on a GPU: there only with llkern.value_checks() on; without it a bad ρ gives NaN)
     if check_values(rho) and not bool(((rho > 0) & torch.isfinite(rho)).all()):
         raise ValueError(f"{NAME}: expected rho (the prior's standard deviation) finite and > 0 everywhere")
+    if check_values(gamma) and not bool(torch.isfinite(gamma).all()):  # (an inf gave a silent NaN block)
+        raise ValueError(f"{NAME}: expected gamma (the budget split) finite everywhere")
 
 
 def mean_kl_noise(shape: tuple[int, int], seed: int, stream: int) -> torch.Tensor:
@@ -97,6 +102,9 @@ def mean_kl_sample(theta: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor | 
         nu = torch.zeros_like(theta) if nu is None else nu
         w, _, _ = mean_kl_reference(theta, gamma, nu, rho, eps, float(kappa_block), float(delta))
         return w.to(theta.dtype)
+    if theta.shape[1] > MAX_KERNEL_BLOCK:
+        raise ValueError(f"{NAME}: the kernel takes blocks of at most {MAX_KERNEL_BLOCK} weights, got block_size "
+                         f"{theta.shape[1]}; use impl='reference' for wider blocks")
     return torch.ops.llkern.mean_kl_sample(theta, gamma, nu, rho, seed, stream, float(kappa_block), float(delta))
 
 
@@ -112,7 +120,9 @@ def _launch_args(theta: torch.Tensor):
     rows = max(1, TILE_ELEMENTS // block)
     grid = ((num_blocks + rows - 1) // rows,)
     acc = tl.float64 if theta.dtype == torch.float64 else tl.float32
-    return grid, dict(ROWS=rows, BLOCK=block, ACC=acc)
+    # More warps for the widest blocks, one per program: 4 warps spilled about 6 KB per thread at BLOCK = 8192.
+    warps = min(16, max(4, block // 512))
+    return grid, dict(ROWS=rows, BLOCK=block, ACC=acc, num_warps=warps)
 
 
 def _bits(value: float) -> int:
