@@ -110,6 +110,26 @@ def test_gradcheck_and_opcheck():
     torch.library.opcheck(torch.ops.llkern.mean_kl_sample.default, args, test_utils=utils)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile traces into a triton_op's body, and Triton's interpreter "
+                    "then runs the kernels on fake tensors: GPU only")
+def test_torch_compile_with_seed_and_stream_1():
+    # Inductor passes an int argument equal to 1 as a constant (do_not_specialize or not): the kernels must
+    # compile so (seed.to(...) did not), and give what the eager op gives.
+    theta, gamma, nu, rho = params((6, 30))
+    theta, gamma = theta.requires_grad_(), gamma.requires_grad_()
+
+    def f(a, b):
+        return mean_kl_sample(a, b, nu, rho, seed=1, stream=1, impl="kernel").square().sum()
+
+    out = torch.compile(f, fullgraph=True)(theta, gamma)
+    grads = torch.autograd.grad(out, (theta, gamma))
+    ref = f(theta, gamma)
+    ref_grads = torch.autograd.grad(ref, (theta, gamma))
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r)
+
+
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
 def test_bad_input(impl):
     theta, gamma, nu, rho = params((4, 6))

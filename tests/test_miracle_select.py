@@ -139,6 +139,20 @@ def test_reference_scores_restated(monkeypatch):
     assert indices32.dtype == torch.int64 and scores32.dtype == torch.float32
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile runs Triton kernels on a GPU only")
+def test_torch_compile_with_seed_1():
+    # Inductor passes an int argument equal to 1 as a constant: the kernel must compile so.
+    mu, sigma, rho = (torch.rand(3, 20, device=DEVICE) + 0.1 for _ in range(3))
+
+    def f(a, b, c):
+        return miracle_select(a, b, c, seed=1, bits=8, first_block=1, impl="kernel")
+
+    indices, scores = torch.compile(f, fullgraph=True)(mu, sigma, rho)
+    ref_indices, ref_scores = f(mu, sigma, rho)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(scores, ref_scores)
+
+
 def test_opcheck():
     mu, sigma, rho = posterior(2, 5)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
