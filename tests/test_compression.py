@@ -55,6 +55,24 @@ def test_mean_kl_blocks_hold_their_budget_and_train():
     torch.testing.assert_close(net(x), net(x))  # eval: the posterior means
 
 
+
+def test_training_noise_streams_are_not_coding_streams(monkeypatch):
+    # Block b's candidates come from stream b and its Gumbel noise from num_blocks + b; training draws from
+    # streams 2^31 and up (step 0 once drew block 0's candidates), never the permutation's 0xFFFFFFFF.
+    from llkern.compress import mean_kl as module
+
+    net = MeanKLNetwork(digits_lenet(), bits_per_block=8, impl="reference")
+    streams = []
+    original = net.sample_blocks
+    monkeypatch.setattr(net, "sample_blocks", lambda stream: streams.append(stream) or original(stream))
+    x = torch.randn(4, 1, 8, 8)
+    net(x), net(x)
+    net.steps = 2**31 - 2
+    net(x), net(x)
+    assert streams == [2**31, 2**31 + 1, 2**32 - 2, 2**31]
+    assert 2 * net.num_blocks < module.TRAINING_STREAMS and max(streams) < module.PERMUTATION_STREAM
+
+
 def test_mean_kl_kernel_and_reference_paths_agree():
     # on the GPU where there is one (the kernel inside the network), else on the CPU in Triton's interpreter
     from llkern.ops.context import triton_available

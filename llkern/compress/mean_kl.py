@@ -31,6 +31,11 @@ __all__ = ["GaussianNetwork", "MeanKLNetwork", "coding_permutation"]
 
 COMPRESSIBLE = (nn.Linear, nn.Conv2d)
 PERMUTATION_STREAM = 0xFFFFFFFF  # the Philox stream that orders the weights (docs/random.md)
+# Mean-KL training noise: stream TRAINING_STREAMS + step mod (2^31 − 1), disjoint from MIRACLE's coding streams
+# (block b's candidates: stream b; its Gumbel noise: num_blocks + b; both below 2^31) and from the permutation's.
+# (Training on the noise that later served as block s's candidates made the two draws dependent.)
+TRAINING_STREAMS = 2**31
+MAX_BLOCKS = 2**30  # so that the coding streams stay below TRAINING_STREAMS
 
 
 def coding_permutation(total: int, seed: int) -> np.ndarray:
@@ -76,6 +81,9 @@ class _Coded(nn.Module):
         self.sizes = [p.numel() for p in initial]
         total = sum(self.sizes)
         self.num_blocks = -(-total // block_size)
+        if self.num_blocks > MAX_BLOCKS:
+            raise ValueError(f"{type(self).__name__}: {self.num_blocks} blocks of {block_size} weights; at most "
+                             f"{MAX_BLOCKS} (the coding streams must stay below 2^31): use larger blocks")
         order = coding_permutation(total, seed)
         slot_of_weight = np.empty(total, dtype=np.int64)
         slot_of_weight[order] = np.arange(total)
@@ -126,7 +134,7 @@ class _Coded(nn.Module):
         if sample is None:
             sample = self.training
         if sample:
-            blocks = self.sample_blocks(self.steps % 2**31)
+            blocks = self.sample_blocks(TRAINING_STREAMS + self.steps % (2**31 - 1))
             if self.training:
                 self.steps += 1
         else:
