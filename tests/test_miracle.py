@@ -194,7 +194,11 @@ def test_retraining_between_chunks(tmp_path):
     assert bool(net.coded.all())
     model = decode(tmp_path / "m.llkm").eval()
     net.eval()
-    torch.testing.assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
+    # bit for bit: the decoded weights are the encoder's (a float64 product once differed in the last bit)
+    decoded = dict(model.named_parameters())
+    for name, weight in net.unpack(net.mean_blocks()).items():
+        assert torch.equal(decoded[name], weight.detach()), name
+    assert torch.equal(model(x), net(x))
 
 
 def test_encode_errors(tmp_path):
@@ -226,6 +230,22 @@ def test_encode_refuses_what_it_cannot_describe(tmp_path):
     with pytest.raises(ValueError, match=r"cannot store 2\.running_mean"):
         encode(net, tmp_path / "x", progress=False)
     assert not bool(net.coded.any())  # refused before any block was coded
+    net = MeanKLNetwork(nn.Sequential(nn.Flatten(), nn.Linear(8, 4)).double(), impl="reference")
+    with pytest.raises(ValueError, match=r"float32 coded weights, and net is torch\.float64"):
+        encode(net, tmp_path / "x", progress=False)
+    assert not bool(net.coded.any())
+
+
+def test_uncompressed_tensors_keep_their_dtype(tmp_path):
+    # A float64 statistic comes back float64 (it was rounded into the rebuilt float32 module).
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4))
+    model[2].running_var = torch.rand(4, dtype=torch.float64) + 0.5
+    net = MeanKLNetwork(model, bits_per_block=4, block_size=6, impl="reference")
+    encode(net, tmp_path / "m.llkm", progress=False)
+    decoded = decode(tmp_path / "m.llkm")
+    assert decoded[2].running_var.dtype == torch.float64
+    assert torch.equal(decoded[2].running_var, model[2].running_var)
+    assert decoded[1].weight.dtype == torch.float32 and isinstance(decoded[1].weight, nn.Parameter)
 
 
 def test_decoding_leaves_the_random_state_alone(tmp_path):
@@ -255,7 +275,7 @@ def batchnorm(n):
                                             "track_running_stats": True}}
 
 
-@pytest.mark.parametrize("case", ["huge block", "blocks unpaid", "buffers unpaid", "extra bytes"])
+@pytest.mark.parametrize("case", ["huge block", "blocks unpaid", "buffers unpaid", "extra bytes", "no weights"])
 def test_forged_headers_are_refused_before_anything_is_allocated(tmp_path, monkeypatch, case):
     # A 45-byte file once asked for a 4096x4096 Linear in one block of 2^24 weights: 3 GB and 51 s to decode.
     # Every weight a header asks for must be paid for in the file (blocks x C bits, the uncompressed bytes).
@@ -280,6 +300,10 @@ def test_forged_headers_are_refused_before_anything_is_allocated(tmp_path, monke
         path = forged(tmp_path, bits=10, block_size=30, num_blocks=1, spec=[linear(3, 2), batchnorm(10**9)],
                       rho=[0.1], dtypes=[torch.float32, torch.float32, torch.int64], payload=b"\0" * 2 + b"\0" * 64)
         match = "but the header describes"
+    elif case == "no weights":  # nothing coded, no blocks: refused by name (NumPy once failed to stack nothing)
+        path = forged(tmp_path, bits=10, block_size=30, num_blocks=0, spec=[{"type": "ReLU", "args": {}}], rho=[],
+                      dtypes=[], payload=b"")
+        match = "no coded weights"
     else:  # an honest small header with bytes the header does not describe
         path = forged(tmp_path, bits=10, block_size=30, num_blocks=1, spec=[linear(3, 2)], rho=[0.1], dtypes=[],
                       payload=b"\0" * 2 + b"\0" * 7)
@@ -300,6 +324,11 @@ def test_an_honest_small_forged_file_decodes(tmp_path):
 def test_networks_refuse_blocks_a_file_could_not_hold():
     with pytest.raises(ValueError, match="weights per coded bit"):
         MeanKLNetwork(nn.Linear(4, 3), bits_per_block=1, block_size=257)
+    for delta in (0.0, 1.0, float("nan"), -0.1):  # delta = 1 once left θ infinite at construction
+        with pytest.raises(ValueError, match="delta"):
+            MeanKLNetwork(nn.Linear(4, 3), delta=delta)
+    with pytest.raises(ValueError, match="impl"):
+        MeanKLNetwork(nn.Linear(4, 3), impl="bogus")
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and triton_available(torch.device("cuda"))), reason="needs a GPU")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llkern.cli.options import HelpFormatter, UsageError, plain_text
+from llkern.cli.options import HelpFormatter, UsageError, check_device, plain_text
 
 __all__ = ["OPS", "SIZES", "BenchRow", "main", "run"]
 
@@ -112,9 +112,8 @@ def main(argv: list[str] | None = None, prog: str | None = "llkern bench") -> li
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from llkern.cli.train import _check_device
 
-    device = _check_device(args.device)
+    device = check_device(args.device)
     if args.min_time <= 0:
         raise UsageError(f"--min-time: expected a number > 0, got {args.min_time}")
     rows = run(args.ops, args.size, str(device), getattr(torch, args.dtype), args.min_time, not args.no_progress)

@@ -29,11 +29,23 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from llkern.cli.options import HelpFormatter, make_parents, nonnegative_int, output_path, plain_text, positive_int
+from llkern.cli.options import (
+    HelpFormatter,
+    UsageError,
+    check_device,
+    fraction,
+    int_between,
+    make_parents,
+    nonnegative_int,
+    output_path,
+    plain_text,
+    positive_int,
+)
 from llkern.compress import miracle
-from llkern.compress.mean_kl import MeanKLNetwork
+from llkern.compress.mean_kl import MAX_WEIGHTS_PER_BIT, MeanKLNetwork
 from llkern.data.images import load_digits
 from llkern.models import digits_lenet_caffe
+from llkern.ops.miracle_encode import MAX_BITS
 
 __all__ = ["CompressionResult", "main", "run"]
 
@@ -152,29 +164,37 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> CompressionR
     parser = argparse.ArgumentParser(prog=prog, description=plain_text(__doc__),
                                      formatter_class=HelpFormatter)
     parser.add_argument("--out", default="digits-lenet.mira", help="the MIRACLE file to write")
-    parser.add_argument("--bits", type=positive_int, default=10, help="C, bits per coding block")
-    parser.add_argument("--block-size", type=positive_int, default=72, help="weights per coding block")
+    parser.add_argument("--bits", type=int_between(1, MAX_BITS), default=10, help="C, bits per coding block")
+    parser.add_argument("--block-size", type=positive_int, default=72,
+                        help=f"weights per coding block (at most {MAX_WEIGHTS_PER_BIT} per bit)")
     parser.add_argument("--pretrain-steps", type=nonnegative_int, default=1500,
                         help="plain training steps before the Mean-KL training")
     parser.add_argument("--steps", type=nonnegative_int, default=3000, help="Mean-KL training steps")
     parser.add_argument("--retrain-steps", type=nonnegative_int, default=30,
                         help="steps after each coded chunk (0: none)")
     parser.add_argument("--chunk-blocks", type=positive_int, default=32, help="blocks coded between retrainings")
-    parser.add_argument("--retrain-fraction", type=float, default=0.1,
+    parser.add_argument("--retrain-fraction", type=fraction, default=0.1,
                         help="retraining learning rates as a fraction of the peak ones")
     parser.add_argument("--choose", choices=miracle.CHOICES, default="argmax",
                         help="the candidate of best score, or one sampled by its weight")
-    parser.add_argument("--seed", type=int, default=0, help="seed of training and of the shared random stream")
+    parser.add_argument("--seed", type=int_between(0, 2**32 - 1), default=0,
+                        help="seed of training and of the shared random stream")
     parser.add_argument("--impl", choices=("auto", "kernel", "reference"), default="auto",
                         help="Mean-KL sampling and candidate scoring: the Triton kernels or the references")
     parser.add_argument("--device", default="cpu", help="where to train and encode (e.g. cuda)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    # the output paths before minutes of training: one that cannot be written fails now
+    # everything that can fail before minutes of training fails now
+    if args.block_size > MAX_WEIGHTS_PER_BIT * args.bits:
+        raise UsageError(f"--block-size {args.block_size}: at most {MAX_WEIGHTS_PER_BIT} weights per coded bit, "
+                         f"{MAX_WEIGHTS_PER_BIT * args.bits} at --bits {args.bits}")
+    check_device(args.device)
     output_path("--out", args.out)
     if args.json:
         output_path("--json", args.json)
+        if Path(args.json).expanduser().resolve() == Path(args.out).expanduser().resolve():
+            raise UsageError(f"--json {args.json}: the same file as --out")
     result = run(make_parents(args.out), bits=args.bits, block_size=args.block_size, pretrain_steps=args.pretrain_steps,
                  steps=args.steps, retrain_steps=args.retrain_steps, chunk_blocks=args.chunk_blocks,
                  retrain_fraction=args.retrain_fraction,

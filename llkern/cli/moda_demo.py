@@ -33,6 +33,7 @@ from tqdm import tqdm
 from llkern.cli.options import (
     HelpFormatter,
     UsageError,
+    check_device,
     make_parents,
     output_path,
     plain_text,
@@ -236,6 +237,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> DemoResult:
     if args.data == "cifar10" and not args.data_root:
         raise UsageError("--data cifar10 needs --data-root (the folder of the extracted archive; nothing is "
                          "downloaded)")
+    check_device(args.device)
     if args.out:
         output_path("--out", args.out)
     result = run(args.data, model=args.model, data_root=args.data_root, epochs=args.epochs, seed=args.seed,

@@ -8,6 +8,10 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 class UsageError(Exception):
@@ -56,6 +60,7 @@ positive_int = _number(int, 0, True, "an integer >= 1")
 nonnegative_int = _number(int, 0, False, "an integer >= 0")
 positive_float = _number(float, 0.0, True, "a number > 0")
 nonnegative_float = _number(float, 0.0, False, "a number >= 0")
+fraction = _number(float, 0.0, False, "a number from 0 to 1", 1.0)
 
 
 def int_between(low: int, high: int) -> Callable[[str], int]:
@@ -87,3 +92,23 @@ def make_parents(path: str | os.PathLike[str]) -> Path:
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
     return target
+
+
+def check_device(name: str) -> torch.device:
+    """``--device NAME`` as a torch.device that this machine has (a UsageError otherwise)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"--device: {name!r} is not a device ({error})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise UsageError(f"--device {name}: no CUDA device here (this torch {torch.__version__} is {build}); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise UsageError(f"--device: expected cpu or cuda[:N], got {name!r}")
+    return device

@@ -46,6 +46,7 @@ from torch import nn
 from llkern.cli.options import (
     HelpFormatter,
     UsageError,
+    check_device,
     make_parents,
     nonnegative_float,
     output_path,
@@ -248,26 +249,9 @@ def parse(argv: list[str], prog: str | None = "llkern train") -> argparse.Namesp
     return args
 
 
-def _check_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UsageError(f"--device: {name!r} is not a device ({error})") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-            raise UsageError(f"--device {name}: no CUDA device here (this torch {torch.__version__} is {build}); "
-                             "use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type not in ("cpu", "mps", "xpu"):
-        raise UsageError(f"--device: expected cpu or cuda[:N], got {name!r}")
-    return device
-
-
 def _check_options(args: argparse.Namespace) -> None:
     """Everything that can be checked before any data is read."""
-    _check_device(args.device)
+    check_device(args.device)
     if args.data in ("cifar10", "folder"):
         if not args.data_root:
             raise UsageError(f"--data {args.data} needs --data-root (the extracted CIFAR-10 folder for cifar10, a "

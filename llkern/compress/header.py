@@ -214,6 +214,8 @@ def parse_header(blob: bytes, offset: int) -> tuple[dict, int]:
         raise HeaderError("a prior standard deviation ρ is not a finite positive number")
     header["coded"] = [{"name": n, "shape": list(p.shape), "rho": r} for (n, p), r in zip(coded, rho, strict=True)]
     total = sum(p.numel() for _, p in coded)
+    if total == 0:  # (decode then failed inside NumPy with "need at least one array to stack")
+        raise HeaderError("the layers have no coded weights")
     if -(-total // header["block_size"]) != header["num_blocks"]:
         raise HeaderError(f"{header['num_blocks']} blocks of {header['block_size']} do not hold {total} weights")
     codes = reader.take(len(uncompressed))

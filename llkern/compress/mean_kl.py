@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from llkern._ext import IMPLS
 from llkern.ops.mean_kl import mean_kl_sample
 from llkern.random import stream_bits
 from llkern.reference.mean_kl import mean_kl_mean
@@ -158,6 +159,11 @@ class MeanKLNetwork(_Coded):
     def __init__(self, model: nn.Module, *, bits_per_block: int = 10, block_size: int = 30, seed: int = 0,
                  delta: float = 0.05, impl: str = "auto") -> None:
         super().__init__(model, bits_per_block, block_size, seed)
+        # checked here, not at the first training step (delta = 1 left θ infinite at once)
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+            raise ValueError(f"MeanKLNetwork: expected delta in (0, 1), got {delta!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"MeanKLNetwork: expected impl to be one of {IMPLS}, got {impl!r}")
         self.delta, self.impl = delta, impl
         # θ from the initial weights: μ = (1 − δ) ρ √(2κ_w) tanh θ with an even budget split
         bound = (1 - delta) * self.rho_blocks().detach() * math.sqrt(2 * self.kappa_block / block_size)

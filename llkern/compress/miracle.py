@@ -9,11 +9,13 @@ generated and scored by :func:`llkern.ops.miracle_encode.miracle_select` (a Trit
 float64 NumPy reference), a tile of candidates at a time, never all at once.
 
 The file (no pickle), every integer little-endian:
-``MAGIC`` (8 bytes) | header (binary, llkern/miracle_header.py: format version, generator, seed, C,
+``MAGIC`` (8 bytes) | header (binary, llkern/compress/header.py: format version, generator, seed, C,
 block size, number of blocks, the layers of the ``nn.Sequential`` with their arguments, ρ of every
 coded tensor, the dtypes of the uncompressed ones) | packed C-bit indices | raw bytes of the
 uncompressed tensors (BatchNorm statistics and the like) | u32 CRC-32 of everything before it.
-The coded and uncompressed tensors' names and shapes follow from the layers.
+The coded and uncompressed tensors' names and shapes follow from the layers. A coded weight is
+``float32(z) · ρ`` computed in float32 (ρ is stored as a float32), z its chosen candidate's float64 normal:
+what the encoder's network computes, bit for bit; the uncompressed tensors keep their stored dtypes.
 :func:`decode` rebuilds an ordinary ``nn.Module`` from the file alone.
 """
 
@@ -133,6 +135,9 @@ def encode(net: MeanKLNetwork, path: str | Path, *, choose: str = "argmax", chun
     for name, tensor in uncompressed:  # before coding: a failure here must not leave blocks half coded
         if tensor.dtype not in CODE_OF_DTYPE:
             raise ValueError(f"llkern.compress.miracle.encode: cannot store {name} of dtype {tensor.dtype}")
+    if net.theta.dtype != torch.float32:  # (a float64 net's coded weights would not be what decode rebuilds)
+        raise ValueError(f"llkern.compress.miracle.encode: the file holds float32 coded weights, and net is "
+                         f"{net.theta.dtype}; code a float32 MeanKLNetwork (net.float())")
     bits, block_size, num_blocks = net.bits_per_block, net.block_size, net.num_blocks
     indices = np.empty(num_blocks, dtype=np.int64)
     net.release_blocks()
@@ -181,15 +186,18 @@ def chosen_weights(header: dict, indices: np.ndarray) -> dict[str, torch.Tensor]
     total = sum(sizes)
     rho_of_weight = np.repeat([c["rho"] for c in coded], sizes)
     order = coding_permutation(total, seed)  # slot i holds weight order[i]
-    rho_of_slot = np.ones(num_blocks * block_size)
+    rho_of_slot = np.ones(num_blocks * block_size, dtype=np.float32)
     rho_of_slot[:total] = rho_of_weight[order]
     blocks = _chosen_normals(seed, 0, indices, block_size)
-    flat_slots = blocks.reshape(-1) * rho_of_slot
-    weights = np.empty(total)
+    # w = float32(z) · ρ in float32, the product the encoder's network computes (MeanKLNetwork: ρ times its
+    # float32 coded normals): the decoded weights equal the encoder's bit for bit (a float64 product rounded
+    # once differed in the last bit for a quarter of them)
+    flat_slots = blocks.reshape(-1).astype(np.float32) * rho_of_slot
+    weights = np.empty(total, dtype=np.float32)
     weights[order] = flat_slots[:total]
     out, start = {}, 0
     for c, size in zip(coded, sizes, strict=True):
-        out[c["name"]] = torch.from_numpy(weights[start:start + size].reshape(c["shape"])).float()
+        out[c["name"]] = torch.from_numpy(weights[start:start + size].reshape(c["shape"]).copy())
         start += size
     return out
 
@@ -245,5 +253,7 @@ def decode(path: str | Path) -> nn.Module:
         offset += nbytes
     if offset != len(raw):
         raise ValueError(f"llkern.compress.miracle.decode: {path} has {len(raw) - offset} bytes after its last tensor")
-    model.load_state_dict(state, strict=True)
+    # assign: each tensor keeps the dtype the file stored (copying into the built float32 module rounded a
+    # float64 statistic to float32)
+    model.load_state_dict(state, strict=True, assign=True)
     return model
