@@ -3,6 +3,7 @@ Triton generator, and every way a file can be broken."""
 
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,6 +138,12 @@ def test_broken_files(tmp_path):
     path.write_bytes(b"NOTAFILE" + good[8:])
     with pytest.raises(ValueError, match="magic"):
         decode(path)
+    for special in ("/dev/zero", "/dev/null", tmp_path):  # refused, not read without end (or as empty)
+        if Path(special).exists():
+            with pytest.raises(ValueError, match="not a regular file"):
+                decode(special)
+    with pytest.raises(FileNotFoundError):
+        decode(tmp_path / "missing.llkm")
     cases = [
         (lambda blob: blob[:8] + bytes([FORMAT_VERSION + 1]) + blob[9:], "format version 3"),
         (lambda blob: blob[:8] + bytes([1]) + blob[9:], "format version 1"),

@@ -204,9 +204,15 @@ def chosen_weights(header: dict, indices: np.ndarray) -> dict[str, torch.Tensor]
 
 def read(path: str | Path) -> tuple[dict, np.ndarray, bytes]:
     """A file's header, its block indices and the raw bytes of its uncompressed tensors (checked)."""
-    blob = Path(path).read_bytes()
     name = "llkern.compress.miracle.decode"
-    if len(blob) < len(MAGIC) + 4 or blob[:len(MAGIC)] != MAGIC:
+    file = Path(path)
+    if file.exists() and not file.is_file():  # a device or a pipe would be read without end
+        raise ValueError(f"{name}: {path} is not a regular file")
+    with open(file, "rb") as f:  # the magic first: a large file of something else is not read whole
+        if f.read(len(MAGIC)) != MAGIC:
+            raise ValueError(f"{name}: {path} is not an llkern MIRACLE file (bad magic or too short)")
+        blob = MAGIC + f.read()
+    if len(blob) < len(MAGIC) + 4:
         raise ValueError(f"{name}: {path} is not an llkern MIRACLE file (bad magic or too short)")
     body, stored = blob[:-4], struct.unpack("<I", blob[-4:])[0]
     if zlib.crc32(body) != stored:
