@@ -199,6 +199,15 @@ def test_bad_input(impl):
             call(**kwargs)
 
 
+
+def test_the_raw_op_takes_zero_blocks():
+    # The wrapper refuses empty input; the op itself returns empty outputs (on a GPU it once divided by zero
+    # choosing its splits).
+    mu, sigma, rho = posterior(3, 4)
+    indices, scores = torch.ops.llkern.miracle_select(mu[:0], sigma[:0], rho[:0], 3, 4, 0, 0, False)
+    assert indices.shape == (0,) and indices.dtype == torch.int64 and scores.shape == (0,)
+
+
 @pytest.mark.parametrize("choose", ["argmax", "sample"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_candidates_split_across_programs_choose_the_same(monkeypatch, choose, dtype):

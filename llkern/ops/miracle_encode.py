@@ -188,6 +188,9 @@ def _miracle_select_op(mu: torch.Tensor, sigma: torch.Tensor, rho: torch.Tensor,
     from llkern.triton_kernels import miracle_encode as kernels
 
     blocks, block_size = mu.shape
+    if blocks == 0:  # (the op called directly: the wrapper refuses empty input; the split count divides by blocks)
+        return (torch.empty(0, dtype=torch.int64, device=mu.device),
+                torch.empty(0, dtype=_score_dtype(mu.dtype), device=mu.device))
     block = triton.next_power_of_2(block_size)
     num_candidates = 2**bits
     tile = min(num_candidates, max(1, TILE_ELEMENTS // block))
