@@ -157,8 +157,13 @@ def test_sequential_trains_one_module_at_a_time_and_freezes_the_earlier_ones():
     net.losses = nn.ModuleList([Probe() for _ in range(3)])
     trainer = LocalTrainer(net, mode="sequential", epochs_per_module=[1, 2, 1], optimizer=sgd(0.1, 0.9))
     states = [[snapshot(module_parts(net, k)) for k in range(3)]]
-    rows = trainer.fit(data(), batch_size=16, progress=False,
-                       log=lambda row: states.append([snapshot(module_parts(net, k)) for k in range(3)]))
+    frozen = []  # per epoch, which modules' parameters stopped requiring gradients
+
+    def log(row):
+        states.append([snapshot(module_parts(net, k)) for k in range(3)])
+        frozen.append([not any(p.requires_grad for p in module_parameters(net)[k]) for k in range(3)])
+
+    rows = trainer.fit(data(), batch_size=16, progress=False, log=log)
     assert [r["active_module"] for r in rows] == [0, 1, 1, 2] and trainer.epoch == trainer.total_epochs == 4
     phase = [0, 1, 1, 2]
     for epoch in range(4):
@@ -171,11 +176,25 @@ def test_sequential_trains_one_module_at_a_time_and_freezes_the_earlier_ones():
     assert {k for k, _ in modes_seen} == {0, 1, 2}
     for k, training in modes_seen:  # frozen modules in eval mode, the active one in train mode
         assert training[:k + 1] == [False] * k + [True]
-    assert [p.requires_grad for k in range(3) for p in net.blocks[k].parameters()][-1]
-    assert not any(p.requires_grad for k in range(2) for p in module_parameters(net)[k])
+    assert frozen == [[False] * 3, [True, False, False], [True, False, False], [True, True, False]]
+    # fit gives every parameter back its requires_grad: the net trains in other ways afterwards
+    assert all(p.requires_grad for p in net.parameters())
+    net.local_step(*data(16))
     assert trainer.optimizers[0].state == {} and trainer.optimizers[2].state != {}  # frozen: momentum dropped
     with pytest.raises(ValueError, match="sum\\(epochs_per_module\\) = 4"):
         trainer.fit(data(), epochs=5, progress=False)
+
+
+def test_sequential_mode_keeps_what_the_caller_froze():
+    # A frozen (pretrained) layer stays frozen and unchanged through the phases and after fit.
+    net = small_net()
+    pretrained = first_conv(net, 1)
+    pretrained.requires_grad_(False)
+    before = snapshot([pretrained])
+    trainer = LocalTrainer(net, mode="sequential", epochs_per_module=1, optimizer=sgd(0.1, 0.9))
+    trainer.fit(data(), batch_size=16, progress=False)
+    assert same(before, snapshot([pretrained])) and not any(p.requires_grad for p in pretrained.parameters())
+    assert all(p.requires_grad for p in first_conv(net, 0).parameters())
 
 
 # --- precision ----------------------------------------------------------------------------------------------------
@@ -557,6 +576,64 @@ def test_bad_arguments_are_named_before_any_work():
         net.local_step(torch.tensor(1.0), torch.tensor(1))
     with pytest.raises(TypeError, match="target to be a Tensor"):
         net.local_step(torch.randn(2, 4), [0, 1])
+    # evaluate: x and y of different lengths once gave a plausible wrong loss and accuracy
+    x, y = data
+    with pytest.raises(ValueError, match="same length, got 6 and 4"):
+        trainer.evaluate(x, y[:4])
+    with pytest.raises(ValueError, match="exit to be a module index or 'all'"):
+        trainer.evaluate(x, y, exit="last")
+    with pytest.raises(ValueError, match="iterable of \\(x, y\\) batches"):
+        trainer.evaluate(x)
+    # ReduceLROnPlateau needs a metric: refused when built, not after an epoch's work
+    with pytest.raises(ValueError, match="ReduceLROnPlateau"):
+        llkern.LocalTrainer(net, scheduler=lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o))
+
+
+def test_fit_makes_the_folders_of_its_outputs_and_advances_a_samplers_epoch(tmp_path):
+    x, y = data(32)
+    epochs_seen = []
+
+    class Sampler(torch.utils.data.Sampler):  # as DistributedSampler: its order depends on set_epoch
+        def __init__(self):
+            self.epoch = 0
+
+        def set_epoch(self, epoch):
+            epochs_seen.append(epoch)
+            self.epoch = epoch
+
+        def __iter__(self):
+            return iter(torch.randperm(32, generator=torch.Generator().manual_seed(self.epoch)).tolist())
+
+        def __len__(self):
+            return 32
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, sampler=Sampler())
+    trainer = LocalTrainer(small_net(), optimizer=sgd())
+    trainer.fit(loader, 3, progress=False, checkpoint=tmp_path / "a" / "b" / "c.pt", log=tmp_path / "d" / "log.json")
+    assert epochs_seen == [0, 1, 2]
+    assert (tmp_path / "a" / "b" / "c.pt").is_file() and (tmp_path / "d" / "log.json").is_file()
+
+
+def test_resume_continues_the_augmentation_generator(tmp_path):
+    # RandomCropFlip with its own generator (as llkern train uses): its state travels with the checkpoint,
+    # so the resumed run crops and flips as the uninterrupted one.
+    from llkern.data import RandomCropFlip
+
+    x, y = data(32)
+
+    def make():
+        return (LocalTrainer(small_net(), optimizer=sgd(0.1, 0.9), seed=3),
+                RandomCropFlip(padding=2, generator=torch.Generator().manual_seed(9)))
+
+    full, augment = make()
+    full.fit((x, y), 3, batch_size=16, progress=False, transform=augment)
+    first, augment = make()
+    first.fit((x, y), 1, batch_size=16, progress=False, transform=augment, checkpoint=tmp_path / "c.pt")
+    resumed, augment = make()
+    resumed.load(tmp_path / "c.pt")
+    resumed.fit((x, y), 3, batch_size=16, progress=False, transform=augment)
+    for p, q in zip(resumed.net.state_dict().values(), full.net.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
 
 
 def test_fit_transforms_training_batches_only_and_writes_every_sink(tmp_path):

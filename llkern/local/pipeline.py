@@ -684,8 +684,12 @@ class PipelineTrainer(LocalTrainer):
                 check_log_path(sink)
         lead = self.global_rank == 0
         K = self.num_modules
+        self._use_transform(transform)
         try:
             while self.epoch < epochs:
+                sampler = getattr(data, "sampler", None)
+                if hasattr(sampler, "set_epoch"):  # a DistributedSampler shuffles by epoch
+                    sampler.set_epoch(self.epoch)
                 self.net.train()
                 meter = MemoryMeter(exclude=self.net.parameters()) if self.measure_memory else None
                 started = time.perf_counter()

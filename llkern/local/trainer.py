@@ -244,6 +244,18 @@ class LocalTrainer:
                            zip(_per_module("optimizers", optimizer, K), self.module_params, strict=True)]
         self.schedulers = [None if factory is None else factory(opt) for factory, opt in
                            zip(_per_module("schedulers", scheduler, K), self.optimizers, strict=True)]
+        for k, sched in enumerate(self.schedulers):  # (it failed after an epoch's work, the trainer half updated)
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                raise ValueError(f"LocalTrainer: module {k}'s scheduler is a ReduceLROnPlateau, whose step needs a "
+                                 "metric the trainer does not have; step it yourself after fit's epochs, or use a "
+                                 "schedule of steps or epochs")
+        # Sequential mode freezes the modules before the active one; what the caller froze stays frozen, and
+        # fit gives the others back their requires_grad when it returns.
+        self._requires_grad = [[p.requires_grad for p in group] for group in self.module_params]
+        # fit's transform (data augmentation) and the state of its generator, saved with the checkpoints;
+        # a loaded state waits here for the next fit's transform
+        self._transform: Callable | None = None
+        self._transform_rng: torch.Tensor | None = None
         # One scaler per module: an overflow in module k's gradients skips module k's step only
         # (its scale halves); the other modules' gradients are finite and their steps go ahead.
         self.scalers = ([torch.amp.GradScaler(self.device.type) for _ in range(K)] if precision == "fp16"
@@ -337,12 +349,35 @@ class LocalTrainer:
         active = self.active_module
         if active == self._phase_applied:
             return
-        for k, group in enumerate(self.module_params):
-            for p in group:
-                p.requires_grad_(k >= active)
+        for k, (group, trainable) in enumerate(zip(self.module_params, self._requires_grad, strict=True)):
+            for p, wanted in zip(group, trainable, strict=True):
+                p.requires_grad_(wanted and k >= active)
             if k < active:
                 self.optimizers[k].state.clear()
         self._phase_applied = active
+
+    def _release_phase(self) -> None:
+        """Every parameter's requires_grad as the caller left it (sequential mode froze the early modules); the
+        next step freezes again."""
+        if self.mode != "sequential":
+            return
+        for group, trainable in zip(self.module_params, self._requires_grad, strict=True):
+            for p, wanted in zip(group, trainable, strict=True):
+                p.requires_grad_(wanted)
+        self._phase_applied = None
+
+    def _use_transform(self, transform: Callable | None) -> None:
+        """Keep fit's transform; a checkpoint's state of its generator goes into it (an exact resume replays
+        the augmentation that the uninterrupted run would have drawn)."""
+        self._transform = transform
+        generator = getattr(transform, "generator", None)
+        if self._transform_rng is not None and isinstance(generator, torch.Generator):
+            generator.set_state(self._transform_rng)
+            self._transform_rng = None
+
+    def _transform_state(self) -> torch.Tensor | None:
+        generator = getattr(self._transform, "generator", None)
+        return generator.get_state() if isinstance(generator, torch.Generator) else self._transform_rng
 
     def _set_train_modes(self) -> None:
         self.net.train()
@@ -427,7 +462,11 @@ class LocalTrainer:
 
     def _eval_batches(self, x: torch.Tensor | Batches, y: torch.Tensor | None, batch_size: int) -> Iterator:
         if y is None:
-            yield from x
+            for batch in x:
+                if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                    raise ValueError("LocalTrainer.evaluate: expected x, y tensors, or an iterable of (x, y) batches "
+                                     f"as x with y None; x gave a {type(batch).__name__}")
+                yield batch
         else:
             for start in range(0, len(x), batch_size):
                 yield x[start:start + batch_size], y[start:start + batch_size]
@@ -445,6 +484,10 @@ class LocalTrainer:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"LocalTrainer.evaluate: expected batch_size to be an int >= 1, got {batch_size!r}")
+        if exit != "all" and (isinstance(exit, bool) or not isinstance(exit, numbers.Integral)):
+            raise ValueError(f"LocalTrainer.evaluate: expected exit to be a module index or 'all', got {exit!r}")
+        if y is not None and len(x) != len(y):  # (sliced apart, they gave a plausible wrong loss and accuracy)
+            raise ValueError(f"LocalTrainer.evaluate: expected x and y of the same length, got {len(x)} and {len(y)}")
         was_training = self.net.training
         self.net.eval()
         every = exit == "all"
@@ -461,6 +504,9 @@ class LocalTrainer:
                 target = yb.reshape(-1)
                 counted = target != ignore_index
                 for i, logits in enumerate(outputs):
+                    if logits.shape[:-1].numel() != target.shape[0]:
+                        raise ValueError(f"LocalTrainer.evaluate: a batch of {len(xb)} inputs gives "
+                                         f"{logits.shape[:-1].numel()} predictions for {target.shape[0]} targets")
                     logits = logits.float().reshape(target.shape[0], -1)
                     losses[i] += F.cross_entropy(logits, target, reduction="sum", ignore_index=ignore_index).item()
                     correct[i] += ((logits.argmax(dim=-1) == target) & counted).sum().item()
@@ -538,9 +584,10 @@ class LocalTrainer:
             :attr:`history`, one JSON-able row per epoch: ``epoch`` (1-based), ``mode``,
             ``active_module``, ``steps``, ``samples``, ``loss`` and ``accuracy`` (per module, sample
             means over the epoch on this process; None for a module not trained), ``lr`` (per module,
-            the first parameter group's), ``loss_scale`` (fp16, per module), ``step_time_s`` (mean),
-            ``epoch_time_s``, ``peak_saved_bytes`` and ``cuda_peak_bytes`` (the epoch's peaks, see
-            :class:`llkern.MemoryMeter`), ``eval_loss`` and ``eval_accuracy``.
+            the first parameter group's, after the epoch's scheduler step: the next epoch's starting
+            rate), ``loss_scale`` (fp16, per module), ``step_time_s`` (mean), ``epoch_time_s``,
+            ``peak_saved_bytes`` and ``cuda_peak_bytes`` (the epoch's peaks, see :class:`llkern.MemoryMeter`),
+            ``eval_loss`` and ``eval_accuracy``.
         """
         if epochs is None:
             if self.mode != "sequential":
@@ -565,11 +612,29 @@ class LocalTrainer:
                     check_log_path(sink)
                 except (TypeError, ValueError) as error:
                     raise ValueError(f"LocalTrainer.fit: log: {error}") from None
+                if self.rank == 0:
+                    Path(sink).parent.mkdir(parents=True, exist_ok=True)
+        if checkpoint is not None and self.rank == 0:  # (a missing folder failed after the first epoch)
+            Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        self._use_transform(transform)
+        try:
+            return self._fit(data, epochs, batch_size, shuffle, eval_data, eval_exit, progress, sinks, checkpoint,
+                             transform)
+        finally:
+            self._release_phase()
+
+    def _fit(self, data: Batches | tuple[torch.Tensor, torch.Tensor], epochs: int, batch_size: int, shuffle: bool,
+             eval_data: Any, eval_exit: int | str, progress: bool, sinks: list[LogSink],
+             checkpoint: str | os.PathLike[str] | None, transform: Callable | None) -> list[dict]:
+        """fit's epochs, its arguments checked."""
         from tqdm import tqdm
 
         lead = self.rank == 0
         K = self.num_modules
         while self.epoch < epochs:
+            sampler = getattr(data, "sampler", None)
+            if hasattr(sampler, "set_epoch"):  # a DistributedSampler shuffles by epoch: a new order each epoch
+                sampler.set_epoch(self.epoch)
             batches, total = self._train_batches(data, batch_size, shuffle)
             loss_sum, acc_sum = [0.0] * K, [0.0] * K
             loss_n, acc_n = [0] * K, [0] * K
@@ -666,6 +731,7 @@ class LocalTrainer:
             "metadata": self.metadata,
             "generator": self.generator.get_state(),
             "rng": rng,
+            "transform_rng": self._transform_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, restore_rng: bool = True) -> None:
@@ -706,6 +772,9 @@ class LocalTrainer:
         self.history = list(state["history"])
         self.metadata = dict(state.get("metadata") or {})
         self.generator.set_state(state["generator"])
+        self._transform_rng = state.get("transform_rng")
+        if self._transform is not None:
+            self._use_transform(self._transform)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`state_dict` to ``path`` (``torch.save``; written whole, then renamed)."""
