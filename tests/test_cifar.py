@@ -276,7 +276,60 @@ def test_find_class_allows_only_numpy_array_globals(module: str, name: str) -> N
     with pytest.raises(RefusedGlobalError):
         unpickler.find_class(module, name)
     assert unpickler.find_class("numpy", "ndarray") is np.ndarray
-    assert unpickler.find_class("numpy", "dtype") is np.dtype
+    dtype = unpickler.find_class("numpy", "dtype")
+    assert dtype("u1", False, True) is np.dtype("u1")  # the shared built-in, never a copy
+
+
+_FORGED_DTYPE_SCRIPT = """
+import os, pickle, sys
+import numpy as np
+try:
+    from numpy._core.multiarray import _reconstruct
+    from numpy._core.numeric import _frombuffer
+except ImportError:
+    from numpy.core.multiarray import _reconstruct
+    from numpy.core.numeric import _frombuffer
+
+class ObjectDtype:  # a copy of the object dtype, its flags then set by BUILD (__setstate__)
+    def __reduce__(self):
+        return (np.dtype, ("O", False, True), (3, "|", None, None, None, -1, -1, 1))
+
+class Reconstructed:  # an ndarray of that dtype holding 8 bytes from the file as an object pointer
+    def __reduce__(self):
+        return (_reconstruct, (np.ndarray, (0,), b"b"), (1, (1,), ObjectDtype(), False, b"A" * 8))
+
+class FromBuffer:
+    def __reduce__(self):
+        return (_frombuffer, (b"A" * 8, ObjectDtype(), (1,), "C"))
+
+from llkern.data import load_cifar10
+for kind in (Reconstructed, FromBuffer):
+    root = os.path.join(sys.argv[1], kind.__name__, "cifar-10-batches-py")
+    os.makedirs(root)
+    payload = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"filenames": kind()}
+    with open(os.path.join(root, "test_batch"), "wb") as f:
+        f.write(pickle.dumps(payload, protocol=4))
+    try:
+        load_cifar10(os.path.dirname(root), train=False)
+    except ValueError as error:
+        print(kind.__name__, "refused:", error)
+    else:
+        print(kind.__name__, "loaded")
+"""
+
+
+def test_a_forged_object_dtype_is_refused(tmp_path: Path) -> None:
+    # With the real numpy.dtype allowed, a file could copy the object dtype, set its flags, and make an array of
+    # raw file bytes read as object pointers: freeing it crashed the interpreter (SIGSEGV). A subprocess, so that
+    # a crash fails this test instead of ending the test run.
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _FORGED_DTYPE_SCRIPT, str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr[-2000:])
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all("refused:" in line and "numpy.dtype" in line for line in lines), result.stdout
 
 
 def test_bad_distribution_argument(tmp_path: Path) -> None:

@@ -196,6 +196,38 @@ def test_nested_and_hidden_files(tmp_path):
     assert len(only_png.y_train) == 3
 
 
+def test_linked_folders_followed_once_and_never_back_up(tmp_path):
+    # A link inside a class folder back to the root once read every class again under that class (~40 levels
+    # deep, into train and test alike); a link to a folder elsewhere is followed, once.
+    import os
+
+    write(tmp_path / "data" / "a" / "0.png", (1, 1, 1))
+    write(tmp_path / "data" / "b" / "0.png", (2, 2, 2))
+    write(tmp_path / "elsewhere" / "x.png", (3, 3, 3))
+    os.symlink("..", tmp_path / "data" / "a" / "up")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "b" / "extra")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "b" / "again")
+    data = load_image_folder(tmp_path / "data", test_fraction=0.0, normalize=False)
+    assert data.y_train.tolist() == [0, 1, 1]
+    assert colours_of(data.x_train, data.mean, data.std)[:, 0].tolist() == [1, 2, 3]  # b: 0.png, again/x.png
+
+
+def test_sixteen_bit_grey_images_keep_their_range(tmp_path):
+    # Pillow's convert() clips 16-bit values above 255: every pixel came out 0 or 1.
+    values = np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369  # 0 .. 65535
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(values).save(tmp_path / name / "0.png")
+    assert Image.open(tmp_path / "a" / "0.png").mode.startswith("I;16")
+    for mode in ("L", "RGB"):
+        data = load_image_folder(tmp_path, test_fraction=0.0, normalize=False, mode=mode)
+        expected = torch.from_numpy(values / 65535.0).float()
+        assert torch.allclose(data.x_train[0, 0], expected, atol=0.5 / 255 + 1e-6), data.x_train[0, 0]
+    Image.fromarray(np.ones((4, 4), dtype=np.float32)).save(tmp_path / "a" / "1.tiff")
+    with pytest.raises(ValueError, match=r"1\.tiff: not a readable image .*F pixels"):
+        load_image_folder(tmp_path, test_fraction=0.0, extensions=[".png", ".tiff"])
+
+
 # --- errors -----------------------------------------------------------------------------------------------
 
 def test_errors_root(tmp_path):

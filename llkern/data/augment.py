@@ -153,9 +153,11 @@ def sample_crop_flip(batch_size: int, padding: int = 4, flip: bool = True, *,
     else:  # every crop is the image itself: spend no draws
         offsets = torch.zeros(batch_size, 2, dtype=torch.int64, device=draw_on)
     flips = torch.randint(0, 2, (batch_size,), generator=generator, device=draw_on).bool() if flip else None
-    # non_blocking: a CPU → CUDA copy of a few bytes per sample need not stall the host.
-    offsets = offsets.to(device, non_blocking=True)
-    return offsets, (flips.to(device, non_blocking=True) if flips is not None else None)
+    # non_blocking only towards a GPU: a CPU → CUDA copy of a few bytes per sample need not stall the host,
+    # but a CUDA → CPU one could return before the values arrive, and the CPU gather would read them early.
+    quick = device.type != "cpu"
+    offsets = offsets.to(device, non_blocking=quick)
+    return offsets, (flips.to(device, non_blocking=quick) if flips is not None else None)
 
 
 def _source_index(start: torch.Tensor, size: int, padding: int, padding_mode: str,

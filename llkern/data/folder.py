@@ -52,8 +52,17 @@ def _is_image(path: Path, extensions: tuple[str, ...]) -> bool:
 def _class_images(class_dir: Path, extensions: tuple[str, ...]) -> list[Path]:
     """The image files under a class folder, at any depth (as ImageFolder), in a fixed order."""
     images, skipped = [], []
+    root, seen = Path(os.path.realpath(class_dir)), set()
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # do not descend into hidden folders
+        # A linked folder is followed once, and never one that holds the class folder (a link back up read
+        # the other classes' images again under this class, ~40 levels deep, into train and test alike).
+        real = Path(os.path.realpath(dirpath))
+        if real in seen or (real != root and root.is_relative_to(real)):
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        # not into hidden folders; in name order, so that which link to a folder counts is fixed
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             path = Path(dirpath, name)
             if _visible(path):
@@ -212,6 +221,12 @@ def load_image_folder(root: str | os.PathLike[str], *, image_size: int | tuple[i
     def read(path: Path) -> np.ndarray:
         try:
             with Image.open(path) as image:
+                if image.mode.startswith("I;16"):  # 16-bit grey: convert() would clip every value above 255
+                    wide = np.asarray(image).astype(np.uint32)
+                    image = Image.fromarray(((wide + 128) // 257).astype(np.uint8))  # 0..65535 → 0..255, mode L
+                elif image.mode in ("I", "F"):
+                    raise ValueError(f"{image.mode} pixels (32-bit integers or floats) have no fixed range; save "
+                                     "the images with 8 or 16 bits per channel")
                 image = image.convert(mode)  # decodes the pixels (the first frame of an animation)
                 if size is not None and image.size != (size[1], size[0]):
                     image = image.resize((size[1], size[0]), resample)

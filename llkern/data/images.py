@@ -54,6 +54,23 @@ def _cifar_files(distribution: str, train: bool) -> list[str]:
     return [name + suffix for name in names]
 
 
+def _builtin_dtype(spec: object, align: object = False, copy: object = False) -> np.dtype:
+    """``numpy.dtype`` as a CIFAR pickle may call it: a built-in boolean, integer or float dtype, and the shared
+    one, never a copy. (The real ``numpy.dtype`` let a file copy the object dtype and set its flags through
+    ``__setstate__``: an ndarray then held raw file bytes as object pointers, and freeing it crashed Python.
+    The built-in dtypes are singletons whose ``__setstate__`` changes nothing.)"""
+    if not isinstance(spec, (str, bytes)):
+        raise pickle.UnpicklingError(f"refusing numpy.dtype({spec!r}): a CIFAR-10 batch names dtypes by string")
+    try:
+        dtype = np.dtype(spec.decode("latin-1") if isinstance(spec, bytes) else spec)
+    except TypeError as error:
+        raise pickle.UnpicklingError(f"refusing numpy.dtype({spec!r}): {error}") from None
+    if dtype.kind not in "biuf" or not dtype.isbuiltin:
+        raise pickle.UnpicklingError(f"refusing numpy.dtype({spec!r}): a CIFAR-10 batch holds only built-in "
+                                     "boolean, integer and float arrays")
+    return dtype
+
+
 def _cifar_globals() -> dict[tuple[str, str], object]:
     """The only globals a pickled CIFAR-10 python batch may name: what NumPy needs to rebuild an ndarray.
 
@@ -64,7 +81,8 @@ def _cifar_globals() -> dict[tuple[str, str], object]:
     ``__setstate__`` with the raw bytes; with protocol 5 by ``numpy.core.numeric._frombuffer`` and
     ``numpy.dtype``. NumPy 2 writes ``numpy._core`` where NumPy 1 wrote ``numpy.core``; both spellings
     map to the same functions, resolved here from ``numpy._core`` when it exists so that the deprecated
-    ``numpy.core`` alias is never imported. Each of these only allocates an array from given bytes.
+    ``numpy.core`` alias is never imported. Each of these only allocates an array from given bytes;
+    ``numpy.dtype`` is :func:`_builtin_dtype`, which returns only NumPy's shared built-in numeric dtypes.
     Everything else — ``os.system``, ``builtins.eval``, ``_codecs.encode`` (which Python 3 uses for bytes
     in protocol 2), any other class — is refused before it is looked up, so no code from the file runs.
     """
@@ -74,7 +92,7 @@ def _cifar_globals() -> dict[tuple[str, str], object]:
     except ImportError:  # NumPy 1.x
         from numpy.core.multiarray import _reconstruct
         from numpy.core.numeric import _frombuffer
-    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _builtin_dtype}
     for core in ("numpy.core", "numpy._core"):
         allowed[(f"{core}.multiarray", "_reconstruct")] = _reconstruct
         allowed[(f"{core}.numeric", "_frombuffer")] = _frombuffer
