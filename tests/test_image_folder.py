@@ -249,7 +249,7 @@ def test_errors_root(tmp_path):
 def test_errors_class_without_images(tmp_path):
     make_folder(tmp_path, per_class=2)
     (tmp_path / "empty_class").mkdir()
-    with pytest.raises(ValueError, match=r"class folder .*empty_class holds no images .*; it is empty"):
+    with pytest.raises(ValueError, match=r"class folder .*empty_class holds no images .*; it has no visible files"):
         load_image_folder(tmp_path)
     (tmp_path / "empty_class" / "labels.csv").write_text("x")
     with pytest.raises(ValueError, match=r"empty_class holds no images .* 1 other file\(s\), e.g. labels.csv"):

@@ -69,7 +69,7 @@ def _class_images(class_dir: Path, extensions: tuple[str, ...]) -> list[Path]:
                 (images if _is_image(path, extensions) else skipped).append(path)
     if not images:
         other = (f"; it has {len(skipped)} other file(s), e.g. {sorted(skipped)[0].name}" if skipped
-                 else "; it is empty")
+                 else "; it has no visible files (names starting with '.' are skipped)")
         raise ValueError(f"class folder {class_dir} holds no images (extensions {', '.join(extensions)}){other}")
     # Sorting the paths relative to the class folder fixes the order (os.walk's is the file system's).
     return sorted(images, key=lambda p: p.relative_to(class_dir).as_posix())

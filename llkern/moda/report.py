@@ -53,7 +53,7 @@ class MODAReport:
 
     def to_markdown(self) -> str:
         lines = ["| classes | weights | % of full | test samples | module acc. (among its classes) | "
-                 "full acc. (among its classes) | module acc. (10-way) | full acc. (10-way) |",
+                 "full acc. (among its classes) | module acc. (all classes) | full acc. (all classes) |",
                  "|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             lines.append(f"| {','.join(map(str, r.classes))} | {r.weights:,} | {100 * r.fraction:.1f} % | "
