@@ -188,11 +188,14 @@ def test_sequential_trains_one_module_at_a_time_and_freezes_the_earlier_ones():
 def test_sequential_mode_keeps_what_the_caller_froze():
     # A frozen (pretrained) layer stays frozen and unchanged through the phases and after fit.
     net = small_net()
-    pretrained = first_conv(net, 1)
-    pretrained.requires_grad_(False)
-    before = snapshot([pretrained])
     trainer = LocalTrainer(net, mode="sequential", epochs_per_module=1, optimizer=sgd(0.1, 0.9))
-    trainer.fit(data(), batch_size=16, progress=False)
+    pretrained = first_conv(net, 1)
+    pretrained.requires_grad_(False)  # (after the trainer was built: what counts is the setting fit finds)
+    before = snapshot([pretrained])
+    trainer.fit(data(), 2, batch_size=16, progress=False)
+    assert all(p.requires_grad for p in first_conv(net, 0).parameters())
+    trainer.load_state_dict(trainer.state_dict())  # a load in the middle of the run keeps the setting too
+    trainer.fit(data(), 3, batch_size=16, progress=False)
     assert same(before, snapshot([pretrained])) and not any(p.requires_grad for p in pretrained.parameters())
     assert all(p.requires_grad for p in first_conv(net, 0).parameters())
 

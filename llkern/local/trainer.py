@@ -250,8 +250,8 @@ class LocalTrainer:
                                  "metric the trainer does not have; step it yourself after fit's epochs, or use a "
                                  "schedule of steps or epochs")
         # Sequential mode freezes the modules before the active one; what the caller froze stays frozen, and
-        # fit gives the others back their requires_grad when it returns.
-        self._requires_grad = [[p.requires_grad for p in group] for group in self.module_params]
+        # fit gives the others back their requires_grad when it returns (taken when a phase is first applied).
+        self._requires_grad: list[list[bool]] | None = None
         # fit's transform (data augmentation) and the state of its generator, saved with the checkpoints;
         # a loaded state waits here for the next fit's transform
         self._transform: Callable | None = None
@@ -349,6 +349,8 @@ class LocalTrainer:
         active = self.active_module
         if active == self._phase_applied:
             return
+        if self._phase_applied is None:  # nothing frozen by the trainer yet: the caller's own settings
+            self._requires_grad = [[p.requires_grad for p in group] for group in self.module_params]
         for k, (group, trainable) in enumerate(zip(self.module_params, self._requires_grad, strict=True)):
             for p, wanted in zip(group, trainable, strict=True):
                 p.requires_grad_(wanted and k >= active)
@@ -359,7 +361,7 @@ class LocalTrainer:
     def _release_phase(self) -> None:
         """Every parameter's requires_grad as the caller left it (sequential mode froze the early modules); the
         next step freezes again."""
-        if self.mode != "sequential":
+        if self.mode != "sequential" or self._phase_applied is None:
             return
         for group, trainable in zip(self.module_params, self._requires_grad, strict=True):
             for p, wanted in zip(group, trainable, strict=True):
@@ -741,7 +743,7 @@ class LocalTrainer:
         self.net.load_state_dict(state["net"])
         self._load_module_states(state, range(self.num_modules))
         self._load_counters(state)
-        self._phase_applied = None
+        self._release_phase()  # (the phase of the loaded epoch is applied next, from the caller's settings)
         self._sync_phase()
         if restore_rng:
             _restore_rng(state["rng"])
