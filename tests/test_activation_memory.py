@@ -622,6 +622,22 @@ def test_bn_relu_conv_in_place_change_of_the_bn_input_fails_the_backward():
             out.sum().backward()
 
 
+def test_bn_relu_conv_weight_gradient_after_an_in_place_change_of_the_bn_input():
+    # Only the conv's weight gradient asked for: the BN node's check never runs, so the conv itself must not
+    # recompute its input from the changed x (it takes nn.Conv2d's path and keeps the input it was given).
+    bn, conv = BatchNormReLU(3).double(), RecomputeInputConv2d(3, 2, 3).double()
+    x = _away_from_zero(2, 3, 5, 5).requires_grad_()
+    h = x * 1.0
+    a = bn(h)
+    h.mul_(2)
+    out = conv(a)
+    assert "Convolution" in type(out.grad_fn).__name__
+    (got,) = torch.autograd.grad(out.square().sum(), conv.weight)
+    plain = F.conv2d(a.detach(), conv.weight, conv.bias)
+    (expected,) = torch.autograd.grad(plain.square().sum(), conv.weight)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, F64])
 def test_batch_norm_relu_gradient_passes_at_nan(dtype):
     # ReLU's backward (threshold_backward) passes the gradient where its output is NaN; so do both paths.

@@ -114,6 +114,10 @@ def test_help_shows_the_recipe_values(capsys):
     assert code == 0
     assert "(default: digits-resnet)" in plain and "(default: digits-resnet)" not in out
     assert "(default: resnet110)" in out and "(default: infopro)" in out
+    # a recipe or checkpoint that cannot be read still gives the help (the plain one)
+    for argv in (["--recipe", "no-such-recipe", "--help"], ["--resume", "--help"]):
+        code, out, _ = status(["train", *argv], capsys)
+        assert code == 0 and "(default: digits-resnet)" in out, argv
 
 
 def test_pipeline_checkpoints_resume_only_as_a_pipeline(tmp_path, capsys):

@@ -223,6 +223,21 @@ def test_sixteen_bit_grey_images_keep_their_range(tmp_path):
         data = load_image_folder(tmp_path, test_fraction=0.0, normalize=False, mode=mode)
         expected = torch.from_numpy(values / 65535.0).float()
         assert torch.allclose(data.x_train[0, 0], expected, atol=0.5 / 255 + 1e-6), data.x_train[0, 0]
+    # Pillow before 10.1 opened 16-bit PNGs as mode I: the same values through that path
+    import PIL.Image as pil
+
+    original = pil.open
+
+    def open_as_i(path, *args, **kwargs):
+        image = original(path, *args, **kwargs)
+        return image.convert("I") if image.mode.startswith("I;16") else image
+
+    try:
+        pil.open = open_as_i
+        data = load_image_folder(tmp_path, test_fraction=0.0, normalize=False, mode="L")
+    finally:
+        pil.open = original
+    assert torch.allclose(data.x_train[0, 0], torch.from_numpy(values / 65535.0).float(), atol=0.5 / 255 + 1e-6)
     Image.fromarray(np.ones((4, 4), dtype=np.float32)).save(tmp_path / "a" / "1.tiff")
     with pytest.raises(ValueError, match=r"1\.tiff: not a readable image .*F pixels"):
         load_image_folder(tmp_path, test_fraction=0.0, extensions=[".png", ".tiff"])

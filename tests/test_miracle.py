@@ -243,15 +243,20 @@ def test_encode_refuses_what_it_cannot_describe(tmp_path):
     assert not bool(net.coded.any())
 
 
-def test_uncompressed_tensors_keep_their_dtype(tmp_path):
-    # A float64 statistic comes back float64 (it was rounded into the rebuilt float32 module).
+def test_the_file_holds_a_float32_network(tmp_path):
+    # A float64 statistic was stored whole and then rounded into the rebuilt float32 module: refused now.
     model = nn.Sequential(nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4))
     model[2].running_var = torch.rand(4, dtype=torch.float64) + 0.5
     net = MeanKLNetwork(model, bits_per_block=4, block_size=6, impl="reference")
+    with pytest.raises(ValueError, match=r"network is float32, and 2\.running_var is torch\.float64"):
+        encode(net, tmp_path / "m.llkm", progress=False)
+    assert not bool(net.coded.any())
+    # float32 statistics and the integer batch count come back with their own dtypes, as parameters and buffers
+    model[2].running_var = model[2].running_var.float()
     encode(net, tmp_path / "m.llkm", progress=False)
     decoded = decode(tmp_path / "m.llkm")
-    assert decoded[2].running_var.dtype == torch.float64
     assert torch.equal(decoded[2].running_var, model[2].running_var)
+    assert decoded[2].num_batches_tracked.dtype == torch.int64
     assert decoded[1].weight.dtype == torch.float32 and isinstance(decoded[1].weight, nn.Parameter)
 
 

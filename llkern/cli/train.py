@@ -220,12 +220,27 @@ def _check_pipeline_resume(saved: dict[str, Any], stages: int | None, checkpoint
 
 def parse(argv: list[str], prog: str | None = "llkern train") -> argparse.Namespace:
     """``llkern train``'s options: defaults < recipe < the checkpoint's options (with --resume) < command line."""
+    # With --help, the options are read first without it, so that the help shows a recipe's or a resumed
+    # checkpoint's values as the defaults; if they cannot be read, the plain help.
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    if asks_help:
+        try:
+            defaults = _defaults(build_parser(prog=prog).parse_args([a for a in argv if a not in ("-h", "--help")]),
+                                 prog)
+        except (UsageError, SystemExit):
+            defaults = {}
+        build_parser(defaults, prog=prog).parse_args(argv)  # prints the help and exits
+    args = build_parser(prog=prog).parse_args(argv)
+    defaults = _defaults(args, prog)
+    if defaults:
+        args = build_parser(defaults, prog=prog).parse_args(argv)
+    return args
+
+
+def _defaults(args: argparse.Namespace, prog: str | None) -> dict[str, Any]:
+    """The defaults that replace the parser's: a recipe's values, then (with --resume) the checkpoint's."""
     from llkern.cli.recipes import load_recipe
 
-    # With --help, the options are read first without it, so that the help shows a recipe's or a resumed
-    # checkpoint's values as the defaults.
-    asks_help = any(a in ("-h", "--help") for a in argv)
-    args = build_parser(prog=prog).parse_args([a for a in argv if a not in ("-h", "--help")])
     defaults: dict[str, Any] = {}
     if args.recipe is not None:
         recipe = load_recipe(args.recipe)
@@ -244,9 +259,7 @@ def parse(argv: list[str], prog: str | None = "llkern train") -> argparse.Namesp
         saved = {k: v for k, v in saved.items() if k not in RUN_OPTIONS}
         _check_values(saved, build_parser(prog=prog), f"the options saved in {checkpoint}")
         defaults.update(saved)
-    if defaults or asks_help:
-        args = build_parser(defaults, prog=prog).parse_args(argv)
-    return args
+    return defaults
 
 
 def _check_options(args: argparse.Namespace) -> None:

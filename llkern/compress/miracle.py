@@ -135,6 +135,9 @@ def encode(net: MeanKLNetwork, path: str | Path, *, choose: str = "argmax", chun
     for name, tensor in uncompressed:  # before coding: a failure here must not leave blocks half coded
         if tensor.dtype not in CODE_OF_DTYPE:
             raise ValueError(f"llkern.compress.miracle.encode: cannot store {name} of dtype {tensor.dtype}")
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:  # (decoded beside float32 weights)
+            raise ValueError(f"llkern.compress.miracle.encode: the file's network is float32, and {name} is "
+                             f"{tensor.dtype}; convert it (net.float())")
     if net.theta.dtype != torch.float32:  # (a float64 net's coded weights would not be what decode rebuilds)
         raise ValueError(f"llkern.compress.miracle.encode: the file holds float32 coded weights, and net is "
                          f"{net.theta.dtype}; code a float32 MeanKLNetwork (net.float())")

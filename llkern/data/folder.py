@@ -221,12 +221,16 @@ def load_image_folder(root: str | os.PathLike[str], *, image_size: int | tuple[i
     def read(path: Path) -> np.ndarray:
         try:
             with Image.open(path) as image:
-                if image.mode.startswith("I;16"):  # 16-bit grey: convert() would clip every value above 255
-                    wide = np.asarray(image).astype(np.uint32)
+                # 16-bit grey (mode I;16, or I in Pillow before 10.1): convert() would clip every value above 255
+                if image.mode.startswith("I;16") or image.mode == "I":
+                    wide = np.asarray(image).astype(np.int64)
+                    if wide.size and (wide.min() < 0 or wide.max() > 65535):
+                        raise ValueError(f"{image.mode} pixels outside 0..65535 (32-bit integers) have no fixed "
+                                         "range; save the images with 8 or 16 bits per channel")
                     image = Image.fromarray(((wide + 128) // 257).astype(np.uint8))  # 0..65535 → 0..255, mode L
-                elif image.mode in ("I", "F"):
-                    raise ValueError(f"{image.mode} pixels (32-bit integers or floats) have no fixed range; save "
-                                     "the images with 8 or 16 bits per channel")
+                elif image.mode == "F":
+                    raise ValueError("F pixels (32-bit floats) have no fixed range; save the images with 8 or 16 "
+                                     "bits per channel")
                 image = image.convert(mode)  # decodes the pixels (the first frame of an animation)
                 if size is not None and image.size != (size[1], size[0]):
                     image = image.resize((size[1], size[0]), resample)

@@ -244,11 +244,12 @@ def _relu_backward(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class _Recipe:
     """What a BatchNormReLU output carries so that the next conv can recompute it instead of saving it."""
 
-    __slots__ = ("bias", "invstd", "kernel", "mean", "training", "version", "weight", "x")
+    __slots__ = ("bias", "invstd", "kernel", "mean", "training", "version", "weight", "x", "x_version")
 
     def __init__(self, x, weight, bias, mean, invstd, training, version, kernel: bool) -> None:
         self.x, self.weight, self.bias, self.mean, self.invstd = x, weight, bias, mean, invstd
         self.training, self.version, self.kernel = training, version, kernel
+        self.x_version = x._version  # the conv recomputes from x: a change since the BN ran rules that out
 
 
 def _batch_norm_backward(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
@@ -483,7 +484,8 @@ class RecomputeInputConv2d(nn.Conv2d):
             return super().forward(input)
         recipe = getattr(input, _RECIPE_ATTR, None)
         if (recipe is None or not torch.is_grad_enabled() or self.padding_mode != "zeros"
-                or isinstance(self.padding, str) or input._version != recipe.version):
+                or isinstance(self.padding, str) or input._version != recipe.version
+                or recipe.x._version != recipe.x_version):
             return super().forward(input)
         r = recipe
         # The recipe's tensors go in detached: their gradients come through ``input``'s own node.
