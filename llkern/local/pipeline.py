@@ -44,7 +44,14 @@ import torch.nn.functional as F
 
 from llkern.local.net import LocalNet, StepResult, _accuracy
 from llkern.local.planner import linear_partition
-from llkern.local.trainer import Batches, LocalTrainer, _restore_rng, module_ddp
+from llkern.local.trainer import (
+    Batches,
+    LocalTrainer,
+    _advance_sampler,
+    _make_output_folders,
+    _restore_rng,
+    module_ddp,
+)
 
 __all__ = ["PipelineError", "PipelineTrainer", "Placement", "module_costs", "plan_stages", "read_shards"]
 
@@ -684,12 +691,11 @@ class PipelineTrainer(LocalTrainer):
                 check_log_path(sink)
         lead = self.global_rank == 0
         K = self.num_modules
+        _make_output_folders(sinks, checkpoint, lead)  # (every stage writes its shard next to the checkpoint)
         self._use_transform(transform)
         try:
             while self.epoch < epochs:
-                sampler = getattr(data, "sampler", None)
-                if hasattr(sampler, "set_epoch"):  # a DistributedSampler shuffles by epoch
-                    sampler.set_epoch(self.epoch)
+                _advance_sampler(data, self.epoch)
                 self.net.train()
                 meter = MemoryMeter(exclude=self.net.parameters()) if self.measure_memory else None
                 started = time.perf_counter()

@@ -143,6 +143,22 @@ def _restore_rng(rng: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def _make_output_folders(sinks: Sequence[LogSink], checkpoint: str | os.PathLike[str] | None, lead: bool) -> None:
+    """The folders of fit's log paths (written by the lead process) and checkpoint (a missing one failed only
+    after the first epoch's work)."""
+    paths = [sink for sink in sinks if not callable(sink)] if lead else []
+    for path in [*paths, *([checkpoint] if checkpoint is not None else [])]:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _advance_sampler(data: Any, epoch: int) -> None:
+    """A DataLoader's sampler told the epoch, if it shuffles by epoch (``DistributedSampler``: without it, every
+    epoch had the same order)."""
+    sampler = getattr(data, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
 def _mean_or_none(total: float, count: int) -> float | None:
     return total / count if count else None
 
@@ -614,10 +630,7 @@ class LocalTrainer:
                     check_log_path(sink)
                 except (TypeError, ValueError) as error:
                     raise ValueError(f"LocalTrainer.fit: log: {error}") from None
-                if self.rank == 0:
-                    Path(sink).parent.mkdir(parents=True, exist_ok=True)
-        if checkpoint is not None and self.rank == 0:  # (a missing folder failed after the first epoch)
-            Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        _make_output_folders(sinks, checkpoint, lead=self.rank == 0)
         self._use_transform(transform)
         try:
             return self._fit(data, epochs, batch_size, shuffle, eval_data, eval_exit, progress, sinks, checkpoint,
@@ -634,9 +647,7 @@ class LocalTrainer:
         lead = self.rank == 0
         K = self.num_modules
         while self.epoch < epochs:
-            sampler = getattr(data, "sampler", None)
-            if hasattr(sampler, "set_epoch"):  # a DistributedSampler shuffles by epoch: a new order each epoch
-                sampler.set_epoch(self.epoch)
+            _advance_sampler(data, self.epoch)
             batches, total = self._train_batches(data, batch_size, shuffle)
             loss_sum, acc_sum = [0.0] * K, [0.0] * K
             loss_n, acc_n = [0] * K, [0] * K
