@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import llkern.cli.main as cli
+from llkern import kernel_available
 from llkern.cli.options import UsageError
 from llkern.cli.recipes import recipe_names
 from llkern.cli.train import parse
@@ -273,10 +274,43 @@ def test_tensorboard_files_where_installed(tmp_path):
 
 
 def test_bench_times_llkern_and_eager(capsys):
-    rows = cli.run(["bench", "--ops", "transport_penalty", "aux_head_loss", "--min-time", "0.01", "--no-progress"])
-    assert [r.op for r in rows] == ["transport_penalty", "aux_head_loss"]
+    from llkern.cli import bench
+
+    rows = cli.run(["bench", "--min-time", "0.01", "--no-progress"])
+    assert [r.op for r in rows] == list(bench.OPS)  # every op by default
     assert all(r.llkern_ms > 0 and r.eager_ms > 0 for r in rows)
-    assert "speed-up" in capsys.readouterr().out
+    # the path column says whether llkern's compiled kernel ran (this build has every CPU kernel)
+    built = kernel_available("transport_penalty", "cpu")
+    assert {r.path for r in rows} == {"kernel" if built else "reference"}
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "batch_norm_relu" in out
+
+
+@pytest.mark.parametrize("op", ["transport_penalty", "aux_head_loss", "info_nce", "supcon_loss",
+                                "renyi_mutual_information", "relu_with_mask", "batch_norm_relu"])
+def test_bench_compares_equal_computations(op):
+    # llkern's op and the eager code it is timed against compute the same values and input gradients
+    from llkern.cli import bench
+
+    case = bench._case(op, "small", torch.device("cpu"), torch.float64)
+    inputs = case.inputs
+    assert inputs
+    fused = case.fused()
+    fused_grads = torch.autograd.grad(fused, inputs, case.grad, allow_unused=True)
+    eager = case.eager()
+    eager_grads = torch.autograd.grad(eager, inputs, case.grad, allow_unused=True)
+    torch.testing.assert_close(fused, eager, rtol=1e-6, atol=1e-9)
+    for a, b in zip(fused_grads, eager_grads, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_bench_min_time_is_bounded(capsys):
+    for value in ("inf", "0", "nan", "61"):
+        code, _, err = status(["bench", "--min-time", value], capsys)
+        assert code == 2 and "--min-time" in err, (value, err)
 
 
 @pytest.mark.parametrize("module", ["llkern", "llkern.demo", "llkern.cli.demo", "llkern.moda_demo",

@@ -63,6 +63,11 @@ nonnegative_float = _number(float, 0.0, False, "a number >= 0")
 fraction = _number(float, 0.0, False, "a number from 0 to 1", 1.0)
 
 
+def positive_float_at_most(high: float) -> Callable[[str], float]:
+    """An option type for numbers above 0 and at most ``high``."""
+    return _number(float, 0.0, True, f"a number > 0 and <= {high:g}", high)
+
+
 def int_between(low: int, high: int) -> Callable[[str], int]:
     """An option type for integers from ``low`` to ``high`` (both included)."""
     return _number(int, low, False, f"an integer from {low} to {high}", high)
