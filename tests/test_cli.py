@@ -246,8 +246,29 @@ def test_pipeline_options_are_checked(monkeypatch):
         run("--pipeline-stages", "2", "--mode", "sequential")
     with pytest.raises(UsageError, match="give one"):
         run("--pipeline-stages", "2", "--distributed")
+    with pytest.raises(UsageError, match="--accumulate works without the pipeline"):
+        run("--pipeline-stages", "2", "--accumulate", "2")
     with pytest.raises(SystemExit):
         run("--pipeline-stages", "0")
+
+
+@pytest.mark.parametrize("mode", ["simultaneous", "sequential"])
+def test_accumulate_plans_the_schedule_in_optimizer_steps(mode):
+    # 1437 training digits in batches of 64: 23 batches an epoch, 8 optimizer steps in groups of 3 (the last of
+    # two). The one-cycle schedule is planned for those steps (per module: 16 in 2 epochs, or 8 in its one
+    # sequential epoch), not for 23 an epoch; the row's lr is the rate after the schedule's last step.
+    torch.set_num_threads(1)
+    out = run("--model", "digits-cnn", "--epochs", "2", "-k", "2", "--accumulate", "3", "--mode", mode,
+              "--schedule", "onecycle", "--lr", "2e-3")
+    last = out["history"][-1]
+    assert last["steps"] == 23
+    total = 16 if mode == "simultaneous" else 8
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=total)
+    for _ in range(total):
+        optimizer.step()
+        schedule.step()
+    assert last["lr"] == pytest.approx([optimizer.param_groups[0]["lr"]] * 2, rel=1e-9)
 
 
 def test_graph_model_trains_under_bf16():

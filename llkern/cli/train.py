@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 from collections import OrderedDict
@@ -124,6 +125,9 @@ def build_parser(defaults: dict[str, Any] | None = None, prog: str | None = "llk
     how.add_argument("--epochs", type=positive_int, default=10,
                      help="epochs in all (sequential mode: a multiple of K; each module gets epochs / K)")
     how.add_argument("--batch-size", type=positive_int, default=64, help="samples per step")
+    how.add_argument("--accumulate", type=positive_int, default=1, metavar="N",
+                     help="batches per optimizer step: the gradient of an N × --batch-size batch in the activation "
+                          "memory of one batch (not with --pipeline-stages)")
     how.add_argument("--optimizer", choices=CHOICES["optimizer"], default="adam", help="SGD (Nesterov) or AdamW")
     how.add_argument("--lr", type=positive_float, default=None,
                      help="peak learning rate (default: sgd 0.1, adam 2e-3; karate 1e-2, synthetic-graphs 5e-3)")
@@ -449,6 +453,9 @@ def _trainer(args: argparse.Namespace, net: Any, steps_per_epoch: int, default_l
     import llkern
 
     lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else default_lr)
+    accumulate = getattr(args, "accumulate", 1)
+    # the schedules count optimizer steps: an epoch's batches in groups of accumulate, its last group shorter
+    steps_per_epoch = math.ceil(steps_per_epoch / accumulate)
     epochs_per_module = max(1, args.epochs // args.k) if args.mode == "sequential" else 1
     phase_epochs = epochs_per_module if args.mode == "sequential" else args.epochs
 
@@ -466,7 +473,8 @@ def _trainer(args: argparse.Namespace, net: Any, steps_per_epoch: int, default_l
 
     options = dict(mode=args.mode, optimizer=optimizer, scheduler=scheduler if args.schedule != "constant" else None,
                    scheduler_interval="step", precision=args.precision, clip_grad_norm=args.clip,
-                   epochs_per_module=epochs_per_module, measure_memory=measure_memory, seed=args.seed)
+                   epochs_per_module=epochs_per_module, measure_memory=measure_memory, seed=args.seed,
+                   accumulate=accumulate)
     if getattr(args, "pipeline_stages", None):
         try:
             trainer = llkern.PipelineTrainer(net, args.pipeline_stages, **options)
@@ -657,6 +665,9 @@ def _start_distributed(args: argparse.Namespace) -> bool:
     if args.pipeline_stages and args.distributed:
         raise UsageError("--pipeline-stages and --distributed: give one (a pipeline's stages are data parallel "
                          "over their replicas already: run world size = stages × replicas processes)")
+    if args.pipeline_stages and args.accumulate > 1:
+        raise UsageError("--pipeline-stages: --accumulate works without the pipeline only (a stage steps after every "
+                         "micro-batch); drop --accumulate, or give --distributed data parallelism")
     if args.pipeline_stages and args.mode == "sequential":
         raise UsageError("--pipeline-stages: --mode sequential trains one module at a time, so the stages would "
                          "take turns; use --mode simultaneous")

@@ -355,6 +355,10 @@ class PipelineTrainer(LocalTrainer):
             raise ValueError("PipelineTrainer: mode='sequential' trains one module at a time (MOLE's regime), so "
                              "the stages would take turns instead of running together; train it with "
                              "LocalTrainer(mode='sequential'), or use mode='simultaneous'")
+        if options.get("accumulate", 1) != 1:
+            raise ValueError(f"PipelineTrainer: accumulate={options['accumulate']!r} is not supported (a stage steps "
+                             "after every micro-batch it receives); use LocalTrainer(accumulate=...), or a larger "
+                             "batch_size with more stages to hold it")
         for name in ("distributed", "process_group"):
             if name in options:
                 raise TypeError(f"PipelineTrainer: {name} is set by the pipeline (each stage's replicas form its "

@@ -8,6 +8,8 @@ before module k+1 allocates its own. On top of :meth:`LocalNet.local_step` the t
   module k for its epochs, then frozen, then module k+1);
 * precision: fp32, bf16 autocast, fp16 autocast with one gradient scaler per module;
 * per-module gradient-norm clipping and learning-rate schedules;
+* gradient accumulation: ``accumulate`` batches' gradients per optimizer step, for a larger effective
+  batch in the activation memory of one batch;
 * data parallelism: each module under its own ``torch.nn.parallel.DistributedDataParallel``
   (:class:`llkern.local.net.ModuleStep`), so module k's gradients are all-reduced during module k's
   backward, before its optimizer steps;
@@ -200,6 +202,14 @@ class LocalTrainer:
             :class:`llkern.MemoryMeter` around the steps; it costs a Python call per saved tensor).
         seed: seed of the generator that shuffles tensor data in ``fit``; default: drawn from
             torch's global generator.
+        accumulate: batches per optimizer step (default 1). Each module sums the gradients of
+            ``accumulate`` consecutive batches, each batch's loss divided by ``accumulate``, and steps
+            once: the mean gradient of an ``accumulate × batch_size`` batch in the activation memory of
+            one batch (BatchNorm still normalises each batch by itself). The gradients stay allocated
+            between the batches (every trained module's, the size of its parameters); with
+            ``distributed`` they are all-reduced once per step. An epoch's last, shorter group steps at
+            :meth:`end_epoch` with the mean over its batches (``fit`` calls it; :meth:`flush` applies
+            pending gradients at any time). ``scheduler_interval="step"`` counts optimizer steps.
 
     ``step(x, y)`` trains on one batch; ``fit`` runs epochs; ``evaluate`` measures loss and accuracy;
     ``save``/``load`` checkpoint and resume.
@@ -222,6 +232,7 @@ class LocalTrainer:
         find_unused_parameters: bool | None = None,
         measure_memory: bool = True,
         seed: int | None = None,
+        accumulate: int = 1,
     ) -> None:
         if not isinstance(net, LocalNet):
             raise TypeError(f"LocalTrainer: expected net to be a llkern.LocalNet, got {type(net).__name__}")
@@ -232,6 +243,9 @@ class LocalTrainer:
         if scheduler_interval not in SCHEDULER_INTERVALS:
             raise ValueError(f"LocalTrainer: expected scheduler_interval to be one of {SCHEDULER_INTERVALS}, "
                              f"got {scheduler_interval!r}")
+        if isinstance(accumulate, bool) or not isinstance(accumulate, numbers.Integral) or accumulate < 1:
+            raise ValueError(f"LocalTrainer: expected accumulate to be an int >= 1 (batches per optimizer step), "
+                             f"got {accumulate!r}")
         if clip_grad_norm is not None and not clip_grad_norm > 0:
             raise ValueError(f"LocalTrainer: expected clip_grad_norm > 0 or None, got {clip_grad_norm!r}")
         if any(isinstance(p, nn.parameter.UninitializedParameter) for p in net.parameters()):
@@ -243,6 +257,10 @@ class LocalTrainer:
         self.clip_grad_norm = clip_grad_norm
         self.scheduler_interval = scheduler_interval
         self.measure_memory = measure_memory
+        self.accumulate = int(accumulate)
+        # batches whose gradients are summed but not yet applied, and whether the running step applies them
+        self._pending = 0
+        self._stepping = True
         K = net.num_modules
         params = next(iter(net.parameters()), None)
         self.device = params.device if params is not None else torch.device("cpu")
@@ -419,12 +437,19 @@ class LocalTrainer:
         _flat_apply(tensors, lambda flat: dist.broadcast(flat, src=self._source, group=self.process_group))
 
     def _backward(self, k: int, loss: torch.Tensor) -> None:
+        if self.accumulate > 1:
+            loss = loss / self.accumulate
         scaler = self.scalers[k]
         (loss if scaler is None else scaler.scale(loss)).backward()
 
     def _after_backward(self, k: int) -> None:
         """Module k's update, run inside local_step before module k+1's forward (with ``distributed``,
-        its DDP has averaged the gradients during the backward): unscale, clip, step, free the gradients."""
+        its DDP has averaged the gradients during the backward), unless the step only accumulates."""
+        if self._stepping:
+            self._update(k)
+
+    def _update(self, k: int) -> None:
+        """Module k's update from its gradients: unscale, clip, step, free the gradients."""
         params = [p for p in self.module_params[k] if p.grad is not None]
         optimizer, scaler = self.optimizers[k], self.scalers[k]
         if params:
@@ -451,8 +476,14 @@ class LocalTrainer:
         self._sync_phase()
         self._set_train_modes()
         modules = self.trained_modules()
-        for k in modules:  # gradients left by the caller would be added to this step's
-            self.optimizers[k].zero_grad(set_to_none=True)
+        if self._pending == 0:
+            for k in modules:  # gradients left by the caller would be added to this step's
+                self.optimizers[k].zero_grad(set_to_none=True)
+        self._stepping = self._pending + 1 >= self.accumulate
+        # DDP's no_sync for the batches that only accumulate: their gradients are all-reduced with the last's
+        syncing = [w for w in (self.ddp or []) if w is not None]
+        for wrapper in syncing:
+            wrapper.require_backward_grad_sync = self._stepping
         try:
             result = self.net.local_step(x, y, modules=modules, backward=self._backward,
                                          after_backward=self._after_backward, autocast=self._autocast_dtype(),
@@ -464,12 +495,36 @@ class LocalTrainer:
                     "heads of all but the last module under MutualInformation, say); pass "
                     "LocalTrainer(..., find_unused_parameters=True)") from error
             raise
+        finally:
+            for wrapper in syncing:
+                wrapper.require_backward_grad_sync = True
+        self._pending = 0 if self._stepping else self._pending + 1
         self.global_step += 1
         return result
 
+    def flush(self) -> None:
+        """Apply the gradients accumulated since the last optimizer step (``accumulate > 1``), as the mean over
+        the batches they came from; nothing when none are pending. :meth:`end_epoch` calls it."""
+        if self._pending == 0:
+            return
+        for k in self.trained_modules():
+            grads = [p.grad for p in self.module_params[k] if p.grad is not None]
+            with torch.no_grad():
+                if self.distributed and grads:  # these batches ran under no_sync: average over the processes now
+                    import torch.distributed as dist
+
+                    _flat_apply(grads, lambda flat: dist.all_reduce(flat, group=self.process_group))
+                    torch._foreach_div_(grads, self.world_size)
+                if grads:  # each batch's loss was divided by accumulate, not by the _pending batches there are
+                    torch._foreach_mul_(grads, self.accumulate / self._pending)
+            self._update(k)
+        self._pending = 0
+
     def end_epoch(self) -> None:
-        """Count an epoch as done: step the epoch-interval schedulers of the modules trained in it
-        (``fit`` calls this; call it yourself when you drive ``step``)."""
+        """Count an epoch as done: apply pending accumulated gradients (:meth:`flush`), then step the
+        epoch-interval schedulers of the modules trained in it (``fit`` calls this; call it yourself when you
+        drive ``step``)."""
+        self.flush()
         if self.scheduler_interval == "epoch":
             for k in self.trained_modules():
                 if self.schedulers[k] is not None:
@@ -720,7 +775,12 @@ class LocalTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: the net, optimizers, schedulers, scalers, epoch and step
-        counts, history, the data generator and the global RNG states (torch, CUDA, NumPy, Python)."""
+        counts, history, the data generator and the global RNG states (torch, CUDA, NumPy, Python).
+        Refused while accumulated gradients are pending (they are not state a checkpoint keeps)."""
+        if self._pending:
+            raise RuntimeError(f"{type(self).__name__}.state_dict: {self._pending} batch(es) of gradients are "
+                               f"accumulated (accumulate={self.accumulate}) and not yet applied; call flush() or "
+                               "end_epoch() first (fit saves its checkpoints at epoch ends, after them)")
         numpy_state = np.random.get_state()
         rng = {
             "torch": torch.get_rng_state(),
@@ -780,6 +840,10 @@ class LocalTrainer:
                 self.scalers[k].load_state_dict(state["scalers"][k])
 
     def _load_counters(self, state: dict[str, Any]) -> None:
+        if self._pending:  # gradients accumulated before the load belong to the state it replaces
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            self._pending = 0
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
