@@ -500,6 +500,12 @@ def test_bad_input(mutate, error, match, impl):
         aux_head_loss(*mutate(features, weight, bias, target), impl=impl)
 
 
+def test_per_token_features_with_one_label_per_sequence_are_told_to_pool():
+    features, weight, bias, target = make((4, 7, 6), 5, ignore_some=False)  # (B, T, C) features, target (B, T)
+    with pytest.raises(ValueError, match=r"expected target of shape \[4, 7\], got \[4\].*pool=True"):
+        aux_head_loss(features, weight, bias, target[:, 0])
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
     (dict(reduction="none"), ValueError, "reduction"),

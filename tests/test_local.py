@@ -297,3 +297,22 @@ def test_export_and_save_load(tmp_path, context):
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a LocalNet"):
         llkern.LocalNet.load(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_default_heads_and_context_encoders_take_the_blocks_dtype(dtype):
+    # (float32 heads on a float64 or bfloat16 model's features: the fused head refused the dtypes)
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
+              nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU())]
+    blocks = [b.to(dtype) for b in blocks]
+    x, y = torch.randn(8, 1, 8, 8, dtype=dtype), torch.randint(0, 10, (8,))
+    net = llkern.LocalNet(blocks, num_classes=10, example_input=x[:2], context="E")
+    assert {p.dtype for p in [*net.heads.parameters(), *net.context.parameters()]} == {dtype}
+    result = net.local_step(x, y)
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.losses)
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in net.heads.parameters())
+    # heads given by the caller are used as they are
+    mine = [llkern.nn.LinearHead(10, 4), llkern.nn.LinearHead(10, 6)]
+    net = llkern.LocalNet([b for b in blocks], heads=mine, example_input=x[:2])
+    assert all(p.dtype == torch.float32 for p in net.heads.parameters())

@@ -168,3 +168,20 @@ def test_cpu_buffer_cache_evicts_the_oldest_beyond_its_limit():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["8", "6"]  # the 8 MiB block made room for the 6 MiB one
+
+
+def test_meta_storages_are_told_apart():
+    """Every meta storage has data_ptr() 0: keyed by address, distinct storages were one, and excluding a
+    parameter excluded every activation."""
+    with torch.device("meta"):
+        linear = nn.Linear(250, 250)
+        a = torch.randn(1000, requires_grad=True)
+        x = torch.randn(4, 250, requires_grad=True)
+    with MemoryMeter(exclude=linear.parameters()) as meter:
+        b = a.exp()        # saves its output b (4000 bytes)
+        c = b[:500].sin()  # a view of b: not counted again
+        d = a.cos()        # saves a: another 4000 bytes
+        e = linear(x)      # saves x (4000 bytes), not the excluded weight
+        assert meter.current_saved_bytes == 12000
+        del b, c, d, e
+    assert meter.current_saved_bytes == 0 and meter.peak_saved_bytes == 12000

@@ -549,3 +549,119 @@ def test_split_by_time_balances_measured_unit_times():
     assert torch.equal(bn.running_mean, running)  # statistics restored
     with pytest.raises(ValueError, match="by='time' measures each unit"):
         split(model, 2, by="time")
+
+
+def test_saved_bytes_of_a_model_saving_a_sparse_tensor():
+    """A GCN saves its sparse adjacency for backward: the planner counts its index and value storages (it once
+    failed on the storage of the sparse tensor itself, with any example_input)."""
+    from llkern.nn.graph import Graph, normalized_adjacency
+
+    edges = torch.tensor([[0, 1, 2, 3, 4], [1, 2, 3, 4, 0]])
+    model = models.gcn_nodes(Graph(normalized_adjacency(edges, 5)), 3, 2, depth=3)[:-1]
+    x = torch.randn(5, 3)
+    plan = split(model, 2, example_input=x)
+    assert plan.boundaries in ([0, 1, 3], [0, 2, 3]) and all(b > 0 for b in plan.saved_bytes)
+    assert split(model, 2, by="layers", example_input=x).boundaries == [0, 1, 3]
+    _assert_same_function(model, plan, x)
+
+
+def test_split_of_a_model_on_the_meta_device_matches_the_cpu_plan():
+    """Meta storages have no address (data_ptr() is 0): the meter must still tell them apart, and the
+    parameters' storages must not exclude every activation."""
+    def build():
+        torch.manual_seed(0)
+        return uneven_cnn(classifier=False)
+
+    cpu = split(build(), 3, example_input=torch.randn(4, 3, 32, 32))
+    with torch.device("meta"):
+        model = build()
+    meta = split(model, 3, example_input=torch.randn(4, 3, 32, 32, device="meta"))
+    assert min(meta.saved_bytes) > 0
+    assert (meta.boundaries, meta.costs, meta.saved_bytes, meta.total_saved_bytes) == \
+        (cpu.boundaries, cpu.costs, cpu.saved_bytes, cpu.total_saved_bytes)
+
+
+def test_split_under_inference_mode_still_measures():
+    model, x = uneven_cnn(classifier=False), torch.randn(4, 3, 32, 32)
+    plan = split(model, 3, example_input=x)
+    with torch.inference_mode():  # autograd saves nothing there: the costs were all 0 and the plan arbitrary
+        again = split(model, 3, example_input=torch.randn(4, 3, 32, 32))
+    assert (again.boundaries, again.costs, again.saved_bytes) == (plan.boundaries, plan.costs, plan.saved_bytes)
+
+
+class _Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+
+    def forward(self, ids):
+        return self.embed(ids)
+
+
+def test_units_must_return_tensors_and_example_input_be_one():
+    model = nn.Sequential(_Embed(), nn.LSTM(8, 8, batch_first=True), nn.Tanh())
+    ids = torch.randint(0, 20, (2, 5))
+    for by in ("saved_bytes", "time", "layers"):  # once a TypeError from the Tanh, naming neither unit
+        with pytest.raises(TypeError, match=r"expected every unit to return a tensor .*got tuple from unit 1 \(LSTM\)"):
+            split(model, 2, by=by, example_input=ids)
+    with pytest.raises(TypeError, match=r"expected example_input to be a torch.Tensor .*got tuple"):
+        split(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), 1, example_input=(torch.randn(2, 4),))
+    # An error raised inside a unit says which unit ran, on which batch.
+    with pytest.raises(ValueError, match="more than 1 value per channel") as info:
+        split(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.BatchNorm1d(4), nn.ReLU()), 1,
+              example_input=torch.randn(1, 4))
+    assert "raised by unit 2 (BatchNorm1d)" in "".join(getattr(info.value, "__notes__", []))
+
+
+def test_a_model_with_its_own_forward_is_told_how_to_write_split_units():
+    with pytest.raises(TypeError, match=r"def split_units\(self\): return \[self.a, self.b\]`.*nn.Flatten\(\)"):
+        split(CustomForward(), 2, by="layers")
+
+
+class _PatchEmbed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 4, 4)
+
+    def forward(self, x):
+        return self.conv(x).flatten(2).transpose(1, 2)
+
+
+class _TinyViT(nn.Module):
+    """A positional embedding added in forward, outside every module: a chain of the modules misses it."""
+
+    def __init__(self, with_pos_module: bool):
+        super().__init__()
+        self.patch = _PatchEmbed()
+        self.pos = nn.Parameter(torch.randn(1, 4, 8))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(3))
+        self.with_pos_module = with_pos_module
+
+    def forward(self, x):
+        h = self.patch(x) + self.pos
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+    def split_units(self):
+        if not self.with_pos_module:
+            return [self.patch, self.blocks]
+        outer = self
+
+        class AddPos(nn.Module):
+            def forward(self, h):
+                return h + outer.pos
+
+        return [nn.Sequential(self.patch, AddPos()), self.blocks]
+
+
+def test_split_units_that_miss_a_step_of_forward_warn():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"chaining _TinyViT.split_units\(\) does not compute model\(example_input\)"):
+        split(_TinyViT(with_pos_module=False), 2, example_input=x)
+    model = _TinyViT(with_pos_module=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = split(model, 2, example_input=x)
+    assert all(m.training for m in model.modules())  # modes restored after the eval-mode comparison
+    _assert_same_function(model, plan, x)

@@ -63,7 +63,9 @@ def _components(t: torch.Tensor) -> list[torch.Tensor]:
 
 def _storage_key(t: torch.Tensor) -> tuple:
     storage = t.untyped_storage()
-    return (t.device.type, t.device.index, storage.data_ptr())
+    # A meta storage has no data (its data_ptr() is 0 for all of them): tell them apart by the storage object.
+    address = storage._cdata if t.device.type == "meta" else storage.data_ptr()
+    return (t.device.type, t.device.index, address)
 
 
 class MemoryMeter:

@@ -148,6 +148,18 @@ class ModuleMemory:
                 f"freed by its backward {self.freed_bytes / 2**20:.2f} MiB")
 
 
+def _first_floating(blocks: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor | None:
+    """The blocks' first floating-point parameter or buffer, else a floating ``example_input``, else None: the
+    device and dtype of the parts LocalNet makes itself."""
+    for tensor in [*blocks.parameters(), *blocks.buffers()]:
+        if tensor.is_floating_point() and not isinstance(tensor, nn.parameter.UninitializedParameter) \
+                and tensor.device.type != "meta":
+            return tensor
+    if isinstance(example_input, torch.Tensor) and example_input.is_floating_point():
+        return example_input
+    return None
+
+
 class LocalNet(nn.Module):
     """K local modules, one auxiliary head and one local loss each.
 
@@ -159,7 +171,10 @@ class LocalNet(nn.Module):
         num_classes: class count for the default heads (needed when ``heads`` is None).
         heads: a list of K heads, or a factory ``f(k, feature_shape) -> nn.Module`` where
             ``feature_shape`` is module k's output shape on ``example_input`` (None without one).
-            Default: :class:`llkern.nn.heads.LinearHead` (mean-pool + linear).
+            Default: :class:`llkern.nn.heads.LinearHead` (mean-pool + linear). The default heads and the
+            context encoders take the device and floating dtype of the blocks' first floating parameter or
+            buffer (``example_input``'s for blocks without one): a float64 or bfloat16 model gets heads of its
+            dtype. Heads you pass are used as they are.
         losses: a list of K :class:`LocalLoss`, one :class:`LocalLoss` for every module, or a factory
             ``f(k, K) -> LocalLoss``. Default: :class:`llkern.nn.losses.CrossEntropy`.
         example_input: a small batch used to size the heads; without it heads are sized lazily
@@ -219,6 +234,7 @@ class LocalNet(nn.Module):
         if example_input is not None:
             shapes = self._feature_shapes(example_input)
 
+        default_heads = heads is None
         if heads is None:
             if num_classes is None:
                 raise ValueError("LocalNet: give num_classes (for the default heads) or heads")
@@ -230,6 +246,9 @@ class LocalNet(nn.Module):
                 return LinearHead(num_classes, None if shape is None else feature_channels(shape))
 
         self.heads = nn.ModuleList(_as_list("heads", heads, num_modules, lambda f, k: f(k, shapes[k])))
+        like = _first_floating(self.blocks, example_input)
+        if default_heads and like is not None:  # (float32 CPU heads failed on a float64 or CUDA model's features)
+            self.heads.to(device=like.device, dtype=like.dtype)
 
         if losses is None:
             losses = CrossEntropy()
@@ -255,6 +274,8 @@ class LocalNet(nn.Module):
             if example_input is None:
                 raise ValueError("LocalNet: context supply needs example_input (to size its encoders)")
             self.context = ContextSupply(context, [example_input.shape, *shapes[:-1]], impl=context_impl)
+            if like is not None:
+                self.context.to(device=like.device, dtype=like.dtype)
         if example_input is not None and any(self._has_lazy(h) for h in self.heads):
             was_training = self.training
             self.eval()  # materialise lazy heads now, leaving BatchNorm statistics untouched

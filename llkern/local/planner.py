@@ -63,7 +63,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llkern.local.memory import MemoryMeter, _storage_key
+from llkern.local.memory import MemoryMeter
 
 MEASURES = ("layers", "params", "saved_bytes", "time")
 
@@ -242,9 +242,17 @@ def _units(model: nn.Module | Sequence[nn.Module], flatten: bool | str) -> list[
             _flatten(module, names.get(id(module), type(module).__name__), out, flatten)
     elif _is_container(model):
         _flatten(model, "", out, flatten, top=True)
+    elif isinstance(model, nn.Module):
+        children = [f"self.{name}" for name, _ in model.named_children()]
+        template = ", ".join(children[:8]) + (", ..." if len(children) > 8 else "")
+        raise TypeError(f"split: cannot infer the forward order of {type(model).__name__} (an nn.Module with its own "
+                        f"forward); supported: {_SUPPORTED}. Give {type(model).__name__} a method "
+                        f"`def split_units(self): return [{template}]` listing its parts in the order forward runs "
+                        "them, so that chaining them computes model(x): what forward computes outside a submodule "
+                        "(torch.flatten, F.relu, a class token or positional embedding added) must become a module "
+                        "in that list (nn.Flatten(), nn.ReLU(), a module holding the parameters)")
     else:
-        kind = "an nn.Module with its own forward" if isinstance(model, nn.Module) else "not an nn.Module"
-        raise TypeError(f"split: cannot infer the forward order of {type(model).__name__} ({kind}); "
+        raise TypeError(f"split: cannot infer the forward order of {type(model).__name__} (not an nn.Module); "
                         f"supported: {_SUPPORTED}")
     return out
 
@@ -363,8 +371,8 @@ class _KeyRecorder(MemoryMeter):
 
     def _pack(self, tensor: torch.Tensor):
         handle = super()._pack(tensor)
-        if handle is not tensor and self.per_unit:  # the meter counted this storage
-            self.per_unit[-1][_storage_key(tensor)] = tensor.untyped_storage().nbytes()
+        if handle is not tensor and self.per_unit:  # the meter counted these storages (a sparse tensor has several)
+            self.per_unit[-1].update((key, self._sizes[key]) for key in handle.keys)
         return handle
 
 
@@ -403,16 +411,30 @@ def _detached(x):
     return x.detach() if isinstance(x, torch.Tensor) else x
 
 
-def _saved_keys_per_unit(units: list[nn.Module], params: list[torch.Tensor],
+def _saved_keys_per_unit(named: list[tuple[str, nn.Module]], params: list[torch.Tensor],
                          example_input: torch.Tensor) -> tuple[list[dict[tuple, int]], int]:
-    """Run the chain once with gradients; return the storages each unit saves and the end-to-end peak."""
+    """Run the chain once with gradients; return the storages each unit saves and the end-to-end peak.
+
+    Raises a TypeError naming the unit when one returns something other than a tensor (the next module's
+    input and every module's head need one), and names the unit in any error raised while running it."""
     recorder = _KeyRecorder(exclude=params)
     h = _detached(example_input)
     outputs = []  # kept so that no saved storage is freed and its address reused during the run
     with torch.enable_grad(), recorder:
-        for unit in units:
+        for name, unit in named:
             recorder.per_unit.append({})
-            h = unit(h)
+            try:
+                h = unit(h)
+            except Exception as error:
+                if hasattr(error, "add_note"):  # Python >= 3.11
+                    error.add_note(f"split: raised by unit {name} ({type(unit).__name__}) on example_input's batch "
+                                   f"of shape {tuple(example_input.shape)}, run in training mode")
+                raise
+            if not isinstance(h, torch.Tensor):
+                raise TypeError(f"split: expected every unit to return a tensor (the next module's input and the "
+                                f"features for a head), got {type(h).__name__} from unit {name} "
+                                f"({type(unit).__name__}); wrap it in an nn.Module whose forward returns one tensor "
+                                "(for an LSTM, its output without the state: `return self.lstm(x)[0]`)")
             outputs.append(h)
     keys, peak = recorder.per_unit, recorder.peak_saved_bytes
     del outputs, h  # drops the graph; the recorder releases its handles
@@ -462,6 +484,37 @@ def _unit_times(units: list[nn.Module], example_input: torch.Tensor, repeats: in
     return [sorted(r)[len(r) // 2] for r in runs]
 
 
+def _chain_difference(model: nn.Module, units: list[nn.Module], example_input: torch.Tensor) -> str | None:
+    """How chaining ``units`` differs from ``model(example_input)`` in eval mode, or None when it does not (or
+    when the two cannot be compared: the model's output is not a tensor of the chain's shape, the model needs
+    other arguments, or the tensors are on the meta device). Modes are restored; no gradient is recorded."""
+    modules = list({id(m): m for top in [model, *units] for m in top.modules()}.values())
+    flags = [m.training for m in modules]
+    try:
+        model.eval()
+        for unit in units:
+            unit.eval()
+        with torch.no_grad():
+            try:
+                expected = model(example_input)
+            except Exception:  # a forward with other arguments: nothing to compare with
+                return None
+            h = example_input
+            for unit in units:
+                h = unit(h)
+    finally:
+        for m, flag in zip(modules, flags, strict=True):
+            m.training = flag
+    if (not isinstance(expected, torch.Tensor) or expected.shape != h.shape or expected.dtype != h.dtype
+            or expected.device.type == "meta"):
+        return None
+    try:
+        torch.testing.assert_close(h, expected, rtol=1e-3, atol=1e-3, equal_nan=True)
+    except AssertionError:
+        return f"largest difference {(h.double() - expected.double()).abs().max().item():.3g}"
+    return None
+
+
 def _numel(p: torch.Tensor) -> int:
     if isinstance(p, nn.parameter.UninitializedParameter):
         raise ValueError("split: the model has uninitialised (lazy) parameters; run it once, or pass "
@@ -504,11 +557,13 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
     Raises:
         ValueError: for an unknown ``by``, a ``k`` below 1 or above the admissible groups, ``by="saved_bytes"``
             without ``example_input``, or a bad ``flatten`` / ``allow_affine_end``.
-        TypeError: for a model whose forward order cannot be read.
+        TypeError: for a model whose forward order cannot be read (the message suggests a ``split_units()``),
+            an ``example_input`` that is not a tensor, or a unit that returns something other than a tensor.
 
     Warns:
         UserWarning: when the model ends in an ``nn.Linear`` (its classifier): LocalNet would put another head
-            after it.
+            after it; and when chaining a model's ``split_units()`` does not compute ``model(example_input)`` in
+            eval mode (a step of its forward outside the listed modules).
     """
     if by not in MEASURES:
         raise ValueError(f"split: by must be one of {', '.join(map(repr, MEASURES))}, got {by!r}")
@@ -518,6 +573,9 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
         raise ValueError(f"split: flatten must be 'auto', True or False, got {flatten!r}")
     if not isinstance(allow_affine_end, bool):
         raise ValueError(f"split: allow_affine_end must be True or False, got {allow_affine_end!r}")
+    if example_input is not None and not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"split: expected example_input to be a torch.Tensor (a batch for the model's first unit), "
+                        f"got {type(example_input).__name__}")
     if by in ("saved_bytes", "time") and example_input is None:
         raise ValueError(f"split: by={by!r} measures each unit on an example batch: pass example_input=<a batch>, "
                          "or use by='layers' or by='params'")
@@ -542,10 +600,24 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
 
     keys: list[dict[tuple, int]] | None = None
     total = None
+    # The measurements run outside inference mode (where autograd would save nothing: every cost 0).
     if example_input is not None:
-        with _TrainModeNoSideEffects(units, example_input.device):
-            keys, total = _saved_keys_per_unit(units, params, example_input)
+        if example_input.is_inference():  # an inference tensor cannot be saved for backward: copy it out
+            with torch.inference_mode(False):
+                example_input = example_input.clone()
+        with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device):
+            keys, total = _saved_keys_per_unit(named, params, example_input)
         params = list({id(p): p for unit in units for p in unit.parameters()}.values())  # lazy ones now exist
+        if isinstance(model, nn.Module) and not _is_container(model) and callable(getattr(model, "split_units", None)):
+            with torch.inference_mode(False):
+                difference = _chain_difference(model, units, example_input)
+            if difference is not None:
+                warnings.warn(
+                    f"split: chaining {type(model).__name__}.split_units() does not compute model(example_input) "
+                    f"in eval mode ({difference}), so the modules compute another function than the model: does "
+                    "forward compute something outside the listed modules (torch.flatten, F.relu, a class token or "
+                    "positional embedding added)? Make each such step a module in split_units()", UserWarning,
+                    stacklevel=2)
 
     # Each unit's cost as a dict key -> amount; a group costs the sum over the union of its units' keys,
     # so a storage saved by two units (a ReLU's output, saved again by the next conv) or a tied
@@ -555,7 +627,7 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
     elif by == "params":
         unit_sets = [{id(p): _numel(p) for p in unit.parameters()} for unit in units]
     elif by == "time":
-        with _TrainModeNoSideEffects(units, example_input.device):
+        with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device):
             unit_sets = [{i: t} for i, t in enumerate(_unit_times(units, example_input))]
     else:
         assert keys is not None
@@ -586,7 +658,7 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
     module_params = [sum(_numel(p) for p in {id(p): p for p in module.parameters()}.values()) for module in modules]
     saved = None
     if example_input is not None:
-        with _TrainModeNoSideEffects(units, example_input.device):
+        with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device):
             saved = _measure_modules(modules, params, example_input)
     return SplitPlan(modules=modules, by=by, costs=costs, boundaries=bounds, unit_names=names,
                      unit_costs=[sum(s.values()) for s in unit_sets], params=module_params,

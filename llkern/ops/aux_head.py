@@ -52,7 +52,12 @@ def _check(features, weight, bias, target, ignore_index, label_smoothing, reduct
         raise TypeError(f"{name}: expected target of dtype int64 or int32, got {target.dtype}")
     expected = tuple(features.shape[:2]) if features.dim() == 3 else tuple(features.shape[:1])
     if tuple(target.shape) != expected:
-        raise ValueError(f"{name}: expected target of shape {list(expected)}, got {list(target.shape)}")
+        hint = ""
+        if features.dim() == 3 and tuple(target.shape) == expected[:1]:  # one label per sequence, per-token features
+            hint = ("; (B, T, C) features take one target per token: for one label per sequence pool the tokens "
+                    "first, e.g. LocalNet(..., heads=lambda k, shape: llkern.nn.TokenHead(num_classes, shape[-1], "
+                    "pool=True))")
+        raise ValueError(f"{name}: expected target of shape {list(expected)}, got {list(target.shape)}{hint}")
     for arg, value in (("weight", weight), ("bias", bias), ("target", target)):
         if value is not None and value.device != features.device:
             raise ValueError(f"{name}: expected {arg} on the device of features ({features.device}), "
