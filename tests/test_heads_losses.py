@@ -331,7 +331,9 @@ def test_composite_schedule_switches_terms_off_and_reports_accuracy_of_the_first
 
     ctx.head = nn.Sequential(nn.Flatten(), nn.Linear(90, 4))
     out = Composite([Plain(), (CrossEntropy(), 1.0)])(ctx)
-    assert set(out.terms) == {"plain", "ce"} and out.logits.shape == (24, 4) and out.correct is None
+    assert set(out.terms) == {"plain", "ce"} and out.logits.shape == (24, 4)
+    # (CrossEntropy on logits counts too, so that ignore_index rows stay out of the accuracy)
+    assert out.counted.item() == 24 and out.correct.item() == (out.logits.argmax(1) == ctx.target).sum().item()
     # Every weight 0: a zero loss that backward() accepts, and no gradient.
     zero = Composite([(Fails(), 0.0)])(ctx)
     assert zero.loss.item() == 0.0 and zero.terms == {}

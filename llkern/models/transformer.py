@@ -47,8 +47,8 @@ class TokenEmbed(nn.Module):
         nn.init.trunc_normal_(self.pos, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] > self.pos.shape[1]:
-            raise ValueError(f"TokenEmbed: expected (B, T <= {self.pos.shape[1]}) token ids, got {tuple(x.shape)}")
+        if x.dim() != 2 or not 1 <= x.shape[1] <= self.pos.shape[1]:  # T = 0 would give NaN logits (mean of none)
+            raise ValueError(f"TokenEmbed: expected (B, 1 <= T <= {self.pos.shape[1]}) token ids, got {tuple(x.shape)}")
         return self.embed(x) + self.pos[:, :x.shape[1]]
 
 
@@ -61,14 +61,17 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
-        if dim % num_heads:
+        if num_heads < 1 or dim % num_heads:
             raise ValueError(f"SelfAttention: dim {dim} is not a multiple of num_heads {num_heads}")
         self.num_heads = num_heads
         self.dropout = dropout
+        self.dim = dim
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"SelfAttention: expected tokens of shape (B, T, {self.dim}), got {tuple(x.shape)}")
         b, t, c = x.shape
         # (B, T, 3, H, D) → three (B, H, T, D) views.
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -138,8 +141,14 @@ def transformer_encoder(*, num_classes: int = 10, in_channels: int = 1, image_si
     The defaults are digits-sized: 1×8×8 images as 16 tokens of 2×2 patches, C = 64, 4 blocks of 4 heads,
     MLP 128; 136,010 parameters.
     """
-    if depth < 1:
-        raise ValueError(f"transformer_encoder: depth must be >= 1, got {depth}")
+    for arg, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size),
+                       ("patch_size", patch_size), ("max_len", max_len), ("dim", dim), ("depth", depth),
+                       ("num_heads", num_heads)) + ((("vocab_size", vocab_size),) if vocab_size is not None else ()):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"transformer_encoder: expected {arg} to be an int >= 1, got {value!r}")
+    if not mlp_ratio > 0 or int(dim * mlp_ratio) < 1:
+        raise ValueError(f"transformer_encoder: expected mlp_ratio > 0 with a hidden width int(dim·mlp_ratio) >= 1, "
+                         f"got {mlp_ratio!r}")
     embed: nn.Module
     if vocab_size is not None:
         embed = TokenEmbed(vocab_size=vocab_size, max_len=max_len, dim=dim)

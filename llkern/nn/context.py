@@ -33,6 +33,8 @@ def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> list
 
 
 def _scale(name: str, big: torch.Size, small: torch.Size) -> int:
+    if min(small[-2:]) < 1:
+        raise ValueError(f"ContextSupply: expected a boundary with a non-empty spatial size, got {list(small[-2:])}")
     s = big[-2] // small[-2]
     if s < 1 or big[-2] != s * small[-2] or big[-1] != s * small[-1]:
         raise ValueError(f"ContextSupply: the {name} ({list(big[-2:])}) is not an integer multiple of the boundary's "
@@ -71,6 +73,8 @@ class ContextSupply(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"ContextSupply: expected mode to be one of {MODES}, got {mode!r}")
+        if len(input_shapes) == 0:
+            raise ValueError("ContextSupply: expected input_shapes to hold one shape per module, got none")
         if any(len(s) != 4 for s in input_shapes):
             raise ValueError("ContextSupply: context supply needs image-like module inputs (B, C, H, W), got "
                              f"{[list(s) for s in input_shapes]}")
@@ -99,12 +103,23 @@ class ContextSupply(nn.Module):
         detached here, so the contexts' gradients stop at the encoders."""
         if k < 1:
             raise ValueError(f"ContextSupply: module 0 has no context, got k={k}")
+        if k >= len(self.input_shapes):
+            raise IndexError(f"ContextSupply: expected k in 1..{len(self.input_shapes) - 1} (the modules with a "
+                             f"context), got k={k}")
         contexts = []
         if "E" in self.mode:
             contexts.append(self.image_encoders[k - 1](image.detach()))
         if "R" in self.mode:
             contexts.append(self.previous_encoders[k - 1](previous.detach()))
+        if torch.is_autocast_enabled(boundary.device.type):
+            # under autocast the encoders' convolutions give the autocast dtype while the boundary may be
+            # float32 (a module ending on an op autocast runs in float32): add in the boundary's dtype
+            contexts = [c.to(boundary.dtype) for c in contexts]
         return context_add(boundary, *contexts, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return (f"mode={self.mode!r}, modules={len(self.input_shapes)}, image_scales={self.image_scales}, "
+                f"previous_scales={self.previous_scales}, impl={self.impl!r}")
 
     def cost(self) -> ContextCost:
         """Parameters and FLOPs per sample of each module's encoders (index k−1 for module k)."""

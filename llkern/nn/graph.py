@@ -66,6 +66,8 @@ def normalized_edges(edge_index: torch.Tensor, num_nodes: int, *, self_loops: bo
         raise TypeError(f"{name}: expected an integer edge_index, got {edge_index.dtype}")
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
         raise ValueError(f"{name}: expected num_nodes to be an int >= 1, got {num_nodes!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:  # (an integer Â held only 0s)
+        raise TypeError(f"{name}: expected a floating-point dtype for Â's values, got {dtype}")
     edges = edge_index.to(torch.int64)
     if edges.numel() and (int(edges.min()) < 0 or int(edges.max()) >= num_nodes):
         raise ValueError(f"{name}: edge_index holds node indices in [{int(edges.min())}, {int(edges.max())}], "
@@ -107,10 +109,14 @@ def normalized_adjacency(edge_index: torch.Tensor, num_nodes: int, *, self_loops
 def adjacency_from_networkx(graph, *, self_loops: bool = True, layout: str = "coo",
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``Â`` of a networkx graph, rows in the order of ``list(graph.nodes)`` (directed graphs are symmetrised)."""
+    name = "llkern.nn.graph.adjacency_from_networkx"
+    if not (hasattr(graph, "nodes") and hasattr(graph, "edges")):
+        raise TypeError(f"{name}: expected a networkx graph, got {type(graph).__name__}")
     index = {node: i for i, node in enumerate(graph.nodes)}
     if not index:
-        raise ValueError("llkern.nn.graph.adjacency_from_networkx: expected a graph with at least one node")
-    pairs = [(index[u], index[v]) for u, v in graph.edges]
+        raise ValueError(f"{name}: expected a graph with at least one node")
+    # (u, v) for every edge; a multigraph's parallel edges (u, v, key) count once
+    pairs = [(index[u], index[v]) for u, v, *_ in graph.edges]
     edge_index = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2).t()
     return normalized_adjacency(edge_index, len(index), self_loops=self_loops, layout=layout, dtype=dtype)
 
@@ -122,14 +128,29 @@ def block_diagonal(blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], block_si
     ``blocks[b]`` is graph b's ``(indices (2, nnz_b), values (nnz_b,))`` (from :func:`normalized_edges`);
     graph b's nodes are rows ``b·block_size … b·block_size + n_b − 1``; the padded rows stay empty.
     """
+    name = "llkern.nn.graph.block_diagonal"
     if not blocks:
-        raise ValueError("llkern.nn.graph.block_diagonal: expected at least one block")
+        raise ValueError(f"{name}: expected at least one block")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"{name}: expected block_size to be an int >= 1, got {block_size!r}")
+    coalesced = True
+    for b, (idx, v) in enumerate(blocks):
+        if idx.dim() != 2 or idx.shape[0] != 2 or v.shape != (idx.shape[1],):
+            raise ValueError(f"{name}: expected blocks[{b}] to be (indices (2, nnz), values (nnz,)), got shapes "
+                             f"{list(idx.shape)} and {list(v.shape)}")
+        # (an index outside the block made a sparse tensor whose use crashed the process)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= block_size):
+            raise ValueError(f"{name}: blocks[{b}] holds node indices in [{int(idx.min())}, {int(idx.max())}], "
+                             f"outside the block's 0..{block_size - 1} (block_size={block_size})")
+        key = idx[0] * block_size + idx[1]
+        coalesced = coalesced and bool((key[1:] > key[:-1]).all())
     indices = torch.cat([idx + b * block_size for b, (idx, _) in enumerate(blocks)], dim=1)
     values = torch.cat([v for _, v in blocks])
     size = len(blocks) * block_size
-    # each block is row-major sorted and the blocks are in order: the whole is coalesced
-    return torch.sparse_coo_tensor(indices, values, (size, size), is_coalesced=True, check_invariants=False,
-                                   device=device)
+    # blocks from normalized_edges are row-major sorted and the blocks are in order: the whole is coalesced
+    out = torch.sparse_coo_tensor(indices, values, (size, size), is_coalesced=coalesced, check_invariants=False,
+                                  device=device)
+    return out if coalesced else out.coalesce()
 
 
 def _check_adjacency(name: str, adjacency: torch.Tensor) -> None:
@@ -137,8 +158,10 @@ def _check_adjacency(name: str, adjacency: torch.Tensor) -> None:
         kind = adjacency.layout if isinstance(adjacency, torch.Tensor) else type(adjacency).__name__
         raise TypeError(f"{name}: expected adjacency to be a sparse COO or CSR tensor (see "
                         f"llkern.nn.graph.normalized_adjacency), got {kind}")
-    if adjacency.dim() != 2 or adjacency.shape[0] != adjacency.shape[1]:
-        raise ValueError(f"{name}: expected a square (N, N) adjacency, got shape {list(adjacency.shape)}")
+    if adjacency.dim() != 2 or adjacency.shape[0] != adjacency.shape[1] or adjacency.dense_dim() != 0:
+        raise ValueError(f"{name}: expected a square (N, N) adjacency with scalar entries, got shape "
+                         f"{list(adjacency.shape)}" + (f" with {adjacency.dense_dim()} dense dimension(s)"
+                                                       if adjacency.dense_dim() else ""))
 
 
 def graph_conv(x: torch.Tensor, adjacency: torch.Tensor, weight: torch.Tensor,

@@ -40,8 +40,9 @@ class LinearHead(nn.Module):
     def __init__(self, num_classes: int, in_channels: int | None = None, bias: bool = True,
                  impl: str = "auto", low_memory: bool = False) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"LinearHead: expected num_classes >= 1, got {num_classes}")
+        _check_int("LinearHead", "num_classes", num_classes)
+        if in_channels is not None:
+            _check_int("LinearHead", "in_channels", in_channels)
         self.num_classes = num_classes
         self.impl = impl
         self.low_memory = low_memory
@@ -56,9 +57,15 @@ class LinearHead(nn.Module):
                              f"got {list(features.shape)}")
         return self.fc(features)
 
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, impl={self.impl!r}, low_memory={self.low_memory}"
+
     def loss(self, features: torch.Tensor, target: torch.Tensor, *, label_smoothing: float = 0.0,
              ignore_index: int = -100, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy of this head on ``features`` and the number of correct predictions (fused)."""
+        """Cross-entropy of this head on ``features`` and the number of correct predictions (fused):
+        ``F.cross_entropy(self(features), target, ...)`` without forming the logits, target ``(B,)`` (``(B,T)``
+        for ``(B,T,C)`` features) of int64/int32 class indices; a batch whose targets are all ``ignore_index``
+        gives 0 (see :func:`llkern.functional.aux_head_loss`)."""
         if isinstance(self.fc, nn.LazyLinear) and self.fc.has_uninitialized_params():
             with torch.no_grad():
                 self(features[:1])  # sizes the lazy layer
@@ -213,6 +220,9 @@ class MLPSRHead(nn.Module):
             mlp += [nn.Linear(flat, flat), nn.BatchNorm1d(flat), nn.ReLU()]
         self.mlp = nn.Sequential(*mlp, nn.Linear(flat, num_classes))
 
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, reduce={self.reduce}, pool_size={self.pool_size}"
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         _check_image_features("MLPSRHead", features)
         h, w = features.shape[-2:]
@@ -346,6 +356,9 @@ class ReconstructionDecoder(nn.Module):
             nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
             nn.Conv2d(hidden, channels, 3, padding=1))
 
+    def extra_repr(self) -> str:
+        return f"image_shape={self.image_shape}, mode={self.mode!r}"
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         _check_image_features("ReconstructionDecoder", features)
         size = self.image_shape[1:]
@@ -393,6 +406,9 @@ class TokenHead(nn.Module):
         self.num_classes, self.pool = num_classes, bool(pool)
         self.norm = nn.LayerNorm(in_channels)
         self.classifier = LinearHead(num_classes, in_channels, bias=bias, impl=impl)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, pool={self.pool}"
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """What the linear layer sees: the normalised tokens ``(B,T,C)``, or their mean ``(B,C)`` with ``pool``."""

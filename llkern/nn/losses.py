@@ -21,6 +21,7 @@ from torch import nn
 
 from llkern.nn.heads import ProjectionHead
 from llkern.ops.similarity import renyi_mutual_information, supcon_loss
+from llkern.ops.transport import REDUCTIONS as TRANSPORT_REDUCTIONS
 from llkern.ops.transport import transport_penalty
 
 
@@ -60,16 +61,32 @@ class LocalLoss(nn.Module):
 
 
 class CrossEntropy(LocalLoss):
-    """Cross-entropy of the module's head on its output: ``CE(head(outputs), target)``.
+    """Cross-entropy of the module's head on its output: ``CE(head(outputs), target)``, the mean over the
+    targets that are not ``ignore_index`` (``F.cross_entropy``'s ``reduction="mean"``).
 
+    Logits ``(B, classes)`` take targets ``(B,)``; per-token logits ``(B, T, classes)`` take ``(B, T)``.
     A head with a fused ``loss(features, target, ...)`` method (:class:`llkern.nn.heads.LinearHead`)
-    computes it without forming logits; any other head is called for logits.
+    computes it without forming logits; any other head is called for logits. A batch whose targets are
+    all ``ignore_index`` gives a loss of 0 with zero gradients (not NaN). The accuracy counts the
+    targets that are not ``ignore_index`` (``correct`` and ``counted`` of the output).
+
+    Args:
+        label_smoothing: ε in [0, 1].
+        ignore_index: targets equal to it contribute neither loss, gradient nor accuracy.
     """
 
     def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100) -> None:
         super().__init__()
-        self.label_smoothing = label_smoothing
-        self.ignore_index = ignore_index
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
+                or not 0.0 <= float(label_smoothing) <= 1.0:
+            raise ValueError(f"CrossEntropy: expected label_smoothing in [0, 1], got {label_smoothing!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise TypeError(f"CrossEntropy: expected ignore_index to be an int, got {ignore_index!r}")
+        self.label_smoothing = float(label_smoothing)
+        self.ignore_index = int(ignore_index)
+
+    def extra_repr(self) -> str:
+        return f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}"
 
     def forward(self, ctx: LocalContext) -> LocalLossOutput:
         fused = getattr(ctx.head, "loss", None)
@@ -79,9 +96,19 @@ class CrossEntropy(LocalLoss):
             counted = (ctx.target != self.ignore_index).sum()
             return LocalLossOutput(loss, None, {"ce": loss.detach()}, correct=correct, counted=counted)
         logits = ctx.head(ctx.outputs)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ctx.target.reshape(-1),
-                               label_smoothing=self.label_smoothing, ignore_index=self.ignore_index)
-        return LocalLossOutput(loss, logits, {"ce": loss.detach()})
+        rows, target = logits.reshape(-1, logits.shape[-1]), ctx.target.reshape(-1)
+        if target.shape[0] != rows.shape[0]:
+            raise ValueError(f"CrossEntropy: expected one target per row of the head's logits {list(logits.shape)} "
+                             f"(shape {list(logits.shape[:-1])}), got target of shape {list(ctx.target.shape)}")
+        # the sum over the kept targets divided by their number: F.cross_entropy's "mean", but 0 (not NaN)
+        # when every target is ignore_index
+        keep = target != self.ignore_index
+        counted = keep.sum()
+        loss = F.cross_entropy(rows, target, reduction="sum", label_smoothing=self.label_smoothing,
+                               ignore_index=self.ignore_index)
+        loss = loss / counted.clamp_min(1).to(loss.dtype)
+        correct = ((rows.detach().argmax(dim=-1) == target) & keep).sum()
+        return LocalLossOutput(loss, logits, {"ce": loss.detach()}, correct=correct, counted=counted)
 
 
 TAU_SCHEDULES = ("constant", "varying")
@@ -97,7 +124,11 @@ def transport_tau(k: int, num_modules: int, tau: float, schedule: str = "constan
 
 
 class TransportRegularized(LocalLoss):
-    """TRGL: a task loss plus the transport penalty ``(1/2τ_k)·mean(r²)``.
+    """TRGL: a task loss plus the transport penalty, ``L_k = task + (1/2τ_k)·Σ_blocks mean(r²)``.
+
+    ``r`` is the residual branch of each block of module k (``on="blocks"``: ``y = shortcut(x) + r``), or the
+    displacement ``y − x`` of the whole module (``on="module"``). A module that is not residual has no r: with
+    ``on="blocks"`` its penalty is 0 (with a warning), with ``on="module"`` a shape change is an error.
 
     Args:
         task: the task loss (default None: :class:`CrossEntropy`); ``False`` for the penalty alone (terms:
@@ -119,15 +150,21 @@ class TransportRegularized(LocalLoss):
                             f"got {type(task).__name__}")
         if on not in ("blocks", "module"):
             raise ValueError(f"TransportRegularized: expected on to be 'blocks' or 'module', got {on!r}")
-        if not tau > 0:
-            raise ValueError(f"TransportRegularized: expected tau > 0, got {tau!r}")
+        tau = _positive_number("TransportRegularized", "tau", tau)
+        if reduction not in TRANSPORT_REDUCTIONS:
+            raise ValueError(f"TransportRegularized: expected reduction to be one of {TRANSPORT_REDUCTIONS}, "
+                             f"got {reduction!r}")
         transport_tau(0, 1, tau, tau_schedule)  # validates the schedule name
         self.task = None if task is False else (task if task is not None else CrossEntropy())
         self.tau, self.tau_schedule, self.on, self.reduction, self.impl = tau, tau_schedule, on, reduction, impl
         self._warned_no_residual: set[int] = set()
 
+    def extra_repr(self) -> str:
+        return (f"tau={self.tau}, tau_schedule={self.tau_schedule!r}, on={self.on!r}, reduction={self.reduction!r}"
+                + (", task=False" if self.task is None else ""))
+
     def forward(self, ctx: LocalContext) -> LocalLossOutput:
-        out = self.task(ctx) if self.task is not None else LocalLossOutput(_no_loss(ctx))
+        out = self.task(ctx) if self.task is not None else None
         tau = transport_tau(ctx.k, ctx.num_modules, self.tau, self.tau_schedule)
         if self.on == "module":
             if ctx.outputs.shape != ctx.inputs.shape:
@@ -143,6 +180,11 @@ class TransportRegularized(LocalLoss):
                 self._warned_no_residual.add(ctx.k)
                 warnings.warn(f"TransportRegularized(on='blocks'): module {ctx.k} has no block defining "
                               "forward_residual(x) -> (y, r); its transport penalty is 0", stacklevel=2)
+            penalty = None
+        if out is None:  # the penalty alone, in its own dtype (float64 stays float64)
+            loss = _no_loss(ctx) if penalty is None else penalty
+            return LocalLossOutput(loss, None, {"transport": loss.detach()})
+        if penalty is None:
             penalty = out.loss.new_zeros(())
         terms = dict(out.terms)
         terms["transport"] = penalty.detach()
@@ -211,26 +253,47 @@ class SupervisedContrastive(_LastModuleTask):
     :func:`llkern.nn.heads.contrastive_heads` for the heads. Terms: ``"supcon"``, or the task loss's
     (``"ce"``) on the last module.
 
+    With z the projections ``(N, d)`` (``(B,T,d)`` per-token projections are N = B·T samples, targets
+    ``(B,T)``), ẑ = z/‖z‖ and ``s_ij = ẑ_i·ẑ_j/τ``: ``L = mean_i −(1/|P(i)|) Σ_{p∈P(i)} [s_ip − LSE_{a≠i} s_ia]``,
+    ``P(i) = {p ≠ i : y_p = y_i}``, over the anchors with a positive (0 where none has one).
+
     Args:
         temperature: τ > 0 (default 0.07, InfoPro's).
         normalize: L2-normalise the projections first (default True).
+        ignore_index: samples whose label is this value (e.g. padding tokens) are left out, as anchors,
+            positives and negatives, as :class:`CrossEntropy`'s ``ignore_index``; None keeps every sample.
+            Default -100. A batch without a kept sample gives a loss of 0. Selecting the samples reads the
+            labels on the host (one synchronisation per call).
         last_module_task: ``True`` (default): :class:`CrossEntropy` on the last module; a
             :class:`LocalLoss`: that loss on the last module; ``False``: the contrastive loss on every
             module (then no head is trained as a classifier).
     """
 
-    def __init__(self, temperature: float = 0.07, *, normalize: bool = True,
+    def __init__(self, temperature: float = 0.07, *, normalize: bool = True, ignore_index: int | None = -100,
                  last_module_task: LocalLoss | bool = True) -> None:
         name = "SupervisedContrastive"
         super().__init__(name, last_module_task)
         self.temperature = _positive_number(name, "temperature", temperature)
         self.normalize = bool(normalize)
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+            raise TypeError(f"{name}: expected ignore_index to be an int or None, got {type(ignore_index).__name__}")
+        self.ignore_index = ignore_index
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, normalize={self.normalize}, ignore_index={self.ignore_index}"
 
     def local(self, ctx: LocalContext) -> LocalLossOutput:
         z = ctx.head(ctx.outputs)
         target = ctx.target
         if z.dim() > 2:  # per-token projections (B,T,d): every token is a sample
             z, target = z.reshape(-1, z.shape[-1]), target.reshape(-1)
+        if self.ignore_index is not None and target.shape == z.shape[:1]:  # (a wrong shape: the op names it)
+            keep = target != self.ignore_index
+            if not bool(keep.all()):
+                if not bool(keep.any()):  # a zero that still reaches the head (see MutualInformation.local)
+                    zero = z.reshape(-1)[0] * 0.0
+                    return LocalLossOutput(zero, None, {"supcon": zero.detach()})
+                z, target = z[keep], target[keep]
         loss = supcon_loss(z, target, self.temperature, normalize=self.normalize)
         return LocalLossOutput(loss, None, {"supcon": loss.detach()})
 
@@ -297,6 +360,10 @@ class MutualInformation(_LastModuleTask):
             raise TypeError(f"{name}: expected ignore_index to be an int or None, got {type(ignore_index).__name__}")
         self.ignore_index = ignore_index
 
+    def extra_repr(self) -> str:
+        return (f"sigma={self.sigma!r}, sigma_scale={self.sigma_scale}, label_sigma={self.label_sigma}, "
+                f"pool={self.pool}, ignore_index={self.ignore_index}")
+
     def representation(self, outputs: torch.Tensor) -> torch.Tensor:
         """T: the module's output as (B, d) rows (``readout``'s, else pooled over H, W with ``pool``, else
         flattened)."""
@@ -319,7 +386,8 @@ class MutualInformation(_LastModuleTask):
         if self.sigma != "rms":
             return self.sigma
         # A floor instead of a test (no host synchronisation): rows without spread give I = 0 at any width.
-        return self.sigma_scale * (2.0 * t.float().var(dim=0).sum()).clamp_min(1e-12).sqrt()
+        t = t if t.dtype == torch.float64 else t.float()  # float64 rows keep a float64 width
+        return self.sigma_scale * (2.0 * t.var(dim=0).sum()).clamp_min(1e-12).sqrt()
 
     def local(self, ctx: LocalContext) -> LocalLossOutput:
         t = self.representation(ctx.outputs)
@@ -410,6 +478,9 @@ class Reconstruction(LocalLoss):
             if self.factory is None:
                 raise ValueError("Reconstruction: feature_shapes is for a decoder factory; the decoders were given")
             self.build(feature_shapes)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}" + (", shared=True" if self.shared else "")
 
     @property
     def built(self) -> bool:
@@ -603,6 +674,9 @@ class Composite(LocalLoss):
             weights.append(weight)
         self.terms = nn.ModuleList(losses)
         self.schedules: list[float | Schedule] = weights
+
+    def extra_repr(self) -> str:
+        return "weights=[" + ", ".join(repr(w) for w in self.schedules) + "]"
 
     def weights(self, k: int, num_modules: int) -> list[float]:
         """The weights of the terms at module ``k`` of ``num_modules``."""
