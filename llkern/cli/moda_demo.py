@@ -34,10 +34,12 @@ from llkern.cli.options import (
     HelpFormatter,
     UsageError,
     check_device,
+    fraction,
     make_parents,
     output_path,
     plain_text,
     positive_float,
+    positive_float_at_most,
     positive_int,
 )
 from llkern.data.images import load_cifar10, load_digits
@@ -205,11 +207,17 @@ def run(data: str = "digits", *, model: str = "cnn", data_root: str | None = Non
                       time.perf_counter() - start)
 
 
+NUM_CLASSES = 10  # digits and CIFAR-10
+
+
 def _pair(text: str) -> tuple[int, int]:
     try:
         a, b = (int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a class pair like 3,8, got {text!r}") from None
+    if a == b or not (0 <= a < NUM_CLASSES and 0 <= b < NUM_CLASSES):
+        raise argparse.ArgumentTypeError(f"expected a pair of two different classes in 0..{NUM_CLASSES - 1} "
+                                         f"like 3,8, got {text!r}")
     return a, b
 
 
@@ -224,8 +232,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> DemoResult:
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and shuffling")
     parser.add_argument("--width", type=positive_int,
                         help="model width (default: 32 digits_cnn and digits_resnet_moda, 64 VGG16)")
-    parser.add_argument("--tau", type=positive_float, default=0.9, help="activation-frequency threshold of the masks")
-    parser.add_argument("--min-keep", type=float, default=0.005, help="smallest fraction of a layer kept")
+    parser.add_argument("--tau", type=positive_float_at_most(1.0), default=0.9,
+                        help="activation-frequency threshold of the masks")
+    parser.add_argument("--min-keep", type=fraction, default=0.005, help="smallest fraction of a layer kept")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per step")
     parser.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (Adam, one-cycle)")
     parser.add_argument("--pairs", type=_pair, nargs="*", default=list(DEFAULT_PAIRS),

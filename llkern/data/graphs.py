@@ -111,9 +111,12 @@ def synthetic_graphs(num_per_class: int = 100, *, min_nodes: int = 12, max_nodes
     """
     import numpy as np
 
-    if num_per_class < 1 or not 3 <= min_nodes <= max_nodes or max_degree < 1:
-        raise ValueError(f"synthetic_graphs: expected num_per_class >= 1, 3 <= min_nodes <= max_nodes and "
-                         f"max_degree >= 1, got {num_per_class}, {min_nodes}, {max_nodes}, {max_degree}")
+    counts = (num_per_class, min_nodes, max_nodes, max_degree)
+    # min_nodes >= 4: Watts–Strogatz with k = 4 neighbours needs n >= 4 (networkx raised for 3)
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in counts) or num_per_class < 1 \
+            or not 4 <= min_nodes <= max_nodes or max_degree < 1:
+        raise ValueError(f"synthetic_graphs: expected ints num_per_class >= 1, 4 <= min_nodes <= max_nodes and "
+                         f"max_degree >= 1, got {num_per_class!r}, {min_nodes!r}, {max_nodes!r}, {max_degree!r}")
     nx = _networkx()
     rng = np.random.default_rng(seed)
     graphs, labels = [], []

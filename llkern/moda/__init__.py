@@ -12,7 +12,8 @@ L2-normalised, ``â_i = a_i / max(‖a_i‖, eps)``, and compared, ``S_ij = â_i
 
 A batch without a same-class pair gives ``L_aff = 0`` and one without a different-class pair
 ``L_dis = 0`` (a batch of one sample has neither): the term is 0 with a zero gradient, never NaN.
-The pair sets are masks over the B×B similarity matrix (upper triangle), so nothing loops over pairs.
+The pair sets are masks over the B×B similarity matrix (upper triangle), so nothing loops over pairs;
+samples labelled ``ignore_index`` (-100) are in no pair.
 
 **Collecting the ReLU outputs.** :class:`ActivationCollector` registers forward hooks on every
 ``nn.ReLU`` module of a model (``inplace=True`` too: the hook sees the output) and removes them on

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -46,7 +47,25 @@ class ClassMasks:
         return out
 
 
+def _check_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``(x, y)`` batch, checked: ``y`` holds one integer label >= 0 per sample of ``x``."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)):
+        raise TypeError(f"class_masks: expected each batch to be a pair (x, y) of tensors, got "
+                        f"{type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+    x, y = batch
+    if y.dim() != 1 or x.dim() < 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"class_masks: expected labels y of shape [B] for x of shape (B, ...), got y of shape "
+                         f"{list(y.shape)} and x of shape {list(x.shape)}")
+    if y.dtype.is_floating_point or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"class_masks: expected integer labels y, got {y.dtype}")
+    if len(y) and int(y.min()) < 0:  # (a negative class became a mask that extract indexed from the end)
+        raise ValueError(f"class_masks: expected labels y >= 0 (every sample of a class), got {int(y.min())}")
+    return x, y
+
+
 def _batches(data: object, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"class_masks: expected batch_size to be an int >= 1, got {batch_size!r}")
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data
         if x.shape[0] != y.shape[0]:
@@ -89,7 +108,10 @@ def class_masks(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor] | Iter
     counts: dict[int, int] = {}
     input_shape: tuple[int, ...] | None = None
     try:
-        for x, y in _batches(data, batch_size):
+        for batch in _batches(data, batch_size):
+            x, y = _check_batch(batch)
+            if not len(y):
+                continue
             input_shape = tuple(x.shape[1:])
             with ActivationCollector(model) as collected:
                 model(x)
@@ -217,39 +239,68 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def _class_index(c: object) -> int | None:
+    """``c`` as a Python int (ints, NumPy integers, integer 0-d tensors), or None."""
+    if isinstance(c, bool) or (isinstance(c, torch.Tensor) and (c.dim() or c.dtype.is_floating_point)):
+        return None
+    try:
+        return operator.index(c)
+    except TypeError:
+        return None
+
+
 def _check_classes(name: str, classes: Iterable[int], masks: ClassMasks) -> list[int]:
-    if isinstance(classes, int):
-        classes = [classes]
-    classes = list(classes)
+    if not isinstance(masks, ClassMasks):
+        raise TypeError(f"{name}: expected masks to be llkern.moda.ClassMasks (from class_masks), got "
+                        f"{type(masks).__name__}")
+    single = _class_index(classes)
+    if single is not None:
+        classes = [single]
+    elif isinstance(classes, torch.Tensor):
+        classes = classes.tolist() if classes.dim() == 1 and not classes.dtype.is_floating_point else [classes]
+    elif isinstance(classes, Iterable):
+        classes = list(classes)
+    else:
+        raise TypeError(f"{name}: expected classes to be a class or an iterable of classes, got {classes!r}")
     if not classes:
         raise ValueError(f"{name}: expected classes to name at least one class, got an empty set")
-    for c in classes:
-        if isinstance(c, bool) or not isinstance(c, int) or c not in masks.masks:
+    for i, c in enumerate(classes):
+        index = _class_index(c)
+        if index is None or index not in masks.masks:
             raise ValueError(f"{name}: unknown class {c!r} in classes; the masks know {masks.classes}")
+        classes[i] = index
     if len(set(classes)) != len(classes):
         raise ValueError(f"{name}: expected distinct classes, got {classes}")
     return classes
 
 
 @torch.no_grad()
-def _flatten_spatial(model: nn.Module, leaves: list[tuple[str, nn.Module]], input_shape: tuple[int, ...]
-                     ) -> dict[str, int]:
-    """Spatial size (H·W) of each Flatten's input, from one forward of a zero sample."""
+def _probe(model: nn.Module, leaves: list[tuple[str, nn.Module]], masks: ClassMasks) -> dict[str, int]:
+    """One forward of a zero sample: the spatial size (H·W) of each Flatten's input; checks that the model's
+    ReLU layers are the masks' (names, call order and unit counts)."""
     sizes: dict[str, int] = {}
+    units: list[tuple[str, int]] = []
     handles = [m.register_forward_hook(lambda _m, inp, _out, name=name: sizes.__setitem__(
         name, int(inp[0][0, 0].numel()) if inp[0].dim() > 2 else 1))
         for name, m in leaves if isinstance(m, nn.Flatten)]
-    if not handles:
-        return sizes
+    handles += [m.register_forward_hook(lambda _m, _inp, out, name=name: units.append(
+        (name, int(out.shape[1]) if out.dim() >= 2 else 0))) for name, m in relu_modules(model)]
     was_training = model.training
     model.eval()
     try:
         p = next(model.parameters())
-        model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
+        model(torch.zeros((1, *masks.input_shape), dtype=p.dtype, device=p.device))
+    except RuntimeError as error:
+        raise ValueError(f"extract: model does not run on a sample of the masks' input shape "
+                         f"{list(masks.input_shape)} ({error}); compute the masks on this model") from error
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
+    expected = [(name, m.numel()) for name, m in zip(masks.layers, masks.masks[masks.classes[0]], strict=True)]
+    if units != expected:  # (masks of another model of the same layout sliced it silently)
+        raise ValueError(f"extract: the masks' ReLU layers (name, units) are {expected}, the model's {units}; "
+                         "compute the masks on this model")
     return sizes
 
 
@@ -275,7 +326,7 @@ def _plan(model: nn.Module, classes: list[int], masks: ClassMasks, keep_all_outp
     if relu_names != set(masks.layers):
         raise ValueError(f"extract: the masks' ReLU layers {masks.layers} are not the model's "
                          f"{sorted(relu_names)}; compute the masks on this model")
-    spatial = _flatten_spatial(model, leaves, masks.input_shape)
+    spatial = _probe(model, leaves, masks)
     top = _items("", model)
     kinds = [isinstance(m, _SLICED) for _, m in top if isinstance(m, (*_SLICED, ResidualReLUBlock))]
     if not kinds or not kinds[-1]:
@@ -330,6 +381,16 @@ def _plan(model: nn.Module, classes: list[int], masks: ClassMasks, keep_all_outp
                         out_keep = end
                 plan.layers[name] = (current, out_keep)
                 current = out_keep
+            elif isinstance(m, nn.ReLU):
+                # A ReLU whose units are not a sliced layer's outputs (the model's input, a second ReLU, a ReLU
+                # after the last layer): the module computes the units in `current`, so its mask must keep them.
+                kept = torch.arange(sizes[name]) if current is None else current
+                dropped = kept[~torch.isin(kept, units[name])]
+                if len(dropped):
+                    raise NotImplementedError(
+                        f"extract: ReLU {name!r} drops units {dropped.tolist()[:8]} that the layers before it keep "
+                        "(it is not right after a Conv2d/Linear and its BatchNorm, or it follows the last layer); "
+                        "the module would not compute the full model's logits with those units set to 0")
             elif isinstance(m, _CHANNELWISE):
                 plan.layers[name] = (current, current)
             elif isinstance(m, nn.Flatten) and current is not None:
@@ -414,11 +475,17 @@ def extract(model: nn.Module, classes: int | Iterable[int], masks: ClassMasks, *
     """
     classes = _check_classes("extract", classes, masks)
     leaves, plan = _plan(model, classes, masks, keep_all_outputs)
-    small = copy.deepcopy(model)
-    for m in small.modules():  # a MODALocalLoss's recording hooks (and a copy of the loss) are not the module's
-        for key, hook in list(m._forward_hooks.items()):
-            if isinstance(getattr(hook, "__self__", None), MODALocalLoss):
-                del m._forward_hooks[key]
+    # A MODALocalLoss's recording hooks are not the module's: the copy shares the loss (no deep copy of it and of
+    # the graphs of what it recorded, which cannot be copied) and then drops its hooks.
+    losses = {id(hook.__self__): hook.__self__ for m in model.modules()
+              for hooks in (m._forward_hooks, m._forward_pre_hooks) for hook in hooks.values()
+              if isinstance(getattr(hook, "__self__", None), MODALocalLoss)}
+    small = copy.deepcopy(model, memo=dict(losses))
+    for m in small.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for key, hook in list(hooks.items()):
+                if isinstance(getattr(hook, "__self__", None), MODALocalLoss):
+                    del hooks[key]
     for name, m in leaves:
         if name not in plan.layers:
             continue

@@ -53,6 +53,11 @@ def _layers(graph: Graph, in_features: int, hidden: int, depth: int, dropout: fl
     return [(f"layer_{i}", GCNLayer(widths[i], widths[i + 1], graph, dropout)) for i in range(depth)]
 
 
+def _check_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"gcn: expected num_classes to be an int >= 1, got {num_classes!r}")
+
+
 def _attach(model: nn.Sequential, graph: Graph) -> None:
     """``model.graph`` as a plain attribute, not a unit (the layers hold it as their submodule)."""
     object.__setattr__(model, "graph", graph)
@@ -66,6 +71,7 @@ def gcn_nodes(graph: Graph, in_features: int, num_classes: int, *, hidden: int =
     ``model.graph`` is the graph. The GCN paper's two-layer model with its final graph convolution
     written as a graph convolution to ``hidden`` followed by a linear classifier (the same family).
     """
+    _check_classes(num_classes)
     model = nn.Sequential(OrderedDict([*_layers(graph, in_features, hidden, depth, dropout),
                                        ("head", nn.Linear(hidden, num_classes))]))
     _attach(model, graph)
@@ -77,6 +83,7 @@ def gcn_graphs(graph: Graph, in_features: int, num_classes: int, *, hidden: int 
     """A graph-classification GCN: ``layer_*`` (:class:`GCNLayer`), ``readout`` (masked mean over each
     graph's nodes), ``head`` (linear). ``(B, n_max, in_features)`` padded batches (the batch's graph set
     in ``graph`` by :class:`llkern.nn.graph.GraphBatches`) → ``(B, num_classes)``."""
+    _check_classes(num_classes)
     model = nn.Sequential(OrderedDict([*_layers(graph, in_features, hidden, depth, dropout),
                                        ("readout", GraphReadout(graph)), ("head", nn.Linear(hidden, num_classes))]))
     _attach(model, graph)
