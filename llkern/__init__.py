@@ -14,7 +14,7 @@ from llkern.local import memory
 from llkern.local.memory import MemoryMeter, MemoryReport
 from llkern.local.net import Boundary, LocalNet, ModuleMemory, StepResult, run_module
 from llkern.local.pipeline import PipelineError, PipelineTrainer, Placement, plan_stages
-from llkern.local.planner import SplitPlan, split
+from llkern.local.planner import SplitPlan, split, trace_units
 from llkern.local.trainer import LocalTrainer
 from llkern.moda import MODALocalLoss, MODALoss, moda_local_losses
 from llkern.nn import activation_memory, graph, heads, losses
@@ -128,6 +128,7 @@ __all__ = [
     "split",
     "supcon_loss",
     "token_heads",
+    "trace_units",
     "transport_penalty",
     "value_checks",
 ]

@@ -487,6 +487,19 @@ def test_k_one_and_k_units(by):
 
 
 class CustomForward(nn.Module):
+    """A forward that torch.fx cannot trace (a branch on a tensor's value): its order cannot be read."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x) if x.sum() > 0 else self.b(x)
+
+
+class TwoBranches(nn.Module):
+    """A traceable forward whose input is needed to the end: one piece, never cut."""
+
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
@@ -508,15 +521,22 @@ def test_errors():
     for k in (0, -1):
         with pytest.raises(ValueError, match="k >= 1"):
             split(model, k, by="layers")
-    with pytest.raises(TypeError, match=r"CustomForward \(an nn.Module with its own forward\).*split_units"):
+    with pytest.raises(TypeError, match=r"CustomForward \(an nn.Module with its own forward that torch.fx cannot "
+                                        r"trace: .*\).*split_units"):
         split(CustomForward(), 2, by="layers")
+    with pytest.raises(ValueError, match=r"cannot cut TwoBranches into k=2 modules: at most 1 are possible"):
+        split(TwoBranches(), 2, by="layers")
 
     class StagesWithOwnForward(nn.Sequential):
         def forward(self, x):
             return super().forward(x) * 2
 
-    with pytest.raises(TypeError, match="StagesWithOwnForward"):
-        split(StagesWithOwnForward(nn.Linear(4, 4), nn.ReLU()), 2, by="layers")
+    # at the top level such a Sequential is read by torch.fx (its entries, then the doubling): chained, its pieces
+    # compute its own forward, not the plain chain of its entries
+    own = StagesWithOwnForward(nn.Linear(4, 4), nn.ReLU())
+    plan = split(own, 2, by="layers")
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(plan.modules[1](plan.modules[0](x)), own(x))
     # ...but inside a plain Sequential such a module is one block, kept whole (and a block may end a module).
     wrapped = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), StagesWithOwnForward(nn.Linear(4, 4), nn.Linear(4, 4)),
                             nn.Tanh())

@@ -6,7 +6,7 @@ from llkern.local import memory, net, pipeline, planner, trainer
 from llkern.local.memory import MemoryMeter, MemoryReport
 from llkern.local.net import Boundary, LocalNet, ModuleMemory, StepResult, run_module
 from llkern.local.pipeline import PipelineError, PipelineTrainer, Placement, plan_stages
-from llkern.local.planner import SplitPlan, split
+from llkern.local.planner import SplitPlan, split, trace_units
 from llkern.local.trainer import LocalTrainer
 
 __all__ = [
@@ -28,5 +28,6 @@ __all__ = [
     "planner",
     "run_module",
     "split",
+    "trace_units",
     "trainer",
 ]

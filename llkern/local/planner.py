@@ -11,7 +11,11 @@ Supported models (their forward order must be readable from their structure):
 - an ``nn.ModuleList``, or a Python list/tuple of modules: a chain;
 - any model with a ``split_units()`` method returning its entries in forward order (modules, ``nn.ModuleList``
   or ``nn.Sequential`` containers) such that chaining them computes ``model(x)``. This is the protocol for
-  transformer stacks: ``return [self.embed, self.blocks, self.head]``.
+  transformer stacks: ``return [self.embed, self.blocks, self.head]``;
+- any other ``nn.Module`` with one input that ``torch.fx`` can trace (:func:`trace_units`): its forward is read
+  as a graph and cut where exactly one tensor flows on, so a residual block, whose skip connection is live
+  across it, is never cut; the pieces are the model's own layers or small ``GraphModule`` s that share its
+  parameters (a ResNet or VGG written with its own forward, ``torch.flatten`` and ``F.relu`` included).
 
 Units. Every entry of the chain is read with the same rules, recursively:
 
@@ -47,7 +51,7 @@ Cost of a group of units, by ``by``:
 - ``"params"``: the number of distinct parameters' elements (a tied parameter counts once per group);
 - ``"saved_bytes"``: the bytes of distinct storages that autograd saves for backward when the group runs
   as a local module (input detached), measured with :class:`llkern.local.memory.MemoryMeter` on ``example_input``;
-- ``"time"``: the sum of the units' forward + backward seconds on ``example_input`` (the median of three runs), for
+- ``"time"``: the sum of the units' forward + backward seconds on ``example_input`` (the least of three runs), for
   a pipeline of stages (:class:`llkern.PipelineTrainer`), which runs at the speed of its slowest stage.
 
 The exact partition (:func:`linear_partition`) runs over the admissible cuts only.
@@ -55,6 +59,7 @@ The exact partition (:func:`linear_partition`) runs over the admissible cuts onl
 
 from __future__ import annotations
 
+import operator
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -67,8 +72,8 @@ from llkern.local.memory import MemoryMeter
 
 MEASURES = ("layers", "params", "saved_bytes", "time")
 
-_SUPPORTED = ("an nn.Sequential, an nn.ModuleList or a list of modules (a chain), or a model with a split_units() "
-              "method returning its units in forward order")
+_SUPPORTED = ("an nn.Sequential, an nn.ModuleList or a list of modules (a chain), a model with a split_units() "
+              "method returning its units in forward order, or a model of one input that torch.fx can trace")
 
 
 def _nn_classes(*names: str) -> tuple[type[nn.Module], ...]:
@@ -242,11 +247,14 @@ def _units(model: nn.Module | Sequence[nn.Module], flatten: bool | str) -> list[
             _flatten(module, names.get(id(module), type(module).__name__), out, flatten)
     elif _is_container(model):
         _flatten(model, "", out, flatten, top=True)
+    elif isinstance(model, nn.Module) and _traceable(model):
+        out.extend(_traced_units(model))
     elif isinstance(model, nn.Module):
         children = [f"self.{name}" for name, _ in model.named_children()]
         template = ", ".join(children[:8]) + (", ..." if len(children) > 8 else "")
         raise TypeError(f"split: cannot infer the forward order of {type(model).__name__} (an nn.Module with its own "
-                        f"forward); supported: {_SUPPORTED}. Give {type(model).__name__} a method "
+                        f"forward that torch.fx cannot trace: {_trace_error(model)}); supported: {_SUPPORTED}. "
+                        f"Give {type(model).__name__} a method "
                         f"`def split_units(self): return [{template}]` listing its parts in the order forward runs "
                         "them, so that chaining them computes model(x): what forward computes outside a submodule "
                         "(torch.flatten, F.relu, a class token or positional embedding added) must become a module "
@@ -255,6 +263,157 @@ def _units(model: nn.Module | Sequence[nn.Module], flatten: bool | str) -> list[
         raise TypeError(f"split: cannot infer the forward order of {type(model).__name__} (not an nn.Module); "
                         f"supported: {_SUPPORTED}")
     return out
+
+
+class TracedUnit(torch.fx.GraphModule):
+    """A piece of a traced model's forward (:func:`trace_units`): a ``GraphModule`` of one input and one output that
+    holds the model's own submodules and parameters (not copies)."""
+
+
+class TracedPassThrough(TracedUnit):
+    """A traced piece that only reshapes, indexes, concatenates or adds (``torch.flatten``, ``x.transpose``, a class
+    token concatenated, a positional embedding added): it keeps an affine map affine, so it is a pass-through for
+    the rule that a module may not end on an affine layer."""
+
+
+# Functions and tensor methods that keep an affine map affine: a piece made of them only is a pass-through.
+_PASS_THROUGH = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
+                 torch.t, torch.movedim, torch.cat, torch.stack, torch.add, torch.sub, operator.add, operator.sub,
+                 operator.getitem, operator.neg, getattr}
+_PASS_THROUGH_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "permute", "transpose", "t",
+                         "contiguous", "movedim", "view_as", "reshape_as", "size", "dim", "expand", "expand_as",
+                         "add", "sub", "__getitem__"}
+_trace_errors: dict[int, str] = {}
+
+
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    if isinstance(model, torch.fx.GraphModule):
+        return model
+    return torch.fx.symbolic_trace(model)
+
+
+def _traceable(model: nn.Module) -> bool:
+    """Whether ``torch.fx`` traces ``model`` into a graph of one input (the reason is kept for the error if not)."""
+    try:
+        graph = _trace(model).graph
+    except Exception as error:  # fx raises many kinds (control flow on tensors, unsupported calls)
+        _trace_errors[id(model)] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return False
+    inputs = [node for node in graph.nodes if node.op == "placeholder"]
+    if len(inputs) != 1:
+        _trace_errors[id(model)] = f"its forward takes {len(inputs)} inputs, not one"
+        return False
+    return True
+
+
+def _trace_error(model: nn.Module) -> str:
+    return _trace_errors.pop(id(model), "not tried")
+
+
+def _cut_points(graph: torch.fx.Graph) -> tuple[list[torch.fx.Node], list[int]]:
+    """The graph's computing nodes in order, and the positions ``i`` after which exactly one value (node ``i``'s)
+    is still needed: there the forward is a chain link, and a cut leaves one tensor to hand on."""
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+    position = {n: i for i, n in enumerate(nodes)}
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            position[n] = -1
+    last_use: dict[torch.fx.Node, int] = {}
+    for n in graph.nodes:
+        use = len(nodes) if n.op == "output" else position.get(n)
+        if use is None:  # a get_attr node: parameters are fetched where they are used, never handed on
+            continue
+        for arg in n.all_input_nodes:
+            if arg.op != "get_attr":
+                last_use[arg] = max(last_use.get(arg, -1), use)
+    cuts = []
+    live: set[torch.fx.Node] = {n for n in graph.nodes if n.op == "placeholder"}
+    for i, n in enumerate(nodes):
+        live.add(n)
+        live = {m for m in live if last_use.get(m, -1) > i}
+        if live == {n} and i < len(nodes) - 1:
+            cuts.append(i)
+    return nodes, cuts
+
+
+def _piece(traced: torch.fx.GraphModule, nodes: list[torch.fx.Node], source: torch.fx.Node,
+           result: torch.fx.Node | None) -> nn.Module:
+    """The nodes as a module of one input (``source``'s value) returning ``result``'s value (the whole output for
+    the last piece): a call of one of the model's modules on its input is that module itself."""
+    output = next(n for n in traced.graph.nodes if n.op == "output")
+    returned = result if result is not None else output.args[0]
+    if (len(nodes) == 1 and nodes[0].op == "call_module" and nodes[0].args == (source,) and not nodes[0].kwargs
+            and returned is nodes[0]):
+        return traced.get_submodule(nodes[0].target)
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {source: graph.placeholder("x")}
+
+    def arg(node: torch.fx.Node) -> torch.fx.Node:
+        if node not in env:  # a parameter or buffer fetched by get_attr: fetched again in this piece
+            env[node] = graph.node_copy(node)
+        return env[node]
+
+    for node in nodes:
+        env[node] = graph.node_copy(node, arg)
+    graph.output(torch.fx.node.map_arg(returned, arg))
+    passes = all((n.op == "call_function" and n.target in _PASS_THROUGH)
+                 or (n.op == "call_method" and n.target in _PASS_THROUGH_METHODS) for n in nodes)
+    kind = TracedPassThrough if passes else TracedUnit
+    return kind(traced, graph, class_name=kind.__name__)
+
+
+def _piece_name(nodes: list[torch.fx.Node]) -> str:
+    """A readable name: the common prefix of the pieces' module names (``layer1.0`` for a traced block), else
+    the first and last node's names."""
+    targets = [str(n.target).split(".") for n in nodes if n.op == "call_module"]
+    if targets:
+        common = []
+        for parts in zip(*targets, strict=False):
+            if len(set(parts)) > 1:
+                break
+            common.append(parts[0])
+        if common and (len(targets) > 1 or len(nodes) == 1):
+            return ".".join(common)
+    names = [n.name for n in nodes]
+    return names[0] if len(names) == 1 else f"{names[0]}…{names[-1]}"
+
+
+def _traced_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    traced = _trace(model)
+    nodes, cuts = _cut_points(traced.graph)
+    source = next(n for n in traced.graph.nodes if n.op == "placeholder")
+    units, start = [], 0
+    for end in [*cuts, len(nodes) - 1]:
+        piece = nodes[start:end + 1]
+        last = end == len(nodes) - 1
+        units.append((_piece_name(piece), _piece(traced, piece, source, None if last else nodes[end])))
+        source, start = nodes[end], end + 1
+    if not nodes:  # a forward that computes nothing
+        return []
+    return units
+
+
+def trace_units(model: nn.Module) -> list[nn.Module]:
+    """``model``'s forward as a chain of pieces, read by ``torch.fx``: chained, they compute ``model(x)``.
+
+    The forward is traced into a graph and cut after every operation past which exactly one value is still
+    needed, so a residual block (its input is needed again at the sum) is one piece. A piece that calls one of
+    the model's modules on its input is that module; any other is a :class:`TracedUnit` (a
+    ``torch.fx.GraphModule`` holding the model's own submodules and parameters), or a
+    :class:`TracedPassThrough` when it only reshapes, indexes, concatenates or adds. :func:`split` uses this for
+    a model with its own ``forward``; call it yourself to drop pieces first: ``split(trace_units(model)[:-1], k,
+    ...)`` splits the model without its classifier.
+
+    Raises:
+        TypeError: when ``torch.fx`` cannot trace the model (control flow on tensor values, for one) or its
+            forward takes more than one input; give the model a ``split_units()`` method then (see :func:`split`).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trace_units: expected an nn.Module, got {type(model).__name__}")
+    if not _traceable(model):
+        raise TypeError(f"trace_units: torch.fx cannot trace {type(model).__name__} ({_trace_error(model)}); give it "
+                        "a split_units() method listing its parts in forward order instead")
+    return [unit for _, unit in _traced_units(model)]
 
 
 def _last_layer(module: nn.Module, name: str = "") -> tuple[str, nn.Module] | None:
@@ -266,8 +425,12 @@ def _last_layer(module: nn.Module, name: str = "") -> tuple[str, nn.Module] | No
             if found is not None:
                 return found
         return None
-    if isinstance(module, LINEAR_PASSTHROUGH):
+    if isinstance(module, (*LINEAR_PASSTHROUGH, TracedPassThrough)):
         return None
+    if isinstance(module, TracedUnit):  # a piece ending on a call of one of the model's modules ends on that module
+        returned = next(n for n in module.graph.nodes if n.op == "output").args[0]
+        if isinstance(returned, torch.fx.Node) and returned.op == "call_module":
+            return _last_layer(module.get_submodule(returned.target), f"{name}:{returned.target}")
     return name or type(module).__name__, module
 
 
@@ -456,9 +619,9 @@ def _measure_modules(modules: list[nn.Sequential], params: list[torch.Tensor],
 
 
 def _unit_times(units: list[nn.Module], example_input: torch.Tensor, repeats: int = 3) -> list[float]:
-    """Each unit's forward + backward seconds on ``example_input`` (the median of ``repeats`` runs after one
-    warm-up), each on its predecessor's detached output so that its backward is its own. The parameters'
-    ``.grad`` are left as they were."""
+    """Each unit's forward + backward seconds on ``example_input`` (the least of ``repeats`` runs after one
+    warm-up: other work on the machine only adds time), each on its predecessor's detached output so that its
+    backward is its own. The parameters' ``.grad`` are left as they were."""
     params = list({id(p): p for unit in units for p in unit.parameters()}.values())
     grads = [p.grad for p in params]
     synchronize = torch.cuda.synchronize if example_input.device.type == "cuda" else (lambda: None)
@@ -481,7 +644,7 @@ def _unit_times(units: list[nn.Module], example_input: torch.Tensor, repeats: in
     finally:
         for p, g in zip(params, grads, strict=True):
             p.grad = g
-    return [sorted(r)[len(r) // 2] for r in runs]
+    return [min(r) for r in runs]
 
 
 def _chain_difference(model: nn.Module, units: list[nn.Module], example_input: torch.Tensor) -> str | None:
@@ -587,11 +750,14 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
     if k > len(admissible) - 1:
         raise _too_many_modules(model, k, n, len(admissible) - 1, flatten, allow_affine_end)
     classifier = _classifier_at_end(named)
+    traced = (isinstance(model, nn.Module) and not _is_container(model)
+              and not callable(getattr(model, "split_units", None)))
+    without = "llkern.trace_units(model)[:-1] for this traced model" if traced else "model[:-1]"
     if classifier is not None:
         warnings.warn(
             f"split: the model ends in an nn.Linear, probably its classifier ({classifier[0]}: {classifier[1]}); "
             "LocalNet puts an auxiliary head after every module, the last one included, so that head would be a "
-            "second classifier stacked on this one. Split the model without its classifier (e.g. model[:-1], keeping "
+            f"second classifier stacked on this one. Split the model without its classifier (e.g. {without}, keeping "
             "the pooling and flatten before it) and let the last module's head classify, or give LocalNet heads of "
             "your own", UserWarning, stacklevel=2)
     names = [name for name, _ in named]
@@ -608,15 +774,21 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
         with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device):
             keys, total = _saved_keys_per_unit(named, params, example_input)
         params = list({id(p): p for unit in units for p in unit.parameters()}.values())  # lazy ones now exist
-        if isinstance(model, nn.Module) and not _is_container(model) and callable(getattr(model, "split_units", None)):
+        if isinstance(model, nn.Module) and not _is_container(model):  # split_units() or a traced forward
             with torch.inference_mode(False):
                 difference = _chain_difference(model, units, example_input)
-            if difference is not None:
+            if difference is not None and callable(getattr(model, "split_units", None)):
                 warnings.warn(
                     f"split: chaining {type(model).__name__}.split_units() does not compute model(example_input) "
                     f"in eval mode ({difference}), so the modules compute another function than the model: does "
                     "forward compute something outside the listed modules (torch.flatten, F.relu, a class token or "
                     "positional embedding added)? Make each such step a module in split_units()", UserWarning,
+                    stacklevel=2)
+            elif difference is not None:
+                warnings.warn(
+                    f"split: chaining the pieces that torch.fx traced in {type(model).__name__} does not compute "
+                    f"model(example_input) in eval mode ({difference}); the trace missed part of forward (a "
+                    "Python-level branch or side effect): give the model a split_units() method", UserWarning,
                     stacklevel=2)
 
     # Each unit's cost as a dict key -> amount; a group costs the sum over the union of its units' keys,
