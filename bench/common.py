@@ -182,6 +182,24 @@ def extra_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def copy_bandwidth(n: int = 1 << 28) -> float:
+    """GB/s of a device-to-device copy of ``n`` float32 values, counting bytes read and written: the
+    ceiling that memory-bound floors divide by, measured in the same run (333 values in a dry run)."""
+    n = min(n, 333) if _dry_run else n
+    src, dst = torch.randn(n, device=bench_device()), torch.empty(n, device=bench_device())
+    ms, _ = time_ms(lambda: dst.copy_(src))
+    return 8 * n / ms / 1e6
+
+
+def gemm_tflops(dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float:
+    """TFLOP/s of an n×n×n product in ``dtype`` (PyTorch's matmul settings as they are: float32 without
+    TF32 by default): the ceiling that compute-bound floors divide by, measured in the same run."""
+    n = min(n, 64) if _dry_run else n
+    a, b = (torch.randn(n, n, device=bench_device()).to(dtype) for _ in range(2))
+    ms, _ = time_ms(lambda: a @ b, reps=20, warmup=3)
+    return 2 * n**3 / ms / 1e9
+
+
 def cuda_graphed(step):
     """``step`` captured once in a CUDA graph; the returned function replays it: the same kernels without
     Python, autograd or launch costs, for shapes whose kernels take less time than launching them. The

@@ -26,7 +26,9 @@ from common import (
     bench_device,
     device_name,
     dry_run,
+    empty_cache,
     extra_mib,
+    first_line,
     require_device,
     set_dry_run,
     time_ms,
@@ -88,7 +90,13 @@ def rows_for(shape: list[int], dtype: torch.dtype, copy_bw: float) -> list[dict]
     ]
     rows = []
     for group, impl, fn, nbytes in variants:
-        ms, iqr = time_ms(fn)
+        try:
+            ms, iqr = time_ms(fn)
+        except Exception as error:  # one variant (torch.compile, say) failing costs its row, not the run's
+            print(f"{group}, {impl} failed on {dtype}: {first_line(error)}")
+            xg.grad = None
+            empty_cache()
+            continue
         row = {"op": f"activation {group}", "shape": shape, "dtype": str(dtype).removeprefix("torch."), "impl": impl,
                "median_ms": ms, "iqr_ms": iqr, "extra_MiB": extra_mib(fn),
                "GB_per_s": nbytes / ms / 1e6 if nbytes else None, "copy_GB_per_s": copy_bw}

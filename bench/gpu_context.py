@@ -21,7 +21,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_dry_run_argument, append_result, bench_device, dry_run, require_device, set_dry_run, time_ms
+from common import (
+    add_dry_run_argument,
+    append_result,
+    bench_device,
+    dry_run,
+    empty_cache,
+    first_line,
+    require_device,
+    set_dry_run,
+    time_ms,
+)
 from gpu_transport import copy_bandwidth
 
 import llkern
@@ -59,7 +69,14 @@ def bench_case(dtype: torch.dtype, scales: tuple[int, ...], variants: dict, band
 
         for name, step, nbytes in (("forward", forward, forward_bytes),
                                    ("forward+backward", both, forward_bytes + backward_bytes)):
-            ms, iqr = time_ms(step, reps=20, warmup=3)
+            try:
+                ms, iqr = time_ms(step, reps=20, warmup=3)
+            except Exception as error:  # one variant (torch.compile, say) failing costs its row, not the run's
+                print(f"{label} {name} failed on {scales}, {dtype}: {first_line(error)}")
+                for c in contexts:
+                    c.grad = None
+                empty_cache()
+                continue
             rate = nbytes / ms / 1e6
             append_result({"op": f"context_add {name}", "shape": [*shape, *scales],
                            "dtype": str(dtype).removeprefix("torch."), "impl": label, "median_ms": ms,

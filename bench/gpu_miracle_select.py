@@ -1,12 +1,13 @@
 """GPU benchmark of MIRACLE candidate selection (``llkern.ops.miracle_encode.miracle_select``): coding
-blocks per second at C = 10 bits, 30 weights a block and C = 12, 60 weights, fp32, both choices,
+blocks per second at C = 10 bits, 30 weights a block and C = 12, 60 weights, and at issue 15's target shape
+(1024 blocks × 2^16 candidates, 30 weights), fp32, both choices,
 against the NumPy encoder's scoring (``llkern.compress.miracle``'s, float64) timed on this machine's CPU on a
 few blocks. Checks the first blocks' choices against the float64 reference (where not near-ties),
 prints a table and appends rows to bench/results/results.jsonl.
 
     python bench/gpu_miracle_select.py [--blocks 16384] [--dry-run]
 
-(--dry-run: 11 blocks at C = 5, S = 7 and C = 6, S = 13 on the CPU, Triton interpreted, nothing written.)
+(--dry-run: 11 blocks at C = 5, S = 7 and 5 at C = 6, S = 13 on the CPU, Triton interpreted, nothing written.)
 
 Floor (H100 SXM: 132 SMs at up to 1.98 GHz; 128 FP32 lanes and 64 INT32 lanes per SM and clock, so
 3.3e13 instructions/s issued and 1.7e13 integer multiplies/s). Per candidate weight the kernel
@@ -49,8 +50,9 @@ from common import (
 
 from llkern.ops.miracle_encode import candidate_scores, gumbel_noise, miracle_select, miracle_select_reference
 
-CONFIGS = ((10, 30), (12, 60))  # (bits, block_size)
-DRY_CONFIGS, DRY_BLOCKS = ((5, 7), (6, 13)), 11  # --dry-run
+# (bits, block_size, blocks a call: None for --blocks); the last is issue 15's target shape, 1024 blocks × 2^16
+CONFIGS = ((10, 30, None), (12, 60, None), (16, 30, 1024))
+DRY_CONFIGS, DRY_BLOCKS = ((5, 7, None), (6, 13, 5)), 11  # --dry-run
 SEED = 2024
 CHECK_BLOCKS = 8  # blocks checked against the float64 reference
 NUMPY_BLOCKS = {10: 16, 12: 2}  # blocks the NumPy encoder is timed on, per C (2 for other C)
@@ -117,12 +119,14 @@ def main() -> None:
     if args.blocks is None:
         args.blocks = DRY_BLOCKS if dry_run() else 16384
     generator = torch.Generator().manual_seed(0)
-    print(f"{args.blocks} blocks a call, fp32, {device_name()}")
-    print("| C | S | choose | ms | GPU blocks/s | floor blocks/s | of floor | NumPy blocks/s | speedup | check |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"fp32, {device_name()}")
+    print("| C | S | blocks | choose | ms | GPU blocks/s | floor blocks/s | of floor | NumPy blocks/s | speedup "
+          "| check |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     status = 0
-    for bits, block_size in DRY_CONFIGS if dry_run() else CONFIGS:
-        mu, sigma, rho = posterior(args.blocks, block_size, bench_device(), generator)
+    for bits, block_size, blocks in DRY_CONFIGS if dry_run() else CONFIGS:
+        blocks = blocks or args.blocks
+        mu, sigma, rho = posterior(blocks, block_size, bench_device(), generator)
         cpu = tuple(t[:NUMPY_BLOCKS.get(bits, 2)].cpu() for t in (mu, sigma, rho))
         numpy_rate, numpy_label = numpy_blocks_per_s(*cpu, bits)
         floor = floor_blocks_per_s(bits, block_size)
@@ -134,13 +138,14 @@ def main() -> None:
             decided, agreeing = check_choices(mu, sigma, rho, bits, choose, indices)
             status |= decided != agreeing
             ms, iqr = time_ms(step, reps=10, warmup=2)
-            rate = args.blocks / (ms / 1e3)
-            append_result({"op": "miracle_select", "shape": [args.blocks, block_size], "dtype": "float32",
+            rate = blocks / (ms / 1e3)
+            append_result({"op": "miracle_select", "shape": [blocks, block_size], "dtype": "float32",
                            "impl": f"llkern ({choose})", "bits": bits, "median_ms": ms, "iqr_ms": iqr,
                            "blocks_per_s": rate, "floor_blocks_per_s": floor, "numpy_blocks_per_s": numpy_rate,
                            "numpy_impl": numpy_label})
-            print(f"| {bits} | {block_size} | {choose} | {ms:.3f} | {rate:.3g} | {floor:.3g} | {rate / floor:.0%} | "
-                  f"{numpy_rate:.3g} | {rate / numpy_rate:.0f}x | {agreeing}/{decided} decided agree |")
+            print(f"| {bits} | {block_size} | {blocks} | {choose} | {ms:.3f} | {rate:.3g} | {floor:.3g} | "
+                  f"{rate / floor:.0%} | {numpy_rate:.3g} | {rate / numpy_rate:.0f}x | "
+                  f"{agreeing}/{decided} decided agree |")
     if status:
         print("MISMATCH: the kernel chose differently from the float64 reference on a decided block")
     sys.exit(status)

@@ -234,16 +234,16 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
-    print(f"\n{'op':26} {'dtype':8} {'err out':>9} {'err grads (max)':>15} {'syncs':>5} {'llkern ms':>10} "
+    print(f"\n{'op':33} {'dtype':8} {'err out':>9} {'err grads (max)':>15} {'syncs':>5} {'llkern ms':>10} "
           f"{'eager ms':>9} {'speedup':>7}")
     for r in rows:
         if "error" in r:
-            print(f"{r['op']:26} {r['dtype']:8} ERROR {r['error'][:90]}")
+            print(f"{r['op']:33} {r['dtype']:8} ERROR {r['error'][:90]}")
             continue
         eg = max(r.get("err_grads") or [0.0])
         ms, me = r.get("ms_llkern"), r.get("ms_eager")
         sp = f"{me / ms:7.2f}" if ms and me else "      -"
-        print(f"{r['op']:26} {r['dtype']:8} {r.get('err_out', float('nan')):9.2e} {eg:15.2e} {r['syncs']:5d} "
+        print(f"{r['op']:33} {r['dtype']:8} {r.get('err_out', float('nan')):9.2e} {eg:15.2e} {r['syncs']:5d} "
               f"{ms if ms else float('nan'):10.3f} {me if me else float('nan'):9.3f} {sp}")
     print(f"{failed} of {len(rows)} cases failed")
     return 1 if failed else 0

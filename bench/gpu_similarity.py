@@ -13,7 +13,8 @@ llkern's fused bfloat16 op (llkern/ops/info_nce_fused.py) recomputes the tiles i
 products (one forward pass gives the rows' and the columns' log-sum-exps against a fixed offset, two products per
 direction in the backward), 1.4 TFLOP → 1.7 ms, and 3 N² exponentials (3.2e9: ~0.8 ms of the H100's 4.2e12/s
 MUFU rate, partly hidden under the products). The row "llkern, running max" is the same op with a running
-maximum (six products, 6 N² exponentials), measured beside it.
+maximum (six products, 6 N² exponentials), measured beside it. Each row's floor: its op's products at the GEMM
+rate measured in the same run (bfloat16, and float32 as PyTorch runs it), and the ratio to it.
 
     python bench/gpu_similarity.py [--dry-run]   # --dry-run: DRY_SHAPES on the CPU, nothing written
 """
@@ -36,6 +37,7 @@ from common import (
     dry_run,
     empty_cache,
     first_line,
+    gemm_tflops,
     require_device,
     set_dry_run,
     speedups,
@@ -71,9 +73,19 @@ def variants():
             return 0.5 * (cal_inf_loss(a, b, labels, scale=1 / TAU, head_dim=a.shape[1]).mean()
                           + cal_inf_loss(b, a, labels, scale=1 / TAU, head_dim=a.shape[1]).mean())
         out["Inf-CL"] = inf_cl
-    except ImportError:
-        print("inf-cl not importable: skipped")
+    except Exception as error:  # not installed, or built for another torch/triton: the row is skipped, not the run
+        print(f"inf-cl not importable ({first_line(error)}): skipped")
     return out
+
+
+# The floor: the products a fused forward + backward needs at least (2·N²·d FLOP each) at this run's measured GEMM
+# rate in the inputs' dtype (float32: PyTorch's default, no TF32): 4 for the symmetric InfoNCE, 3 for one view.
+PRODUCTS = {"info_nce symmetric fwd+bwd": 4, "supcon fwd+bwd": 3, "renyi_mutual_information fwd+bwd": 3}
+GEMM_TFLOPS: dict[torch.dtype, float] = {}  # measured once per dtype, in main
+
+
+def floor_ms(op: str, n: int, d: int, dtype: torch.dtype) -> float:
+    return PRODUCTS[op] * 2 * n * n * d / GEMM_TFLOPS[dtype] / 1e9
 
 
 def measure_and_report(op: str, n: int, d: int, dtype: torch.dtype, steps: dict, inputs_mib: float) -> None:
@@ -90,11 +102,14 @@ def measure_and_report(op: str, n: int, d: int, dtype: torch.dtype, steps: dict,
             continue
         results[label] = (ms, iqr, extra)
     tag = str(dtype).removeprefix("torch.")
+    floor = floor_ms(op, n, d, dtype)
     for label, (ms, iqr, extra) in results.items():
         vs_eager, vs_compile = speedups(results, ms)
         append_result({"op": op, "shape": [n, d], "dtype": tag, "impl": label, "median_ms": ms, "iqr_ms": iqr,
-                       "extra_MiB": extra, "vs_eager": vs_eager, "vs_compile": vs_compile})
-        print(f"| {op} {n}×{d} | {tag} | {label} | {ms:.3f} | {extra:.0f} | {vs_eager:.2f}x | {vs_compile:.2f}x |")
+                       "extra_MiB": extra, "vs_eager": vs_eager, "vs_compile": vs_compile, "floor_ms": floor,
+                       "of_floor": ms / floor, "gemm_TFLOP_per_s": GEMM_TFLOPS[dtype]})
+        print(f"| {op} {n}×{d} | {tag} | {label} | {ms:.3f} | {extra:.0f} | {vs_eager:.2f}x | {vs_compile:.2f}x | "
+              f"{floor:.3f} | {ms / floor:.1f}x |")
 
 
 def with_running_maximum(steps: dict, z: torch.Tensor) -> dict:
@@ -199,8 +214,12 @@ def main() -> None:
     args = parser.parse_args()
     set_dry_run(args.dry_run)
     require_device()
-    print("| op, N×d | dtype | impl | ms | extra MiB | vs eager | vs compile |")
-    print("|---|---|---|---|---|---|---|")
+    for dtype in (torch.bfloat16, torch.float32):
+        GEMM_TFLOPS[dtype] = gemm_tflops(dtype)
+    print("GEMM rate (the floors' ceiling): " + ", ".join(f"{str(k).removeprefix('torch.')} {v:.0f} TFLOP/s"
+                                                          for k, v in GEMM_TFLOPS.items()))
+    print("| op, N×d | dtype | impl | ms | extra MiB | vs eager | vs compile | floor ms | of floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
     if args.part in ("all", "info-nce"):
         for n, d, dtype in DRY_SHAPES if dry_run() else SHAPES:
             bench_shape(n, d, dtype)

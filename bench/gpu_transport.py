@@ -26,7 +26,9 @@ from common import (
     bench_device,
     device_name,
     dry_run,
+    empty_cache,
     extra_mib,
+    first_line,
     require_device,
     set_dry_run,
     time_ms,
@@ -64,14 +66,20 @@ def bench_dtype(n: int, dtype: torch.dtype, copy_bw: float) -> list[dict]:
     }
     rows = []
     for label, (fn, nbytes) in variants.items():
-        ms, iqr = time_ms(fn)
+        try:
+            ms, iqr = time_ms(fn)
+        except Exception as error:  # one variant (torch.compile, say) failing costs its row, not the run's
+            print(f"{label} failed on {dtype}: {first_line(error)}")
+            y.grad = None
+            empty_cache()
+            continue
         rows.append({"op": "transport_penalty fwd+bwd", "shape": [n], "dtype": str(dtype).removeprefix("torch."),
                      "impl": label, "median_ms": ms, "iqr_ms": iqr, "extra_MiB": extra_mib(fn),
                      "GB_per_s": nbytes / ms / 1e6 if nbytes else None, "copy_GB_per_s": copy_bw})
     by_label = {r["impl"]: r["median_ms"] for r in rows}
     for row in rows:
-        row["vs_eager"] = by_label["eager"] / row["median_ms"]
-        row["vs_compile"] = by_label["torch.compile"] / row["median_ms"]
+        row["vs_eager"] = by_label.get("eager", float("nan")) / row["median_ms"]
+        row["vs_compile"] = by_label.get("torch.compile", float("nan")) / row["median_ms"]
         append_result(row)
     return rows
 

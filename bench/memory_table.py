@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -85,13 +86,14 @@ def zero_grads(module: torch.nn.Module) -> None:
         p.grad = None
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
+    """Measures every method into ``rows`` (the caller's list: what was measured stays there if a time limit
+    stops the run). A method that fails is reported and skipped."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     base = MODELS[args.model]().to(device)
     x = torch.randn(args.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
-    rows = []
 
     def add(method: str, k: int, result: tuple[int, int | None, float]) -> None:
         saved, cuda, seconds = result
@@ -110,6 +112,22 @@ def run(args: argparse.Namespace) -> list[dict]:
         from llkern import activation_memory
     except ImportError:
         activation_memory = None
+
+    def local_row(method: str, k: int, by: str, smaller: bool) -> None:
+        local_model = copy.deepcopy(base)
+        plan = llkern.split(local_model, k, by=by, example_input=x[:8])
+        if smaller:  # per module, after planning: a module's first conv cannot recompute a detached input
+            for module in plan.modules:
+                activation_memory.convert(module, relu_masks=True, bn_relu_recompute=True)
+        net = llkern.LocalNet(plan.modules, num_classes=10, example_input=x[:2]).to(device)
+
+        def local(net: llkern.LocalNet = net, pytorch_ops: bool = method.endswith("PyTorch ops")) -> None:
+            zero_grads(net)
+            with pytorch_activation_ops(pytorch_ops):
+                net.local_step(x, y)
+
+        add(method, k, measure(local, device, args.steps, net.parameters()))
+
     for k in args.ks:
         if k > len(base):
             print(f"K={k}: more than the model's {len(base)} units, skipped")
@@ -119,28 +137,26 @@ def run(args: argparse.Namespace) -> list[dict]:
             zero_grads(model)
             F.cross_entropy(checkpoint_sequential(model, k, x, use_reentrant=False), y).backward()
 
-        saved, cuda, seconds = measure(checkpointed, device, args.steps, model.parameters())
-        add("checkpoint", k, (max(saved, recompute_peak_bytes(model, k, x)), cuda, seconds))
+        try:
+            saved, cuda, seconds = measure(checkpointed, device, args.steps, model.parameters())
+            add("checkpoint", k, (max(saved, recompute_peak_bytes(model, k, x)), cuda, seconds))
+        except Exception as error:  # (out of memory, say): the other rows still come
+            print(f"checkpoint K={k} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
         variants = [("local, equal layers", "layers", False), ("local, balanced", "saved_bytes", False)]
         if activation_memory is not None:
             variants.append(("local, balanced + masks/recompute", "saved_bytes", True))
             if args.pytorch_ops:  # the same on PyTorch ops instead of the compiled relu_with_mask / batch_norm_relu
                 variants.append(("local, balanced + masks/recompute, PyTorch ops", "saved_bytes", True))
         for method, by, smaller in variants:
-            local_model = copy.deepcopy(base)
-            plan = llkern.split(local_model, k, by=by, example_input=x[:8])
-            if smaller:  # per module, after planning: a module's first conv cannot recompute a detached input
-                for module in plan.modules:
-                    activation_memory.convert(module, relu_masks=True, bn_relu_recompute=True)
-            net = llkern.LocalNet(plan.modules, num_classes=10, example_input=x[:2]).to(device)
-
-            def local(net: llkern.LocalNet = net, pytorch_ops: bool = method.endswith("PyTorch ops")) -> None:
-                zero_grads(net)
-                with pytorch_activation_ops(pytorch_ops):
-                    net.local_step(x, y)
-
-            add(method, k, measure(local, device, args.steps, net.parameters()))
+            try:
+                local_row(method, k, by, smaller)
+            except Exception as error:
+                print(f"{method} K={k} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
     return rows
+
+
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def write(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
@@ -148,7 +164,9 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
     key = "cuda_peak_bytes" if end["cuda_peak_bytes"] is not None else "saved_bytes"
     name = "CUDA peak above the parameters" if key == "cuda_peak_bytes" else "peak saved activations"
     lines = [f"# {args.model}, batch {args.batch}, {args.device}: {name} and step time",
-             "", f"`python bench/memory_table.py {' '.join(args.argv)}`", "",
+             "", f"`python bench/memory_table.py {' '.join(args.argv)}`"
+             + (f" (torch.backends.cudnn.benchmark = {torch.backends.cudnn.benchmark})"
+                if torch.device(args.device).type == "cuda" else ""), "",
              "| method | K | saved activations | share of end to end | step time | vs end to end |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -191,7 +209,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
     out = Path(args.out or f"bench/results/memory-{args.model}-{torch.device(args.device).type}")
-    write(run(args), args, out)
+    rows: list[dict] = []
+    signal.signal(signal.SIGTERM, _stop)  # a time limit's TERM: the table still gets the rows measured so far
+    try:
+        run(args, rows)
+    finally:
+        if any(r["method"] == "end to end" for r in rows):
+            write(rows, args, out)
 
 
 if __name__ == "__main__":

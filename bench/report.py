@@ -17,14 +17,18 @@ def table(path: Path = DEFAULT) -> str:
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
+            if "op" not in row or "median_ms" not in row:  # (the pipeline's images/s rows: not an op timing)
+                continue
             latest[(row["device"], row["op"], row["dtype"], str(row["shape"]), row["impl"])] = row
     lines = ["| device | op | shape | dtype | impl | median ms | IQR ms | GB/s | extra MiB | date |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in latest.values():
-        bandwidth = f"{row['GB_per_s']:.1f}" if row.get("GB_per_s") else "-"
+        rate = row.get("GB_per_s") or row.get("GBps")  # (gpu_context.py names it GBps)
+        bandwidth = f"{rate:.1f}" if rate else "-"
         extra = f"{row['extra_MiB']:.0f}" if row.get("extra_MiB") is not None else "-"
         lines.append(f"| {row['device']} | {row['op']} | {row['shape']} | {row['dtype']} | {row['impl']} | "
-                     f"{row['median_ms']:.3f} | {row['iqr_ms']:.3f} | {bandwidth} | {extra} | {row['date']} |")
+                     f"{row['median_ms']:.3f} | {row.get('iqr_ms', float('nan')):.3f} | {bandwidth} | {extra} | "
+                     f"{row['date']} |")
     return "\n".join(lines)
 
 
