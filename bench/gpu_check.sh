@@ -153,7 +153,7 @@ for stage in "${stages[@]}"; do
   verify)
     ensure_built
     echo "== op tests on the GPU (no -x: every failure shows)"
-    run op-tests "$(left 240 150)" verify-tests.log $PY -m pytest -q -p no:cacheprovider -n 16 --timeout 150 -rfE \
+    run op-tests "$(left 240 150)" verify-tests.log env OMP_NUM_THREADS=2 $PY -m pytest -q -p no:cacheprovider -n 16 --timeout 150 -rfE \
       -m "not slow" --junitxml="$OUT/verify-tests.xml" "${OP_TESTS[@]}"  # (slow: CPU training runs, not ops)
     echo "== compute-sanitizer memcheck: every op once, forward and backward, at odd sizes"
     run memcheck "$(left 120 70)" verify-memcheck.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
@@ -164,7 +164,7 @@ for stage in "${stages[@]}"; do
   fused)
     ensure_built
     echo "== the fused Triton losses on the GPU: InfoNCE, SupCon, Rényi (no -x)"
-    run fused-tests "$(left 420 10)" fused-tests.log $PY -m pytest -q -p no:cacheprovider -n 16 --timeout 200 -rfE \
+    run fused-tests "$(left 420 10)" fused-tests.log env OMP_NUM_THREADS=2 $PY -m pytest -q -p no:cacheprovider -n 16 --timeout 200 -rfE \
       --junitxml="$OUT/fused-tests.xml" "${FUSED_TESTS[@]}"
     summary fused ;;
   bench)
@@ -224,7 +224,7 @@ for stage in "${stages[@]}"; do
   tests)
     ensure_built
     echo "== the rest of the suite (this machine's torch and triton)"
-    run suite "$(left 400 10)" tests.log $PY -m pytest -q -p no:cacheprovider -n 16 --timeout 200 -rfE \
+    run suite "$(left 400 10)" tests.log env OMP_NUM_THREADS=2 $PY -m pytest -q -p no:cacheprovider -n 16 --timeout 200 -rfE \
       -m "not slow" --junitxml="$OUT/tests-suite.xml" tests \
       $(printf -- '--ignore=%s ' "${OP_TESTS[@]}" "${FUSED_TESTS[@]}" "${CPU_ONLY_TESTS[@]}")
     summary tests ;;
