@@ -191,3 +191,209 @@ def test_split_of_a_traced_model_by_layers_and_params_needs_no_example():
     plan = llkern.split(ResNet(), 2, by="params")
     assert len(plan.modules) == 2 and sum(plan.params) == sum(p.numel() for p in ResNet().parameters())
     assert len(llkern.split(ResNet(), 4, by="layers").modules) == 4
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 12)
+        self.lstm = nn.LSTM(12, 16, batch_first=True)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.tanh(self.proj(x))
+        out, _ = self.lstm(x)  # a tuple, unpacked
+        return self.fc(out[:, -1])
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(4, 4)
+
+    def forward(self, x):
+        u, v = self.a(x).chunk(2, -1)
+        return self.b(u * torch.sigmoid(v))
+
+
+@pytest.mark.parametrize("make, x, k", [(LSTMClassifier, torch.randn(3, 7, 6), 2), (Gated, torch.randn(3, 4), 1)])
+def test_a_tuple_is_never_handed_on(make, x, k):
+    # (the LSTM's (output, state) and chunk's pair were pieces' outputs: split raised "expected every unit to
+    # return a tensor ... `return self.lstm(x)[0]`", which the forward already does)
+    torch.manual_seed(0)
+    model = make().double().eval()
+    pieces = trace_units(model)
+    h = x.double()
+    for piece in pieces:
+        h = piece(h)
+        assert isinstance(h, torch.Tensor)
+    torch.testing.assert_close(h, model(x.double()), rtol=0, atol=0)
+    plan = llkern.split(trace_units(make())[:-1], k, example_input=x)
+    assert len(plan.modules) == k
+
+
+class InPlaceNet(nn.Module):
+    """torchvision's way: one nn.ReLU(inplace=True) after a BatchNorm and after each residual sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(x))
+        out += x
+        x = self.relu(out)
+        x = F.gelu(self.conv3(x))
+        x.mul_(2)
+        return torch.flatten(x, 1)
+
+
+def test_no_piece_writes_into_its_input_and_by_time_times_in_place_layers():
+    torch.manual_seed(0)
+    model = InPlaceNet()
+    for i, piece in enumerate(trace_units(model)[1:], start=1):  # an in-place write stays with what it rectifies
+        assert not (piece is model.relu or (isinstance(piece, TracedUnit) and piece.graph.find_nodes(
+            op="call_module", target="relu") and next(iter(piece.graph.nodes)).next.target == "relu")), i
+        assert not (isinstance(piece, TracedUnit)
+                    and any(n.op == "call_method" and n.target == "mul_" and n.args[0].op == "placeholder"
+                            for n in piece.graph.nodes))
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    # (a unit writing into its input raised "a leaf Variable that requires grad is being used in an in-place
+    # operation" when timed; an nn.Sequential with nn.ReLU(inplace=True) units did too)
+    plan = llkern.split(model, 2, by="time", example_input=x)
+    assert len(plan.modules) == 2
+    assert len(llkern.split(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                                          nn.Conv2d(4, 4, 3), nn.ReLU()), 2, by="time", example_input=x)) == 2
+    net = llkern.LocalNet(plan.modules, num_classes=10, example_input=x[:2])
+    with torch.no_grad():
+        expected = plan.modules[0](x)
+    result = net.local_step(x, y, keep_boundaries=True)
+    torch.testing.assert_close(result.boundaries[0].tensor, expected)  # not rewritten by module 1
+
+
+def test_a_forward_reading_the_mode_or_turning_gradients_off_is_refused():
+    class FunctionalDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):  # fx would fix training=True (or False) into every piece
+            return self.b(F.dropout(F.relu(self.a(x)), 0.5, self.training))
+
+    class FrozenStem(FunctionalDropout):
+        def forward(self, x):  # fx drops the no_grad: the pieces would train self.a
+            with torch.no_grad():
+                x = F.relu(self.a(x))
+            return self.b(x)
+
+    for model, reason in ((FunctionalDropout(), "reads self.training"), (FunctionalDropout().eval(),
+                          "reads self.training"), (FrozenStem(), r"switches gradients.*torch\.no_grad")):
+        flags = [m.training for m in model.modules()]
+        with pytest.raises(TypeError, match=rf"torch.fx cannot trace {type(model).__name__} .*{reason}"):
+            trace_units(model)
+        with pytest.raises(TypeError, match=rf"{reason}.*split_units"):
+            llkern.split(model, 1, by="layers")
+        assert [m.training for m in model.modules()] == flags
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len(trace_units(ResNet())) > 5  # nn.Dropout and BatchNorm modules are fine
+
+
+def test_arguments_with_defaults_are_traced_at_their_defaults():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x, mask=None, scale: float = 2.0, *, pool=False):
+            x = F.relu(self.a(x))
+            if mask is not None:
+                x = x * mask
+            x = self.b(x) * scale
+            return x.mean(0) if pool else x
+
+    torch.manual_seed(0)
+    model = Masked()
+    pieces = trace_units(model)  # (was: "its forward takes 4 inputs, not one")
+    assert pieces[0] is model.a
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(chained(pieces, x), model(x), rtol=0, atol=0)
+    assert all(len([n for n in p.graph.nodes if n.op == "placeholder"]) == 1
+               for p in pieces if isinstance(p, TracedUnit))
+    assert len(llkern.split(model, 2, example_input=x).modules) == 2
+
+
+def test_a_piece_ending_on_an_affine_function_does_not_end_a_module():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.w = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            x = F.relu(self.a(x))
+            x = F.linear(x, self.w)
+            x = torch.flatten(x @ self.w, 1)
+            return self.c(torch.tanh(x))
+
+    named = _units(Functional(), "auto")
+    assert [type(u).__name__ for _, u in named] == ["Linear", "TracedUnit", "TracedAffine", "TracedAffine",
+                                                    "TracedPassThrough", "TracedUnit", "Linear"]
+    assert _admissible_boundaries(named, allow_affine_end=False) == [0, 2, 6, 7]
+
+
+def test_buffers_stay_shared_and_non_persistent_ones_out_of_the_state_dict():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.register_buffer("scale", torch.full((4,), 2.0))
+            self.register_buffer("mask", torch.ones(4), persistent=False)
+
+        def forward(self, x):
+            return F.relu(self.b(F.relu(self.a(x)) * self.scale)) * self.mask
+
+    model = Scaled()
+    plan = llkern.split(model, 2, by="layers")
+    buffers = [b for module in plan.modules for b in module.buffers()]
+    assert any(b is model.scale for b in buffers) and any(b is model.mask for b in buffers)
+    net = llkern.LocalNet(plan.modules, num_classes=4)
+    keys = list(net.state_dict())
+    assert any(key.endswith(".scale") for key in keys) and not any(key.endswith(".mask") for key in keys)
+    fresh = llkern.LocalNet(llkern.split(Scaled(), 2, by="layers").modules, num_classes=4)
+    fresh(torch.randn(2, 4)), net(torch.randn(2, 4))  # the lazy heads
+    fresh.load_state_dict(net.state_dict())
+
+
+def test_too_many_modules_for_a_traced_model_names_the_skip_connections():
+    class TinyUNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.mid = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.dec = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            e = F.relu(self.enc(x))
+            m = F.relu(self.mid(F.max_pool2d(e, 2)))
+            return self.dec(torch.cat([F.interpolate(m, scale_factor=2.0), e], 1))
+
+    with pytest.raises(ValueError, match=r"cannot cut TinyUNet into k=4 .*traced by torch.fx.*skip connection"):
+        llkern.split(TinyUNet(), 4, by="layers")
+
+
+def test_pieces_of_a_sequential_are_named_by_their_modules():
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                                          nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+
+        def forward(self, x):
+            return torch.flatten(self.features(x), 1)
+
+    names = [name for name, _ in _units(Features(), "auto")]
+    assert names == ["features.0", "features.1…features.2", "features.3", "features.4…features.5", "flatten"]

@@ -12,10 +12,12 @@ Supported models (their forward order must be readable from their structure):
 - any model with a ``split_units()`` method returning its entries in forward order (modules, ``nn.ModuleList``
   or ``nn.Sequential`` containers) such that chaining them computes ``model(x)``. This is the protocol for
   transformer stacks: ``return [self.embed, self.blocks, self.head]``;
-- any other ``nn.Module`` with one input that ``torch.fx`` can trace (:func:`trace_units`): its forward is read
-  as a graph and cut where exactly one tensor flows on, so a residual block, whose skip connection is live
-  across it, is never cut; the pieces are the model's own layers or small ``GraphModule`` s that share its
-  parameters (a ResNet or VGG written with its own forward, ``torch.flatten`` and ``F.relu`` included).
+- any other ``nn.Module`` with one input (others at their defaults) that ``torch.fx`` can trace
+  (:func:`trace_units`): its forward is read as a graph and cut where exactly one tensor flows on, so a residual
+  block, whose skip connection is live across it, is never cut; the pieces are the model's own layers or small
+  ``GraphModule`` s that share its parameters (a ResNet or VGG written with its own forward, ``torch.flatten``
+  and ``F.relu`` included). A forward that reads ``self.training`` or turns gradients off for a part is refused
+  (fx would fix or drop it).
 
 Units. Every entry of the chain is read with the same rules, recursively:
 
@@ -59,6 +61,7 @@ The exact partition (:func:`linear_partition`) runs over the admissible cuts onl
 
 from __future__ import annotations
 
+import inspect
 import operator
 import time
 import warnings
@@ -276,6 +279,20 @@ class TracedPassThrough(TracedUnit):
     the rule that a module may not end on an affine layer."""
 
 
+class TracedAffine(TracedUnit):
+    """A traced piece that ends on an affine function of its own (``F.linear``, ``F.conv2d``, ``F.layer_norm``,
+    ``x @ self.weight``): for the rule that a module may not end on an affine layer it is one."""
+
+
+_F = torch.nn.functional
+# Functions and tensor methods that compute an affine map of their input: a piece ending on one is a TracedAffine.
+_AFFINE = {getattr(_F, name) for name in (
+    "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "batch_norm",
+    "instance_norm", "layer_norm", "group_norm", "rms_norm", "embedding", "embedding_bag") if hasattr(_F, name)}
+_AFFINE |= {torch.matmul, torch.mm, torch.bmm, torch.einsum, torch.addmm, operator.matmul, torch.conv1d, torch.conv2d,
+            torch.conv3d}
+_AFFINE_METHODS = {"matmul", "mm", "bmm", "__matmul__"}
+
 # Functions and tensor methods that keep an affine map affine: a piece made of them only is a pass-through.
 _PASS_THROUGH = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
                  torch.t, torch.movedim, torch.cat, torch.stack, torch.add, torch.sub, operator.add, operator.sub,
@@ -286,10 +303,89 @@ _PASS_THROUGH_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "
 _trace_errors: dict[int, str] = {}
 
 
+class _ModeTracer(torch.fx.Tracer):
+    """fx's tracer, noting whether an operation was recorded where the forward had switched gradients, inference
+    mode or autocast (``with torch.no_grad():``): a graph does not record the switch, so its pieces would differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes = _grad_modes()
+        self.switched = False
+
+    def create_node(self, *args, **kwargs) -> torch.fx.Node:
+        self.switched = self.switched or _grad_modes() != self.modes
+        return super().create_node(*args, **kwargs)
+
+
+def _grad_modes() -> tuple[bool, ...]:
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
+            torch.is_autocast_enabled("cuda"))
+
+
+def _graph_structure(graph: torch.fx.Graph) -> list[tuple]:
+    # Nodes by position (the names of tensor constants differ from one trace to the next).
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return [(n.op, None if n.op == "get_attr" else n.target, *torch.fx.node.map_arg((n.args, n.kwargs), index.get))
+            for n in graph.nodes]
+
+
+def _drop_defaulted_inputs(graph: torch.fx.Graph) -> None:
+    """Remove the placeholders fx made for the arguments traced at their defaults (``mask=None``) with the checks
+    fx hung on them, so that the graph is of its first input only (forward's body already used the defaults)."""
+    # (fx's own check of a None default is private: looked up, so that a torch without it still traces)
+    checks = (torch._assert, operator.eq, getattr(torch.fx._symbolic_trace, "_assert_is_none", torch._assert))
+    for node in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        reached, found = {node}, [node]
+        while found:
+            found = [user for n in found for user in n.users]
+            reached.update(found)
+        if node.args and all(n is node or (n.op == "call_function" and n.target in checks) for n in reached):
+            for n in [n for n in reversed(graph.nodes) if n in reached]:  # users before what they use
+                graph.erase_node(n)
+
+
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    """``model``'s forward as a ``GraphModule``, its arguments after the first at their defaults. Traced in training
+    and in evaluation mode: a TypeError when the two differ (fx fixes ``self.training`` at trace time) or when the
+    forward switches gradients off or on (fx does not record ``torch.no_grad()``)."""
     if isinstance(model, torch.fx.GraphModule):
         return model
-    return torch.fx.symbolic_trace(model)
+    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    modules = list(model.modules())
+    flags = [m.training for m in modules]
+    graphs = []
+    try:
+        for training in (True, False):
+            for m in modules:
+                m.training = training
+            tracer = _ModeTracer()
+            graphs.append(tracer.trace(model, concrete_args=defaults or None))
+            if tracer.switched:
+                raise TypeError("its forward switches gradients, inference mode or autocast for part of it "
+                                "(torch.no_grad(), autocast), which a torch.fx graph does not record")
+    finally:
+        for m, flag in zip(modules, flags, strict=True):
+            m.training = flag
+    if _graph_structure(graphs[0]) != _graph_structure(graphs[1]):
+        raise TypeError("its forward reads self.training (F.dropout(x, p, self.training), a branch on the mode), "
+                        "which torch.fx fixes at trace time: use modules for what changes between training and "
+                        "evaluation (nn.Dropout)")
+    graph = graphs[0 if model.training else 1]
+    _drop_defaulted_inputs(graph)
+    return _non_persistent_kept(torch.fx.GraphModule(model, graph, class_name=type(model).__name__), model)
+
+
+def _non_persistent_kept(module: torch.fx.GraphModule, source: nn.Module) -> torch.fx.GraphModule:
+    """Mark the buffers ``module`` fetched from ``source`` non-persistent where they are there (fx registers them
+    all as persistent: a causal mask would enter the state_dict)."""
+    for node in module.graph.nodes:
+        if node.op == "get_attr":
+            owner, _, name = node.target.rpartition(".")
+            if name in source.get_submodule(owner)._non_persistent_buffers_set:
+                module.get_submodule(owner)._non_persistent_buffers_set.add(name)
+    return module
 
 
 def _traceable(model: nn.Module) -> bool:
@@ -310,9 +406,45 @@ def _trace_error(model: nn.Module) -> str:
     return _trace_errors.pop(id(model), "not tried")
 
 
+# Functions that write into their first argument (``x += y``, ``x[i] = y``).
+_IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+             operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+             operator.irshift, operator.setitem}
+
+
+def _hands_on_a_tensor(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s value is, as far as the graph tells, a tensor: not a size (``x.shape``, ``x.size(1)``) and
+    not a tuple that is unpacked (an LSTM's output and state, ``x.chunk(2)``, ``x.max(1).values``)."""
+    if ((node.op == "call_function" and node.target in (getattr, len))
+            or (node.op == "call_method" and node.target in ("size", "dim", "numel", "item", "tolist"))):
+        return False
+    return not node.users or not all(
+        user.op == "call_function" and ((user.target is operator.getitem and isinstance(user.args[1], int))
+                                        or (user.target is getattr and user.args[1] in ("values", "indices")))
+        for user in node.users)
+
+
+def _writes_into(node: torch.fx.Node, value: torch.fx.Node) -> bool:
+    """Whether ``node`` modifies ``value`` in place (``value.relu_()``, ``value += y``, ``F.relu(value, inplace=True)``,
+    an ``nn.ReLU(inplace=True)`` called on it)."""
+    if not node.args or node.args[0] is not value:
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    trailing_underscore = isinstance(name, str) and name.endswith("_") and not name.endswith("__")  # x.add_, F.relu_
+    if node.op == "call_method":
+        return trailing_underscore
+    if node.op == "call_function":
+        return trailing_underscore or node.target in _IN_PLACE or node.kwargs.get("inplace") is True
+    if node.op == "call_module" and node.graph.owning_module is not None:
+        return getattr(node.graph.owning_module.get_submodule(node.target), "inplace", False) is True
+    return False
+
+
 def _cut_points(graph: torch.fx.Graph) -> tuple[list[torch.fx.Node], list[int]]:
     """The graph's computing nodes in order, and the positions ``i`` after which exactly one value (node ``i``'s)
-    is still needed: there the forward is a chain link, and a cut leaves one tensor to hand on."""
+    is still needed: there the forward is a chain link, and a cut leaves one tensor to hand on. Never where that
+    value is not a tensor (an LSTM's output and state) or where a later piece would modify it in place: the
+    previous module's output (LocalNet's boundary) must stay as that module computed it."""
     nodes = [n for n in graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
     position = {n: i for i, n in enumerate(nodes)}
     for n in graph.nodes:
@@ -331,7 +463,8 @@ def _cut_points(graph: torch.fx.Graph) -> tuple[list[torch.fx.Node], list[int]]:
     for i, n in enumerate(nodes):
         live.add(n)
         live = {m for m in live if last_use.get(m, -1) > i}
-        if live == {n} and i < len(nodes) - 1:
+        if (live == {n} and i < len(nodes) - 1 and _hands_on_a_tensor(n)
+                and not any(_writes_into(user, n) for user in n.users)):
             cuts.append(i)
     return nodes, cuts
 
@@ -358,13 +491,16 @@ def _piece(traced: torch.fx.GraphModule, nodes: list[torch.fx.Node], source: tor
     graph.output(torch.fx.node.map_arg(returned, arg))
     passes = all((n.op == "call_function" and n.target in _PASS_THROUGH)
                  or (n.op == "call_method" and n.target in _PASS_THROUGH_METHODS) for n in nodes)
-    kind = TracedPassThrough if passes else TracedUnit
-    return kind(traced, graph, class_name=kind.__name__)
+    affine = isinstance(returned, torch.fx.Node) and (
+        (returned.op == "call_function" and returned.target in _AFFINE)
+        or (returned.op == "call_method" and returned.target in _AFFINE_METHODS))
+    kind = TracedPassThrough if passes else TracedAffine if affine else TracedUnit
+    return _non_persistent_kept(kind(traced, graph, class_name=kind.__name__), traced)
 
 
 def _piece_name(nodes: list[torch.fx.Node]) -> str:
-    """A readable name: the common prefix of the pieces' module names (``layer1.0`` for a traced block), else
-    the first and last node's names."""
+    """A readable name: the common prefix of the pieces' module names when it calls all of that module (``layer1.0``
+    for a traced block), else the first and last node's names (a module's own name for a module)."""
     targets = [str(n.target).split(".") for n in nodes if n.op == "call_module"]
     if targets:
         common = []
@@ -372,9 +508,16 @@ def _piece_name(nodes: list[torch.fx.Node]) -> str:
             if len(set(parts)) > 1:
                 break
             common.append(parts[0])
-        if common and (len(targets) > 1 or len(nodes) == 1):
-            return ".".join(common)
-    names = [n.name for n in nodes]
+        prefix, owner = ".".join(common), nodes[0].graph.owning_module
+        if common and len(nodes) == 1:
+            return prefix
+        if common and len(targets) > 1:
+            # the module's name when the piece calls all of it (a Sequential's BatchNorm and ReLU are not "features")
+            leaves = set() if owner is None else {f"{prefix}.{name}" for name, m in owner.get_submodule(prefix)
+                                                  .named_modules() if name and next(m.children(), None) is None}
+            if leaves <= {".".join(t) for t in targets}:
+                return prefix
+    names = [str(n.target) if n.op == "call_module" else n.name for n in nodes]
     return names[0] if len(names) == 1 else f"{names[0]}…{names[-1]}"
 
 
@@ -396,17 +539,23 @@ def _traced_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def trace_units(model: nn.Module) -> list[nn.Module]:
     """``model``'s forward as a chain of pieces, read by ``torch.fx``: chained, they compute ``model(x)``.
 
-    The forward is traced into a graph and cut after every operation past which exactly one value is still
-    needed, so a residual block (its input is needed again at the sum) is one piece. A piece that calls one of
-    the model's modules on its input is that module; any other is a :class:`TracedUnit` (a
-    ``torch.fx.GraphModule`` holding the model's own submodules and parameters), or a
-    :class:`TracedPassThrough` when it only reshapes, indexes, concatenates or adds. :func:`split` uses this for
-    a model with its own ``forward``; call it yourself to drop pieces first: ``split(trace_units(model)[:-1], k,
-    ...)`` splits the model without its classifier.
+    The forward is traced into a graph (its arguments after the first at their defaults: ``forward(self, x,
+    mask=None)`` is read as ``forward(x)``) and cut after every operation past which exactly one value is still
+    needed, so a residual block (its input is needed again at the sum) is one piece; never where that value is a
+    tuple (an LSTM's output and state) or a size, nor where a later piece would write into it in place (an
+    ``nn.ReLU(inplace=True)`` stays with what it rectifies). A piece that calls one of the model's modules on its
+    input is that module; any other is a :class:`TracedUnit` (a ``torch.fx.GraphModule`` holding the model's own
+    submodules and parameters), a :class:`TracedPassThrough` when it only reshapes, indexes, concatenates or
+    adds, or a :class:`TracedAffine` when it ends on an affine function (``F.linear``, ``x @ self.weight``).
+    :func:`split` uses this for a model with its own ``forward``; call it yourself to drop pieces first:
+    ``split(trace_units(model)[:-1], k, ...)`` splits the model without its classifier.
 
     Raises:
-        TypeError: when ``torch.fx`` cannot trace the model (control flow on tensor values, for one) or its
-            forward takes more than one input; give the model a ``split_units()`` method then (see :func:`split`).
+        TypeError: when ``torch.fx`` cannot trace the model (control flow on tensor values, for one), its forward
+            takes more than one input without a default, reads ``self.training`` (``F.dropout(x, p,
+            self.training)``: fx would fix the mode of the trace) or switches gradients off for a part
+            (``torch.no_grad()``: fx would drop it); give the model a ``split_units()`` method then (see
+            :func:`split`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace_units: expected an nn.Module, got {type(model).__name__}")
@@ -440,7 +589,8 @@ def _admissible_boundaries(named: list[tuple[str, nn.Module]], allow_affine_end:
     bounds, last = [0], None
     for b, (name, unit) in enumerate(named, start=1):
         last = _last_layer(unit, name) or last
-        if b == len(named) or allow_affine_end or (last is not None and not isinstance(last[1], AFFINE_LAYERS)):
+        if b == len(named) or allow_affine_end or (last is not None
+                                                    and not isinstance(last[1], (*AFFINE_LAYERS, TracedAffine))):
             bounds.append(b)
     return bounds
 
@@ -470,6 +620,11 @@ def _too_many_modules(model: nn.Module | Sequence[nn.Module], k: int, n: int, po
     rules = {True: "units are whole blocks and single layers",
              False: "units are whole blocks and whole nested nn.Sequentials (flatten=False)",
              "auto": "units are whole blocks and layer groups (nested nn.Sequentials of single layers)"}[flatten]
+    if (isinstance(model, nn.Module) and not _is_container(model)
+            and not callable(getattr(model, "split_units", None))):
+        rules = ("units are the pieces of its forward traced by torch.fx, which is cut only where one tensor flows "
+                 "on: a skip connection (a U-Net's), or a value used further on (a mask built once in forward), keeps "
+                 "everything it spans in one piece")
     if not allow_affine_end:
         rules += (", and a module may not end on an affine layer (Linear, Conv, BatchNorm, ...) without a "
                   "nonlinearity after it")
@@ -632,6 +787,8 @@ def _unit_times(units: list[nn.Module], example_input: torch.Tensor, repeats: in
                 h = example_input.detach()
                 for i, unit in enumerate(units):
                     x = h.detach().requires_grad_(h.is_floating_point())
+                    if x.requires_grad:  # not a leaf: a unit may write into its input (nn.ReLU(inplace=True))
+                        x = x.clone()
                     synchronize()
                     started = time.perf_counter()
                     out = unit(x)
