@@ -67,6 +67,21 @@ def test_resume_continues(tmp_path):
     assert out["history"][0] == first["history"][0]  # epoch 1 was loaded, not trained again
 
 
+def test_resume_with_another_accumulate_is_refused_where_schedules_count_steps(tmp_path):
+    torch.set_num_threads(1)
+    checkpoint = tmp_path / "run.pt"
+    common = ("-k", "2", "--model", "mlp", "--epochs", "2", "--checkpoint", str(checkpoint))
+    run(*common, "--accumulate", "4", "--schedule", "onecycle")
+    # (it trained the resumed epoch, then OneCycleLR refused a step beyond the 4-batch groups' count)
+    with pytest.raises(UsageError, match=r"trained with --accumulate 4.*resume with --accumulate 4"):
+        run(*common, "--epochs", "3", "--resume", "--accumulate", "1")
+    # the same accumulate resumes; a constant schedule counts nothing and takes another
+    assert len(run(*common, "--epochs", "3", "--resume")["history"]) == 3
+    constant = ("-k", "2", "--model", "mlp", "--schedule", "constant", "--checkpoint", str(tmp_path / "constant.pt"))
+    run(*constant, "--epochs", "1", "--accumulate", "2")
+    assert len(run(*constant, "--epochs", "2", "--resume", "--accumulate", "1")["history"]) == 2
+
+
 def write_cifar_binary(root, n=16):
     folder = root / "cifar-10-batches-bin"
     folder.mkdir()

@@ -333,6 +333,9 @@ def _ddp_worker(rank, world, port, x, y, out_dir):
         except RuntimeError as error:
             results["unused_error"] = str(error)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # the DDPs hold the process group: freed before it is destroyed, with both processes still there
+        del trainer, net
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -512,7 +512,14 @@ def _resume(trainer: Any, checkpoint: str, epochs: int, mode: str) -> None:
                      else _checkpoint_file(checkpoint))
     except (ValueError, KeyError, RuntimeError) as error:
         raise UsageError(f"--resume: {checkpoint} does not fit these options ({_short(error)})") from None
-    saved_epochs = trainer.metadata.get("options", {}).get("epochs", epochs)
+    saved = trainer.metadata.get("options", {})
+    saved_epochs = saved.get("epochs", epochs)
+    saved_accumulate = saved.get("accumulate", 1)  # checkpoints from before --accumulate trained with 1
+    if options.get("accumulate", 1) != saved_accumulate and any(s is not None for s in trainer.schedulers):
+        # (the loaded schedules count that run's optimizer steps: OneCycleLR failed after the epoch's work)
+        raise UsageError(f"--resume --accumulate {options.get('accumulate', 1)}: {checkpoint} was trained with "
+                         f"--accumulate {saved_accumulate}, and its schedules count that run's optimizer steps; "
+                         f"resume with --accumulate {saved_accumulate}, or start a new run")
     trainer.metadata["options"] = options
     if epochs < trainer.epoch:
         raise UsageError(f"--epochs {epochs}: the checkpoint has trained {trainer.epoch} epochs already")

@@ -205,11 +205,14 @@ class LocalTrainer:
         accumulate: batches per optimizer step (default 1). Each module sums the gradients of
             ``accumulate`` consecutive batches, each batch's loss divided by ``accumulate``, and steps
             once: the mean gradient of an ``accumulate × batch_size`` batch in the activation memory of
-            one batch (BatchNorm still normalises each batch by itself). The gradients stay allocated
-            between the batches (every trained module's, the size of its parameters); with
-            ``distributed`` they are all-reduced once per step. An epoch's last, shorter group steps at
-            :meth:`end_epoch` with the mean over its batches (``fit`` calls it; :meth:`flush` applies
-            pending gradients at any time). ``scheduler_interval="step"`` counts optimizer steps.
+            one batch (BatchNorm still normalises each batch by itself). A batch of another size (an
+            epoch's last) counts by its samples (its first dimension), as in the larger batch. The
+            gradients stay allocated between the batches (every trained module's, the size of its
+            parameters); with ``distributed`` they are all-reduced once per step. An epoch's last, shorter
+            group steps at :meth:`end_epoch` with the mean over its samples (``fit`` calls it; :meth:`flush`
+            applies pending gradients at any time). A step that raises drops the group's pending
+            gradients (the modules before the failing one may have stepped). ``scheduler_interval="step"``
+            counts optimizer steps.
 
     ``step(x, y)`` trains on one batch; ``fit`` runs epochs; ``evaluate`` measures loss and accuracy;
     ``save``/``load`` checkpoint and resume.
@@ -258,9 +261,14 @@ class LocalTrainer:
         self.scheduler_interval = scheduler_interval
         self.measure_memory = measure_memory
         self.accumulate = int(accumulate)
-        # batches whose gradients are summed but not yet applied, and whether the running step applies them
+        # batches whose gradients are summed but not yet applied, their samples, the samples of the group's
+        # first batch, and whether the running step applies them
         self._pending = 0
+        self._pending_samples = self._group_first = 0
         self._stepping = True
+        # the running step's loss weight (its samples over the group's first batch's) and the factor that turns
+        # the group's sum into the mean over its samples (the group's last batch, when not all were of one size)
+        self._batch_weight = self._rescale = 1.0
         K = net.num_modules
         params = next(iter(net.parameters()), None)
         self.device = params.device if params is not None else torch.device("cpu")
@@ -438,7 +446,15 @@ class LocalTrainer:
 
     def _backward(self, k: int, loss: torch.Tensor) -> None:
         if self.accumulate > 1:
+            if self._rescale != 1.0:  # before this backward (and DDP's all-reduce in it): this process's mean
+                grads = [p.grad for p in self.module_params[k] if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, self._rescale)
+            if self._batch_weight != 1.0:
+                loss = loss * self._batch_weight
             loss = loss / self.accumulate
+            if self._rescale != 1.0:
+                loss = loss * self._rescale
         scaler = self.scalers[k]
         (loss if scaler is None else scaler.scale(loss)).backward()
 
@@ -480,14 +496,26 @@ class LocalTrainer:
             for k in modules:  # gradients left by the caller would be added to this step's
                 self.optimizers[k].zero_grad(set_to_none=True)
         self._stepping = self._pending + 1 >= self.accumulate
+        if self.accumulate > 1:
+            # each batch's loss counts by its samples, relative to the group's first batch; the group's last
+            # batch turns the sum into the mean over the group's samples (a factor 1 when all had one size)
+            samples = int(y.shape[0]) if y.dim() else 1
+            if self._pending == 0:
+                self._group_first = samples
+            self._pending_samples += samples
+            self._batch_weight = samples / self._group_first
+            self._rescale = (self.accumulate * self._group_first / self._pending_samples if self._stepping
+                             else 1.0)
         # DDP's no_sync for the batches that only accumulate: their gradients are all-reduced with the last's
         syncing = [w for w in (self.ddp or []) if w is not None]
         for wrapper in syncing:
             wrapper.require_backward_grad_sync = self._stepping
+        done = False
         try:
             result = self.net.local_step(x, y, modules=modules, backward=self._backward,
                                          after_backward=self._after_backward, autocast=self._autocast_dtype(),
                                          wrappers=self.ddp)
+            done = True
         except RuntimeError as error:
             if self.distributed and "find_unused_parameters" in str(error):
                 raise RuntimeError(
@@ -498,27 +526,60 @@ class LocalTrainer:
         finally:
             for wrapper in syncing:
                 wrapper.require_backward_grad_sync = True
-        self._pending = 0 if self._stepping else self._pending + 1
+            if not done and self.accumulate > 1:
+                # the modules before the failing one hold part of this batch's gradients (or stepped on them):
+                # the group cannot be completed as it was; it is dropped (its next step starts a new one)
+                self._drop_pending(modules)
+        if self._stepping:
+            self._drop_pending([])
+        else:
+            self._pending += 1
         self.global_step += 1
         return result
 
+    def _drop_pending(self, modules: Iterable[int]) -> None:
+        """Forget the accumulated group: the gradients of ``modules`` set to None, the counts to 0."""
+        for k in modules:
+            self.optimizers[k].zero_grad(set_to_none=True)
+        self._pending = self._pending_samples = self._group_first = 0
+        self._batch_weight = self._rescale = 1.0
+
+    def _average_gradients(self, k: int) -> None:
+        """Module k's gradients averaged over the processes (batches accumulated under DDP's no_sync). The same
+        messages on every process: a parameter with a gradient on some processes only counts zeros on the others
+        (as DDP does), one with none anywhere keeps none."""
+        import torch.distributed as dist
+
+        params = [p for p in self.module_params[k] if p.requires_grad]
+        if not params:
+            return
+        held = torch.tensor([p.grad is not None for p in params], dtype=torch.int64, device=self.device)
+        dist.all_reduce(held, group=self.process_group)
+        for p, count in zip(params, held.tolist(), strict=True):
+            if count and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            _flat_apply(grads, lambda flat: dist.all_reduce(flat, group=self.process_group))
+            torch._foreach_div_(grads, self.world_size)
+
     def flush(self) -> None:
         """Apply the gradients accumulated since the last optimizer step (``accumulate > 1``), as the mean over
-        the batches they came from; nothing when none are pending. :meth:`end_epoch` calls it."""
+        the samples of the batches they came from; nothing when none are pending. :meth:`end_epoch` calls it."""
         if self._pending == 0:
             return
+        # each batch's loss was divided by accumulate, not by the _pending batches there are, and weighted by its
+        # samples relative to the group's first batch
+        scale = self.accumulate * self._group_first / self._pending_samples
         for k in self.trained_modules():
             grads = [p.grad for p in self.module_params[k] if p.grad is not None]
             with torch.no_grad():
-                if self.distributed and grads:  # these batches ran under no_sync: average over the processes now
-                    import torch.distributed as dist
-
-                    _flat_apply(grads, lambda flat: dist.all_reduce(flat, group=self.process_group))
-                    torch._foreach_div_(grads, self.world_size)
-                if grads:  # each batch's loss was divided by accumulate, not by the _pending batches there are
-                    torch._foreach_mul_(grads, self.accumulate / self._pending)
+                if grads:  # (before the all-reduce: each process's own mean, as in a step)
+                    torch._foreach_mul_(grads, scale)
+                if self.distributed:  # these batches ran under no_sync: average over the processes now
+                    self._average_gradients(k)
             self._update(k)
-        self._pending = 0
+        self._drop_pending([])
 
     def end_epoch(self) -> None:
         """Count an epoch as done: apply pending accumulated gradients (:meth:`flush`), then step the
@@ -841,9 +902,7 @@ class LocalTrainer:
 
     def _load_counters(self, state: dict[str, Any]) -> None:
         if self._pending:  # gradients accumulated before the load belong to the state it replaces
-            for optimizer in self.optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            self._pending = 0
+            self._drop_pending(range(self.num_modules))
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
