@@ -397,3 +397,16 @@ def test_pieces_of_a_sequential_are_named_by_their_modules():
 
     names = [name for name, _ in _units(Features(), "auto")]
     assert names == ["features.0", "features.1…features.2", "features.3", "features.4…features.5", "flatten"]
+
+
+def test_a_forward_of_variadic_arguments_is_refused():
+    class Variadic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, *xs):  # (traced, xs is one tuple: the pieces would have taken x[0], the first row)
+            return self.b(torch.relu(self.a(xs[0])))
+
+    with pytest.raises(TypeError, match="first positional argument"):
+        trace_units(Variadic())

@@ -391,6 +391,14 @@ def _non_persistent_kept(module: torch.fx.GraphModule, source: nn.Module) -> tor
 def _traceable(model: nn.Module) -> bool:
     """Whether ``torch.fx`` traces ``model`` into a graph of one input (the reason is kept for the error if not)."""
     try:
+        first = next(iter(inspect.signature(model.forward).parameters.values()), None)
+    except (TypeError, ValueError):
+        first = None
+    if first is None or first.kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        # (forward(self, *xs) traced as one tuple input: the pieces would index the batch instead of the tuple)
+        _trace_errors[id(model)] = "its forward does not take one tensor as its first positional argument"
+        return False
+    try:
         graph = _trace(model).graph
     except Exception as error:  # fx raises many kinds (control flow on tensors, unsupported calls)
         _trace_errors[id(model)] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
