@@ -1,5 +1,5 @@
 # make demo: set up everything (venv, dependencies, build), then run the main job.
-# make test: set up everything, then run the quick test suite (<= 6 minutes on 2 cores; the tests marked slow,
+# make test: set up everything, then run the quick test suite (<= 7 minutes on 2 cores; the tests marked slow,
 #            longer accuracy and round-trip runs, are left to make test-slow; make test-all runs both).
 PYTHON ?= python3
 VENV ?= .venv
