@@ -5,7 +5,6 @@ never lost silently, and a step that raises leaves no part of its batch behind."
 
 import datetime
 import os
-import tempfile
 
 import pytest
 import torch
@@ -15,6 +14,9 @@ from torch import nn
 import llkern
 from llkern.local.pipeline import PipelineTrainer
 from llkern.local.trainer import LocalTrainer
+
+from .distributed import file_init_method
+from .test_trainer import fp16_supported
 
 
 def plain_net(seed=0, dtype=torch.float64):
@@ -174,16 +176,6 @@ def test_pipeline_refuses_accumulate():
         PipelineTrainer(plain_net(), 2, accumulate=2)
 
 
-def fp16_supported():
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            out = nn.Conv2d(1, 2, 3)(torch.randn(1, 1, 4, 4))
-        torch.amp.GradScaler("cpu")
-        return out.dtype == torch.float16
-    except (RuntimeError, AttributeError, TypeError):
-        return False
-
-
 @pytest.mark.skipif(not fp16_supported(), reason="this torch has no float16 autocast or GradScaler on the CPU")
 def test_fp16_accumulation_unscales_once_per_step():
     # float16 autocast with a gradient scaler: the scaled gradients of the two batches add up, are unscaled once
@@ -238,12 +230,11 @@ def _shards(x, y, rank, world, steps, sizes=None):
         yield x[start:stop], y[start:stop]
 
 
-def _worker(rank, world, store, case, x, y, out_dir):
+def _worker(rank, world, init_method, case, x, y, out_dir):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    # (a file store: a free port picked first could be taken by another run before the processes bind it)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
         net = (gated_net if case == "gated" else plain_net)(seed=rank)  # rank 0's parameters are broadcast
@@ -270,8 +261,8 @@ def _worker(rank, world, store, case, x, y, out_dir):
 
 def run_gloo(case, x, y, out_dir, world=2):
     start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    store = tempfile.mktemp(prefix="store", dir=out_dir)
-    mp.start_processes(_worker, args=(world, store, case, x, y, str(out_dir)), nprocs=world, join=True,
+    init_method = file_init_method(out_dir)
+    mp.start_processes(_worker, args=(world, init_method, case, x, y, str(out_dir)), nprocs=world, join=True,
                        start_method=start_method)
     replicas = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
     assert_same(replicas[0], replicas[1], rtol=0, atol=0)

@@ -11,7 +11,7 @@ import datetime
 import os
 import shutil
 import signal
-import socket
+import tempfile
 import time
 import traceback
 
@@ -25,6 +25,8 @@ from llkern.local.pipeline import PipelineError, PipelineTrainer, Placement, mod
 from llkern.local.trainer import LocalTrainer
 from llkern.models import digits_resnet
 from llkern.nn.losses import Composite, CrossEntropy, LocalLoss, Reconstruction, TransportRegularized
+
+from .distributed import file_init_method
 
 EPOCHS, BATCH, SEED = 2, 16, 1234
 
@@ -61,39 +63,35 @@ def halving(optimizer):
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(worker, world, *args, timeout=90):
-    """Start ``world`` forked processes running ``worker(rank, world, port, *args)``; wait for all of them
-    (a process that dies does not stop the others: the pipeline must do that itself)."""
-    port = free_port()
+    """Start ``world`` forked processes running ``worker(rank, world, init_method, *args)``; wait for all of them
+    (a process that dies does not stop the others: the pipeline must do that itself). Their process group meets
+    through a file store in a temporary folder, removed once they are done (a killed process leaves its file)."""
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    processes = [context.Process(target=worker, args=(rank, world, port, *args)) for rank in range(world)]
-    for p in processes:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in processes:
-        p.join(max(0.1, deadline - time.monotonic()))
-    alive = [p for p in processes if p.is_alive()]
-    for p in alive:
-        p.kill()
+    with tempfile.TemporaryDirectory() as folder:
+        init_method = file_init_method(folder)
+        processes = [context.Process(target=worker, args=(rank, world, init_method, *args)) for rank in range(world)]
+        for p in processes:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in processes:
+            p.join(max(0.1, deadline - time.monotonic()))
+        alive = [p for p in processes if p.is_alive()]
+        for p in alive:
+            p.kill()
+            p.join()
     assert not alive, f"processes still running after {timeout} s (a hang)"
     return [p.exitcode for p in processes]
 
 
-def _init(rank, world, port, timeout=60):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _init(rank, world, init_method, timeout=60):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout))
 
 
-def _train_cases(rank, world, port, stages, cases, out_dir):
-    _init(rank, world, port)
+def _train_cases(rank, world, init_method, stages, cases, out_dir):
+    _init(rank, world, init_method)
     x, y = data()
     results = {}
     try:
@@ -159,9 +157,9 @@ def test_pipeline_trains_the_same_parameters_as_one_process(tmp_path, world):
     check_against_reference(tmp_path, world, CASES)
 
 
-def _resume_worker(rank, world, port, out_dir):
+def _resume_worker(rank, world, init_method, out_dir):
     """One epoch with a checkpoint; fresh trainers (other initialisations) resume it and train the second."""
-    _init(rank, world, port)
+    _init(rank, world, init_method)
     x, y = data()
     try:
         trainer = PipelineTrainer(net_for("contsup_r", seed=rank), world, optimizer=sgd, scheduler=halving,
@@ -211,9 +209,9 @@ def test_resume_from_stage_shards_continues_the_same_run(tmp_path):
 # --- replicas ------------------------------------------------------------------------------------------------
 
 
-def _replica_worker(rank, world, port, out_dir):
+def _replica_worker(rank, world, init_method, out_dir):
     """Ranks 0-3: 2 stages × 2 replicas. Then ranks 0-1 alone: data-parallel LocalTrainer, the reference."""
-    _init(rank, world, port)
+    _init(rank, world, init_method)
     x, y = data()
     try:
         net = net_for("contsup_r", seed=rank)
@@ -272,8 +270,8 @@ class FailingLoss(LocalLoss):
         return self.task(ctx)
 
 
-def _failing_worker(rank, world, port, victim, how, out_dir, timeout=20):
-    _init(rank, world, port, timeout=30)
+def _failing_worker(rank, world, init_method, victim, how, out_dir, timeout=20):
+    _init(rank, world, init_method, timeout=30)
     torch.manual_seed(0)
     net = llkern.LocalNet(digits_resnet(3, width=4), num_classes=10, example_input=torch.randn(2, 1, 8, 8),
                           losses=lambda k, K: FailingLoss(victim, how))
@@ -324,8 +322,8 @@ def test_a_stage_that_hangs_is_given_up_after_the_timeout(tmp_path):
 
 
 @pytest.fixture
-def world_of_one():
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+def world_of_one(tmp_path):
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=file_init_method(tmp_path))
     try:
         yield
     finally:

@@ -410,3 +410,35 @@ def test_a_forward_of_variadic_arguments_is_refused():
 
     with pytest.raises(TypeError, match="first positional argument"):
         trace_units(Variadic())
+
+
+def test_one_split_traces_the_model_once(monkeypatch):
+    # one trace per call (fx's tracer run once in training and once in evaluation mode, to refuse a forward reading
+    # self.training), and that trace is the one cut into pieces (it was traced once to see that it could be, then
+    # again to cut it)
+    from llkern.local import planner
+
+    traces, tracer_calls = [], []
+    trace, tracer_trace = planner._trace, torch.fx.Tracer.trace
+
+    def counted_trace(model):
+        traces.append(model)
+        return trace(model)
+
+    def counted_tracer_trace(self, *args, **kwargs):
+        tracer_calls.append(args[0] if args else kwargs.get("root"))
+        return tracer_trace(self, *args, **kwargs)
+
+    monkeypatch.setattr(planner, "_trace", counted_trace)
+    monkeypatch.setattr(torch.fx.Tracer, "trace", counted_tracer_trace)
+    torch.manual_seed(0)
+    model, x = ResNet(), torch.randn(4, 3, 16, 16)
+    for run in (lambda: llkern.split(model, 3, example_input=x), lambda: llkern.split(model, 3, by="layers"),
+                lambda: trace_units(model)):
+        traces.clear()
+        tracer_calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the split of a model ending in its classifier)
+            run()
+        assert len(traces) == 1 and traces[0] is model
+        assert len(tracer_calls) == 2 and all(root is model for root in tracer_calls)  # training, evaluation mode

@@ -6,7 +6,6 @@ import datetime
 import json
 import math
 import os
-import socket
 import time
 
 import pytest
@@ -18,6 +17,8 @@ import llkern
 from llkern.local.trainer import LocalTrainer, module_parameters, module_parts
 from llkern.models import digits_resnet
 from llkern.nn.losses import CrossEntropy, LocalLoss
+
+from .distributed import file_init_method
 
 
 def small_net(num_modules=3, width=4, seed=0, **kwargs):
@@ -292,15 +293,14 @@ def mi_net(seed=0):
     return small_net(seed=seed, losses=lambda k, K: llkern.MutualInformation())
 
 
-def _ddp_worker(rank, world, port, x, y, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _ddp_worker(rank, world, init_method, x, y, out_dir):
     torch.set_num_threads(1)
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     # a short timeout: a collective left unpaired fails the test in a minute instead of hanging it
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         # Different initialisations per rank: the trainer broadcasts rank 0's parameters.
         results, kinds = {}, {}
@@ -340,19 +340,14 @@ def _ddp_worker(rank, world, port, x, y, out_dir):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_data_parallel_two_gloo_processes_match_one_process_on_the_whole_batch(tmp_path):
     world = 2
     x, y = data(STEPS * world * SHARD)
     # fork where there is one: the children inherit the imported modules instead of importing torch again
     # (they run one thread each, so the parent's OpenMP pool is never needed after the fork)
     start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_ddp_worker, args=(world, free_port(), x, y, str(tmp_path)), nprocs=world, join=True,
+    init_method = file_init_method(tmp_path)
+    mp.start_processes(_ddp_worker, args=(world, init_method, x, y, str(tmp_path)), nprocs=world, join=True,
                        start_method=start_method)
     replicas = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     # every module ran under its own DistributedDataParallel
@@ -399,7 +394,7 @@ def test_module_step_wraps_exactly_one_module_and_gives_the_same_step():
         ModuleStep(nets[1], 3)
 
 
-def test_distributed_refuses_graph_models():
+def test_distributed_refuses_graph_models(tmp_path):
     import torch.distributed as dist
 
     from llkern.models import gcn_nodes
@@ -408,7 +403,7 @@ def test_distributed_refuses_graph_models():
     graph = Graph(normalized_adjacency(torch.tensor([[0, 1, 2], [1, 2, 3]]), 4))
     model = gcn_nodes(graph, 3, 2, hidden=4, depth=2)
     net = llkern.LocalNet([model[0], model[1]], num_classes=2, example_input=torch.randn(4, 3))
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=file_init_method(tmp_path))
     try:
         with pytest.raises(ValueError, match="graph models"):
             LocalTrainer(net, distributed=True)

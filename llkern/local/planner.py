@@ -250,8 +250,8 @@ def _units(model: nn.Module | Sequence[nn.Module], flatten: bool | str) -> list[
             _flatten(module, names.get(id(module), type(module).__name__), out, flatten)
     elif _is_container(model):
         _flatten(model, "", out, flatten, top=True)
-    elif isinstance(model, nn.Module) and _traceable(model):
-        out.extend(_traced_units(model))
+    elif isinstance(model, nn.Module) and (traced := _traceable(model)) is not None:
+        out.extend(_traced_units(traced))
     elif isinstance(model, nn.Module):
         children = [f"self.{name}" for name, _ in model.named_children()]
         template = ", ".join(children[:8]) + (", ..." if len(children) > 8 else "")
@@ -388,8 +388,9 @@ def _non_persistent_kept(module: torch.fx.GraphModule, source: nn.Module) -> tor
     return module
 
 
-def _traceable(model: nn.Module) -> bool:
-    """Whether ``torch.fx`` traces ``model`` into a graph of one input (the reason is kept for the error if not)."""
+def _traceable(model: nn.Module) -> torch.fx.GraphModule | None:
+    """``model`` traced by ``torch.fx`` (:func:`_trace`) where that gives a graph of one input, else None (the reason
+    is kept for the error). The caller cuts this trace (:func:`_traced_units`) rather than tracing again."""
     try:
         first = next(iter(inspect.signature(model.forward).parameters.values()), None)
     except (TypeError, ValueError):
@@ -397,17 +398,17 @@ def _traceable(model: nn.Module) -> bool:
     if first is None or first.kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
         # (forward(self, *xs) traced as one tuple input: the pieces would index the batch instead of the tuple)
         _trace_errors[id(model)] = "its forward does not take one tensor as its first positional argument"
-        return False
+        return None
     try:
-        graph = _trace(model).graph
+        traced = _trace(model)
     except Exception as error:  # fx raises many kinds (control flow on tensors, unsupported calls)
         _trace_errors[id(model)] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        return False
-    inputs = [node for node in graph.nodes if node.op == "placeholder"]
+        return None
+    inputs = [node for node in traced.graph.nodes if node.op == "placeholder"]
     if len(inputs) != 1:
         _trace_errors[id(model)] = f"its forward takes {len(inputs)} inputs, not one"
-        return False
-    return True
+        return None
+    return traced
 
 
 def _trace_error(model: nn.Module) -> str:
@@ -529,8 +530,8 @@ def _piece_name(nodes: list[torch.fx.Node]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]}…{names[-1]}"
 
 
-def _traced_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    traced = _trace(model)
+def _traced_units(traced: torch.fx.GraphModule) -> list[tuple[str, nn.Module]]:
+    """The pieces of a model's trace (:func:`_traceable`'s), with their names."""
     nodes, cuts = _cut_points(traced.graph)
     source = next(n for n in traced.graph.nodes if n.op == "placeholder")
     units, start = [], 0
@@ -567,10 +568,11 @@ def trace_units(model: nn.Module) -> list[nn.Module]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace_units: expected an nn.Module, got {type(model).__name__}")
-    if not _traceable(model):
+    traced = _traceable(model)
+    if traced is None:
         raise TypeError(f"trace_units: torch.fx cannot trace {type(model).__name__} ({_trace_error(model)}); give it "
                         "a split_units() method listing its parts in forward order instead")
-    return [unit for _, unit in _traced_units(model)]
+    return [unit for _, unit in _traced_units(traced)]
 
 
 def _last_layer(module: nn.Module, name: str = "") -> tuple[str, nn.Module] | None:
