@@ -46,6 +46,7 @@ from llkern.nn.losses import (
     TransportRegularized,
     infopro_schedule,
 )
+from llkern.nn.recompute import RecomputedSequential, recompute_modules, recompute_segments
 from llkern.nn.transport import TransportPenalty
 from llkern.ops.aux_head import aux_head_loss
 from llkern.ops.context import context_add
@@ -86,6 +87,7 @@ __all__ = [
     "PipelineTrainer",
     "Placement",
     "ProjectionHead",
+    "RecomputedSequential",
     "Reconstruction",
     "ReconstructionDecoder",
     "SplitPlan",
@@ -120,6 +122,8 @@ __all__ = [
     "nn",
     "normalized_adjacency",
     "plan_stages",
+    "recompute_modules",
+    "recompute_segments",
     "reconstruction_decoders",
     "relu_with_mask",
     "renyi_mutual_information",

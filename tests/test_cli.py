@@ -149,6 +149,23 @@ def test_heads_losses_and_activation_options(options):
     assert out["evaluation"]["accuracy"][-1] > 0.3
 
 
+def test_recompute_segments_trains_the_same_net_in_less_saved_memory(tmp_path):
+    # --recompute-segments is exact: the same losses and accuracy, each module's recomputed segments saving less
+    torch.set_num_threads(1)
+    outs, rows = [], []
+    for segments in ("1", "3"):
+        log = tmp_path / f"run{segments}.json"
+        outs.append(run("--epochs", "1", "-k", "2", "--recompute-segments", segments, "--log", str(log)))
+        rows.append(json.loads(log.read_text())[-1])
+    assert rows[0]["loss"] == rows[1]["loss"]
+    assert outs[0]["evaluation"]["accuracy"] == outs[1]["evaluation"]["accuracy"]
+    assert rows[1]["peak_saved_bytes"] < 0.75 * rows[0]["peak_saved_bytes"]
+    with pytest.raises(UsageError, match=r"--recompute-segments.*image models"):
+        run("--model", "gcn", "--data", "karate", "--recompute-segments", "2")
+    with pytest.raises(SystemExit):
+        parse(["--recompute-segments", "0"])
+
+
 # --- MOLE's data and models (issue 7): digits as vectors and images, graphs ----------------------------------
 
 @pytest.mark.parametrize("options,bar", [

@@ -99,6 +99,10 @@ def build_parser(defaults: dict[str, Any] | None = None, prog: str | None = "llk
     what.add_argument("--relu-masks", action="store_true", help="save 1-bit ReLU masks instead of ReLU outputs")
     what.add_argument("--recompute-bn-relu", action="store_true",
                       help="recompute BatchNorm+ReLU in the backward instead of saving their outputs")
+    what.add_argument("--recompute-segments", type=positive_int, default=1, metavar="S",
+                      help="cut each module into S segments (at most one per child) balanced by saved bytes and "
+                           "recompute all but the last in the backward (keeps their inputs only; about one more "
+                           "forward per step; 1: off)")
     what.add_argument("--tau", type=positive_float, default=1.0, help="TRGL's transport weight 1/tau")
     what.add_argument("--context", choices=CHOICES["context"][1:], default=None,
                       help="ContSup context for modules 1..K-1 (image encoder, previous boundary, both)")
@@ -571,9 +575,9 @@ def _graph_run(args: argparse.Namespace) -> Run:
     if args.loss not in GRAPH_LOSSES:
         raise UsageError(f"a GCN trains with --loss {' or '.join(GRAPH_LOSSES)}, got {args.loss}")
     if args.context or args.relu_masks or args.recompute_bn_relu or args.heads not in ("auto", "linear") \
-            or args.augment:
-        raise UsageError("--context, --relu-masks, --recompute-bn-relu, --augment and --heads other than linear "
-                         "are for image models, not for --model gcn")
+            or args.augment or args.recompute_segments > 1:
+        raise UsageError("--context, --relu-masks, --recompute-bn-relu, --recompute-segments, --augment and --heads "
+                         "other than linear are for image models, not for --model gcn")
     if args.distributed:
         raise UsageError("--distributed shards tensor data (digits, cifar10, folder); graph data is one graph or a "
                          "list of graph batches that every process would see whole")
@@ -643,6 +647,13 @@ def _image_run(args: argparse.Namespace) -> Run:
         # saving an input that it must save at a module boundary (a detached input cannot be recomputed)
         for module in modules:
             convert(module, relu_masks=args.relu_masks, bn_relu_recompute=args.recompute_bn_relu)
+    if args.recompute_segments > 1:
+        from llkern.nn.recompute import recompute_modules
+
+        try:  # each module measured on its own input; a module allowing fewer segments gets fewer
+            modules = recompute_modules(modules, args.recompute_segments, example_input=data.x[:32])
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"--recompute-segments {args.recompute_segments}: {error}") from None
     heads = _heads(args, data.num_classes, tokens)
     net = llkern.LocalNet(modules, num_classes=data.num_classes, heads=heads, losses=_loss(args, modules, data.x),
                           example_input=data.x[:2], context=args.context).to(device)

@@ -8,7 +8,8 @@ forward of module k, its local loss, its backward.
 Residual-block protocol (TRGL's per-block transport penalty): a block that defines
 ``forward_residual(x) -> (y, r)`` with ``y = shortcut(x) + r`` reports its residual branch
 ``r``. ``LocalNet`` finds such blocks in a module and inside ``nn.Sequential`` containers
-(recursively); any other module is called as ``module(x)``.
+(recursively; a sequence with ``forward_residuals(x) -> (y, [r, ...])``, as ``RecomputedSequential``,
+reports them itself); any other module is called as ``module(x)``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ LossFactory = Callable[[int, int], LocalLoss]
 def run_module(module: nn.Module, x: torch.Tensor, residuals: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Run ``module`` on ``x``; append the residual branches of protocol blocks to ``residuals``."""
     if residuals is not None:
+        if hasattr(module, "forward_residuals"):  # a sequence that runs its blocks itself (RecomputedSequential)
+            y, found = module.forward_residuals(x)
+            residuals.extend(found)
+            return y
         if hasattr(module, "forward_residual"):
             y, r = module.forward_residual(x)
             residuals.append(r)
@@ -431,9 +436,10 @@ class LocalNet(nn.Module):
         with MemoryMeter(exclude=self.parameters()) as meter:
 
             def backward(k: int, loss: torch.Tensor) -> None:
-                peak, before = meter.peak_saved_bytes, meter.current_saved_bytes
+                before = meter.current_saved_bytes
                 loss.backward()
-                rows.append(ModuleMemory(k, peak, before - meter.current_saved_bytes))
+                # the peak after the backward: a recomputed segment (recompute_segments) saves again in it
+                rows.append(ModuleMemory(k, meter.peak_saved_bytes, before - meter.current_saved_bytes))
                 meter.reset_peak()  # the next module's peak starts from what is left
 
             self.local_step(x, target, backward=backward, **step_options)

@@ -119,6 +119,20 @@ class MODAOutput:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def _refuse_recomputed(who: str, module: nn.Module) -> None:
+    """MODA's terms need the ReLU outputs with their graphs from the forward; a recomputed segment runs its forward
+    without gradients (its ReLUs would be left out, silently changing the loss) and builds the graph only in the
+    backward."""
+    from llkern.nn.recompute import RecomputedSequential
+
+    found = [name or type(m).__name__ for name, m in module.named_modules()
+             if isinstance(m, RecomputedSequential) and m.segments > 1]
+    if found:
+        raise ValueError(f"{who}: {found[0]} is a RecomputedSequential of several segments: its ReLU outputs exist "
+                         "with their graphs only in the backward's recomputation, not when the MODA terms are formed; "
+                         "use the plain module (recompute_segments(module, 1), or the nn.Sequential it was made from)")
+
+
 class MODALoss(nn.Module):
     """End-to-end MODA training of ``model``: ``CE(model(x), y) + w_aff·L_aff + w_dis·L_dis + w_com·L_com``
     on the outputs of all of ``model``'s ``nn.ReLU`` modules (and :func:`record` calls).
@@ -134,6 +148,7 @@ class MODALoss(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"MODALoss: expected model to be an nn.Module, got {type(model).__name__}")
+        _refuse_recomputed("MODALoss", model)
         self.model = model
         self.weights = _check_weights("MODALoss", affinity, dispersion, compactness)
         self.label_smoothing, self.eps, self.ignore_index = label_smoothing, eps, ignore_index
@@ -174,6 +189,7 @@ class MODALocalLoss(LocalLoss):
         super().__init__()
         if not isinstance(block, nn.Module):
             raise TypeError(f"MODALocalLoss: expected block to be an nn.Module, got {type(block).__name__}")
+        _refuse_recomputed("MODALocalLoss", block)
         relus = relu_modules(block)
         if not relus:
             raise ValueError(f"MODALocalLoss: block ({type(block).__name__}) has no nn.ReLU module")

@@ -1,7 +1,7 @@
 """Building blocks of a local network: heads, local losses, context supply, graph layers, and modules
 that keep less of a module's activations for its backward."""
 
-from llkern.nn import activation_memory, context, graph, heads, losses, transport
+from llkern.nn import activation_memory, context, graph, heads, losses, recompute, transport
 from llkern.nn.context import ContextSupply
 from llkern.nn.graph import Graph, GraphConv, GraphReadout
 from llkern.nn.heads import InfoProHead, LinearHead, MLPSRHead, ProjectionHead, ReconstructionDecoder, TokenHead
@@ -14,6 +14,7 @@ from llkern.nn.losses import (
     SupervisedContrastive,
     TransportRegularized,
 )
+from llkern.nn.recompute import RecomputedSequential, recompute_modules, recompute_segments
 from llkern.nn.transport import TransportPenalty
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "MLPSRHead",
     "MutualInformation",
     "ProjectionHead",
+    "RecomputedSequential",
     "Reconstruction",
     "ReconstructionDecoder",
     "SupervisedContrastive",
@@ -40,5 +42,8 @@ __all__ = [
     "graph",
     "heads",
     "losses",
+    "recompute",
+    "recompute_modules",
+    "recompute_segments",
     "transport",
 ]

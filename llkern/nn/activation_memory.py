@@ -34,6 +34,10 @@ saved by two ops is one storage, and it only goes away when neither keeps it. Me
   models; the gradients become approximate (each saved value is rounded to 8 significant bits for
   bfloat16, 11 for float16).
 
+- :func:`recompute_segments` (exact, :mod:`llkern.nn.recompute`): an ``nn.Sequential`` cut into segments, all but
+  the last run without saving anything but their input and recomputed in the backward (checkpointing inside a
+  module; about one more forward per step).
+
 :func:`convert` replaces ``nn.ReLU`` modules and ``BatchNorm2d → ReLU`` (→ ``Conv2d``) runs inside
 ``nn.Sequential`` containers, keeping the same parameter objects, buffers and ``state_dict`` keys.
 """
@@ -55,6 +59,7 @@ from torch.nn.modules.batchnorm import _NormBase
 import llkern.ops.batch_norm_relu
 import llkern.ops.relu_mask  # noqa: F401
 from llkern._ext import kernel_available
+from llkern.nn.recompute import recompute_modules, recompute_segments  # the fourth option, in its own file
 from llkern.ops.cast import cast_pooled
 
 __all__ = [
@@ -65,6 +70,8 @@ __all__ = [
     "bitmask_relu",
     "convert",
     "pack_bits",
+    "recompute_modules",
+    "recompute_segments",
     "saved_tensors_in",
     "unpack_bits",
 ]
