@@ -419,6 +419,37 @@ def test_saved_tensors_in_composes_with_memory_meter():
     assert low == full // 2
 
 
+def test_saved_tensors_in_converts_one_memory_once_whatever_tensor_object_saves_it():
+    # BatchNormReLU saves x and the RecomputeInputConv2d after it saves x.detach(): another tensor object over
+    # the same memory. One bfloat16 copy (two made the 'recompute + bf16' option no smaller than recompute alone)
+    torch.manual_seed(0)
+    block = convert(nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)),
+                    bn_relu_recompute=True)
+    assert isinstance(block[2], RecomputeInputConv2d)
+    x = torch.randn(8, 16, 10, 10, requires_grad=True)
+
+    def step():
+        block(x).sum().backward()
+
+    def low_step():
+        with saved_tensors_in(torch.bfloat16):
+            loss = block(x).sum()
+        loss.backward()
+
+    full, low = _saved_bytes(step, [*block.parameters(), x]), _saved_bytes(low_step, block.parameters())
+    assert full < 1024  # x excluded: only per-channel statistics
+    assert low - full <= x.numel() * 2  # x once, in bfloat16
+    y = torch.randn(8, 16, 10, 10)
+    pair = [y, y.detach()]
+    with saved_tensors_in(torch.bfloat16) as context:
+        assert context._pack(pair[0]) is context._pack(pair[1])
+        z = y.clone()
+        first = context._pack(z)
+        z.add_(1)  # changed in place: a new copy
+        assert context._pack(z) is not first
+        assert context._pack(y[:, :8]) is not context._pack(y)  # another view of the memory: not the same values
+
+
 def test_saved_tensors_in_keeps_parameters_integers_and_small_tensors():
     seen: list[torch.Tensor] = []
 

@@ -532,6 +532,14 @@ def _outer_hooks() -> tuple[Callable, Callable] | None:
         return top()
 
 
+def _memory_key(tensor: torch.Tensor) -> tuple:
+    """What two tensor objects share when they are the same values in the same memory."""
+    if tensor.layout != torch.strided:
+        return ("id", id(tensor))
+    return (tensor.untyped_storage().data_ptr(), tensor.device, tensor.storage_offset(), tuple(tensor.shape),
+            tuple(tensor.stride()), tensor.dtype)
+
+
 class saved_tensors_in:  # lower-case: a context manager used like a function, as torch.no_grad
     """Context manager: tensors saved for backward inside it are stored in ``dtype`` and restored on use.
 
@@ -567,9 +575,11 @@ class saved_tensors_in:  # lower-case: a context manager used like a function, a
         self.dtype, self.min_numel = dtype, min_numel
         self._itemsize = torch.empty((), dtype=dtype).element_size()
         self._outer: tuple[Callable, Callable] | None = None
-        # id(original) -> (weakref to it, its version, weakref to the _Stored made for it): dedupes repeated
-        # saves of one tensor while it lives; the weakrefs make a reused id or a changed tensor miss.
-        self._shared: dict[int, tuple[weakref.ref, int, weakref.ref]] = {}
+        # the original's memory (address, offset, shape, strides, dtype; its id where it has no strided storage) ->
+        # (weakref to it, its version, weakref to the _Stored made for it): dedupes repeated saves of one tensor,
+        # and of another tensor object over the same memory (``x.detach()``, saved by RecomputeInputConv2d where
+        # BatchNormReLU saved ``x``), while the first lives; the weakrefs make reused memory or a changed tensor miss.
+        self._shared: dict[tuple, tuple[weakref.ref, int, weakref.ref]] = {}
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
     def _converts(self, tensor: torch.Tensor) -> bool:
@@ -577,7 +587,7 @@ class saved_tensors_in:  # lower-case: a context manager used like a function, a
                 and tensor.numel() >= self.min_numel and not isinstance(tensor, nn.Parameter)
                 and not isinstance(tensor._base, nn.Parameter))
 
-    def _forget(self, key: int, ref: weakref.ref) -> None:
+    def _forget(self, key: tuple, ref: weakref.ref) -> None:
         entry = self._shared.get(key)
         if entry is not None and entry[0] is ref:
             del self._shared[key]
@@ -586,9 +596,11 @@ class saved_tensors_in:  # lower-case: a context manager used like a function, a
         outer_pack = self._outer[0] if self._outer is not None else None
         if not self._converts(tensor):
             return _Stored(outer_pack(tensor), None) if outer_pack is not None else tensor
-        key = id(tensor)
+        key = _memory_key(tensor)
         entry = self._shared.get(key)
-        if entry is not None and entry[0]() is tensor and entry[1] == tensor._version:
+        first = entry[0]() if entry is not None else None
+        # the first is alive (so its memory was not reused) and unchanged since it was converted
+        if first is not None and entry[1] == first._version == tensor._version:
             stored = entry[2]()
             if stored is not None:
                 return stored
