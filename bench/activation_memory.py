@@ -2,7 +2,8 @@
 
 For ``llkern.models.digits_resnet(4, width=W)`` trained locally with ``llkern.LocalNet`` (linear heads,
 cross-entropy), and each option of ``llkern.nn.activation_memory`` (none, 1-bit ReLU masks, BN+ReLU
-recomputation, both, bfloat16 saved tensors, recomputation with bfloat16 saved tensors):
+recomputation, both, bfloat16 saved tensors, recomputation with bfloat16 saved tensors, recomputed segments
+inside each module, and segments with BN+ReLU recomputation and bfloat16 saved tensors):
 
 - peak saved bytes of one local step at batch ``--batch-size`` (``MemoryMeter`` around
   ``LocalNet.local_step``: distinct storages saved for backward; on CUDA also the allocator's peak),
@@ -34,17 +35,20 @@ from llkern.local.memory import MemoryMeter
 from llkern.models import digits_resnet
 from llkern.nn.activation_memory import convert, saved_tensors_in
 
-# name, convert() options, dtype of saved tensors (None: unchanged)
-OPTIONS: list[tuple[str, dict[str, bool], torch.dtype | None]] = [
-    ("none", {}, None),
-    ("1-bit ReLU masks", {"relu_masks": True}, None),
-    ("BN+ReLU recompute", {"bn_relu_recompute": True}, None),
-    ("masks + recompute", {"relu_masks": True, "bn_relu_recompute": True}, None),
-    ("bf16 saved tensors", {}, torch.bfloat16),
-    ("recompute + bf16 saved", {"bn_relu_recompute": True}, torch.bfloat16),
+# name, convert() options, dtype of saved tensors (None: unchanged), recomputed segments per module (1: none)
+OPTIONS: list[tuple[str, dict[str, bool], torch.dtype | None, int]] = [
+    ("none", {}, None, 1),
+    ("1-bit ReLU masks", {"relu_masks": True}, None, 1),
+    ("BN+ReLU recompute", {"bn_relu_recompute": True}, None, 1),
+    ("masks + recompute", {"relu_masks": True, "bn_relu_recompute": True}, None, 1),
+    ("bf16 saved tensors", {}, torch.bfloat16, 1),
+    ("recompute + bf16 saved", {"bn_relu_recompute": True}, torch.bfloat16, 1),
+    ("recomputed segments (2 per module)", {}, None, 2),
+    ("segments + BN+ReLU recompute + bf16", {"bn_relu_recompute": True}, torch.bfloat16, 2),
 ]
 # The exact options again on PyTorch ops instead of the compiled ones (--pytorch-ops): before and after.
-PYTORCH_OPS_OPTIONS = [(f"{name}, PyTorch ops", options, dtype) for name, options, dtype in OPTIONS[1:4]]
+PYTORCH_OPS_OPTIONS = [(f"{name}, PyTorch ops", options, dtype, segments)
+                       for name, options, dtype, segments in OPTIONS[1:4]]
 
 
 def _stepper(net: llkern.LocalNet, dtype: torch.dtype | None,
@@ -86,11 +90,13 @@ def _accuracy(net: llkern.LocalNet, x: torch.Tensor, y: torch.Tensor) -> float:
 class Run:
     """One option: its LocalNet (from the shared initial weights), its step, and what was measured."""
 
-    def __init__(self, name: str, options: dict[str, bool], dtype: torch.dtype | None,
+    def __init__(self, name: str, options: dict[str, bool], dtype: torch.dtype | None, segments: int,
                  blocks: list[torch.nn.Module], example: torch.Tensor, seed: int, device: torch.device) -> None:
         torch.manual_seed(seed)
         self.name = name
         modules = [convert(copy.deepcopy(b), **options) for b in blocks]
+        if segments > 1:
+            modules = llkern.recompute_modules(modules, segments, example_input=example)
         self.net = llkern.LocalNet(modules, num_classes=10, example_input=example).to(device)
         self.step = _stepper(self.net, dtype, name.endswith("PyTorch ops"))
         self.initial = copy.deepcopy(self.net.state_dict())
@@ -158,8 +164,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     data = load_digits(seed=args.seed)
     blocks = digits_resnet(4, width=args.width)
-    runs = [Run(name, options, dtype, blocks, data[0][:2], args.seed, device) for name, options, dtype in
-            OPTIONS + (PYTORCH_OPS_OPTIONS if args.pytorch_ops else [])]
+    runs = [Run(name, options, dtype, segments, blocks, data[0][:2], args.seed, device)
+            for name, options, dtype, segments in OPTIONS + (PYTORCH_OPS_OPTIONS if args.pytorch_ops else [])]
 
     x_train, y_train = data[0], data[1]
     xb, yb = x_train[: args.batch_size], y_train[: args.batch_size]

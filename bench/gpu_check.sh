@@ -140,7 +140,7 @@ OP_TESTS=(tests/test_transport.py tests/test_aux_head.py tests/test_similarity.p
           tests/test_mean_kl.py tests/test_miracle_select.py tests/test_random.py
           tests/test_build.py tests/test_value_checks.py tests/test_fast_divmod.py tests/test_compression.py
           tests/test_miracle.py tests/test_contsup.py tests/test_relu_mask.py tests/test_batch_norm_relu.py
-          tests/test_activation_memory.py)
+          tests/test_activation_memory.py tests/test_recompute.py)
 # the fused Triton losses: their own stage, since each kernel variant compiles on first use (~1 s each)
 FUSED_TESTS=(tests/test_info_nce_fused.py tests/test_supcon_fused.py tests/test_renyi_fused.py)
 # not on the GPU's minutes at all: ~100 sequential sm_90 compiles in one test (up to its own 600 s), which CI runs
@@ -198,7 +198,8 @@ for stage in "${stages[@]}"; do
     ensure_built
     echo "== system runs"
     # ResNet-110, batch 1024: the allocator's peak beside the meter's (table + PNG)
-    run memory-table "$(left 200 280)" system.txt $PY bench/memory_table.py --model resnet110 --batch 1024 \
+    # (two rows per K with recomputed segments: 2 timed steps per row instead of 3, to stay inside the budget)
+    run memory-table "$(left 200 280)" system.txt $PY bench/memory_table.py --model resnet110 --batch 1024 --steps 2 \
       --device cuda --ks 2 4 8 16 --out "$OUT/memory-resnet110-cuda"
     # data parallel through torchrun and NCCL: one DDP per module on the GPU (one process: one GPU)
     run ddp-nccl "$(left 60 220)" system.txt $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m llkern \

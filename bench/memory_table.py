@@ -14,7 +14,10 @@ Methods, for each K (the end-to-end row is the same for every K):
 * ``local, equal layers``: :class:`llkern.LocalNet` on ``llkern.split(model, K, by="layers")``;
 * ``local, balanced``: the same on ``llkern.split(model, K, by="saved_bytes")`` (the default);
 * with :mod:`llkern.nn.activation_memory` present, ``local, balanced + masks/recompute``: the
-  balanced split with 1-bit ReLU masks and BatchNorm+ReLU recomputed in the backward.
+  balanced split with 1-bit ReLU masks and BatchNorm+ReLU recomputed in the backward;
+* ``local, balanced + S segments``: the balanced split with every module cut into ``--segments`` S
+  recomputed segments (:func:`llkern.recompute_modules`: checkpointing inside a module, measured by the
+  meter, recomputation included), and the same on top of masks/recompute.
 
 Memory: the peak bytes of tensors saved for backward (``llkern.MemoryMeter``, each storage counted
 once), and on CUDA also ``max_memory_allocated`` above the level before the step (parameters,
@@ -113,13 +116,16 @@ def run(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     except ImportError:
         activation_memory = None
 
-    def local_row(method: str, k: int, by: str, smaller: bool) -> None:
+    def local_row(method: str, k: int, by: str, smaller: bool, segments: int = 1) -> None:
         local_model = copy.deepcopy(base)
         plan = llkern.split(local_model, k, by=by, example_input=x[:8])
         if smaller:  # per module, after planning: a module's first conv cannot recompute a detached input
             for module in plan.modules:
                 activation_memory.convert(module, relu_masks=True, bn_relu_recompute=True)
-        net = llkern.LocalNet(plan.modules, num_classes=10, example_input=x[:2]).to(device)
+        modules = plan.modules
+        if segments > 1:
+            modules = llkern.recompute_modules(modules, segments, example_input=x[:8])
+        net = llkern.LocalNet(modules, num_classes=10, example_input=x[:2]).to(device)
 
         def local(net: llkern.LocalNet = net, pytorch_ops: bool = method.endswith("PyTorch ops")) -> None:
             zero_grads(net)
@@ -142,14 +148,19 @@ def run(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
             add("checkpoint", k, (max(saved, recompute_peak_bytes(model, k, x)), cuda, seconds))
         except Exception as error:  # (out of memory, say): the other rows still come
             print(f"checkpoint K={k} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
-        variants = [("local, equal layers", "layers", False), ("local, balanced", "saved_bytes", False)]
+        variants = [("local, equal layers", "layers", False, 1), ("local, balanced", "saved_bytes", False, 1)]
         if activation_memory is not None:
-            variants.append(("local, balanced + masks/recompute", "saved_bytes", True))
+            variants.append(("local, balanced + masks/recompute", "saved_bytes", True, 1))
             if args.pytorch_ops:  # the same on PyTorch ops instead of the compiled relu_with_mask / batch_norm_relu
-                variants.append(("local, balanced + masks/recompute, PyTorch ops", "saved_bytes", True))
-        for method, by, smaller in variants:
+                variants.append(("local, balanced + masks/recompute, PyTorch ops", "saved_bytes", True, 1))
+        if args.segments > 1:
+            variants.append((f"local, balanced + {args.segments} segments", "saved_bytes", False, args.segments))
+            if activation_memory is not None:
+                variants.append((f"local, balanced + masks/recompute + {args.segments} segments", "saved_bytes",
+                                 True, args.segments))
+        for method, by, smaller, segments in variants:
             try:
-                local_row(method, k, by, smaller)
+                local_row(method, k, by, smaller, segments)
             except Exception as error:
                 print(f"{method} K={k} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
     return rows
@@ -205,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--pytorch-ops", action="store_true",
                         help="add the masks/recompute row on PyTorch ops instead of llkern's compiled ops")
+    parser.add_argument("--segments", type=int, default=3,
+                        help="recomputed segments per module in the segments rows (1: no such rows)")
     parser.add_argument("--out", default=None, help="output path without suffix (default bench/results/memory-…)")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]

@@ -469,3 +469,28 @@ def test_recompute_modules_measures_each_module_on_its_own_input_and_clamps_segm
         llkern.recompute_modules(modules, 0)
     with pytest.raises(TypeError, match=r"recompute_modules: module 1: .*nn\.Sequential"):
         llkern.recompute_modules([modules[0], nn.Linear(2, 2)], 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cuda_restores_the_device_generator_and_autocast(autocast):
+    # the CUDA generator's state is kept per segment and restored for the recomputation: dropout on the GPU draws
+    # the same mask again (with another mask the gradients would differ by O(1), far above any rounding)
+    def mlp() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(33, 64), nn.ReLU(), nn.Dropout(0.5), nn.Linear(64, 64), nn.Tanh(),
+                             nn.Dropout(0.3), nn.Linear(64, 7)).cuda()
+
+    plain, recomputed = mlp(), recompute_segments(mlp(), 3)
+    assert recomputed.boundaries[-2] > 5  # both dropouts in recomputed segments
+    x = torch.randn(97, 33, device="cuda")
+    grads = []
+    for module in (plain, recomputed):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = module(xi)
+        out.float().square().sum().backward()
+        grads.append([xi.grad, *(p.grad for p in module.parameters())])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
