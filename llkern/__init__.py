@@ -11,6 +11,7 @@ Quick start::
 from llkern import _moved, compress, data, functional, local, moda, nn
 from llkern._ext import extension_loaded, kernel_available, set_value_checks, value_checks
 from llkern.local import memory
+from llkern.local.fit import MemoryFit, fit_memory
 from llkern.local.memory import MemoryMeter, MemoryReport
 from llkern.local.net import Boundary, LocalNet, ModuleMemory, StepResult, run_module
 from llkern.local.pipeline import PipelineError, PipelineTrainer, Placement, plan_stages
@@ -79,6 +80,7 @@ __all__ = [
     "MLPSRHead",
     "MODALocalLoss",
     "MODALoss",
+    "MemoryFit",
     "MemoryMeter",
     "MemoryReport",
     "ModuleMemory",
@@ -103,6 +105,7 @@ __all__ = [
     "contrastive_heads",
     "data",
     "extension_loaded",
+    "fit_memory",
     "functional",
     "graph",
     "graph_conv",

@@ -2,7 +2,8 @@
 split planner, the saved-activation memory meter, ``LocalTrainer``, and ``PipelineTrainer`` (one stage
 of modules per process)."""
 
-from llkern.local import memory, net, pipeline, planner, trainer
+from llkern.local import fit, memory, net, pipeline, planner, trainer
+from llkern.local.fit import MemoryFit, fit_memory
 from llkern.local.memory import MemoryMeter, MemoryReport
 from llkern.local.net import Boundary, LocalNet, ModuleMemory, StepResult, run_module
 from llkern.local.pipeline import PipelineError, PipelineTrainer, Placement, plan_stages
@@ -13,6 +14,7 @@ __all__ = [
     "Boundary",
     "LocalNet",
     "LocalTrainer",
+    "MemoryFit",
     "MemoryMeter",
     "MemoryReport",
     "ModuleMemory",
@@ -21,6 +23,8 @@ __all__ = [
     "Placement",
     "SplitPlan",
     "StepResult",
+    "fit",
+    "fit_memory",
     "memory",
     "net",
     "pipeline",

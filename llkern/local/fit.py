@@ -1,0 +1,166 @@
+"""Fit local training into an activation-memory budget: the fewest modules, then the fewest recomputed segments.
+
+Local training's activation memory is that of its largest module, and recomputed segments
+(:func:`llkern.recompute_segments`) shrink a module further at the cost of a second forward. :func:`fit_memory`
+searches the two knobs for a model and batch: K = 1, 2, ... modules (:func:`llkern.split`, balanced by saved
+bytes), and for each K the segment counts given, until the largest module's measured saved-for-backward peak
+(forward and backward, recomputation included) fits the budget. Fewer modules come first because every module
+boundary stops the gradient (accuracy), fewer segments second because each costs time.
+
+The measurement runs each candidate's modules once, as LocalNet runs them (each on the previous module's detached
+output, in training mode), inside :class:`llkern.MemoryMeter`; modes, buffers (BatchNorm statistics), gradients
+and the RNG are left as they were. Saved bytes grow linearly with the batch, so a small ``example_input`` predicts
+a large ``batch_size``. The budget is for saved activations only: parameters, gradients, optimizer state, the
+heads (small for pooled heads; a language model's token head is not), and on a GPU the allocator's workspace and
+fragmentation come on top.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llkern.local.memory import MemoryMeter
+from llkern.local.planner import SplitPlan, _format_bytes, _TrainModeNoSideEffects, split
+
+__all__ = ["MemoryFit", "fit_memory"]
+
+
+@dataclass
+class MemoryFit:
+    """The result of :func:`fit_memory`.
+
+    Attributes:
+        k: the number of modules.
+        segments: recomputed segments per module (1: none; a module allowing fewer cuts has fewer).
+        modules: the K modules to give :class:`llkern.LocalNet` (``plan.modules``, recomputed where
+            ``segments > 1``); they share the model's parameters.
+        plan: the :class:`llkern.SplitPlan` of the K modules.
+        peak_bytes: the largest module's saved-for-backward peak, predicted for ``batch_size``.
+        module_peaks: every module's, predicted for ``batch_size``.
+        batch_size: the batch the prediction is for.
+        budget_bytes: the budget.
+        tried: ``(k, segments, predicted peak bytes)`` of every candidate measured, in order.
+    """
+
+    k: int
+    segments: int
+    modules: list[nn.Module]
+    plan: SplitPlan
+    peak_bytes: int
+    module_peaks: list[int]
+    batch_size: int
+    budget_bytes: int
+    tried: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        rows = [f"fit_memory: K = {self.k} modules, {self.segments} recomputed segment"
+                f"{'s' if self.segments > 1 else ''} per module; largest module {_format_bytes(self.peak_bytes)} "
+                f"saved for a batch of {self.batch_size} (budget {_format_bytes(self.budget_bytes)})",
+                "   K  segments  largest module"]
+        rows += [f"{k:4d}  {s:8d}  {_format_bytes(peak):>14}{'  fits' if peak <= self.budget_bytes else ''}"
+                 for k, s, peak in self.tried]
+        return "\n".join(rows)
+
+
+def _module_peaks(modules: list[nn.Module], example_input: torch.Tensor) -> list[int]:
+    """Each module's saved-for-backward peak over its forward and backward, run as LocalNet runs it."""
+    params = list({id(p): p for m in modules for p in m.parameters()}.values())
+    peaks, h = [], example_input.detach()
+    with torch.enable_grad():
+        for module in modules:
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            with MemoryMeter(exclude=params, device="cpu") as meter:
+                out = module(h)
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(f"fit_memory: expected every module to return a tensor, got "
+                                    f"{type(out).__name__}")
+                if out.requires_grad and trainable:  # gradients returned, not accumulated into .grad
+                    torch.autograd.grad(out, trainable, torch.ones_like(out), allow_unused=True)
+            peaks.append(meter.peak_saved_bytes)
+            h = out.detach()
+            del out
+    return peaks
+
+
+def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tensor, batch_size: int | None = None,
+               max_k: int = 16, segments: tuple[int, ...] = (1, 2, 3, 4)) -> MemoryFit:
+    """The fewest modules (then the fewest recomputed segments) whose largest module fits ``budget_bytes``.
+
+    Args:
+        model: what :func:`llkern.split` takes (an ``nn.Sequential``, a list of modules, a model with
+            ``split_units()`` or one ``torch.fx`` traces), without its classifier: LocalNet's heads classify.
+        budget_bytes: the saved-activation bytes one module may hold in its step (a positive int).
+        example_input: a batch for the model; the measurements run on it.
+        batch_size: the training batch the budget is for (default: ``example_input``'s); the measured bytes are
+            scaled by ``batch_size / len(example_input)``.
+        max_k: the most modules to try.
+        segments: the segment counts to try for each K, in order (1: no recomputation).
+
+    Returns:
+        a :class:`MemoryFit`; ``llkern.LocalNet(fit.modules, num_classes=...)`` trains it.
+
+    Raises:
+        ValueError: for a bad argument, or when no candidate up to ``max_k`` modules fits (the message gives the
+            least peak found and what to try).
+    """
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
+        raise ValueError(f"fit_memory: expected budget_bytes to be a positive int, got {budget_bytes!r}")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() == 0 or len(example_input) == 0:
+        raise TypeError("fit_memory: expected example_input to be a tensor holding a non-empty batch, got "
+                        + (f"shape {tuple(example_input.shape)}" if isinstance(example_input, torch.Tensor)
+                           else type(example_input).__name__))
+    batch = len(example_input)
+    if batch_size is None:
+        batch_size = batch
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"fit_memory: expected batch_size to be a positive int, got {batch_size!r}")
+    if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
+        raise ValueError(f"fit_memory: expected max_k to be an int >= 1, got {max_k!r}")
+    segments = tuple(segments)
+    if not segments or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in segments):
+        raise ValueError(f"fit_memory: expected segments to be ints >= 1, got {segments!r}")
+    from llkern.nn.recompute import recompute_modules  # llkern.nn imports llkern.local lazily the other way
+
+    # its own storage: the meter counts whole storages, and a slice x[:8] of a larger batch would count all of it
+    example_input = example_input.detach().clone()
+    scale = batch_size / batch
+    tried: list[tuple[int, int, int]] = []
+    fit: MemoryFit | None = None
+    with warnings.catch_warnings(record=True) as caught:  # split's warnings once, not once per K
+        warnings.simplefilter("always")
+        for k in range(1, max_k + 1):
+            try:
+                plan = split(model, k, by="saved_bytes", example_input=example_input)
+            except ValueError as error:
+                if "modules: at most" in str(error) and k > 1:
+                    break  # the model has no more places to cut (split's _too_many_modules)
+                raise
+            units = [u for m in plan.modules for u in m]
+            for s in segments:
+                modules = list(plan.modules) if s == 1 else recompute_modules(plan.modules, s,
+                                                                             example_input=example_input)
+                with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device):
+                    peaks = [round(p * scale) for p in _module_peaks(modules, example_input)]
+                tried.append((k, s, max(peaks)))
+                if max(peaks) <= budget_bytes:
+                    fit = MemoryFit(k, s, modules, plan, max(peaks), peaks, batch_size, budget_bytes, tried)
+                    break
+            if fit is not None:
+                break
+    for message in {(str(w.message), w.category): None for w in caught}:
+        warnings.warn(message[0], message[1], stacklevel=2)
+    if fit is None:
+        best = min(tried, key=lambda t: t[2]) if tried else None
+        least = (f"; the least was {_format_bytes(best[2])} (K = {best[0]}, {best[1]} segment"
+                 f"{'s' if best[1] > 1 else ''})" if best else "")
+        most = max((t[0] for t in tried), default=0)
+        modules = f"{most} modules" + (f" (the most this model allows; max_k={max_k})" if most < max_k else "")
+        raise ValueError(f"fit_memory: no split of up to {modules} with segments {segments} keeps a module's "
+                         f"saved activations within {_format_bytes(budget_bytes)} for a batch of {batch_size}"
+                         f"{least}. Try a smaller batch, larger max_k or more segments, or the other options of "
+                         "llkern.activation_memory (convert(..., bn_relu_recompute=True), saved_tensors_in)")
+    return fit

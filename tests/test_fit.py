@@ -1,0 +1,108 @@
+"""fit_memory (llkern/local/fit.py): the fewest modules, then the fewest recomputed segments, within a budget.
+
+Checked against what it predicts: the chosen net's measured peak (LocalNet.memory_profile at the full batch, heads
+included) is within the budget and close to the prediction made on a small batch; every candidate tried before it
+was predicted over the budget; nothing of the model moves.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import llkern
+from llkern.nn.recompute import RecomputedSequential
+
+
+def cnn(classifier: bool = False) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()]
+    for _ in range(5):
+        layers += [nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())]
+    layers += [nn.Dropout(0.2), nn.Conv2d(16, 8, 3, padding=1), nn.ReLU()]
+    if classifier:
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)]
+    return nn.Sequential(*layers)
+
+
+def profile(modules: list[nn.Module], x: torch.Tensor, y: torch.Tensor) -> list[int]:
+    net = llkern.LocalNet(modules, num_classes=10, example_input=x[:2])
+    return [row.peak_saved_bytes for row in net.memory_profile(x, y)]
+
+
+@pytest.mark.parametrize("share", [0.6, 0.35, 0.25])
+def test_the_fit_holds_at_the_full_batch_and_nothing_smaller_was_skipped(share):
+    model = cnn()
+    x, y = torch.randn(64, 3, 12, 12), torch.randint(0, 10, (64,))
+    whole = profile([model], x, y)[0]  # end to end: one module
+    budget = int(share * whole)
+    fit = llkern.fit_memory(model, budget, example_input=x[:8], batch_size=64)
+    assert fit.peak_bytes <= budget and fit.peak_bytes == max(fit.module_peaks)
+    assert fit.tried[-1] == (fit.k, fit.segments, fit.peak_bytes)
+    assert all(peak > budget for _, _, peak in fit.tried[:-1])
+    assert fit.tried == sorted(fit.tried, key=lambda t: (t[0], t[1]))  # fewer modules first, then fewer segments
+    assert len(fit.modules) == fit.k == len(fit.plan)
+    assert all(isinstance(m, RecomputedSequential) for m in fit.modules) == (fit.segments > 1)
+    measured = profile(fit.modules, x, y)
+    # the heads add little (a pooled linear head); the prediction from a batch of 8 holds at 64
+    assert max(measured) <= 1.02 * budget
+    assert abs(max(measured) - fit.peak_bytes) <= 0.02 * fit.peak_bytes
+    assert "fits" in str(fit) and f"K = {fit.k} modules" in str(fit)
+
+
+def test_a_generous_budget_is_end_to_end_and_an_impossible_one_names_the_least():
+    model = cnn()
+    x = torch.randn(8, 3, 12, 12)
+    fit = llkern.fit_memory(model, 2**40, example_input=x)
+    assert (fit.k, fit.segments, fit.batch_size) == (1, 1, 8)
+    with pytest.raises(ValueError, match=r"no split of up to 3 modules .* the least was .*\(K = 3, "):
+        llkern.fit_memory(model, 1024, example_input=x, max_k=3)
+    with pytest.raises(ValueError, match=r"no split of up to 8 modules \(the most this model allows; max_k=100\)"):
+        llkern.fit_memory(model, 1024, example_input=x, max_k=100, segments=(1,))
+
+
+def test_leaves_the_model_as_it_was():
+    model = cnn()
+    model[7].eval()  # a mode of the caller's own
+    x = torch.randn(8, 3, 12, 12)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    modes = [m.training for m in model.modules()]
+    with pytest.raises(ValueError):  # every candidate measured, none fits
+        llkern.fit_memory(model, 1, example_input=x, max_k=3, segments=(1, 2))
+    fit = llkern.fit_memory(model, 2**40, example_input=x)
+    assert fit.k == 1
+    assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [m.training for m in model.modules()] == modes and not model[7].training
+
+
+def test_split_warnings_come_once():
+    model = cnn(classifier=True)
+    x = torch.randn(8, 3, 12, 12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError):
+            llkern.fit_memory(model, 1, example_input=x, max_k=3, segments=(1,))
+    classifier = [w for w in caught if "classifier" in str(w.message)]
+    assert len(classifier) == 1
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"budget_bytes": 0}, ValueError, "budget_bytes"),
+    ({"budget_bytes": 1.5}, ValueError, "budget_bytes"),
+    ({"example_input": torch.randn(0, 3, 12, 12)}, TypeError, "non-empty batch"),
+    ({"example_input": [1.0]}, TypeError, "example_input"),
+    ({"batch_size": 0}, ValueError, "batch_size"),
+    ({"max_k": 0}, ValueError, "max_k"),
+    ({"segments": ()}, ValueError, "segments"),
+    ({"segments": (1, 0)}, ValueError, "segments"),
+])
+def test_bad_arguments(kwargs, error, match):
+    arguments = {"budget_bytes": 2**20, "example_input": torch.randn(4, 3, 12, 12), **kwargs}
+    with pytest.raises(error, match=match):
+        llkern.fit_memory(cnn(), **arguments)
