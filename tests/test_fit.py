@@ -58,10 +58,12 @@ def test_a_generous_budget_is_end_to_end_and_an_impossible_one_names_the_least()
     x = torch.randn(8, 3, 12, 12)
     fit = llkern.fit_memory(model, 2**40, example_input=x)
     assert (fit.k, fit.segments, fit.batch_size) == (1, 1, 8)
-    with pytest.raises(ValueError, match=r"no split of up to 3 modules .* the least was .*\(K = 3, "):
+    with pytest.raises(ValueError, match=r"no split of up to 3 modules .* the least was .*\(K = 3, .*larger max_k"):
         llkern.fit_memory(model, 1024, example_input=x, max_k=3)
-    with pytest.raises(ValueError, match=r"no split of up to 8 modules \(the most this model allows; max_k=100\)"):
+    most = r"no split of up to 8 modules \(the most this model allows; max_k=100\)"
+    with pytest.raises(ValueError, match=most) as error:
         llkern.fit_memory(model, 1024, example_input=x, max_k=100, segments=(1,))
+    assert "larger max_k" not in str(error.value)  # the model allows no more modules: a larger max_k cannot help
 
 
 def test_leaves_the_model_as_it_was():
@@ -106,3 +108,66 @@ def test_bad_arguments(kwargs, error, match):
     arguments = {"budget_bytes": 2**20, "example_input": torch.randn(4, 3, 12, 12), **kwargs}
     with pytest.raises(error, match=match):
         llkern.fit_memory(cnn(), **arguments)
+
+
+def test_bytes_that_do_not_grow_with_the_batch_are_not_scaled():
+    # a pruned weight (weight_orig * mask) is saved by its Linear whatever the batch: scaling the example batch's
+    # bytes by 64 / 8 predicted 8x that weight (13x the measured peak here)
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(3):
+        layers += [prune.l1_unstructured(nn.Linear(256, 256), "weight", 0.5), nn.ReLU()]
+    model = nn.Sequential(*layers)
+    x, y = torch.randn(64, 256), torch.randint(0, 10, (64,))
+    fit = llkern.fit_memory(model, 2**40, example_input=x[:8], batch_size=64)
+    assert fit.peak_bytes == llkern.fit_memory(model, 2**40, example_input=x).peak_bytes  # measured at 64
+    measured = profile(fit.modules, x, y)[0]
+    assert fit.peak_bytes <= measured <= 1.05 * fit.peak_bytes  # LinearHead's own saved input on top
+
+
+def test_runs_inside_inference_mode():
+    model = cnn()
+    x = torch.randn(8, 3, 12, 12)
+    expected = llkern.fit_memory(model, 2**40, example_input=x)
+    with torch.inference_mode():
+        fit = llkern.fit_memory(model, 2**40, example_input=x)
+    assert fit.peak_bytes == expected.peak_bytes > 0
+
+
+def test_a_candidate_that_recomputes_nothing_more_is_not_measured_again():
+    # the one module of K = 1 starts with an in-place ReLU: it allows 1 segment, so segments 2, 3, 4 are K = 1, 1
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+    x = torch.randn(8, 3, 12, 12)
+    whole = llkern.fit_memory(model, 2**40, example_input=x).peak_bytes
+    fit = llkern.fit_memory(model, whole - 1, example_input=x)
+    assert [(k, s) for k, s, _ in fit.tried] == [(1, 1), (2, 1)]
+
+
+def test_lazy_modules_keep_their_initial_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyConv2d(8, 3, padding=1), nn.LazyBatchNorm2d(), nn.ReLU(),
+                          nn.LazyConv2d(8, 3, padding=1), nn.ReLU())
+    x = torch.randn(8, 3, 12, 12) + 1
+    rng = torch.get_rng_state()
+    fit = llkern.fit_memory(model, 2**40, example_input=x)
+    assert fit.k == 1 and model[0].weight.shape == (8, 3, 3, 3)
+    assert torch.equal(model[1].running_mean, torch.zeros(8)) and torch.equal(model[1].running_var, torch.ones(8))
+    assert int(model[1].num_batches_tracked) == 0 and model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_warnings_reach_the_caller_when_an_error_ends_the_search():
+    class Fails(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            warnings.warn("the model's own warning", UserWarning, stacklevel=2)
+            raise RuntimeError("the model's own error")
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), Fails())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="the model's own error"):
+            llkern.fit_memory(model, 2**20, example_input=torch.randn(8, 3, 12, 12))
+    assert [str(w.message) for w in caught] == ["the model's own warning"]

@@ -685,3 +685,14 @@ def test_split_units_that_miss_a_step_of_forward_warn():
         plan = split(model, 2, example_input=x)
     assert all(m.training for m in model.modules())  # modes restored after the eval-mode comparison
     _assert_same_function(model, plan, x)
+
+
+def test_split_leaves_a_lazy_batch_norms_statistics_at_their_initial_values():
+    # a lazy BatchNorm's statistics do not exist before the measurement, so they cannot be copied and put back: the
+    # measurement's training-mode forward moved them (num_batches_tracked 1, means off zero)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LazyBatchNorm2d(), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU())
+    split(model, 2, example_input=torch.randn(4, 3, 9, 9))
+    fresh = nn.BatchNorm2d(8)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(model[1], name), getattr(fresh, name)), name

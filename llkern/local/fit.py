@@ -7,12 +7,15 @@ bytes), and for each K the segment counts given, until the largest module's meas
 (forward and backward, recomputation included) fits the budget. Fewer modules come first because every module
 boundary stops the gradient (accuracy), fewer segments second because each costs time.
 
-The measurement runs each candidate's modules once, as LocalNet runs them (each on the previous module's detached
-output, in training mode), inside :class:`llkern.MemoryMeter`; modes, buffers (BatchNorm statistics), gradients
-and the RNG are left as they were. Saved bytes grow linearly with the batch, so a small ``example_input`` predicts
-a large ``batch_size``. The budget is for saved activations only: parameters, gradients, optimizer state, the
-heads (small for pooled heads; a language model's token head is not), and on a GPU the allocator's workspace and
-fragmentation come on top.
+The measurement runs each candidate's modules as LocalNet runs them (each on the previous module's detached output,
+in training mode), inside :class:`llkern.MemoryMeter`; modes, buffers (BatchNorm statistics), gradients and the RNG
+are left as they were (lazy modules get their shapes from one forward in eval mode first, so that their statistics
+start where they would). Activations grow linearly with the batch, some saved tensors not at all (a pruned or
+weight-normed weight): each candidate runs on ``example_input`` and on its first half, and every point of its saved
+bytes through forward and backward is extrapolated on its own line to ``batch_size`` (an example batch under 4 is
+scaled in proportion instead, which overstates what does not grow). The budget is for saved activations only:
+parameters, gradients, optimizer state, the heads (small for pooled heads; a language model's token head is not),
+and on a GPU the allocator's workspace and fragmentation come on top.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from llkern.local.memory import MemoryMeter
-from llkern.local.planner import SplitPlan, _format_bytes, _TrainModeNoSideEffects, split
+from llkern.local.planner import SplitPlan, _format_bytes, _TrainModeNoSideEffects, _units, split
 
 __all__ = ["MemoryFit", "fit_memory"]
 
@@ -66,24 +69,70 @@ class MemoryFit:
         return "\n".join(rows)
 
 
-def _module_peaks(modules: list[nn.Module], example_input: torch.Tensor) -> list[int]:
-    """Each module's saved-for-backward peak over its forward and backward, run as LocalNet runs it."""
+class _TraceMeter(MemoryMeter):
+    """A MemoryMeter that also records the saved bytes after every save and release (its ``trace``)."""
+
+    def __init__(self, exclude: list[torch.Tensor]) -> None:
+        super().__init__(exclude=exclude, device="cpu")
+        self.trace = [0]
+
+    def _pack(self, tensor: torch.Tensor):
+        handle = super()._pack(tensor)
+        self.trace.append(self.current_saved_bytes)
+        return handle
+
+    def _drop(self, key: tuple) -> None:
+        super()._drop(key)
+        self.trace.append(self.current_saved_bytes)
+
+
+def _module_traces(modules: list[nn.Module], example_input: torch.Tensor) -> list[list[int]]:
+    """Each module's saved bytes after every save and release over its forward and backward, run as LocalNet
+    runs it (on the previous module's detached output)."""
     params = list({id(p): p for m in modules for p in m.parameters()}.values())
-    peaks, h = [], example_input.detach()
+    traces, h = [], example_input.detach()
     with torch.enable_grad():
         for module in modules:
             trainable = [p for p in module.parameters() if p.requires_grad]
-            with MemoryMeter(exclude=params, device="cpu") as meter:
+            meter = _TraceMeter(exclude=params)
+            with meter:
                 out = module(h)
                 if not isinstance(out, torch.Tensor):
                     raise TypeError(f"fit_memory: expected every module to return a tensor, got "
                                     f"{type(out).__name__}")
                 if out.requires_grad and trainable:  # gradients returned, not accumulated into .grad
                     torch.autograd.grad(out, trainable, torch.ones_like(out), allow_unused=True)
-            peaks.append(meter.peak_saved_bytes)
             h = out.detach()
-            del out
-    return peaks
+            del out  # a module that recorded nothing to differentiate: its saved tensors are released here
+            traces.append(meter.trace)
+    return traces
+
+
+def _predicted_peak(trace: list[int], half: list[int] | None, batch: int, batch_size: int) -> int:
+    """The peak of ``trace`` (measured on ``batch`` samples) predicted for ``batch_size``. With the same run's trace
+    on ``batch // 2`` samples, every point is extrapolated on its own line through the two (a weight saved whatever
+    the batch, as a pruned or weight-normed one, does not grow); without it, the peak is scaled in proportion."""
+    if batch_size == batch:
+        return max(trace)
+    if half is None or len(half) != len(trace):
+        return round(max(trace) * batch_size / batch)
+    slope = (batch_size - batch) / (batch - batch // 2)
+    return max(0, round(max(a + (a - b) * slope for a, b in zip(trace, half, strict=True))))
+
+
+def _materialize_lazy(model: nn.Module | list[nn.Module], example_input: torch.Tensor) -> None:
+    """Give lazy modules their shapes by one forward in eval mode without gradients (BatchNorm statistics stay at
+    their initial values; a training-mode first forward would move them, and split cannot restore buffers that did
+    not exist yet). Modes and the RNG are restored."""
+    tops = [model] if isinstance(model, nn.Module) else [m for m in model if isinstance(m, nn.Module)]
+    if not any(nn.parameter.is_lazy(t) for top in tops for t in (*top.parameters(), *top.buffers())):
+        return
+    units = [unit for _, unit in _units(model, "auto")]  # split's units, in forward order
+    with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device), torch.no_grad():
+        h = example_input
+        for unit in units:
+            unit.eval()
+            h = unit(h)
 
 
 def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tensor, batch_size: int | None = None,
@@ -95,8 +144,9 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
             ``split_units()`` or one ``torch.fx`` traces), without its classifier: LocalNet's heads classify.
         budget_bytes: the saved-activation bytes one module may hold in its step (a positive int).
         example_input: a batch for the model; the measurements run on it.
-        batch_size: the training batch the budget is for (default: ``example_input``'s); the measured bytes are
-            scaled by ``batch_size / len(example_input)``.
+        batch_size: the training batch the budget is for (default: ``example_input``'s); the bytes measured on
+            ``example_input`` and on its first half are extrapolated to it (with fewer than 4 examples: scaled by
+            ``batch_size / len(example_input)``).
         max_k: the most modules to try.
         segments: the segment counts to try for each K, in order (1: no recomputation).
 
@@ -123,44 +173,63 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
     segments = tuple(segments)
     if not segments or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in segments):
         raise ValueError(f"fit_memory: expected segments to be ints >= 1, got {segments!r}")
-    from llkern.nn.recompute import recompute_modules  # llkern.nn imports llkern.local lazily the other way
+    # llkern.nn imports llkern.local lazily the other way
+    from llkern.nn.recompute import _most_segments, recompute_modules
 
-    # its own storage: the meter counts whole storages, and a slice x[:8] of a larger batch would count all of it
-    example_input = example_input.detach().clone()
-    scale = batch_size / batch
+    # its own storage: the meter counts whole storages, and a slice x[:8] of a larger batch would count all of it;
+    # outside inference mode, where autograd would save nothing (an inference tensor cannot be saved at all)
+    with torch.inference_mode(False):
+        example_input = example_input.detach().clone()
+        # the same samples' first half, to tell the bytes that grow with the batch from those that do not
+        half_input = example_input[:batch // 2].clone() if batch_size != batch and batch >= 4 else None
     tried: list[tuple[int, int, int]] = []
     fit: MemoryFit | None = None
-    with warnings.catch_warnings(record=True) as caught:  # split's warnings once, not once per K
-        warnings.simplefilter("always")
-        for k in range(1, max_k + 1):
-            try:
-                plan = split(model, k, by="saved_bytes", example_input=example_input)
-            except ValueError as error:
-                if "modules: at most" in str(error) and k > 1:
-                    break  # the model has no more places to cut (split's _too_many_modules)
-                raise
-            units = [u for m in plan.modules for u in m]
-            for s in segments:
-                modules = list(plan.modules) if s == 1 else recompute_modules(plan.modules, s,
-                                                                             example_input=example_input)
-                with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device):
-                    peaks = [round(p * scale) for p in _module_peaks(modules, example_input)]
-                tried.append((k, s, max(peaks)))
-                if max(peaks) <= budget_bytes:
-                    fit = MemoryFit(k, s, modules, plan, max(peaks), peaks, batch_size, budget_bytes, tried)
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # split's warnings once, not once per K
+            warnings.simplefilter("always")
+            _materialize_lazy(model, example_input)
+            for k in range(1, max_k + 1):
+                try:
+                    plan = split(model, k, by="saved_bytes", example_input=example_input)
+                except ValueError as error:
+                    if "modules: at most" in str(error) and k > 1:
+                        break  # the model has no more places to cut (split's _too_many_modules)
+                    raise
+                units = [u for m in plan.modules for u in m]
+                allowed = [_most_segments(m) for m in plan.modules]
+                measured: set[tuple[int, ...]] = set()
+                for s in segments:
+                    # a module allowing fewer cuts has fewer segments: a count that cuts no module further is skipped
+                    counts = tuple(min(s, c) for c in allowed)
+                    if counts in measured:
+                        continue
+                    measured.add(counts)
+                    modules = list(plan.modules) if s == 1 else recompute_modules(plan.modules, s,
+                                                                                 example_input=example_input)
+                    with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device):
+                        traces = _module_traces(modules, example_input)
+                        halves = (_module_traces(modules, half_input) if half_input is not None
+                                  else [None] * len(traces))
+                    peaks = [_predicted_peak(t, h, batch, batch_size) for t, h in zip(traces, halves, strict=True)]
+                    tried.append((k, s, max(peaks)))
+                    if max(peaks) <= budget_bytes:
+                        fit = MemoryFit(k, s, modules, plan, max(peaks), peaks, batch_size, budget_bytes, tried)
+                        break
+                if fit is not None:
                     break
-            if fit is not None:
-                break
-    for message in {(str(w.message), w.category): None for w in caught}:
-        warnings.warn(message[0], message[1], stacklevel=2)
+    finally:  # also when an error ends the search: the warnings before it may explain it
+        for message in {(str(w.message), w.category): None for w in caught}:
+            warnings.warn(message[0], message[1], stacklevel=2)
     if fit is None:
         best = min(tried, key=lambda t: t[2]) if tried else None
         least = (f"; the least was {_format_bytes(best[2])} (K = {best[0]}, {best[1]} segment"
                  f"{'s' if best[1] > 1 else ''})" if best else "")
         most = max((t[0] for t in tried), default=0)
         modules = f"{most} modules" + (f" (the most this model allows; max_k={max_k})" if most < max_k else "")
+        larger_k = "" if most < max_k else ", larger max_k"  # more modules than the model allows do not exist
         raise ValueError(f"fit_memory: no split of up to {modules} with segments {segments} keeps a module's "
                          f"saved activations within {_format_bytes(budget_bytes)} for a batch of {batch_size}"
-                         f"{least}. Try a smaller batch, larger max_k or more segments, or the other options of "
+                         f"{least}. Try a smaller batch{larger_k} or more segments, or the other options of "
                          "llkern.activation_memory (convert(..., bn_relu_recompute=True), saved_tensors_in)")
     return fit

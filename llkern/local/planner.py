@@ -70,6 +70,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from llkern.local.memory import MemoryMeter
 
@@ -719,6 +720,9 @@ class _TrainModeNoSideEffects:
         self.flags = [m.training for m in self.modules]
         self.buffers = {id(b): (b, b.detach().clone()) for m in self.modules for b in m.buffers(recurse=False)
                         if not isinstance(b, nn.parameter.UninitializedBuffer)}
+        # a lazy norm layer's statistics do not exist yet, so they cannot be copied: reset them on the way out
+        self.lazy_norms = [m for m in self.modules if isinstance(m, _NormBase)
+                           and any(isinstance(b, nn.parameter.UninitializedBuffer) for b in m.buffers(recurse=False))]
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         self.rng = torch.random.fork_rng(devices=devices)
         self.rng.__enter__()
@@ -733,6 +737,9 @@ class _TrainModeNoSideEffects:
             for buffer, copy in self.buffers.values():
                 if buffer.shape == copy.shape:
                     buffer.copy_(copy)
+            for norm in self.lazy_norms:
+                if not nn.parameter.is_lazy(norm.running_mean if norm.running_mean is not None else norm.weight):
+                    norm.reset_running_stats()
 
 
 def _detached(x):
