@@ -696,3 +696,12 @@ def test_split_leaves_a_lazy_batch_norms_statistics_at_their_initial_values():
     fresh = nn.BatchNorm2d(8)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(model[1], name), getattr(fresh, name)), name
+
+
+def test_a_slice_of_a_larger_batch_plans_as_the_batch_itself():
+    # the meter counts whole storages: x[:16] of 2000 images charged all of them to the first unit saving its
+    # input, which moved the first cut (ResNet-32: boundaries [0, 2, ...] and 33 MiB for module 0 against 18)
+    model = models.resnet32()[:-1]
+    big = torch.randn(400, 3, 32, 32)
+    sliced, own = (split(model, 4, example_input=x) for x in (big[:16], big[:16].clone()))
+    assert sliced.boundaries == own.boundaries and sliced.costs == own.costs and sliced.saved_bytes == own.saved_bytes

@@ -942,9 +942,11 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
     total = None
     # The measurements run outside inference mode (where autograd would save nothing: every cost 0).
     if example_input is not None:
-        if example_input.is_inference():  # an inference tensor cannot be saved for backward: copy it out
-            with torch.inference_mode(False):
-                example_input = example_input.clone()
+        # A copy with its own storage: the meter counts whole storages, so a slice x[:32] of a training set would
+        # charge the whole set to the first unit that saves its input (and skew the plan); outside inference mode,
+        # since an inference tensor cannot be saved for backward.
+        with torch.inference_mode(False):
+            example_input = example_input.detach().clone()
         with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device):
             keys, total = _saved_keys_per_unit(named, params, example_input)
         params = list({id(p): p for unit in units for p in unit.parameters()}.values())  # lazy ones now exist
