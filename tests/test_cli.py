@@ -231,7 +231,9 @@ def test_distributed_under_torchrun(tmp_path):
     assert result.stdout.count("test accuracy of the last head") == 1  # rank 0 only
     accuracy = float(re.search(r"test accuracy of the last head on [^:]*: ([0-9.]+) %", result.stdout).group(1))
     assert result.stdout.count("epoch 1/2 ") == 1  # one summary line per epoch, from rank 0
-    assert accuracy > 80
+    # one epoch per module of MI training: 78.9 % measured (chance: 10 %). The 81.7 % of before came from a split
+    # that charged the whole training set to module 0 (test_split.py: test_a_slice_of_a_larger_batch_...)
+    assert accuracy > 70
 
 
 def test_distributed_needs_torchrun(monkeypatch):
