@@ -15,7 +15,7 @@ from llkern.local.fit import MemoryFit, fit_memory
 from llkern.local.memory import MemoryMeter, MemoryReport
 from llkern.local.net import Boundary, LocalNet, ModuleMemory, StepResult, run_module
 from llkern.local.pipeline import PipelineError, PipelineTrainer, Placement, plan_stages
-from llkern.local.planner import SplitPlan, split, trace_units
+from llkern.local.planner import SplitPlan, TooManyModulesError, split, trace_units
 from llkern.local.trainer import LocalTrainer
 from llkern.moda import MODALocalLoss, MODALoss, moda_local_losses
 from llkern.nn import activation_memory, graph, heads, losses
@@ -96,6 +96,7 @@ __all__ = [
     "StepResult",
     "SupervisedContrastive",
     "TokenHead",
+    "TooManyModulesError",
     "TransportPenalty",
     "TransportRegularized",
     "activation_memory",

@@ -171,3 +171,36 @@ def test_warnings_reach_the_caller_when_an_error_ends_the_search():
         with pytest.raises(RuntimeError, match="the model's own error"):
             llkern.fit_memory(model, 2**20, example_input=torch.randn(8, 3, 12, 12))
     assert [str(w.message) for w in caught] == ["the model's own warning"]
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_recomputed_cuts_are_those_recompute_modules_measures(k):
+    # fit_memory cuts segments by the plan's own per-unit measurement instead of measuring every module again; the
+    # bytes must be those recompute_modules measures on each module's input (a module's leading ReLU or pool saves
+    # nothing there: its input is detached), and so must the cuts
+    from llkern.local.fit import _module_costs
+    from llkern.nn.recompute import _cut, _measure, _most_segments
+
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+    for _ in range(3):
+        layers += [nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()), nn.MaxPool2d(1)]
+    model = nn.Sequential(*layers, nn.Conv2d(16, 8, 3, padding=1), nn.Tanh())
+    x = torch.randn(8, 3, 12, 12)
+    plan = llkern.split(model, k, example_input=x)
+    costs, writes = _module_costs(plan)
+    h = x
+    for module, module_costs, module_writes in zip(plan.modules, costs, writes, strict=True):
+        assert (module_costs, module_writes) == tuple(_measure(module, h))
+        module.eval()
+        with torch.no_grad():
+            h = module(h)
+        module.train()
+    assert any(c[0] == 0 and len(c) > 1 for c in costs[1:])  # a module starting with a pool: it saves nothing there
+    ours = [_cut(m, min(2, _most_segments(m, w)), c, w, True).boundaries
+            for m, c, w in zip(plan.modules, costs, writes, strict=True)]
+    assert ours == [m.boundaries for m in llkern.recompute_modules(plan.modules, 2, example_input=x)]
+    # and what fit_memory returns is cut so (K = 1 here: its plan is the model's)
+    fit = llkern.fit_memory(model, 2**40, example_input=x, segments=(2,))
+    assert [m.boundaries for m in fit.modules] == [m.boundaries for m in
+                                                   llkern.recompute_modules(fit.plan.modules, 2, example_input=x)]

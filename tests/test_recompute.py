@@ -440,6 +440,38 @@ def test_no_segment_starts_at_a_nested_in_place_layer():
         recompute_segments(nn.Sequential(), 1)
 
 
+class WritesItsInput(nn.Module):
+    """A block whose own forward starts with an in-place write into its input (no ``inplace`` attribute)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.relu_())
+
+
+def test_a_child_seen_writing_into_its_input_starts_no_segment():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), WritesItsInput(), nn.Tanh(), nn.Linear(4, 4),
+                           nn.Tanh())
+    x = torch.randn(5, 4)
+    plan = llkern.split(module, 1, example_input=x, flatten=False, allow_affine_end=True)
+    assert plan.unit_writes_input == [False, False, False, True, False, False, False]
+    assert llkern.split(module, 1, by="layers").unit_writes_input is None  # not run: not known
+    # without a measurement the block is not known to write: a cut there is refused when the forward runs
+    with pytest.raises(RuntimeError, match="wrote into its input in place"):
+        recompute_segments(module, 7)(x.clone().requires_grad_())
+    measured = recompute_segments(module, 6, example_input=x)
+    assert 3 not in measured.boundaries and measured.segments == 6
+    assert_bitwise_equal(module, measured, *run_both(module, measured, x))
+    assert llkern.recompute_modules([module], 7, example_input=x)[0].segments == 6  # clamped to what it allows
+    with pytest.raises(ValueError, match="more than the 6 this module allows"):
+        recompute_segments(module, 7, example_input=x)
+    with pytest.raises(ValueError, match="starts with WritesItsInput, whose forward writes into its input"):
+        recompute_segments(nn.Sequential(WritesItsInput(), nn.Linear(4, 2)), 2, example_input=x)
+
+
 def test_moda_losses_refuse_recomputed_segments():
     # MODA's terms read the ReLU outputs with their graphs in the forward: a recomputed segment has none there
     from llkern.moda import MODALocalLoss, MODALoss

@@ -514,8 +514,10 @@ def test_errors():
         split(model, 2, by="flops", example_input=x)
     with pytest.raises(ValueError, match="example_input"):
         split(model, 2)
-    with pytest.raises(ValueError, match=r"cannot cut Sequential into k=8 modules: at most 7 are possible \(7 units"):
+    with pytest.raises(llkern.TooManyModulesError, match=r"cannot cut Sequential into k=8 modules: at most 7 are "
+                                                        r"possible \(7 units") as too_many:
         split(model, 8, by="layers")
+    assert isinstance(too_many.value, ValueError) and (too_many.value.k, too_many.value.possible) == (8, 7)
     with pytest.raises(ValueError, match=r"at most 22 are possible .*k must be at most 22\.$"):
         split(model, 23, by="layers", flatten=True, allow_affine_end=True)
     for k in (0, -1):

@@ -7,7 +7,7 @@ from llkern.local.fit import MemoryFit, fit_memory
 from llkern.local.memory import MemoryMeter, MemoryReport
 from llkern.local.net import Boundary, LocalNet, ModuleMemory, StepResult, run_module
 from llkern.local.pipeline import PipelineError, PipelineTrainer, Placement, plan_stages
-from llkern.local.planner import SplitPlan, split, trace_units
+from llkern.local.planner import SplitPlan, TooManyModulesError, split, trace_units
 from llkern.local.trainer import LocalTrainer
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "Placement",
     "SplitPlan",
     "StepResult",
+    "TooManyModulesError",
     "fit",
     "fit_memory",
     "memory",

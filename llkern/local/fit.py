@@ -9,8 +9,9 @@ boundary stops the gradient (accuracy), fewer segments second because each costs
 
 The measurement runs each candidate's modules as LocalNet runs them (each on the previous module's detached output,
 in training mode), inside :class:`llkern.MemoryMeter`; modes, buffers (BatchNorm statistics), gradients and the RNG
-are left as they were (lazy modules get their shapes from one forward in eval mode first, so that their statistics
-start where they would). Activations grow linearly with the batch, some saved tensors not at all (a pruned or
+are left as they were (lazy modules get their shapes in the first measurement, and lazy norm layers' statistics are
+reset to their initial values after it). The cuts of recomputed segments balance the per-layer saved bytes of the
+same measurement. Activations grow linearly with the batch, some saved tensors not at all (a pruned or
 weight-normed weight): each candidate runs on ``example_input`` and on its first half, and every point of its saved
 bytes through forward and backward is extrapolated on its own line to ``batch_size`` (an example batch under 4 is
 scaled in proportion instead, which overstates what does not grow). The budget is for saved activations only:
@@ -20,6 +21,7 @@ and on a GPU the allocator's workspace and fragmentation come on top.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass, field
 
@@ -27,7 +29,14 @@ import torch
 from torch import nn
 
 from llkern.local.memory import MemoryMeter
-from llkern.local.planner import SplitPlan, _format_bytes, _TrainModeNoSideEffects, _units, split
+from llkern.local.planner import (
+    SplitPlan,
+    TooManyModulesError,
+    _format_bytes,
+    _trainable,
+    _TrainModeNoSideEffects,
+    split,
+)
 
 __all__ = ["MemoryFit", "fit_memory"]
 
@@ -120,19 +129,21 @@ def _predicted_peak(trace: list[int], half: list[int] | None, batch: int, batch_
     return max(0, round(max(a + (a - b) * slope for a, b in zip(trace, half, strict=True))))
 
 
-def _materialize_lazy(model: nn.Module | list[nn.Module], example_input: torch.Tensor) -> None:
-    """Give lazy modules their shapes by one forward in eval mode without gradients (BatchNorm statistics stay at
-    their initial values; a training-mode first forward would move them, and split cannot restore buffers that did
-    not exist yet). Modes and the RNG are restored."""
-    tops = [model] if isinstance(model, nn.Module) else [m for m in model if isinstance(m, nn.Module)]
-    if not any(nn.parameter.is_lazy(t) for top in tops for t in (*top.parameters(), *top.buffers())):
-        return
-    units = [unit for _, unit in _units(model, "auto")]  # split's units, in forward order
-    with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device), torch.no_grad():
-        h = example_input
-        for unit in units:
-            unit.eval()
-            h = unit(h)
+def _module_costs(plan: SplitPlan) -> tuple[list[list[int]], list[list[bool]]]:
+    """Each module's per-child saved bytes and in-place flags, from the plan's measurement of the whole chain (what
+    :func:`llkern.recompute_segments` would measure again per module). A module's input is detached in local
+    training, so the children before its first trainable one record no graph there and cost nothing."""
+    costs, writes = [], []
+    for lo, hi in itertools.pairwise(plan.boundaries):
+        module_costs = list(plan.unit_costs[lo:hi])
+        units = [u for m in plan.modules for u in m][lo:hi]
+        for i, unit in enumerate(units):
+            if _trainable(unit):
+                break
+            module_costs[i] = 0
+        costs.append(module_costs)
+        writes.append(list(plan.unit_writes_input[lo:hi]))
+    return costs, writes
 
 
 def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tensor, batch_size: int | None = None,
@@ -174,7 +185,7 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
     if not segments or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in segments):
         raise ValueError(f"fit_memory: expected segments to be ints >= 1, got {segments!r}")
     # llkern.nn imports llkern.local lazily the other way
-    from llkern.nn.recompute import _most_segments, recompute_modules
+    from llkern.nn.recompute import _cut, _most_segments
 
     # its own storage: the meter counts whole storages, and a slice x[:8] of a larger batch would count all of it;
     # outside inference mode, where autograd would save nothing (an inference tensor cannot be saved at all)
@@ -188,16 +199,16 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
     try:
         with warnings.catch_warnings(record=True) as caught:  # split's warnings once, not once per K
             warnings.simplefilter("always")
-            _materialize_lazy(model, example_input)
             for k in range(1, max_k + 1):
                 try:
                     plan = split(model, k, by="saved_bytes", example_input=example_input)
-                except ValueError as error:
-                    if "modules: at most" in str(error) and k > 1:
-                        break  # the model has no more places to cut (split's _too_many_modules)
-                    raise
+                except TooManyModulesError:
+                    if k == 1:
+                        raise
+                    break  # the model has no more places to cut
                 units = [u for m in plan.modules for u in m]
-                allowed = [_most_segments(m) for m in plan.modules]
+                costs, writes = _module_costs(plan)
+                allowed = [_most_segments(m, w) for m, w in zip(plan.modules, writes, strict=True)]
                 measured: set[tuple[int, ...]] = set()
                 for s in segments:
                     # a module allowing fewer cuts has fewer segments: a count that cuts no module further is skipped
@@ -205,8 +216,9 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
                     if counts in measured:
                         continue
                     measured.add(counts)
-                    modules = list(plan.modules) if s == 1 else recompute_modules(plan.modules, s,
-                                                                                 example_input=example_input)
+                    modules = list(plan.modules) if s == 1 else [
+                        _cut(m, count, c, w, True)
+                        for m, count, c, w in zip(plan.modules, counts, costs, writes, strict=True)]
                     with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device):
                         traces = _module_traces(modules, example_input)
                         halves = (_module_traces(modules, half_input) if half_input is not None

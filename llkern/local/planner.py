@@ -120,6 +120,9 @@ class SplitPlan:
             (None without one).
         example_batch: the example input's batch size, for which the bytes and times were measured (saved
             bytes grow with the batch; None without an example input).
+        unit_writes_input: whether each unit wrote into its input in the measured run (a forward starting with
+            an in-place operation, as ``x.relu_()`` or ``nn.ReLU(inplace=True)``); :func:`llkern.recompute_segments`
+            starts no segment there. None without an example input.
     """
 
     modules: list[nn.Sequential]
@@ -132,6 +135,7 @@ class SplitPlan:
     saved_bytes: list[int] | None = None
     total_saved_bytes: int | None = None
     example_batch: int | None = None
+    unit_writes_input: list[bool] | None = None
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -615,8 +619,18 @@ def _classifier_at_end(named: list[tuple[str, nn.Module]]) -> tuple[str, nn.Modu
     return None
 
 
+class TooManyModulesError(ValueError):
+    """:func:`split` was asked for more modules than the model has admissible places to cut (``possible``).
+
+    A ``ValueError``; its message names the options (``flatten``, ``allow_affine_end``) that allow more."""
+
+    def __init__(self, message: str, k: int, possible: int) -> None:
+        super().__init__(message)
+        self.k, self.possible = k, possible
+
+
 def _too_many_modules(model: nn.Module | Sequence[nn.Module], k: int, n: int, possible: int,
-                      flatten: bool | str, allow_affine_end: bool) -> ValueError:
+                      flatten: bool | str, allow_affine_end: bool) -> TooManyModulesError:
     """The error for a ``k`` above the ``possible`` modules, naming the options that allow more."""
     options: list[tuple[str, int]] = []
     if flatten is not True:
@@ -639,9 +653,10 @@ def _too_many_modules(model: nn.Module | Sequence[nn.Module], k: int, n: int, po
     if not allow_affine_end:
         rules += (", and a module may not end on an affine layer (Linear, Conv, BatchNorm, ...) without a "
                   "nonlinearity after it")
-    return ValueError(f"split: cannot cut {type(model).__name__} into k={k} modules: at most {possible} are possible "
-                      f"({n} units; {rules}). "
-                      + ("More " + "; ".join(more) + "." if more else f"k must be at most {possible}."))
+    return TooManyModulesError(f"split: cannot cut {type(model).__name__} into k={k} modules: at most {possible} are "
+                               f"possible ({n} units; {rules}). "
+                               + ("More " + "; ".join(more) + "." if more else f"k must be at most {possible}."),
+                               k, possible)
 
 
 def linear_partition(group_cost: Callable[[int, int], float], n: int, k: int) -> list[int]:
@@ -747,19 +762,22 @@ def _detached(x):
 
 
 def _saved_keys_per_unit(named: list[tuple[str, nn.Module]], params: list[torch.Tensor],
-                         example_input: torch.Tensor) -> tuple[list[dict[tuple, int]], int]:
-    """Run the chain once with gradients; return the storages each unit saves and the end-to-end peak.
+                         example_input: torch.Tensor) -> tuple[list[dict[tuple, int]], int, list[bool]]:
+    """Run the chain once with gradients; return the storages each unit saves, the end-to-end peak, and whether
+    each unit wrote into its input.
 
     Raises a TypeError naming the unit when one returns something other than a tensor (the next module's
     input and every module's head need one), and names the unit in any error raised while running it."""
     recorder = _KeyRecorder(exclude=params)
     h = _detached(example_input)
     outputs = []  # kept so that no saved storage is freed and its address reused during the run
+    writes = []
     with torch.enable_grad(), recorder:
         for name, unit in named:
             recorder.per_unit.append({})
+            version = h._version if isinstance(h, torch.Tensor) else None
             try:
-                h = unit(h)
+                h_in, h = h, unit(h)
             except Exception as error:
                 if hasattr(error, "add_note"):  # Python >= 3.11
                     error.add_note(f"split: raised by unit {name} ({type(unit).__name__}) on example_input's batch "
@@ -770,10 +788,11 @@ def _saved_keys_per_unit(named: list[tuple[str, nn.Module]], params: list[torch.
                                 f"features for a head), got {type(h).__name__} from unit {name} "
                                 f"({type(unit).__name__}); wrap it in an nn.Module whose forward returns one tensor "
                                 "(for an LSTM, its output without the state: `return self.lstm(x)[0]`)")
+            writes.append(version is not None and h_in._version != version)
             outputs.append(h)
     keys, peak = recorder.per_unit, recorder.peak_saved_bytes
-    del outputs, h  # drops the graph; the recorder releases its handles
-    return keys, peak
+    del outputs, h, h_in  # drops the graph; the recorder releases its handles
+    return keys, peak, writes
 
 
 def _measure_modules(modules: list[nn.Sequential], params: list[torch.Tensor],
@@ -892,7 +911,8 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
         a :class:`SplitPlan`; ``plan.modules`` share the model's parameters and, chained, compute ``model(x)``.
 
     Raises:
-        ValueError: for an unknown ``by``, a ``k`` below 1 or above the admissible groups, ``by="saved_bytes"``
+        TooManyModulesError: (a ``ValueError``) for a ``k`` above the admissible groups.
+        ValueError: for an unknown ``by``, a ``k`` below 1, ``by="saved_bytes"``
             without ``example_input``, or a bad ``flatten`` / ``allow_affine_end``.
         TypeError: for a model whose forward order cannot be read (the message suggests a ``split_units()``),
             an ``example_input`` that is not a tensor, or a unit that returns something other than a tensor.
@@ -939,7 +959,7 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
     params = list({id(p): p for unit in units for p in unit.parameters()}.values())
 
     keys: list[dict[tuple, int]] | None = None
-    total = None
+    total = writes = None
     # The measurements run outside inference mode (where autograd would save nothing: every cost 0).
     if example_input is not None:
         # A copy with its own storage: the meter counts whole storages, so a slice x[:32] of a training set would
@@ -948,7 +968,7 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
         with torch.inference_mode(False):
             example_input = example_input.detach().clone()
         with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device):
-            keys, total = _saved_keys_per_unit(named, params, example_input)
+            keys, total, writes = _saved_keys_per_unit(named, params, example_input)
         params = list({id(p): p for unit in units for p in unit.parameters()}.values())  # lazy ones now exist
         if isinstance(model, nn.Module) and not _is_container(model):  # split_units() or a traced forward
             with torch.inference_mode(False):
@@ -1011,4 +1031,5 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
     return SplitPlan(modules=modules, by=by, costs=costs, boundaries=bounds, unit_names=names,
                      unit_costs=[sum(s.values()) for s in unit_sets], params=module_params,
                      saved_bytes=saved, total_saved_bytes=total,
-                     example_batch=None if example_input is None else int(example_input.shape[0]))
+                     example_batch=None if example_input is None else int(example_input.shape[0]),
+                     unit_writes_input=writes)

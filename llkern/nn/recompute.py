@@ -262,16 +262,18 @@ class RecomputedSequential(nn.Sequential):
         last = len(self.boundaries) - 2
         for i, (lo, hi) in enumerate(itertools.pairwise(self.boundaries)):
             segment = _Segment(children[lo:hi], residuals)
-            params = list({id(p): p for m in segment.modules for p in m.parameters() if p.requires_grad}.values())
-            differentiable = isinstance(x, torch.Tensor) and (x.requires_grad or bool(params))
-            # a lazy module's parameters get their shapes in its first forward: that one runs plainly
-            lazy = any(nn.parameter.is_lazy(t) for m in segment.modules for t in itertools.chain(m.parameters(),
-                                                                                                  m.buffers()))
-            if i == last or not record or not differentiable or lazy:
-                # the last segment's backward comes first: recomputing it would repeat its forward for nothing
-                x, *found = segment(x)
-            else:
-                x, *found = _apply_eagerly(segment, self.preserve_rng_state, x, *params)
+            # the last segment's backward comes first: recomputing it would repeat its forward for nothing
+            if i < last and record:
+                params = list({id(p): p for m in segment.modules for p in m.parameters() if p.requires_grad}.values())
+                differentiable = isinstance(x, torch.Tensor) and (x.requires_grad or bool(params))
+                # a lazy module's parameters get their shapes in its first forward: that one runs plainly
+                lazy = any(nn.parameter.is_lazy(t) for m in segment.modules
+                           for t in itertools.chain(m.parameters(), m.buffers()))
+                if differentiable and not lazy:
+                    x, *found = _apply_eagerly(segment, self.preserve_rng_state, x, *params)
+                    collected.extend(found)
+                    continue
+            x, *found = segment(x)
             collected.extend(found)
         return [x, *collected]
 
@@ -293,18 +295,26 @@ def _first_layer(child: nn.Module) -> nn.Module | None:
     return child if getattr(child, "inplace", False) is True else None
 
 
-def _admissible(children: list[nn.Module]) -> list[int]:
+def _writes_input(children: list[nn.Module], writes: Sequence[bool] | None) -> list[bool]:
+    """Whether each child writes into its input: ``inplace=True`` on its first layer, or seen doing so when
+    measured (``writes``: :attr:`llkern.SplitPlan.unit_writes_input`, a forward starting with ``x.relu_()``)."""
+    return [_first_layer(child) is not None or bool(writes is not None and writes[i])
+            for i, child in enumerate(children)]
+
+
+def _admissible(writes: list[bool]) -> list[int]:
     """Where a segment may start (and the end): never at a child that writes into its input (ReLU(inplace=True)),
     which would change the segment's saved input."""
-    n = len(children)
-    return [0] + [i for i in range(1, n) if _first_layer(children[i]) is None] + [n]
+    n = len(writes)
+    return [0] + [i for i in range(1, n) if not writes[i]] + [n]
 
 
-def _most_segments(module: nn.Sequential) -> int:
-    children = list(module._modules.values())
-    if not children or _first_layer(children[0]) is not None:
+def _most_segments(module: nn.Sequential, writes: Sequence[bool] | None = None) -> int:
+    """The most segments ``module`` allows: 1 when its first child writes into the module's input."""
+    flags = _writes_input(list(module._modules.values()), writes)
+    if not flags or flags[0]:
         return 1
-    return len(_admissible(children)) - 1
+    return len(_admissible(flags)) - 1
 
 
 def recompute_modules(modules: Sequence[nn.Module], segments: int, *,
@@ -332,7 +342,11 @@ def recompute_modules(modules: Sequence[nn.Module], segments: int, *,
     for k, module in enumerate(modules):
         try:
             _check_sequential(module)
-            out.append(recompute_segments(module, min(segments, _most_segments(module)), example_input=h))
+            if not len(module):
+                raise ValueError("the module has no children to cut into segments")
+            plain = _plain(module)
+            unit_costs, writes = _measure(plain, h)
+            out.append(_cut(plain, min(segments, _most_segments(plain, writes)), unit_costs, writes, True))
         except (TypeError, ValueError) as error:
             raise type(error)(f"recompute_modules: module {k}: {error}") from None
         if h is not None and k + 1 < len(modules):
@@ -361,7 +375,8 @@ def recompute_segments(module: nn.Sequential, segments: int, *, example_input: t
         example_input: a batch for ``module``. With it the cuts balance the bytes each segment saves for
             backward, measured per child as :func:`llkern.split` measures them (the module runs once in
             training mode; its modes, buffers and the RNG are restored). Without it, equal counts of children.
-            Either way no segment starts at a child with ``inplace=True``.
+            Either way no segment starts at a child with ``inplace=True``, nor (with ``example_input``) at one
+            seen writing into its input.
         preserve_rng_state: restore the random generators before each recomputation (dropout draws the same
             mask; default). Off saves a copy of the generator state per segment and step, for segments that
             draw no random numbers.
@@ -389,28 +404,50 @@ def recompute_segments(module: nn.Sequential, segments: int, *, example_input: t
     if example_input is not None and not isinstance(example_input, torch.Tensor):
         raise TypeError(f"recompute_segments: expected example_input to be a tensor (a batch for the module), got "
                         f"{type(example_input).__name__}")
-    from llkern.local.planner import linear_partition, split  # llkern.local imports llkern.nn
+    plain = _plain(module)
+    unit_costs, writes = _measure(plain, example_input)
+    return _cut(plain, segments, unit_costs, writes, preserve_rng_state)
 
-    plain = module if type(module) is nn.Sequential else nn.Sequential(OrderedDict(module._modules.items()))
+
+def _plain(module: nn.Sequential) -> nn.Sequential:
+    return module if type(module) is nn.Sequential else nn.Sequential(OrderedDict(module._modules.items()))
+
+
+def _measure(plain: nn.Sequential, example_input: torch.Tensor | None) -> tuple[list[int] | None, list[bool] | None]:
+    """Each child's saved bytes and whether it writes into its input, measured on ``example_input`` as
+    :func:`llkern.split` measures them; ``(None, None)`` without one."""
+    if example_input is None:
+        return None, None
+    from llkern.local.planner import split  # llkern.local imports llkern.nn
+
+    with warnings.catch_warnings():  # the module may end on a Linear: split's classifier warning is for modules
+        warnings.simplefilter("ignore")
+        plan = split(plain, 1, by="saved_bytes", example_input=example_input, flatten=False, allow_affine_end=True)
+    return plan.unit_costs, plan.unit_writes_input
+
+
+def _cut(plain: nn.Sequential, segments: int, unit_costs: Sequence[float] | None, writes: Sequence[bool] | None,
+         preserve_rng_state: bool) -> RecomputedSequential:
+    """``plain`` cut into ``segments`` balancing ``unit_costs`` (each child's saved bytes; None: equal counts),
+    never starting a segment at a child that writes into its input."""
+    from llkern.local.planner import linear_partition  # llkern.local imports llkern.nn
+
     children = list(plain)
-    admissible = _admissible(children)
-    if segments > 1 and (first := _first_layer(children[0])) is not None:
-        raise ValueError(f"recompute_segments: the module starts with {type(first).__name__}(inplace=True), "
-                         "which would overwrite the first segment's saved input; make it out of place")
+    flags = _writes_input(children, writes)
+    admissible = _admissible(flags)
+    if segments > 1 and flags[0]:
+        first = _first_layer(children[0])
+        what = (f"{type(first).__name__}(inplace=True)" if first is not None
+                else f"{type(children[0]).__name__}, whose forward writes into its input")
+        raise ValueError(f"recompute_segments: the module starts with {what}, which would overwrite the first "
+                         "segment's saved input; make it out of place")
     if segments > len(admissible) - 1:
         raise ValueError(f"recompute_segments: segments={segments} is more than the {len(admissible) - 1} this module "
-                         f"allows (a segment never starts at a child with inplace=True)")
-    if example_input is None:
-        unit_costs = [1] * n
-    else:
-        with warnings.catch_warnings():  # the module may end on a Linear: split's classifier warning is for modules
-            warnings.simplefilter("ignore")
-            unit_costs = split(plain, 1, by="saved_bytes", example_input=example_input, flatten=False,
-                               allow_affine_end=True).unit_costs
+                         f"allows (a segment never starts at a child that writes into its input)")
+    costs = [1] * len(children) if unit_costs is None else list(unit_costs)
     prefix = [0]
-    for cost in unit_costs:
+    for cost in costs:
         prefix.append(prefix[-1] + cost)
     chosen = linear_partition(lambda i, j: prefix[admissible[j]] - prefix[admissible[i]], len(admissible) - 1,
                               segments)
-    boundaries = [admissible[b] for b in chosen]
-    return RecomputedSequential(plain, boundaries, preserve_rng_state=preserve_rng_state)
+    return RecomputedSequential(plain, [admissible[b] for b in chosen], preserve_rng_state=preserve_rng_state)
