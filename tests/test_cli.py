@@ -166,6 +166,52 @@ def test_recompute_segments_trains_the_same_net_in_less_saved_memory(tmp_path):
         parse(["--recompute-segments", "0"])
 
 
+def test_memory_budget_chooses_k_and_segments_and_saves_the_choice(tmp_path, capsys):
+    import llkern
+    from llkern.cli.train import _body, _model
+    from llkern.data import load_digits
+
+    torch.set_num_threads(1)
+    budget = 3 * 2**20
+    out = run("--memory-budget", "3MiB", "--epochs", "1", "--output-dir", str(tmp_path / "run"))
+    printed = capsys.readouterr().out
+    # the choice is llkern.fit_memory's for this model and batch, printed, trained, and saved as -k and -S
+    x = load_digits(seed=0)[0]
+    model, _ = _body(_model("digits-resnet", x[:8]))
+    fit = llkern.fit_memory(model, budget, example_input=x[:32], batch_size=64)
+    assert (fit.k, fit.segments) != (1, 1) and str(fit) in printed
+    options = json.loads((tmp_path / "run" / "options.json").read_text())
+    assert (options["k"], options["recompute_segments"], options["memory_budget"]) == (fit.k, fit.segments, None)
+    row = json.loads((tmp_path / "run" / "log.json").read_text())[-1]
+    assert len(row["loss"]) == fit.k and row["peak_saved_bytes"] <= 1.02 * budget  # heads included
+    evaluated = cli.run(["eval", "--checkpoint", str(tmp_path / "run")])  # rebuilt from the saved options
+    assert evaluated["evaluation"]["accuracy"] == out["evaluation"]["accuracy"]
+    # K = 1 with segments: recomputed at the planner's units, as fit_memory measured it (not the model's children)
+    five = llkern.fit_memory(model, 5 * 2**20, example_input=x[:32], batch_size=64)
+    assert five.k == 1 and five.segments > 1
+    out = run("--memory-budget", "5MiB", "--epochs", "1", "--output-dir", str(tmp_path / "one"))
+    row = json.loads((tmp_path / "one" / "log.json").read_text())[-1]
+    assert abs(row["peak_saved_bytes"] - five.peak_bytes) <= 0.02 * five.peak_bytes
+    evaluated = cli.run(["eval", "--checkpoint", str(tmp_path / "one")])
+    assert evaluated["evaluation"]["accuracy"] == out["evaluation"]["accuracy"]
+    trained = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["net"]
+    fitted = llkern.LocalNet(five.modules, num_classes=10, example_input=x[:2]).state_dict()
+    assert [k for k in trained if k.startswith("blocks.")] == [k for k in fitted if k.startswith("blocks.")]
+    with pytest.raises(UsageError, match=r"--memory-budget 10.00 KiB: fit_memory: no split"):
+        run("--memory-budget", "10KiB")
+    with pytest.raises(UsageError, match="does not combine with --relu-masks"):
+        run("--memory-budget", "3MiB", "--relu-masks")
+    with pytest.raises(UsageError, match="--split layers"):
+        run("--memory-budget", "3MiB", "--split", "layers")
+    with pytest.raises(UsageError, match=r"--memory-budget.*image models"):
+        run("--model", "gcn", "--data", "karate", "--memory-budget", "1MiB")
+    for bad in ("0", "3MiX", "-1MiB"):
+        with pytest.raises(SystemExit):
+            parse(["--memory-budget", bad])
+    assert parse(["--memory-budget", "1.5 GiB"]).memory_budget == 3 * 2**29
+    assert parse(["--memory-budget", "500MB"]).memory_budget == 500 * 10**6
+
+
 # --- MOLE's data and models (issue 7): digits as vectors and images, graphs ----------------------------------
 
 @pytest.mark.parametrize("options,bar", [

@@ -63,6 +63,27 @@ nonnegative_float = _number(float, 0.0, False, "a number >= 0")
 fraction = _number(float, 0.0, False, "a number from 0 to 1", 1.0)
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def byte_size(value: str) -> int:
+    """An option type for a number of bytes: ``41943040``, ``40MiB``, ``1.5 GiB``, ``500MB`` (KiB/MiB/GiB are
+    powers of 2, kB/MB/GB powers of 10; case is ignored); at least one byte."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _BYTE_UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 40MiB, 1.5GiB or 500MB (units B, kB, MB, GB, "
+                                         f"KiB, MiB, GiB), got {value!r}")
+    size = float(match.group(1)) * _BYTE_UNITS[unit]
+    if not size >= 1 or size == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite size of at least 1 byte, got {value!r}")
+    return int(size)
+
+
+byte_size.__name__ = "a size"
+
+
 def positive_float_at_most(high: float) -> Callable[[str], float]:
     """An option type for numbers above 0 and at most ``high``."""
     return _number(float, 0.0, True, f"a number > 0 and <= {high:g}", high)

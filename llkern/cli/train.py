@@ -47,6 +47,7 @@ from torch import nn
 from llkern.cli.options import (
     HelpFormatter,
     UsageError,
+    byte_size,
     check_device,
     make_parents,
     nonnegative_float,
@@ -103,6 +104,12 @@ def build_parser(defaults: dict[str, Any] | None = None, prog: str | None = "llk
                       help="cut each module into S segments (at most one per child) balanced by saved bytes and "
                            "recompute all but the last in the backward (keeps their inputs only; about one more "
                            "forward per step; 1: off)")
+    what.add_argument("--memory-budget", type=byte_size, default=None, metavar="SIZE",
+                      help="choose -k and --recompute-segments for this activation budget (e.g. 40MiB): the fewest "
+                           "modules, then the fewest segments, whose largest module saves at most SIZE for backward "
+                           "at --batch-size (per process under torchrun), measured on the CPU in fp32 "
+                           "(llkern.fit_memory; the choice replaces -k and --recompute-segments, and is what the "
+                           "run saves)")
     what.add_argument("--tau", type=positive_float, default=1.0, help="TRGL's transport weight 1/tau")
     what.add_argument("--context", choices=CHOICES["context"][1:], default=None,
                       help="ContSup context for modules 1..K-1 (image encoder, previous boundary, both)")
@@ -273,6 +280,12 @@ def _defaults(args: argparse.Namespace, prog: str | None) -> dict[str, Any]:
 def _check_options(args: argparse.Namespace) -> None:
     """Everything that can be checked before any data is read."""
     check_device(args.device)
+    if args.memory_budget is not None and (args.relu_masks or args.recompute_bn_relu):
+        raise UsageError("--memory-budget measures the modules as they are: it does not combine with --relu-masks "
+                         "or --recompute-bn-relu (choose -k and --recompute-segments yourself with them)")
+    if args.memory_budget is not None and args.split != "saved_bytes":
+        raise UsageError(f"--memory-budget balances the modules by saved bytes; it does not combine with --split "
+                         f"{args.split}")
     if args.data in ("cifar10", "folder"):
         if not args.data_root:
             raise UsageError(f"--data {args.data} needs --data-root (the extracted CIFAR-10 folder for cifar10, a "
@@ -575,9 +588,9 @@ def _graph_run(args: argparse.Namespace) -> Run:
     if args.loss not in GRAPH_LOSSES:
         raise UsageError(f"a GCN trains with --loss {' or '.join(GRAPH_LOSSES)}, got {args.loss}")
     if args.context or args.relu_masks or args.recompute_bn_relu or args.heads not in ("auto", "linear") \
-            or args.augment or args.recompute_segments > 1:
-        raise UsageError("--context, --relu-masks, --recompute-bn-relu, --recompute-segments, --augment and --heads "
-                         "other than linear are for image models, not for --model gcn")
+            or args.augment or args.recompute_segments > 1 or args.memory_budget is not None:
+        raise UsageError("--context, --relu-masks, --recompute-bn-relu, --recompute-segments, --memory-budget, "
+                         "--augment and --heads other than linear are for image models, not for --model gcn")
     if args.distributed:
         raise UsageError("--distributed shards tensor data (digits, cifar10, folder); graph data is one graph or a "
                          "list of graph batches that every process would see whole")
@@ -624,6 +637,33 @@ def _graph_run(args: argparse.Namespace) -> Run:
                lambda: trainer.evaluate(test_batches, exit="all"), what, args.loss == "mi")
 
 
+def _process_batch(args: argparse.Namespace) -> int:
+    """The samples one process runs per step: --batch-size is the global batch under torchrun."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return args.batch_size
+    replicas = dist.get_world_size() // (args.pipeline_stages or 1)
+    return max(1, args.batch_size // max(1, replicas))
+
+
+def _fit_memory_budget(args: argparse.Namespace, model: nn.Sequential, example: torch.Tensor) -> None:
+    """--memory-budget: set -k and --recompute-segments to llkern.fit_memory's choice (the saved options then
+    rebuild the same network on --resume and in llkern eval, without fitting again)."""
+    import llkern
+
+    batch = _process_batch(args)
+    try:
+        fit = llkern.fit_memory(model, args.memory_budget, example_input=example, batch_size=batch)
+    except ValueError as error:
+        from llkern.local.planner import _format_bytes
+
+        raise UsageError(f"--memory-budget {_format_bytes(args.memory_budget)}: {error}") from None
+    _say(fit)
+    args.k, args.recompute_segments, args.memory_budget = fit.k, fit.segments, None
+    _check_sequential_epochs(args)
+
+
 def _image_run(args: argparse.Namespace) -> Run:
     import llkern
 
@@ -631,8 +671,12 @@ def _image_run(args: argparse.Namespace) -> Run:
     device = torch.device(args.device)
     data = _data(args)
     model, tokens = _body(_model(args.model, data.x[:8]))
+    if args.memory_budget is not None:
+        _fit_memory_budget(args, model, data.x[:32])
     plan = None
-    if args.k == 1:
+    if args.k == 1 and args.recompute_segments > 1:  # recomputed at the planner's units, as fit_memory measures
+        modules = llkern.split(model, 1, by="saved_bytes", example_input=data.x[:32]).modules
+    elif args.k == 1:
         modules = [model]  # end to end: one module, one head, the whole graph kept
     else:
         try:
@@ -720,13 +764,18 @@ def _is_lead() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Run ``llkern train`` with parsed options; returns the final evaluation and the log rows."""
-    _check_options(args)
+def _check_sequential_epochs(args: argparse.Namespace) -> None:
     if args.mode == "sequential" and args.epochs % args.k:
         low = max(args.k, args.epochs - args.epochs % args.k)
         raise UsageError(f"--epochs {args.epochs}: sequential mode trains each of the {args.k} modules for epochs / K "
                          f"epochs; give a multiple of {args.k} (e.g. {low} or {low + args.k})")
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run ``llkern train`` with parsed options; returns the final evaluation and the log rows."""
+    _check_options(args)
+    if args.memory_budget is None:  # else once the budget has chosen K
+        _check_sequential_epochs(args)
     started = _start_distributed(args) if args.distributed or args.pipeline_stages else False
     try:
         return _train(args)

@@ -22,6 +22,7 @@ and on a GPU the allocator's workspace and fragmentation come on top.
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -72,9 +73,11 @@ class MemoryFit:
         rows = [f"fit_memory: K = {self.k} modules, {self.segments} recomputed segment"
                 f"{'s' if self.segments > 1 else ''} per module; largest module {_format_bytes(self.peak_bytes)} "
                 f"saved for a batch of {self.batch_size} (budget {_format_bytes(self.budget_bytes)})",
-                "   K  segments  largest module"]
-        rows += [f"{k:4d}  {s:8d}  {_format_bytes(peak):>14}{'  fits' if peak <= self.budget_bytes else ''}"
-                 for k, s, peak in self.tried]
+                "   K  segments  largest module  of budget"]
+        # the share of the budget, rounded up: a candidate 1 byte over shows above 100 %, not as "3.00 MiB" beside a
+        # budget of 3.00 MiB
+        rows += [f"{k:4d}  {s:8d}  {_format_bytes(peak):>14}  {math.ceil(1000 * peak / self.budget_bytes) / 10:8.1f} %"
+                 f"{'  fits' if peak <= self.budget_bytes else ''}" for k, s, peak in self.tried]
         return "\n".join(rows)
 
 
