@@ -204,3 +204,14 @@ def test_recomputed_cuts_are_those_recompute_modules_measures(k):
     fit = llkern.fit_memory(model, 2**40, example_input=x, segments=(2,))
     assert [m.boundaries for m in fit.modules] == [m.boundaries for m in
                                                    llkern.recompute_modules(fit.plan.modules, 2, example_input=x)]
+
+
+def test_under_autocast_it_fits_what_a_16_bit_step_saves():
+    model, x, y = cnn(), torch.randn(16, 3, 12, 12), torch.randint(0, 10, (16,))
+    fp32 = llkern.fit_memory(model, 2**40, example_input=x, segments=(2,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = llkern.fit_memory(model, 2**40, example_input=x, segments=(2,))
+    assert bf16.peak_bytes < 0.6 * fp32.peak_bytes
+    net = llkern.LocalNet(bf16.modules, num_classes=10, example_input=x[:2])
+    measured = max(row.peak_saved_bytes for row in net.memory_profile(x, y, autocast=torch.bfloat16))
+    assert abs(measured - bf16.peak_bytes) <= 0.02 * bf16.peak_bytes
