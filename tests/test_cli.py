@@ -197,19 +197,37 @@ def test_memory_budget_chooses_k_and_segments_and_saves_the_choice(tmp_path, cap
     trained = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["net"]
     fitted = llkern.LocalNet(five.modules, num_classes=10, example_input=x[:2]).state_dict()
     assert [k for k in trained if k.startswith("blocks.")] == [k for k in fitted if k.startswith("blocks.")]
-    with pytest.raises(UsageError, match=r"--memory-budget 10.00 KiB: fit_memory: no split"):
+    with pytest.raises(UsageError, match=r"--resume rebuilds the saved network.*drop --memory-budget"):
+        run("--resume", "--output-dir", str(tmp_path / "run"), "--memory-budget", "3MiB")
+    with pytest.raises(UsageError, match=r"--memory-budget 10.00 KiB: fit_memory: no split.*--batch-size"):
         run("--memory-budget", "10KiB")
     with pytest.raises(UsageError, match="does not combine with --relu-masks"):
         run("--memory-budget", "3MiB", "--relu-masks")
-    with pytest.raises(UsageError, match="--split layers"):
+    with pytest.raises(UsageError, match="--split layers: add --split saved_bytes"):
         run("--memory-budget", "3MiB", "--split", "layers")
+    with pytest.raises(UsageError, match=r"--memory-budget 3.00 MiB chose K = 3 modules, and --epochs 10: sequential"):
+        run("--memory-budget", "3MiB", "--mode", "sequential", "--epochs", "10")
     with pytest.raises(UsageError, match=r"--memory-budget.*image models"):
         run("--model", "gcn", "--data", "karate", "--memory-budget", "1MiB")
-    for bad in ("0", "3MiX", "-1MiB"):
+    for bad in ("=0", "=3MiX", "=-1MiB"):  # (with "=": argparse takes a lone -1MiB for an option)
         with pytest.raises(SystemExit):
-            parse(["--memory-budget", bad])
+            parse([f"--memory-budget{bad}"])
     assert parse(["--memory-budget", "1.5 GiB"]).memory_budget == 3 * 2**29
     assert parse(["--memory-budget", "500MB"]).memory_budget == 500 * 10**6
+
+
+def test_memory_budget_counts_the_heads_and_losses_on_top_of_the_blocks(tmp_path, capsys):
+    # MLP-SR heads save about 1 MiB per module on digits: the blocks are fitted again into what they leave
+    torch.set_num_threads(1)
+    run("--memory-budget", "3MiB", "--heads", "mlp-sr", "--epochs", "1", "--log", str(tmp_path / "log.json"))
+    printed = capsys.readouterr().out
+    assert re.search(r"with its heads, local losses and context the largest module saves [\d.]+ MiB .*blocks fitted "
+                     r"to [\d.]+ MiB", printed)
+    row = json.loads((tmp_path / "log.json").read_text())[-1]
+    assert row["peak_saved_bytes"] <= 3 * 2**20
+    # context encoders that alone exceed the budget
+    with pytest.raises(UsageError, match=r"the heads, local losses and context alone save [\d.]+ MiB"):
+        run("--model", "digits-lenet", "--context", "RE", "--memory-budget", "150KiB")
 
 
 # --- MOLE's data and models (issue 7): digits as vectors and images, graphs ----------------------------------

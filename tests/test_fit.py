@@ -50,7 +50,7 @@ def test_the_fit_holds_at_the_full_batch_and_nothing_smaller_was_skipped(share):
     # the heads add little (a pooled linear head); the prediction from a batch of 8 holds at 64
     assert max(measured) <= 1.02 * budget
     assert abs(max(measured) - fit.peak_bytes) <= 0.02 * fit.peak_bytes
-    assert "fits" in str(fit) and f"K = {fit.k} modules" in str(fit)
+    assert "fits" in str(fit) and f"K = {fit.k} module" in str(fit)
 
 
 def test_a_generous_budget_is_end_to_end_and_an_impossible_one_names_the_least():
@@ -176,19 +176,22 @@ def test_warnings_reach_the_caller_when_an_error_ends_the_search():
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_recomputed_cuts_are_those_recompute_modules_measures(k):
     # fit_memory cuts segments by the plan's own per-unit measurement instead of measuring every module again; the
-    # bytes must be those recompute_modules measures on each module's input (a module's leading ReLU or pool saves
-    # nothing there: its input is detached), and so must the cuts
+    # bytes must be those recompute_modules measures on each module's input (a module's leading pool saves nothing
+    # there: its input is detached), and so must the cuts
     from llkern.local.fit import _module_costs
     from llkern.nn.recompute import _cut, _measure, _most_segments
 
     torch.manual_seed(0)
-    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-    for _ in range(3):
-        layers += [nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()), nn.MaxPool2d(1)]
-    model = nn.Sequential(*layers, nn.Conv2d(16, 8, 3, padding=1), nn.Tanh())
-    x = torch.randn(8, 3, 12, 12)
+
+    def conv_relu(pool: bool = False) -> nn.Sequential:  # a layer group: one unit
+        return nn.Sequential(*([nn.MaxPool2d(2)] if pool else []), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+
+    # unit 5 is a layer group whose pool comes before its conv: as a module's first unit its pool saves nothing
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), conv_relu(), conv_relu(), conv_relu(),
+                          conv_relu(pool=True), conv_relu(), conv_relu(), conv_relu())
+    x = torch.randn(8, 3, 24, 24)
     plan = llkern.split(model, k, example_input=x)
-    costs, writes = _module_costs(plan)
+    costs, writes = _module_costs(plan, x)
     h = x
     for module, module_costs, module_writes in zip(plan.modules, costs, writes, strict=True):
         assert (module_costs, module_writes) == tuple(_measure(module, h))
@@ -196,7 +199,9 @@ def test_recomputed_cuts_are_those_recompute_modules_measures(k):
         with torch.no_grad():
             h = module(h)
         module.train()
-    assert any(c[0] == 0 and len(c) > 1 for c in costs[1:])  # a module starting with a pool: it saves nothing there
+    if 5 in plan.boundaries:
+        assert costs[plan.boundaries.index(5)][0] < plan.unit_costs[5]
+    assert k != 3 or plan.boundaries[2] == 5  # (the case this test is for)
     ours = [_cut(m, min(2, _most_segments(m, w)), c, w, True).boundaries
             for m, c, w in zip(plan.modules, costs, writes, strict=True)]
     assert ours == [m.boundaries for m in llkern.recompute_modules(plan.modules, 2, example_input=x)]
@@ -215,3 +220,15 @@ def test_under_autocast_it_fits_what_a_16_bit_step_saves():
     net = llkern.LocalNet(bf16.modules, num_classes=10, example_input=x[:2])
     measured = max(row.peak_saved_bytes for row in net.memory_profile(x, y, autocast=torch.bfloat16))
     assert abs(measured - bf16.peak_bytes) <= 0.02 * bf16.peak_bytes
+
+
+def test_min_k_starts_the_search_there():
+    model, x = cnn(), torch.randn(8, 3, 12, 12)
+    fit = llkern.fit_memory(model, 2**40, example_input=x, min_k=3)
+    assert (fit.k, fit.segments) == (3, 1) and [t[0] for t in fit.tried] == [3]
+    with pytest.raises(ValueError, match=r"min_k=40 is more modules than the model allows \(\d+\)"):
+        llkern.fit_memory(model, 2**40, example_input=x, min_k=40, max_k=40)
+    with pytest.raises(ValueError, match="max_k to be an int >= min_k"):
+        llkern.fit_memory(model, 2**40, example_input=x, min_k=3, max_k=2)
+    with pytest.raises(ValueError, match="min_k"):
+        llkern.fit_memory(model, 2**40, example_input=x, min_k=0)

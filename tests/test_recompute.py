@@ -472,6 +472,22 @@ def test_a_child_seen_writing_into_its_input_starts_no_segment():
         recompute_segments(nn.Sequential(WritesItsInput(), nn.Linear(4, 2)), 2, example_input=x)
 
 
+def test_a_pass_through_child_before_an_in_place_one_starts_no_segment():
+    # nn.Identity hands its input on: the in-place ReLU after it overwrites the Identity's input too
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Identity(), nn.ReLU(inplace=True),
+                           nn.Linear(4, 4), nn.Tanh())
+    x = torch.randn(5, 4)
+    plan = llkern.split(module, 1, example_input=x, flatten=False, allow_affine_end=True)
+    assert plan.unit_writes_input == [False, False, False, True, True, False, False]
+    measured = recompute_segments(module, 5, example_input=x)
+    assert not {3, 4} & set(measured.boundaries)
+    assert_bitwise_equal(module, measured, *run_both(module, measured, x))
+    fit = llkern.fit_memory(module, 2**40, example_input=x, segments=(5,))  # measured cuts: the forward runs
+    assert fit.segments == 5 and not {3, 4} & set(fit.modules[0].boundaries)
+    fit.modules[0](x.clone().requires_grad_()).sum().backward()
+
+
 def test_moda_losses_refuse_recomputed_segments():
     # MODA's terms read the ReLU outputs with their graphs in the forward: a recomputed segment has none there
     from llkern.moda import MODALocalLoss, MODALoss

@@ -3,6 +3,7 @@ nonlinearity, measured saved bytes, LocalNet compatibility, warnings, errors."""
 
 import contextlib
 import itertools
+import pickle
 import random
 import warnings
 from collections import OrderedDict
@@ -518,6 +519,8 @@ def test_errors():
                                                         r"possible \(7 units") as too_many:
         split(model, 8, by="layers")
     assert isinstance(too_many.value, ValueError) and (too_many.value.k, too_many.value.possible) == (8, 7)
+    again = pickle.loads(pickle.dumps(too_many.value))  # multiprocessing and torchrun's error files pickle it
+    assert (type(again), str(again), again.k, again.possible) == (llkern.TooManyModulesError, str(too_many.value), 8, 7)
     with pytest.raises(ValueError, match=r"at most 22 are possible .*k must be at most 22\.$"):
         split(model, 23, by="layers", flatten=True, allow_affine_end=True)
     for k in (0, -1):

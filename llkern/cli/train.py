@@ -106,10 +106,10 @@ def build_parser(defaults: dict[str, Any] | None = None, prog: str | None = "llk
                            "forward per step; 1: off)")
     what.add_argument("--memory-budget", type=byte_size, default=None, metavar="SIZE",
                       help="choose -k and --recompute-segments for this activation budget (e.g. 40MiB): the fewest "
-                           "modules, then the fewest segments, whose largest module saves at most SIZE for backward "
-                           "at --batch-size (per process under torchrun), measured on the CPU in fp32 "
-                           "(llkern.fit_memory; the choice replaces -k and --recompute-segments, and is what the "
-                           "run saves)")
+                           "modules, then the fewest segments, whose largest module with its head and local loss "
+                           "saves at most SIZE for backward at --batch-size (per process under torchrun), measured "
+                           "on the CPU in fp32 (llkern.fit_memory, then one step; the choice replaces -k and "
+                           "--recompute-segments, and is what the run saves)")
     what.add_argument("--tau", type=positive_float, default=1.0, help="TRGL's transport weight 1/tau")
     what.add_argument("--context", choices=CHOICES["context"][1:], default=None,
                       help="ContSup context for modules 1..K-1 (image encoder, previous boundary, both)")
@@ -284,8 +284,12 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UsageError("--memory-budget measures the modules as they are: it does not combine with --relu-masks "
                          "or --recompute-bn-relu (choose -k and --recompute-segments yourself with them)")
     if args.memory_budget is not None and args.split != "saved_bytes":
+        source = f" (set by --recipe {args.recipe})" if args.recipe else ""
         raise UsageError(f"--memory-budget balances the modules by saved bytes; it does not combine with --split "
-                         f"{args.split}")
+                         f"{args.split}{source}: add --split saved_bytes")
+    if args.memory_budget is not None and args.resume:
+        raise UsageError("--resume rebuilds the saved network (its -k and --recompute-segments, which a budget chose "
+                         "when it did); drop --memory-budget")
     if args.data in ("cifar10", "folder"):
         if not args.data_root:
             raise UsageError(f"--data {args.data} needs --data-root (the extracted CIFAR-10 folder for cifar10, a "
@@ -647,21 +651,68 @@ def _process_batch(args: argparse.Namespace) -> int:
     return max(1, args.batch_size // max(1, replicas))
 
 
-def _fit_memory_budget(args: argparse.Namespace, model: nn.Sequential, example: torch.Tensor) -> None:
+def _fit_memory_budget(args: argparse.Namespace, model: nn.Sequential, data: ImageData, tokens: bool) -> None:
     """--memory-budget: set -k and --recompute-segments to llkern.fit_memory's choice (the saved options then
-    rebuild the same network on --resume and in llkern eval, without fitting again)."""
+    rebuild the same network on --resume and in llkern eval, without fitting again).
+
+    fit_memory measures the blocks; the heads, local losses and context encoders save on top of them. The chosen
+    modules are therefore run once more as the run will run them (a copy, one step on the CPU) and, while that
+    exceeds the budget, fitted again to a budget smaller by the excess."""
+    import llkern
+    from llkern.local.planner import _format_bytes
+
+    budget, batch = args.memory_budget, _process_batch(args)
+    what = f"--memory-budget {_format_bytes(budget)}"
+    target = budget
+    for _ in range(4):
+        try:
+            fit = llkern.fit_memory(model, target, example_input=data.x[:32], batch_size=batch,
+                                    min_k=args.pipeline_stages or 1)
+        except ValueError as error:
+            left = ("" if target == budget else f"the heads, local losses and context save about "
+                    f"{_format_bytes(budget - target)} on top of the blocks, which leaves them "
+                    f"{_format_bytes(target)}, and ")
+            raise UsageError(f"{what}: {left}{error}. From the command line: a smaller --batch-size, or choose -k and "
+                             "--recompute-segments yourself with --relu-masks / --recompute-bn-relu") from None
+        whole = _largest_step_peak(args, fit.modules, data, tokens, batch)
+        if whole <= budget:
+            break
+        # the heads and losses add about whole - fit.peak_bytes: fit the blocks into what they leave
+        target = min(target, fit.peak_bytes) - (whole - budget)
+        if target < 1:
+            raise UsageError(f"{what}: the heads, local losses and context alone save "
+                             f"{_format_bytes(whole - fit.peak_bytes)} for a batch of {batch}; give a larger budget, "
+                             "a smaller --batch-size or lighter --heads")
+    else:
+        raise UsageError(f"{what}: with its heads and local losses the largest module still saves "
+                         f"{_format_bytes(whole)}; give a larger budget or a smaller --batch-size")
+    _say(fit)
+    _say(f"with its heads, local losses and context the largest module saves {_format_bytes(whole)} for a batch of "
+         f"{batch} (one step measured{'' if target == budget else f'; blocks fitted to {_format_bytes(target)}'})")
+    args.k, args.recompute_segments, args.memory_budget = fit.k, fit.segments, None
+    try:
+        _check_sequential_epochs(args)
+    except UsageError as error:
+        raise UsageError(f"{what} chose K = {fit.k} modules, and {error}") from None
+
+
+def _largest_step_peak(args: argparse.Namespace, modules: list[nn.Module], data: ImageData, tokens: bool,
+                       batch: int) -> int:
+    """The largest saved-for-backward peak of one local step of ``modules`` as LocalNet trains them with the run's
+    heads, losses and context: on copies, on the CPU, in fp32, the RNG restored."""
+    import copy
+
+    with torch.random.fork_rng(devices=[]):
+        net = _local_net(args, copy.deepcopy(modules), data, tokens)
+        rows = net.memory_profile(data.x[:batch].clone(), data.y[:batch].clone())
+    return max(row.peak_saved_bytes for row in rows)
+
+
+def _local_net(args: argparse.Namespace, modules: list[nn.Module], data: ImageData, tokens: bool) -> Any:
     import llkern
 
-    batch = _process_batch(args)
-    try:
-        fit = llkern.fit_memory(model, args.memory_budget, example_input=example, batch_size=batch)
-    except ValueError as error:
-        from llkern.local.planner import _format_bytes
-
-        raise UsageError(f"--memory-budget {_format_bytes(args.memory_budget)}: {error}") from None
-    _say(fit)
-    args.k, args.recompute_segments, args.memory_budget = fit.k, fit.segments, None
-    _check_sequential_epochs(args)
+    return llkern.LocalNet(modules, num_classes=data.num_classes, heads=_heads(args, data.num_classes, tokens),
+                           losses=_loss(args, modules, data.x), example_input=data.x[:2], context=args.context)
 
 
 def _image_run(args: argparse.Namespace) -> Run:
@@ -672,10 +723,10 @@ def _image_run(args: argparse.Namespace) -> Run:
     data = _data(args)
     model, tokens = _body(_model(args.model, data.x[:8]))
     if args.memory_budget is not None:
-        _fit_memory_budget(args, model, data.x[:32])
+        _fit_memory_budget(args, model, data, tokens)
     plan = None
     if args.k == 1 and args.recompute_segments > 1:  # recomputed at the planner's units, as fit_memory measures
-        modules = llkern.split(model, 1, by="saved_bytes", example_input=data.x[:32]).modules
+        modules = llkern.split(model, 1, by="layers").modules
     elif args.k == 1:
         modules = [model]  # end to end: one module, one head, the whole graph kept
     else:
@@ -698,9 +749,7 @@ def _image_run(args: argparse.Namespace) -> Run:
             modules = recompute_modules(modules, args.recompute_segments, example_input=data.x[:32])
         except (TypeError, ValueError) as error:
             raise UsageError(f"--recompute-segments {args.recompute_segments}: {error}") from None
-    heads = _heads(args, data.num_classes, tokens)
-    net = llkern.LocalNet(modules, num_classes=data.num_classes, heads=heads, losses=_loss(args, modules, data.x),
-                          example_input=data.x[:2], context=args.context).to(device)
+    net = _local_net(args, modules, data, tokens).to(device)
     steps_per_epoch = -(-len(data.y) // args.batch_size)
     trainer, epochs_per_module = _trainer(args, net, steps_per_epoch)
     epochs = epochs_per_module * args.k if args.mode == "sequential" else args.epochs

@@ -72,13 +72,13 @@ class MemoryFit:
     tried: list[tuple[int, int, int]] = field(default_factory=list)
 
     def __str__(self) -> str:
-        rows = [f"fit_memory: K = {self.k} modules, {self.segments} recomputed segment"
+        rows = [f"fit_memory: K = {self.k} module{'s' if self.k > 1 else ''}, {self.segments} recomputed segment"
                 f"{'s' if self.segments > 1 else ''} per module; largest module {_format_bytes(self.peak_bytes)} "
                 f"saved for a batch of {self.batch_size} (budget {_format_bytes(self.budget_bytes)})",
                 "   K  segments  largest module  of budget"]
         # the share of the budget, rounded up: a candidate 1 byte over shows above 100 %, not as "3.00 MiB" beside a
         # budget of 3.00 MiB
-        rows += [f"{k:4d}  {s:8d}  {_format_bytes(peak):>14}  {math.ceil(1000 * peak / self.budget_bytes) / 10:8.1f} %"
+        rows += [f"{k:4d}  {s:8d}  {_format_bytes(peak):>14}  {math.ceil(1000 * peak / self.budget_bytes) / 10:7.1f} %"
                  f"{'  fits' if peak <= self.budget_bytes else ''}" for k, s, peak in self.tried]
         return "\n".join(rows)
 
@@ -134,25 +134,33 @@ def _predicted_peak(trace: list[int], half: list[int] | None, batch: int, batch_
     return max(0, round(max(a + (a - b) * slope for a, b in zip(trace, half, strict=True))))
 
 
-def _module_costs(plan: SplitPlan) -> tuple[list[list[int]], list[list[bool]]]:
-    """Each module's per-child saved bytes and in-place flags, from the plan's measurement of the whole chain (what
-    :func:`llkern.recompute_segments` would measure again per module). A module's input is detached in local
-    training, so the children before its first trainable one record no graph there and cost nothing."""
+def _module_costs(plan: SplitPlan, example_input: torch.Tensor) -> tuple[list[list[int]], list[list[bool]]]:
+    """Each module's per-child saved bytes and in-place flags, as :func:`llkern.recompute_modules` measures them,
+    mostly from the plan's measurement of the whole chain. Only a module's first children differ there: its input
+    is detached in local training, so the children up to its first trainable one (and any layer inside that one
+    before its first parameter: a pool in ``Sequential(MaxPool2d, Conv2d, ReLU)``) record no graph. Those are
+    measured again on the module's own input (the batch run through the modules before it in eval mode)."""
+    from llkern.nn.recompute import _eval_forward, _measure  # llkern.nn imports llkern.local lazily the other way
+
     costs, writes = [], []
-    for lo, hi in itertools.pairwise(plan.boundaries):
-        module_costs = list(plan.unit_costs[lo:hi])
-        units = [u for m in plan.modules for u in m][lo:hi]
-        for i, unit in enumerate(units):
-            if _trainable(unit):
-                break
-            module_costs[i] = 0
+    h = example_input
+    for k, (lo, hi) in enumerate(itertools.pairwise(plan.boundaries)):
+        module = plan.modules[k]
+        units = list(module)
+        module_costs, module_writes = list(plan.unit_costs[lo:hi]), list(plan.unit_writes_input[lo:hi])
+        first = next((i for i, unit in enumerate(units) if _trainable(unit)), len(units) - 1)
+        head_costs, head_writes = _measure(nn.Sequential(*units[:first + 1]), h)
+        module_costs[:first + 1] = head_costs
+        module_writes[:first + 1] = [a or b for a, b in zip(module_writes[:first + 1], head_writes, strict=True)]
         costs.append(module_costs)
-        writes.append(list(plan.unit_writes_input[lo:hi]))
+        writes.append(module_writes)
+        if k + 1 < len(plan.modules):
+            h = _eval_forward(module, h)
     return costs, writes
 
 
 def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tensor, batch_size: int | None = None,
-               max_k: int = 16, segments: tuple[int, ...] = (1, 2, 3, 4)) -> MemoryFit:
+               min_k: int = 1, max_k: int = 16, segments: tuple[int, ...] = (1, 2, 3, 4)) -> MemoryFit:
     """The fewest modules (then the fewest recomputed segments) whose largest module fits ``budget_bytes``.
 
     Args:
@@ -163,6 +171,7 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
         batch_size: the training batch the budget is for (default: ``example_input``'s); the bytes measured on
             ``example_input`` and on its first half are extrapolated to it (with fewer than 4 examples: scaled by
             ``batch_size / len(example_input)``).
+        min_k: the fewest modules to try (a pipeline of S stages needs at least S).
         max_k: the most modules to try.
         segments: the segment counts to try for each K, in order (1: no recomputation).
 
@@ -184,8 +193,10 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
         batch_size = batch
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"fit_memory: expected batch_size to be a positive int, got {batch_size!r}")
-    if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
-        raise ValueError(f"fit_memory: expected max_k to be an int >= 1, got {max_k!r}")
+    if isinstance(min_k, bool) or not isinstance(min_k, int) or min_k < 1:
+        raise ValueError(f"fit_memory: expected min_k to be an int >= 1, got {min_k!r}")
+    if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < min_k:
+        raise ValueError(f"fit_memory: expected max_k to be an int >= min_k ({min_k}), got {max_k!r}")
     segments = tuple(segments)
     if not segments or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in segments):
         raise ValueError(f"fit_memory: expected segments to be ints >= 1, got {segments!r}")
@@ -204,15 +215,16 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
     try:
         with warnings.catch_warnings(record=True) as caught:  # split's warnings once, not once per K
             warnings.simplefilter("always")
-            for k in range(1, max_k + 1):
+            for k in range(min_k, max_k + 1):
                 try:
                     plan = split(model, k, by="saved_bytes", example_input=example_input)
-                except TooManyModulesError:
-                    if k == 1:
-                        raise
+                except TooManyModulesError as error:
+                    if k == min_k:
+                        raise ValueError(f"fit_memory: min_k={min_k} is more modules than the model allows "
+                                         f"({error.possible})") from error
                     break  # the model has no more places to cut
                 units = [u for m in plan.modules for u in m]
-                costs, writes = _module_costs(plan)
+                costs, writes = _module_costs(plan, example_input)
                 allowed = [_most_segments(m, w) for m, w in zip(plan.modules, writes, strict=True)]
                 measured: set[tuple[int, ...]] = set()
                 for s in segments:

@@ -120,9 +120,10 @@ class SplitPlan:
             (None without one).
         example_batch: the example input's batch size, for which the bytes and times were measured (saved
             bytes grow with the batch; None without an example input).
-        unit_writes_input: whether each unit wrote into its input in the measured run (a forward starting with
-            an in-place operation, as ``x.relu_()`` or ``nn.ReLU(inplace=True)``); :func:`llkern.recompute_segments`
-            starts no segment there. None without an example input.
+        unit_writes_input: whether each unit's input was written in place in the measured run, by the unit or
+            a later one (a forward starting with ``x.relu_()``, an ``nn.ReLU(inplace=True)``, or a pass-through
+            unit before one); :func:`llkern.recompute_segments` starts no segment there. Writes through ``.data``
+            are not seen. None without an example input.
     """
 
     modules: list[nn.Sequential]
@@ -624,9 +625,12 @@ class TooManyModulesError(ValueError):
 
     A ``ValueError``; its message names the options (``flatten``, ``allow_affine_end``) that allow more."""
 
-    def __init__(self, message: str, k: int, possible: int) -> None:
+    def __init__(self, message: str, k: int | None = None, possible: int | None = None) -> None:
         super().__init__(message)
         self.k, self.possible = k, possible
+
+    def __reduce__(self) -> tuple:  # pickled whole (multiprocessing, torchrun's error files): k and possible too
+        return type(self), (str(self), self.k, self.possible)
 
 
 def _too_many_modules(model: nn.Module | Sequence[nn.Module], k: int, n: int, possible: int,
@@ -771,13 +775,15 @@ def _saved_keys_per_unit(named: list[tuple[str, nn.Module]], params: list[torch.
     recorder = _KeyRecorder(exclude=params)
     h = _detached(example_input)
     outputs = []  # kept so that no saved storage is freed and its address reused during the run
-    writes = []
+    # each unit's input and its version when the unit started: read after the whole chain, so that an input written
+    # by a later unit (a pass-through unit, nn.Identity or a view, then an in-place ReLU) counts too
+    inputs: list[tuple[torch.Tensor, int]] = []
     with torch.enable_grad(), recorder:
         for name, unit in named:
             recorder.per_unit.append({})
-            version = h._version if isinstance(h, torch.Tensor) else None
+            inputs.append((h, h._version))
             try:
-                h_in, h = h, unit(h)
+                h = unit(h)
             except Exception as error:
                 if hasattr(error, "add_note"):  # Python >= 3.11
                     error.add_note(f"split: raised by unit {name} ({type(unit).__name__}) on example_input's batch "
@@ -788,10 +794,10 @@ def _saved_keys_per_unit(named: list[tuple[str, nn.Module]], params: list[torch.
                                 f"features for a head), got {type(h).__name__} from unit {name} "
                                 f"({type(unit).__name__}); wrap it in an nn.Module whose forward returns one tensor "
                                 "(for an LSTM, its output without the state: `return self.lstm(x)[0]`)")
-            writes.append(version is not None and h_in._version != version)
             outputs.append(h)
+    writes = [tensor._version != version for tensor, version in inputs]
     keys, peak = recorder.per_unit, recorder.peak_saved_bytes
-    del outputs, h, h_in  # drops the graph; the recorder releases its handles
+    del outputs, h, inputs  # drops the graph; the recorder releases its handles
     return keys, peak, writes
 
 

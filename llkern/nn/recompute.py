@@ -350,15 +350,21 @@ def recompute_modules(modules: Sequence[nn.Module], segments: int, *,
         except (TypeError, ValueError) as error:
             raise type(error)(f"recompute_modules: module {k}: {error}") from None
         if h is not None and k + 1 < len(modules):
-            modes = [(m, m.training) for m in module.modules()]
-            module.eval()
-            try:
-                with torch.no_grad():
-                    h = module(h)
-            finally:
-                for m, training in modes:
-                    m.training = training
+            h = _eval_forward(module, h)
     return out
+
+
+def _eval_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` in eval mode without gradients (a later module's input, shaped as in training; no statistics
+    move); the modes are restored."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            return module(x)
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def recompute_segments(module: nn.Sequential, segments: int, *, example_input: torch.Tensor | None = None,
