@@ -336,6 +336,24 @@ def test_pipeline_under_torchrun_then_resume_and_eval(tmp_path):
     assert shard["evaluation"]["accuracy"] == evaluated["evaluation"]["accuracy"]
 
 
+@pytest.mark.slow  # two torchrun launches
+def test_memory_budget_under_torchrun_fits_the_process_batch_and_the_stages(tmp_path):
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "llkern",
+            "train", "--no-progress", "--model", "digits-lenet", "--epochs", "1", "--memory-budget", "1MiB"]
+    # data parallel: each process runs half of the global batch of 128; 1 MiB holds the whole LeNet (K = 1)
+    result = subprocess.run([*base, "--distributed", "--batch-size", "128"], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"fit_memory: K = 1 module, 1 recomputed segment per module; .* for a batch of 64 ",
+                     result.stdout)
+    # a pipeline of 2 stages needs 2 modules whatever the budget allows: the fit starts at K = 2
+    result = subprocess.run([*base, "--pipeline-stages", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fit_memory: K = 2 modules" in result.stdout
+    assert "pipeline: stage 0: module 0; stage 1: module 1" in result.stdout
+
+
 def test_pipeline_options_are_checked(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(UsageError, match="--pipeline-stages runs under torchrun"):
