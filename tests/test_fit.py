@@ -232,3 +232,49 @@ def test_min_k_starts_the_search_there():
         llkern.fit_memory(model, 2**40, example_input=x, min_k=3, max_k=2)
     with pytest.raises(ValueError, match="min_k"):
         llkern.fit_memory(model, 2**40, example_input=x, min_k=0)
+
+
+def test_an_in_place_write_by_the_next_module_does_not_forbid_a_cut():
+    # module 1 ends on an Identity whose output module 2's in-place ReLU writes: harmless, since module 1's backward
+    # runs before module 2's forward; the fit's flags are those recompute_modules measures per module
+    from llkern.local.fit import _module_costs
+    from llkern.nn.recompute import _measure
+
+    class ReLUInPlaceThenLinear(nn.Module):  # no inplace attribute: split cuts before it
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x.relu_())
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Identity(),
+                          ReLUInPlaceThenLinear(), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh())
+    x = torch.randn(6, 4)
+    plan = llkern.split(model, 2, by="layers", example_input=x)  # (equal unit counts: a cut right after the Identity)
+    assert plan.boundaries == [0, 5, 11] and plan.unit_input_writers[4] == 5
+    _, writes = _module_costs(plan, x)
+    h = x
+    for module, module_writes in zip(plan.modules, writes, strict=True):
+        assert module_writes == _measure(module, h)[1]
+        with torch.no_grad():
+            h = module(h)
+    assert writes[0] == [False] * 5
+
+
+def test_accept_passes_over_candidates_it_refuses():
+    model, x = cnn(), torch.randn(8, 3, 12, 12)
+    seen: list[tuple[int, bool]] = []
+
+    def accept(modules: list[nn.Module]) -> bool:
+        seen.append((len(modules), torch.is_inference_mode_enabled()))
+        return len(modules) >= 3  # as if the heads of fewer modules did not fit
+
+    with torch.inference_mode():
+        fit = llkern.fit_memory(model, 2**40, example_input=x, segments=(1, 2), accept=accept)
+    assert (fit.k, fit.segments) == (3, 1) and fit.rejected == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert seen == [(1, False), (1, False), (2, False), (2, False), (3, False)]  # (outside inference mode)
+    assert "fits, not accepted" in str(fit) and str(fit).rstrip().endswith("fits")
+    with pytest.raises(ValueError, match=r"no accepted split .* \(4 that did were not accepted: K = 1 with 1, "):
+        llkern.fit_memory(model, 2**40, example_input=x, segments=(1, 2), max_k=2, accept=lambda modules: False)

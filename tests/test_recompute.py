@@ -480,6 +480,7 @@ def test_a_pass_through_child_before_an_in_place_one_starts_no_segment():
     x = torch.randn(5, 4)
     plan = llkern.split(module, 1, example_input=x, flatten=False, allow_affine_end=True)
     assert plan.unit_writes_input == [False, False, False, True, True, False, False]
+    assert plan.unit_input_writers == [None, None, None, 4, 4, None, None]
     measured = recompute_segments(module, 5, example_input=x)
     assert not {3, 4} & set(measured.boundaries)
     assert_bitwise_equal(module, measured, *run_both(module, measured, x))

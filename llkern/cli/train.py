@@ -655,40 +655,49 @@ def _fit_memory_budget(args: argparse.Namespace, model: nn.Sequential, data: Ima
     """--memory-budget: set -k and --recompute-segments to llkern.fit_memory's choice (the saved options then
     rebuild the same network on --resume and in llkern eval, without fitting again).
 
-    fit_memory measures the blocks; the heads, local losses and context encoders save on top of them. The chosen
-    modules are therefore run once more as the run will run them (a copy, one step on the CPU) and, while that
-    exceeds the budget, fitted again to a budget smaller by the excess."""
+    fit_memory measures the blocks; the heads, local losses and context encoders save on top of them. Each candidate
+    whose blocks fit is therefore run as the run will run it (a copy, local steps on the CPU) and taken only when
+    the whole fits, so the choice is the first in fit_memory's order (fewest modules, then fewest segments) that
+    fits with its heads."""
     import llkern
     from llkern.local.planner import _format_bytes
 
     budget, batch = args.memory_budget, _process_batch(args)
     what = f"--memory-budget {_format_bytes(budget)}"
-    target = budget
-    for _ in range(4):
+    # (K, most segments in a module, the largest module's peak with its head and loss) of every candidate checked
+    whole: list[tuple[int, int, int]] = []
+
+    refused: list[str] = []  # why candidates could not run with the heads, losses and context
+
+    def fits_with_heads(modules: list[nn.Module]) -> bool:
         try:
-            fit = llkern.fit_memory(model, target, example_input=data.x[:32], batch_size=batch,
-                                    min_k=args.pipeline_stages or 1)
-        except ValueError as error:
-            left = ("" if target == budget else f"the heads, local losses and context save about "
-                    f"{_format_bytes(budget - target)} on top of the blocks, which leaves them "
-                    f"{_format_bytes(target)}, and ")
-            raise UsageError(f"{what}: {left}{error}. From the command line: a smaller --batch-size, or choose -k and "
-                             "--recompute-segments yourself with --relu-masks / --recompute-bn-relu") from None
-        whole = _largest_step_peak(args, fit.modules, data, tokens, batch)
-        if whole <= budget:
-            break
-        # the heads and losses add about whole - fit.peak_bytes: fit the blocks into what they leave
-        target = min(target, fit.peak_bytes) - (whole - budget)
-        if target < 1:
-            raise UsageError(f"{what}: the heads, local losses and context alone save "
-                             f"{_format_bytes(whole - fit.peak_bytes)} for a batch of {batch}; give a larger budget, "
-                             "a smaller --batch-size or lighter --heads")
-    else:
-        raise UsageError(f"{what}: with its heads and local losses the largest module still saves "
-                         f"{_format_bytes(whole)}; give a larger budget or a smaller --batch-size")
+            peak = _largest_step_peak(args, modules, data, tokens, batch)
+        except (TypeError, ValueError) as error:  # e.g. a ContSup context at a module boundary that is not an image
+            refused.append(f"K = {len(modules)}: {error}")
+            return False
+        whole.append((len(modules), max(getattr(m, "segments", 1) for m in modules), peak))
+        return peak <= budget
+
+    stages = args.pipeline_stages or 1
+    try:
+        fit = llkern.fit_memory(model, budget, example_input=data.x[:32], batch_size=batch, min_k=stages,
+                                accept=fits_with_heads)
+    except ValueError as error:
+        if "min_k=" in str(error):
+            raise UsageError(f"{what} --pipeline-stages {stages}: {error}; use fewer --pipeline-stages") from None
+        with_heads = ""
+        if whole:
+            k, s, least = min(whole, key=lambda item: item[2])
+            with_heads = (f"with the heads, local losses and context the least was {_format_bytes(least)} (K = {k}, "
+                          f"{s} segment{'s' if s > 1 else ''}); ")
+        if refused:
+            with_heads += f"{len(refused)} candidates could not run with them ({refused[-1]}); "
+        raise UsageError(f"{what}: {with_heads}{error}. From the command line: a smaller --batch-size or lighter "
+                         "--heads, or choose -k and --recompute-segments yourself with --relu-masks / "
+                         "--recompute-bn-relu") from None
     _say(fit)
-    _say(f"with its heads, local losses and context the largest module saves {_format_bytes(whole)} for a batch of "
-         f"{batch} (one step measured{'' if target == budget else f'; blocks fitted to {_format_bytes(target)}'})")
+    _say(f"with its heads, local losses and context the largest module saves {_format_bytes(whole[-1][2])} for a "
+         f"batch of {batch}")  # (the candidate accepted is the last one checked)
     args.k, args.recompute_segments, args.memory_budget = fit.k, fit.segments, None
     try:
         _check_sequential_epochs(args)
@@ -699,13 +708,29 @@ def _fit_memory_budget(args: argparse.Namespace, model: nn.Sequential, data: Ima
 def _largest_step_peak(args: argparse.Namespace, modules: list[nn.Module], data: ImageData, tokens: bool,
                        batch: int) -> int:
     """The largest saved-for-backward peak of one local step of ``modules`` as LocalNet trains them with the run's
-    heads, losses and context: on copies, on the CPU, in fp32, the RNG restored."""
+    heads, losses and context, for a batch of ``batch``: on copies, on the CPU, in fp32, the RNG restored. Measured
+    at three small batches and extrapolated on the parabola through them (saved bytes grow linearly with the batch,
+    a contrastive or MI loss's N×N matrices quadratically), so that a large batch is not run on the CPU."""
     import copy
 
+    sizes = sorted({min(batch, n, len(data.x)) for n in (8, 16, 32)})
+    peaks = []
+    probe = argparse.Namespace(**{**vars(args), "k": len(modules)})  # the heads and loss weights depend on K
     with torch.random.fork_rng(devices=[]):
-        net = _local_net(args, copy.deepcopy(modules), data, tokens)
-        rows = net.memory_profile(data.x[:batch].clone(), data.y[:batch].clone())
-    return max(row.peak_saved_bytes for row in rows)
+        net = _local_net(probe, copy.deepcopy(modules), data, tokens)
+        for n in sizes:
+            rows = net.memory_profile(data.x[:n].clone(), data.y[:n].clone())
+            peaks.append(max(row.peak_saved_bytes for row in rows))
+    if batch in sizes:
+        return peaks[sizes.index(batch)]
+    if len(sizes) < 3:  # (fewer samples than that: in proportion)
+        return round(peaks[-1] * batch / sizes[-1])
+    # the parabola through the three points (Lagrange form), at the batch
+    (x0, x1, x2), (y0, y1, y2) = sizes, peaks
+    b = batch
+    value = (y0 * (b - x1) * (b - x2) / ((x0 - x1) * (x0 - x2)) + y1 * (b - x0) * (b - x2) / ((x1 - x0) * (x1 - x2))
+             + y2 * (b - x0) * (b - x1) / ((x2 - x0) * (x2 - x1)))
+    return max(peaks[-1], round(value))
 
 
 def _local_net(args: argparse.Namespace, modules: list[nn.Module], data: ImageData, tokens: bool) -> Any:

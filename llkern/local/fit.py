@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,7 @@ class MemoryFit:
         batch_size: the batch the prediction is for.
         budget_bytes: the budget.
         tried: ``(k, segments, predicted peak bytes)`` of every candidate measured, in order.
+        rejected: ``(k, segments)`` of the candidates within the budget that ``accept`` refused.
     """
 
     k: int
@@ -70,6 +72,7 @@ class MemoryFit:
     batch_size: int
     budget_bytes: int
     tried: list[tuple[int, int, int]] = field(default_factory=list)
+    rejected: list[tuple[int, int]] = field(default_factory=list)
 
     def __str__(self) -> str:
         rows = [f"fit_memory: K = {self.k} module{'s' if self.k > 1 else ''}, {self.segments} recomputed segment"
@@ -79,7 +82,7 @@ class MemoryFit:
         # the share of the budget, rounded up: a candidate 1 byte over shows above 100 %, not as "3.00 MiB" beside a
         # budget of 3.00 MiB
         rows += [f"{k:4d}  {s:8d}  {_format_bytes(peak):>14}  {math.ceil(1000 * peak / self.budget_bytes) / 10:7.1f} %"
-                 f"{'  fits' if peak <= self.budget_bytes else ''}" for k, s, peak in self.tried]
+                 f"{_verdict(peak <= self.budget_bytes, (k, s) in self.rejected)}" for k, s, peak in self.tried]
         return "\n".join(rows)
 
 
@@ -122,6 +125,10 @@ def _module_traces(modules: list[nn.Module], example_input: torch.Tensor) -> lis
     return traces
 
 
+def _verdict(fits: bool, rejected: bool) -> str:
+    return "" if not fits else "  fits, not accepted" if rejected else "  fits"
+
+
 def _predicted_peak(trace: list[int], half: list[int] | None, batch: int, batch_size: int) -> int:
     """The peak of ``trace`` (measured on ``batch`` samples) predicted for ``batch_size``. With the same run's trace
     on ``batch // 2`` samples, every point is extrapolated on its own line through the two (a weight saved whatever
@@ -147,7 +154,9 @@ def _module_costs(plan: SplitPlan, example_input: torch.Tensor) -> tuple[list[li
     for k, (lo, hi) in enumerate(itertools.pairwise(plan.boundaries)):
         module = plan.modules[k]
         units = list(module)
-        module_costs, module_writes = list(plan.unit_costs[lo:hi]), list(plan.unit_writes_input[lo:hi])
+        module_costs = list(plan.unit_costs[lo:hi])
+        # a write by a later module's unit is harmless here: this module's backward has run by then
+        module_writes = [w is not None and w < hi for w in plan.unit_input_writers[lo:hi]]
         first = next((i for i, unit in enumerate(units) if _trainable(unit)), len(units) - 1)
         head_costs, head_writes = _measure(nn.Sequential(*units[:first + 1]), h)
         module_costs[:first + 1] = head_costs
@@ -160,7 +169,8 @@ def _module_costs(plan: SplitPlan, example_input: torch.Tensor) -> tuple[list[li
 
 
 def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tensor, batch_size: int | None = None,
-               min_k: int = 1, max_k: int = 16, segments: tuple[int, ...] = (1, 2, 3, 4)) -> MemoryFit:
+               min_k: int = 1, max_k: int = 16, segments: tuple[int, ...] = (1, 2, 3, 4),
+               accept: Callable[[list[nn.Module]], bool] | None = None) -> MemoryFit:
     """The fewest modules (then the fewest recomputed segments) whose largest module fits ``budget_bytes``.
 
     Args:
@@ -174,6 +184,9 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
         min_k: the fewest modules to try (a pipeline of S stages needs at least S).
         max_k: the most modules to try.
         segments: the segment counts to try for each K, in order (1: no recomputation).
+        accept: a further check of each candidate within the budget, called with its modules (outside inference
+            mode); the search goes on past one it returns False for. For what fit_memory does not measure: the heads
+            and local losses (``llkern train --memory-budget`` runs one step of a copy with them).
 
     Returns:
         a :class:`MemoryFit`; ``llkern.LocalNet(fit.modules, num_classes=...)`` trains it.
@@ -210,6 +223,7 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
         # the same samples' first half, to tell the bytes that grow with the batch from those that do not
         half_input = example_input[:batch // 2].clone() if batch_size != batch and batch >= 4 else None
     tried: list[tuple[int, int, int]] = []
+    rejected: list[tuple[int, int]] = []
     fit: MemoryFit | None = None
     caught: list[warnings.WarningMessage] = []
     try:
@@ -243,8 +257,13 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
                     peaks = [_predicted_peak(t, h, batch, batch_size) for t, h in zip(traces, halves, strict=True)]
                     tried.append((k, s, max(peaks)))
                     if max(peaks) <= budget_bytes:
-                        fit = MemoryFit(k, s, modules, plan, max(peaks), peaks, batch_size, budget_bytes, tried)
-                        break
+                        with torch.inference_mode(False):
+                            accepted = accept is None or bool(accept(modules))
+                        if accepted:
+                            fit = MemoryFit(k, s, modules, plan, max(peaks), peaks, batch_size, budget_bytes, tried,
+                                            rejected)
+                            break
+                        rejected.append((k, s))
                 if fit is not None:
                     break
     finally:  # also when an error ends the search: the warnings before it may explain it
@@ -257,8 +276,11 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
         most = max((t[0] for t in tried), default=0)
         modules = f"{most} modules" + (f" (the most this model allows; max_k={max_k})" if most < max_k else "")
         larger_k = "" if most < max_k else ", larger max_k"  # more modules than the model allows do not exist
-        raise ValueError(f"fit_memory: no split of up to {modules} with segments {segments} keeps a module's "
+        shown = ", ".join(f"K = {k} with {s}" for k, s in rejected[:4]) + (", ..." if len(rejected) > 4 else "")
+        refused = f" ({len(rejected)} that did were not accepted: {shown})" if rejected else ""
+        accepted = "accepted " if rejected else ""
+        raise ValueError(f"fit_memory: no {accepted}split of up to {modules} with segments {segments} keeps a module's "
                          f"saved activations within {_format_bytes(budget_bytes)} for a batch of {batch_size}"
-                         f"{least}. Try a smaller batch{larger_k} or more segments, or the other options of "
+                         f"{refused}{least}. Try a smaller batch{larger_k} or more segments, or the other options of "
                          "llkern.activation_memory (convert(..., bn_relu_recompute=True), saved_tensors_in)")
     return fit

@@ -124,6 +124,10 @@ class SplitPlan:
             a later one (a forward starting with ``x.relu_()``, an ``nn.ReLU(inplace=True)``, or a pass-through
             unit before one); :func:`llkern.recompute_segments` starts no segment there. Writes through ``.data``
             are not seen. None without an example input.
+        unit_input_writers: for each unit, the first unit (its own index or a later one) that wrote its input in
+            place in the measured run, or None; ``unit_writes_input`` is whether there is one. A write by a unit of
+            a later module does not matter within a module (LocalNet runs a module's backward before the next
+            module's forward). None without an example input.
     """
 
     modules: list[nn.Sequential]
@@ -137,6 +141,7 @@ class SplitPlan:
     total_saved_bytes: int | None = None
     example_batch: int | None = None
     unit_writes_input: list[bool] | None = None
+    unit_input_writers: list[int | None] | None = None
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -629,8 +634,6 @@ class TooManyModulesError(ValueError):
         super().__init__(message)
         self.k, self.possible = k, possible
 
-    def __reduce__(self) -> tuple:  # pickled whole (multiprocessing, torchrun's error files): k and possible too
-        return type(self), (str(self), self.k, self.possible)
 
 
 def _too_many_modules(model: nn.Module | Sequence[nn.Module], k: int, n: int, possible: int,
@@ -766,22 +769,24 @@ def _detached(x):
 
 
 def _saved_keys_per_unit(named: list[tuple[str, nn.Module]], params: list[torch.Tensor],
-                         example_input: torch.Tensor) -> tuple[list[dict[tuple, int]], int, list[bool]]:
-    """Run the chain once with gradients; return the storages each unit saves, the end-to-end peak, and whether
-    each unit wrote into its input.
+                         example_input: torch.Tensor) -> tuple[list[dict[tuple, int]], int, list[int | None]]:
+    """Run the chain once with gradients; return the storages each unit saves, the end-to-end peak, and the first
+    unit that wrote each unit's input in place (None: none did).
 
     Raises a TypeError naming the unit when one returns something other than a tensor (the next module's
     input and every module's head need one), and names the unit in any error raised while running it."""
     recorder = _KeyRecorder(exclude=params)
     h = _detached(example_input)
     outputs = []  # kept so that no saved storage is freed and its address reused during the run
-    # each unit's input and its version when the unit started: read after the whole chain, so that an input written
-    # by a later unit (a pass-through unit, nn.Identity or a view, then an in-place ReLU) counts too
+    # each unit's input and its version when the unit started, checked after every unit: an input may be written by
+    # a later unit (a pass-through unit, nn.Identity or a view, then an in-place ReLU)
     inputs: list[tuple[torch.Tensor, int]] = []
+    writers: list[int | None] = []
     with torch.enable_grad(), recorder:
-        for name, unit in named:
+        for j, (name, unit) in enumerate(named):
             recorder.per_unit.append({})
             inputs.append((h, h._version))
+            writers.append(None)
             try:
                 h = unit(h)
             except Exception as error:
@@ -795,10 +800,12 @@ def _saved_keys_per_unit(named: list[tuple[str, nn.Module]], params: list[torch.
                                 f"({type(unit).__name__}); wrap it in an nn.Module whose forward returns one tensor "
                                 "(for an LSTM, its output without the state: `return self.lstm(x)[0]`)")
             outputs.append(h)
-    writes = [tensor._version != version for tensor, version in inputs]
+            for i, (tensor, version) in enumerate(inputs):
+                if writers[i] is None and tensor._version != version:
+                    writers[i] = j
     keys, peak = recorder.per_unit, recorder.peak_saved_bytes
     del outputs, h, inputs  # drops the graph; the recorder releases its handles
-    return keys, peak, writes
+    return keys, peak, writers
 
 
 def _measure_modules(modules: list[nn.Sequential], params: list[torch.Tensor],
@@ -1038,4 +1045,5 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
                      unit_costs=[sum(s.values()) for s in unit_sets], params=module_params,
                      saved_bytes=saved, total_saved_bytes=total,
                      example_batch=None if example_input is None else int(example_input.shape[0]),
-                     unit_writes_input=writes)
+                     unit_writes_input=None if writes is None else [w is not None for w in writes],
+                     unit_input_writers=writes)
