@@ -205,6 +205,8 @@ def test_memory_budget_chooses_k_and_segments_and_saves_the_choice(tmp_path, cap
         run("--memory-budget", "3MiB", "--relu-masks")
     with pytest.raises(UsageError, match="--split layers: add --split saved_bytes"):
         run("--memory-budget", "3MiB", "--split", "layers")
+    with pytest.raises(UsageError, match=r"--split layers \(as --recipe infopro-resnet110-k4 sets it\)"):
+        run("--recipe", "infopro-resnet110-k4", "--memory-budget", "40MiB")
     with pytest.raises(UsageError, match=r"--memory-budget 3.00 MiB chose K = 3 modules, and --epochs 10: sequential"):
         run("--memory-budget", "3MiB", "--mode", "sequential", "--epochs", "10")
     with pytest.raises(UsageError, match=r"--memory-budget.*image models"):

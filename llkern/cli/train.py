@@ -108,8 +108,8 @@ def build_parser(defaults: dict[str, Any] | None = None, prog: str | None = "llk
                       help="choose -k and --recompute-segments for this activation budget (e.g. 40MiB): the fewest "
                            "modules, then the fewest segments, whose largest module with its head and local loss "
                            "saves at most SIZE for backward at --batch-size (per process under torchrun), measured "
-                           "on the CPU in fp32 (llkern.fit_memory, then one step; the choice replaces -k and "
-                           "--recompute-segments, and is what the run saves)")
+                           "on the CPU in fp32 (llkern.fit_memory; each candidate also run on a copy with its heads "
+                           "and losses); the choice replaces -k and --recompute-segments, and is what the run saves")
     what.add_argument("--tau", type=positive_float, default=1.0, help="TRGL's transport weight 1/tau")
     what.add_argument("--context", choices=CHOICES["context"][1:], default=None,
                       help="ContSup context for modules 1..K-1 (image encoder, previous boundary, both)")
@@ -284,7 +284,10 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UsageError("--memory-budget measures the modules as they are: it does not combine with --relu-masks "
                          "or --recompute-bn-relu (choose -k and --recompute-segments yourself with them)")
     if args.memory_budget is not None and args.split != "saved_bytes":
-        source = f" (set by --recipe {args.recipe})" if args.recipe else ""
+        from llkern.cli.recipes import load_recipe
+
+        recipe_sets = args.recipe is not None and load_recipe(args.recipe).get("split") == args.split
+        source = f" (as --recipe {args.recipe} sets it)" if recipe_sets else ""
         raise UsageError(f"--memory-budget balances the modules by saved bytes; it does not combine with --split "
                          f"{args.split}{source}: add --split saved_bytes")
     if args.memory_budget is not None and args.resume:
