@@ -186,7 +186,7 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
         segments: the segment counts to try for each K, in order (1: no recomputation).
         accept: a further check of each candidate within the budget, called with its modules (outside inference
             mode); the search goes on past one it returns False for. For what fit_memory does not measure: the heads
-            and local losses (``llkern train --memory-budget`` runs one step of a copy with them).
+            and local losses (``llkern train --memory-budget`` runs a copy with them).
 
     Returns:
         a :class:`MemoryFit`; ``llkern.LocalNet(fit.modules, num_classes=...)`` trains it.

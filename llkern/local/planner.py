@@ -140,8 +140,13 @@ class SplitPlan:
     saved_bytes: list[int] | None = None
     total_saved_bytes: int | None = None
     example_batch: int | None = None
-    unit_writes_input: list[bool] | None = None
     unit_input_writers: list[int | None] | None = None
+
+    @property
+    def unit_writes_input(self) -> list[bool] | None:
+        if self.unit_input_writers is None:
+            return None
+        return [writer is not None for writer in self.unit_input_writers]
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -635,7 +640,6 @@ class TooManyModulesError(ValueError):
         self.k, self.possible = k, possible
 
 
-
 def _too_many_modules(model: nn.Module | Sequence[nn.Module], k: int, n: int, possible: int,
                       flatten: bool | str, allow_affine_end: bool) -> TooManyModulesError:
     """The error for a ``k`` above the ``possible`` modules, naming the options that allow more."""
@@ -1045,5 +1049,4 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
                      unit_costs=[sum(s.values()) for s in unit_sets], params=module_params,
                      saved_bytes=saved, total_saved_bytes=total,
                      example_batch=None if example_input is None else int(example_input.shape[0]),
-                     unit_writes_input=None if writes is None else [w is not None for w in writes],
                      unit_input_writers=writes)
