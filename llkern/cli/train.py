@@ -108,8 +108,9 @@ def build_parser(defaults: dict[str, Any] | None = None, prog: str | None = "llk
                       help="choose -k and --recompute-segments for this activation budget (e.g. 40MiB): the fewest "
                            "modules, then the fewest segments, whose largest module with its head and local loss "
                            "saves at most SIZE for backward at --batch-size (per process under torchrun), measured "
-                           "on the CPU in fp32 (llkern.fit_memory; each candidate also run on a copy with its heads "
-                           "and losses); the choice replaces -k and --recompute-segments, and is what the run saves")
+                           "on the CPU with --relu-masks / --recompute-bn-relu applied and under --precision's "
+                           "autocast (llkern.fit_memory; each candidate also run on a copy with its heads and "
+                           "losses); the choice replaces -k and --recompute-segments, and is what the run saves")
     what.add_argument("--tau", type=positive_float, default=1.0, help="TRGL's transport weight 1/tau")
     what.add_argument("--context", choices=CHOICES["context"][1:], default=None,
                       help="ContSup context for modules 1..K-1 (image encoder, previous boundary, both)")
@@ -280,9 +281,6 @@ def _defaults(args: argparse.Namespace, prog: str | None) -> dict[str, Any]:
 def _check_options(args: argparse.Namespace) -> None:
     """Everything that can be checked before any data is read."""
     check_device(args.device)
-    if args.memory_budget is not None and (args.relu_masks or args.recompute_bn_relu):
-        raise UsageError("--memory-budget measures the modules as they are: it does not combine with --relu-masks "
-                         "or --recompute-bn-relu (choose -k and --recompute-segments yourself with them)")
     if args.memory_budget is not None and args.split != "saved_bytes":
         from llkern.cli.recipes import load_recipe
 
@@ -683,7 +681,9 @@ def _fit_memory_budget(args: argparse.Namespace, model: nn.Sequential, data: Ima
 
     stages = args.pipeline_stages or 1
     try:
+        # (cut as _image_run cuts, by fp32 bytes; what each candidate saves measured under the run's autocast)
         fit = llkern.fit_memory(model, budget, example_input=data.x[:32], batch_size=batch, min_k=stages,
+                                transform=_activation_options(args), autocast=_autocast_dtype(args),
                                 accept=fits_with_heads)
     except ValueError as error:
         if "min_k=" in str(error):
@@ -695,9 +695,14 @@ def _fit_memory_budget(args: argparse.Namespace, model: nn.Sequential, data: Ima
                           f"{s} segment{'s' if s > 1 else ''}); ")
         if refused:
             with_heads += f"{len(refused)} candidates could not run with them ({refused[-1]}); "
-        raise UsageError(f"{what}: {with_heads}{error}. From the command line: a smaller --batch-size or lighter "
-                         "--heads, or choose -k and --recompute-segments yourself with --relu-masks / "
-                         "--recompute-bn-relu") from None
+        layers = {type(m) for m in model.modules()}  # (the options that would change something in this model)
+        lighter = [option for option, off in (("--relu-masks", not args.relu_masks and nn.ReLU in layers),
+                                              ("--recompute-bn-relu", not args.recompute_bn_relu
+                                               and nn.BatchNorm2d in layers and nn.ReLU in layers),
+                                              ("--precision bf16", args.precision == "fp32")) if off]
+        also = f", or add {' / '.join(lighter)}" if lighter else ""
+        found = str(error).split(". Try ")[0]  # (the rest is advice for the Python call)
+        raise UsageError(f"{what}: {with_heads}{found}. Try a smaller --batch-size or lighter --heads{also}") from None
     _say(fit)
     _say(f"with its heads, local losses and context the largest module saves {_format_bytes(whole[-1][2])} for a "
          f"batch of {batch}")  # (the candidate accepted is the last one checked)
@@ -708,12 +713,27 @@ def _fit_memory_budget(args: argparse.Namespace, model: nn.Sequential, data: Ima
         raise UsageError(f"{what} chose K = {fit.k} modules, and {error}") from None
 
 
+def _autocast_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    """The dtype of --precision's autocast (None for fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+
+
+def _activation_options(args: argparse.Namespace) -> Any:
+    """--relu-masks / --recompute-bn-relu as a function converting one module (None without them)."""
+    if not (args.relu_masks or args.recompute_bn_relu):
+        return None
+    from llkern.nn.activation_memory import convert
+
+    return lambda module: convert(module, relu_masks=args.relu_masks, bn_relu_recompute=args.recompute_bn_relu)
+
+
 def _largest_step_peak(args: argparse.Namespace, modules: list[nn.Module], data: ImageData, tokens: bool,
                        batch: int) -> int:
     """The largest saved-for-backward peak of one local step of ``modules`` as LocalNet trains them with the run's
-    heads, losses and context, for a batch of ``batch``: on copies, on the CPU, in fp32, the RNG restored. Measured
-    at three small batches and extrapolated on the parabola through them (saved bytes grow linearly with the batch,
-    a contrastive or MI loss's N×N matrices quadratically), so that a large batch is not run on the CPU."""
+    heads, losses and context, for a batch of ``batch``: on copies, on the CPU, under --precision's autocast, the
+    RNG restored. Measured at three small batches and extrapolated on the parabola through them (saved bytes grow
+    linearly with the batch, a contrastive or MI loss's N×N matrices quadratically), so that a large batch is not run
+    on the CPU."""
     import copy
 
     sizes = sorted({min(batch, n, len(data.x)) for n in (8, 16, 32)})
@@ -722,7 +742,7 @@ def _largest_step_peak(args: argparse.Namespace, modules: list[nn.Module], data:
     with torch.random.fork_rng(devices=[]):
         net = _local_net(probe, copy.deepcopy(modules), data, tokens)
         for n in sizes:
-            rows = net.memory_profile(data.x[:n].clone(), data.y[:n].clone())
+            rows = net.memory_profile(data.x[:n].clone(), data.y[:n].clone(), autocast=_autocast_dtype(args))
             peaks.append(max(row.peak_saved_bytes for row in rows))
     if batch in sizes:
         return peaks[sizes.index(batch)]

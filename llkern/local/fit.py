@@ -16,13 +16,16 @@ weight-normed weight): each candidate runs on ``example_input`` and on its first
 bytes through forward and backward is extrapolated on its own line to ``batch_size`` (an example batch under 4 is
 scaled in proportion instead, which overstates what does not grow). The budget is for saved activations only:
 parameters, gradients, optimizer state, the heads (small for pooled heads; a language model's token head is not),
-and on a GPU the allocator's workspace and fragmentation come on top. Called under ``torch.autocast``, everything runs
-under it: the 16-bit copies autocast saves are what is fitted (the returned modules are cut by those bytes), about
-half of fp32's for a convolutional network.
+and on a GPU the allocator's workspace and fragmentation come on top. With ``autocast=torch.bfloat16`` the 16-bit
+copies autocast saves are what is fitted (about half of fp32's for a convolutional network), the cuts made as in
+fp32; called under ``torch.autocast``, everything runs under it, the cuts included. ``transform`` fits the modules as
+another option changes them (``llkern.activation_memory.convert``: 1-bit ReLU masks, BatchNorm+ReLU recomputed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import itertools
 import math
 import warnings
@@ -52,8 +55,8 @@ class MemoryFit:
     Attributes:
         k: the number of modules.
         segments: recomputed segments per module (1: none; a module allowing fewer cuts has fewer).
-        modules: the K modules to give :class:`llkern.LocalNet` (``plan.modules``, recomputed where
-            ``segments > 1``); they share the model's parameters.
+        modules: the K modules to give :class:`llkern.LocalNet` (``plan.modules``, transformed when ``transform``
+            was given, recomputed where ``segments > 1``); they share the model's parameters.
         plan: the :class:`llkern.SplitPlan` of the K modules.
         peak_bytes: the largest module's saved-for-backward peak, predicted for ``batch_size``.
         module_peaks: every module's, predicted for ``batch_size``.
@@ -125,6 +128,10 @@ def _module_traces(modules: list[nn.Module], example_input: torch.Tensor) -> lis
     return traces
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 def _verdict(fits: bool, rejected: bool) -> str:
     return "" if not fits else "  fits, not accepted" if rejected else "  fits"
 
@@ -168,8 +175,53 @@ def _module_costs(plan: SplitPlan, example_input: torch.Tensor) -> tuple[list[li
     return costs, writes
 
 
+def _transformed(modules: list[nn.Module], transform: Callable[[nn.Module], nn.Module | None]) -> list[nn.Module]:
+    """Copies of ``modules`` passed through ``transform``: the copies share the modules' parameter and buffer tensors
+    (what is trained and the statistics are the model's), while ``transform`` may replace their layers without
+    changing the model (the next K is cut from it as it was)."""
+    # Tensors held as plain attributes are shared too: a weight that weight_norm, spectral_norm or pruning computes
+    # from its parameters in a forward pre-hook (deepcopy refuses a tensor that is not a graph leaf; the hook sets the
+    # copy's own on its first forward).
+    shared = {id(t): t for m in modules for sub in m.modules()
+              for t in itertools.chain(sub.parameters(recurse=False), sub.buffers(recurse=False),
+                                       (v for v in vars(sub).values() if isinstance(v, torch.Tensor)))}
+    out = []
+    for k, module in enumerate(copy.deepcopy(list(modules), shared)):
+        with torch.random.fork_rng(devices=[]):  # a transform that creates layers leaves the RNG as it was
+            result = transform(module)
+        result = module if result is None else result
+        if not isinstance(result, nn.Module):
+            raise TypeError(f"fit_memory: expected transform to return an nn.Module (or None: changed in place), got "
+                            f"{type(result).__name__} for module {k}")
+        out.append(result)
+    return out
+
+
+def _own_costs(modules: list[nn.Module], example_input: torch.Tensor) -> tuple[list[list[int]], list[list[bool]]]:
+    """Each module's per-child saved bytes and in-place flags, measured on its own input as
+    :func:`llkern.recompute_modules` measures them (for modules a transform changed: the plan's bytes are the
+    untransformed layers')."""
+    from llkern.nn.recompute import _check_sequential, _eval_forward, _measure, _plain
+
+    costs, writes, h = [], [], example_input
+    for k, module in enumerate(modules):
+        try:
+            _check_sequential(module)
+        except TypeError as error:
+            raise TypeError(f"fit_memory: transform returned module {k} as a {type(module).__name__}, which cannot "
+                            "be cut into recomputed segments; return the nn.Sequential (changed in place), or give "
+                            "segments=(1,)") from error
+        module_costs, module_writes = _measure(_plain(module), h)
+        costs.append(module_costs)
+        writes.append(module_writes)
+        if k + 1 < len(modules):
+            h = _eval_forward(module, h)
+    return costs, writes
+
+
 def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tensor, batch_size: int | None = None,
                min_k: int = 1, max_k: int = 16, segments: tuple[int, ...] = (1, 2, 3, 4),
+               transform: Callable[[nn.Module], nn.Module | None] | None = None, autocast: torch.dtype | None = None,
                accept: Callable[[list[nn.Module]], bool] | None = None) -> MemoryFit:
     """The fewest modules (then the fewest recomputed segments) whose largest module fits ``budget_bytes``.
 
@@ -184,6 +236,18 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
         min_k: the fewest modules to try (a pipeline of S stages needs at least S).
         max_k: the most modules to try.
         segments: the segment counts to try for each K, in order (1: no recomputation).
+        transform: applied to each module of every candidate after the cut and before recomputation, as training
+            will apply it; what is measured and returned is the transformed modules. For the other options of
+            :mod:`llkern.activation_memory`: ``lambda m: convert(m, relu_masks=True, bn_relu_recompute=True)``.
+            It gets a copy of the module whose parameter and buffer tensors are the model's, so it may change it
+            in place (returning None) or return a new module; the model itself is left as it was. The cut is
+            balanced by the untransformed layers' bytes (as :func:`llkern.split` followed by ``convert`` cuts it).
+        autocast: a dtype (``torch.bfloat16``, ``torch.float16``) for training under autocast
+            (``LocalTrainer(precision="bf16")``, ``LocalNet.local_step(autocast=...)``): each candidate's saved bytes
+            are measured with its modules run under ``torch.autocast`` on ``example_input``'s device, while the cuts
+            balance the bytes measured without it, as ``split`` and ``recompute_modules`` called outside autocast cut
+            (so a training script that cuts that way gets the modules fitted). Calling fit_memory under
+            ``torch.autocast`` instead runs everything under it, the cuts included.
         accept: a further check of each candidate within the budget, called with its modules (outside inference
             mode); the search goes on past one it returns False for. For what fit_memory does not measure: the heads
             and local losses (``llkern train --memory-budget`` runs a copy with them).
@@ -213,6 +277,11 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
     segments = tuple(segments)
     if not segments or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in segments):
         raise ValueError(f"fit_memory: expected segments to be ints >= 1, got {segments!r}")
+    if autocast not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"fit_memory: expected autocast to be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+    for name, function in (("transform", transform), ("accept", accept)):
+        if function is not None and not callable(function):
+            raise TypeError(f"fit_memory: expected {name} to be callable, got {type(function).__name__}")
     # llkern.nn imports llkern.local lazily the other way
     from llkern.nn.recompute import _cut, _most_segments
 
@@ -238,8 +307,17 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
                                          f"({error.possible})") from error
                     break  # the model has no more places to cut
                 units = [u for m in plan.modules for u in m]
-                costs, writes = _module_costs(plan, example_input)
-                allowed = [_most_segments(m, w) for m, w in zip(plan.modules, writes, strict=True)]
+                if transform is None:
+                    candidates = list(plan.modules)
+                    costs, writes = _module_costs(plan, example_input)
+                else:
+                    with torch.inference_mode(False):
+                        candidates = _transformed(plan.modules, transform)
+                        units += candidates  # (their modes; their buffers are the model's)
+                        costs, writes = (_own_costs(candidates, example_input) if max(segments) > 1
+                                         else ([None] * k, [None] * k))
+                allowed = [1 if c is None else _most_segments(m, w)
+                           for m, c, w in zip(candidates, costs, writes, strict=True)]
                 measured: set[tuple[int, ...]] = set()
                 for s in segments:
                     # a module allowing fewer cuts has fewer segments: a count that cuts no module further is skipped
@@ -247,10 +325,11 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
                     if counts in measured:
                         continue
                     measured.add(counts)
-                    modules = list(plan.modules) if s == 1 else [
+                    modules = candidates if s == 1 else [
                         _cut(m, count, c, w, True)
-                        for m, count, c, w in zip(plan.modules, counts, costs, writes, strict=True)]
-                    with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device):
+                        for m, count, c, w in zip(candidates, counts, costs, writes, strict=True)]
+                    with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device), \
+                            _autocast(example_input.device, autocast):
                         traces = _module_traces(modules, example_input)
                         halves = (_module_traces(modules, half_input) if half_input is not None
                                   else [None] * len(traces))
@@ -279,8 +358,13 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
         shown = ", ".join(f"K = {k} with {s}" for k, s in rejected[:4]) + (", ..." if len(rejected) > 4 else "")
         refused = f" ({len(rejected)} that did were not accepted: {shown})" if rejected else ""
         accepted = "accepted " if rejected else ""
+        options = ([] if transform is not None else
+                   ["transform=lambda m: convert(m, relu_masks=True, bn_relu_recompute=True) (convert from "
+                    "llkern.activation_memory)"])
+        if autocast is None and not torch.is_autocast_enabled(example_input.device.type):
+            options.append("autocast=torch.bfloat16")
+        lighter = f", or fit with fewer saved bytes: {' or '.join(options)}" if options else ""
         raise ValueError(f"fit_memory: no {accepted}split of up to {modules} with segments {segments} keeps a module's "
                          f"saved activations within {_format_bytes(budget_bytes)} for a batch of {batch_size}"
-                         f"{refused}{least}. Try a smaller batch{larger_k} or more segments, or the other options of "
-                         "llkern.activation_memory (convert(..., bn_relu_recompute=True), saved_tensors_in)")
+                         f"{refused}{least}. Try a smaller batch{larger_k} or more segments{lighter}")
     return fit
