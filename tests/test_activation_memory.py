@@ -419,6 +419,46 @@ def test_saved_tensors_in_composes_with_memory_meter():
     assert low == full // 2
 
 
+@pytest.mark.parametrize("order", ["alone", "inside a meter", "around a meter"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saved_tensors_in_frees_a_graph_whose_op_saved_its_own_output(order, dtype):
+    # a tensor it keeps as it is (small, or not wider than the storage dtype: a bf16 model's activations) used to
+    # be held by its own graph through the handle (tensor -> grad_fn -> handle -> tensor), a cycle gc cannot
+    # break: every such graph leaked
+    import contextlib
+    import gc
+    import weakref
+
+    def contexts() -> list:
+        low = saved_tensors_in(torch.bfloat16)
+        return {"alone": [low], "inside a meter": [MemoryMeter(), low], "around a meter": [low, MemoryMeter()]}[order]
+
+    size = 10 if dtype == torch.float32 else 4096  # (too small to convert; bf16 already)
+    a = torch.randn(size, dtype=dtype, requires_grad=True)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with contextlib.ExitStack() as stack:
+            for context in contexts():
+                stack.enter_context(context)
+            b = a.exp()  # exp saves its output
+        ref = weakref.ref(b)
+        b.sum().backward()
+        torch.testing.assert_close(a.grad, a.detach().exp())
+        del b
+        assert ref() is None
+        with contextlib.ExitStack() as stack:  # and without a backward
+            for context in contexts():
+                stack.enter_context(context)
+            b = a.exp()
+        ref = weakref.ref(b)
+        del b
+        assert ref() is None
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def test_saved_tensors_in_converts_one_memory_once_whatever_tensor_object_saves_it():
     # BatchNormReLU saves x and the RecomputeInputConv2d after it saves x.detach(): another tensor object over
     # the same memory. One bfloat16 copy (two made the 'recompute + bf16' option no smaller than recompute alone)

@@ -415,3 +415,18 @@ def test_autocast_measures_16_bit_steps_and_cuts_as_in_fp32():
     bf16_context = torch.autocast("cpu", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"\(convert from llkern\.activation_memory\)$"), bf16_context:
         llkern.fit_memory(model, 1024, example_input=x, max_k=2)  # (already under autocast)
+
+
+def test_inside_saved_tensors_in_it_fits_the_16_bit_copies():
+    # fit_memory's meter hands on to an enclosing saved_tensors_in and counts the copies it stores
+    from llkern.activation_memory import saved_tensors_in
+
+    model, x, y = cnn(), torch.randn(16, 3, 12, 12), torch.randint(0, 10, (16,))
+    fp32 = llkern.fit_memory(model, 2**40, example_input=x, min_k=2, segments=(2,))
+    with saved_tensors_in(torch.bfloat16):
+        low = llkern.fit_memory(model, 2**40, example_input=x, min_k=2, segments=(2,))
+    assert low.peak_bytes < 0.6 * fp32.peak_bytes
+    net = llkern.LocalNet(low.modules, num_classes=10, example_input=x[:2])
+    with saved_tensors_in(torch.bfloat16):
+        measured = max(row.peak_saved_bytes for row in net.memory_profile(x, y))
+    assert abs(measured - low.peak_bytes) <= 0.03 * low.peak_bytes

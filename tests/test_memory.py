@@ -81,6 +81,93 @@ def test_report_string():
     assert "1.00 MiB" in str(meter.report())
 
 
+# --- composition with other saved-tensor hooks: only the innermost pair runs, so each hands on to the one outside ---
+
+
+def _conv_step(model: nn.Module, x: torch.Tensor, contexts) -> tuple[list[int], list[torch.Tensor]]:
+    """One forward and backward of ``model`` inside ``contexts`` (entered in order); the peaks of the meters among
+    them and the gradients."""
+    import contextlib
+
+    model.zero_grad()
+    with contextlib.ExitStack() as stack:
+        entered = [stack.enter_context(c) for c in contexts]
+        model(x).sum().backward()
+    meters = [c for c in entered if isinstance(c, MemoryMeter)]
+    assert all(m.current_saved_bytes == 0 for m in meters)  # all released by the backward
+    return [m.peak_saved_bytes for m in meters], [p.grad.clone() for p in model.parameters()]
+
+
+def _conv_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1))
+
+
+def test_a_meter_inside_saved_tensors_in_hands_on_to_it_and_counts_the_16_bit_copies():
+    # LocalTrainer enters a meter for every epoch: inside a user's saved_tensors_in it used to switch the conversion
+    # off (the same losses and peak as without it); both orders now convert, count the same bytes and agree bitwise
+    from llkern.activation_memory import saved_tensors_in
+
+    model, x = _conv_model(), torch.randn(8, 4, 10, 10)
+    def meter() -> MemoryMeter:
+        return MemoryMeter(exclude=model.parameters())
+
+    (full,), plain = _conv_step(model, x, [meter()])
+    (inner,), inside = _conv_step(model, x, [saved_tensors_in(torch.bfloat16), meter()])
+    (outer,), outside = _conv_step(model, x, [meter(), saved_tensors_in(torch.bfloat16)])
+    assert inner == outer == full // 2  # (x and two ReLU outputs, each stored once in bf16)
+    assert all(torch.equal(a, b) for a, b in zip(inside, outside, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(inside, plain, strict=True))  # the rounded copies were used
+
+
+def test_nested_meters_both_count():
+    model, x = _conv_model(), torch.randn(8, 4, 10, 10)
+    (alone,), plain = _conv_step(model, x, [MemoryMeter(exclude=model.parameters())])
+    peaks, grads = _conv_step(model, x, [MemoryMeter(exclude=model.parameters()),
+                                         MemoryMeter(exclude=model.parameters())])
+    assert peaks == [alone, alone] and all(torch.equal(a, b) for a, b in zip(grads, plain, strict=True))
+
+
+def test_a_meter_inside_foreign_hooks_counts_the_tensor_and_uses_their_unpack():
+    # a handle that does not say what it holds (a tuple here): the tensor given is counted
+    packed, unpacked = [], []
+
+    def pack(tensor):
+        packed.append(tensor.shape)
+        return ("box", tensor)
+
+    def unpack(handle):
+        unpacked.append(handle[0])
+        return handle[1]
+
+    a = torch.randn(1000, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack), MemoryMeter() as meter:
+        a.exp().sum().backward()
+    assert packed == [torch.Size([1000])] and unpacked == ["box"]
+    assert meter.peak_saved_bytes == 4000 and meter.current_saved_bytes == 0
+    torch.testing.assert_close(a.grad, a.detach().exp())
+
+
+def test_local_trainer_inside_saved_tensors_in_stores_16_bit_copies():
+    from llkern.activation_memory import saved_tensors_in
+
+    x, y = torch.randn(128, 1, 8, 8), torch.randint(0, 10, (128,))
+    rows = []
+    for low in (False, True):
+        torch.manual_seed(0)
+        net = llkern.LocalNet(digits_resnet(4, width=16), num_classes=10, example_input=x[:2])
+        trainer = llkern.LocalTrainer(net, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+        if low:
+            with saved_tensors_in(torch.bfloat16):
+                rows.append(trainer.fit((x, y), epochs=1, batch_size=64, progress=False)[-1])
+        else:
+            rows.append(trainer.fit((x, y), epochs=1, batch_size=64, progress=False)[-1])
+    assert rows[1]["peak_saved_bytes"] < 0.55 * rows[0]["peak_saved_bytes"]
+    assert rows[1]["loss"] != rows[0]["loss"]  # the backward read rounded activations
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-2)
+
+
 def _module_saved_bytes(net, x, y):
     """Saved bytes of each module (with its head) alone, on the detached output of the previous one."""
     sizes, boundary_sizes, h = [], [], x

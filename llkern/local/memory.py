@@ -15,19 +15,28 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from llkern._saved_hooks import held_tensor, outer_saved_tensors_hooks
+
 
 class _Saved:
-    """What autograd holds instead of a saved tensor while the meter is active."""
+    """What autograd holds instead of a saved tensor while the meter is active: the tensor (a detached alias), or the
+    handle the hooks outside the meter made of it, with ``unpack`` theirs."""
 
-    __slots__ = ("__weakref__", "keys", "meter", "tensor")
+    __slots__ = ("__weakref__", "keys", "meter", "tensor", "unpack")
 
-    def __init__(self, meter: MemoryMeter, keys: list[tuple], tensor: torch.Tensor) -> None:
-        self.meter, self.keys, self.tensor = meter, keys, tensor
+    def __init__(self, meter: MemoryMeter, keys: list[tuple], tensor: Any, unpack: Callable | None = None) -> None:
+        self.meter, self.keys, self.tensor, self.unpack = meter, keys, tensor, unpack
+
+    @property
+    def held(self) -> Any:
+        """What holds the memory: for a meter enclosing this one."""
+        return self.tensor
 
     def __del__(self) -> None:
         for key in self.keys:
@@ -71,6 +80,10 @@ def _storage_key(t: torch.Tensor) -> tuple:
 class MemoryMeter:
     """Context manager measuring the peak bytes of distinct storages saved for backward.
 
+    Entered inside other saved-tensor hooks (:class:`llkern.activation_memory.saved_tensors_in`, another meter), it
+    hands every saved tensor on to them and counts what they hold (the 16-bit copy ``saved_tensors_in`` keeps), so
+    both work wherever the meter is entered (``LocalTrainer`` enters one for every epoch).
+
     Args:
         exclude: tensors (typically ``model.parameters()``) whose storages are not counted;
             ``nn.Parameter`` objects are never counted.
@@ -91,12 +104,21 @@ class MemoryMeter:
         self._cuda_baseline = 0
         self.cuda_peak_bytes: int | None = None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._outer: tuple[Callable, Callable] | None = None
 
     def _pack(self, tensor: torch.Tensor):
+        outer = self._outer
+        handle = outer[0](tensor) if outer is not None else tensor
+        if handle is tensor and outer is not None and tensor.grad_fn is not None:
+            handle = tensor.detach()  # (outer hooks that keep the tensor itself: see the alias below)
         if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
-            return tensor  # a parameter or a view of one (nn.Linear saves weight.t())
+            # a parameter or a view of one (nn.Linear saves weight.t())
+            return handle if outer is None else _Saved(self, [], handle, outer[1])
+        held = tensor if outer is None else held_tensor(handle)
+        if held is None:  # an outer handle that does not say what it holds: count the tensor given
+            held = tensor
         keys = []
-        for part in _components(tensor):  # a sparse tensor counts its index and value storages
+        for part in _components(held):  # a sparse tensor counts its index and value storages
             key = _storage_key(part)
             nbytes = part.untyped_storage().nbytes()
             if key in self._excluded or nbytes == 0:
@@ -108,6 +130,8 @@ class MemoryMeter:
                 self.peak_saved_bytes = max(self.peak_saved_bytes, self.current_saved_bytes)
             self._counts[key] = count + 1
             keys.append(key)
+        if outer is not None:
+            return _Saved(self, keys, handle, outer[1])
         if not keys:
             return tensor
         # Hold a detached alias: an op's saved output would otherwise form a cycle (tensor ->
@@ -116,7 +140,9 @@ class MemoryMeter:
 
     @staticmethod
     def _unpack(handle):
-        return handle.tensor if isinstance(handle, _Saved) else handle
+        if not isinstance(handle, _Saved):
+            return handle
+        return handle.tensor if handle.unpack is None else handle.unpack(handle.tensor)
 
     def _drop(self, key: tuple) -> None:
         count = self._counts[key] - 1
@@ -136,11 +162,13 @@ class MemoryMeter:
 
     def __enter__(self) -> MemoryMeter:
         self.reset_peak()
+        self._outer = outer_saved_tensors_hooks()
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+        self._outer = None
         if self._cuda is not None:
             torch.cuda.synchronize(self._cuda)
             self.cuda_peak_bytes = torch.cuda.max_memory_allocated(self._cuda) - self._cuda_baseline

@@ -59,6 +59,7 @@ from torch.nn.modules.batchnorm import _NormBase
 import llkern.ops.batch_norm_relu
 import llkern.ops.relu_mask  # noqa: F401
 from llkern._ext import kernel_available
+from llkern._saved_hooks import can_see_outer_hooks, outer_saved_tensors_hooks
 from llkern.nn.recompute import recompute_modules, recompute_segments  # the fourth option, in its own file
 from llkern.ops.cast import cast_pooled
 
@@ -516,20 +517,10 @@ class _Stored:
     def __init__(self, handle: Any, dtype: torch.dtype | None) -> None:
         self.handle, self.dtype = handle, dtype
 
-
-def _outer_hooks() -> tuple[Callable, Callable] | None:
-    """The saved-tensor hooks active before ours (e.g. a MemoryMeter's), so that ours can hand on to them.
-
-    Only the innermost ``saved_tensors_hooks`` pair runs; without this an enclosing MemoryMeter would
-    see nothing. PyTorch exposes the stack's top only privately, so fall back to no composition.
-    """
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None:
-        return None
-    try:
-        return top(False)
-    except TypeError:  # older signature without ``ignore_is_tracing``
-        return top()
+    @property
+    def held(self) -> Any:
+        """What holds the memory (the 16-bit copy, or the outer hooks' handle of it): for an enclosing meter."""
+        return self.handle
 
 
 def _memory_key(tensor: torch.Tensor) -> tuple:
@@ -555,7 +546,9 @@ class saved_tensors_in:  # lower-case: a context manager used like a function, a
 
     It composes with an enclosing :class:`llkern.MemoryMeter` (or any other saved-tensor hooks entered
     before it): the converted tensor is handed to the outer pack hook, so the meter counts the bytes that
-    are actually held. Enter it *inside* the meter: hooks entered inside this one replace it.
+    are actually held. A meter entered inside it hands on to it in the same way (``with
+    saved_tensors_in(torch.bfloat16): trainer.fit(...)``, whose trainer meters every epoch); other hooks entered
+    inside it replace it.
 
     Example::
 
@@ -595,7 +588,11 @@ class saved_tensors_in:  # lower-case: a context manager used like a function, a
     def _pack(self, tensor: torch.Tensor) -> Any:
         outer_pack = self._outer[0] if self._outer is not None else None
         if not self._converts(tensor):
-            return _Stored(outer_pack(tensor), None) if outer_pack is not None else tensor
+            if outer_pack is not None:
+                return _Stored(outer_pack(tensor), None)
+            # A detached alias of an op's output: the output itself would form a cycle (tensor -> grad_fn -> saved
+            # handle -> tensor) through C++ that Python's gc cannot break, and the graph would never be freed.
+            return tensor.detach() if tensor.grad_fn is not None else tensor
         key = _memory_key(tensor)
         entry = self._shared.get(key)
         first = entry[0]() if entry is not None else None
@@ -620,8 +617,8 @@ class saved_tensors_in:  # lower-case: a context manager used like a function, a
     def __enter__(self) -> saved_tensors_in:
         if self._hooks is not None:
             raise RuntimeError("saved_tensors_in: this context is already active (it is not reentrant)")
-        self._outer = _outer_hooks()
-        if self._outer is None and getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None) is None:
+        self._outer = outer_saved_tensors_hooks()
+        if self._outer is None and not can_see_outer_hooks():
             warnings.warn("saved_tensors_in: this PyTorch does not expose the enclosing saved-tensor hooks; "
                           "an enclosing MemoryMeter will not see the tensors saved inside", stacklevel=2)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
