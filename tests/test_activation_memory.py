@@ -513,6 +513,21 @@ def test_saved_tensors_in_keeps_parameters_integers_and_small_tensors():
     assert x.grad is not None and x.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr])
+def test_saved_tensors_in_keeps_a_sparse_tensor(layout):
+    # a GCN's sparse adjacency, saved by torch.sparse.mm for the dense side's gradient, used to reach cast_pooled
+    # (strided only) and fail the forward
+    torch.manual_seed(0)
+    dense = torch.rand(64, 64) * (torch.rand(64, 64) < 0.1)
+    adjacency = dense.to_sparse() if layout == torch.sparse_coo else dense.to_sparse_csr()
+    x = torch.randn(64, 32, dtype=torch.float64, requires_grad=True)
+    with MemoryMeter() as meter, saved_tensors_in(torch.bfloat16, min_numel=0):
+        y = torch.sparse.mm(adjacency.double(), x)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, dense.double().t() @ torch.ones(64, 32, dtype=torch.float64))
+    assert meter.peak_saved_bytes > 0
+
+
 def test_saved_tensors_in_errors():
     with pytest.raises(TypeError, match=r"saved_tensors_in: expected dtype to be a torch\.dtype, got 'bf16'"):
         saved_tensors_in("bf16")

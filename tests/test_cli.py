@@ -216,7 +216,8 @@ def test_memory_budget_chooses_k_and_segments_and_saves_the_choice(tmp_path, cap
     assert parse(["--memory-budget", "500MB"]).memory_budget == 500 * 10**6
 
 
-@pytest.mark.parametrize("options", [("--relu-masks", "--recompute-bn-relu"), ("--precision", "bf16")])
+@pytest.mark.parametrize("options", [("--relu-masks", "--recompute-bn-relu"), ("--precision", "bf16"),
+                                     ("--saved-dtype", "bf16")])
 def test_memory_budget_fits_the_modules_as_the_activation_options_and_precision_make_them(options, tmp_path, capsys):
     # at 2 MiB the plain fp32 layers do not fit digits-resnet at a batch of 64 with any K and S; converted, or saved
     # by a bf16 step, they do: the run takes fit_memory's choice, saves no more than the budget, and trains exactly
@@ -224,7 +225,7 @@ def test_memory_budget_fits_the_modules_as_the_activation_options_and_precision_
     torch.set_num_threads(1)
     with pytest.raises(UsageError, match=r"--memory-budget 2.00 MiB: fit_memory: no split .*the least was .* Try a "
                                          r"smaller --batch-size or lighter --heads, or add --relu-masks / "
-                                         r"--recompute-bn-relu / --precision bf16$"):
+                                         r"--recompute-bn-relu / --precision bf16 / --saved-dtype bf16$"):
         run("--memory-budget", "2MiB")
     log = tmp_path / "budget.json"
     run("--memory-budget", "2MiB", *options, "--epochs", "1", "--log", str(log))
@@ -236,6 +237,24 @@ def test_memory_budget_fits_the_modules_as_the_activation_options_and_precision_
     assert abs(row["peak_saved_bytes"] / 2**20 - float(saved.group(1))) < 0.01
     run("-k", k, "--recompute-segments", segments, *options, "--epochs", "1", "--log", str(tmp_path / "chosen.json"))
     assert json.loads((tmp_path / "chosen.json").read_text())[-1]["loss"] == row["loss"]
+
+
+def test_saved_dtype_stores_the_saved_tensors_in_16_bits(tmp_path):
+    # --saved-dtype bf16: saved_tensors_in around the training; the trainer's meter counts the copies it stores
+    torch.set_num_threads(1)
+    rows = {}
+    for dtype in ("fp32", "bf16"):
+        log = tmp_path / f"{dtype}.json"
+        run("-k", "2", "--epochs", "1", "--saved-dtype", dtype, "--log", str(log))
+        rows[dtype] = json.loads(log.read_text())[-1]
+    assert rows["bf16"]["peak_saved_bytes"] < 0.55 * rows["fp32"]["peak_saved_bytes"]
+    assert rows["bf16"]["loss"] != rows["fp32"]["loss"]  # the backward read rounded activations
+    assert rows["bf16"]["loss"] == pytest.approx(rows["fp32"]["loss"], rel=1e-2)
+    # graph data: the sparse adjacency is kept as it is
+    out = run("--model", "gcn", "--data", "synthetic-graphs", "-k", "2", "--epochs", "1", "--saved-dtype", "bf16")
+    assert len(out["history"]) == 1
+    with pytest.raises(SystemExit):
+        parse(["--saved-dtype", "int8"])
 
 
 def test_memory_budget_counts_the_heads_and_losses_on_top_of_the_blocks(tmp_path, capsys, monkeypatch):

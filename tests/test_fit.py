@@ -411,20 +411,38 @@ def test_autocast_measures_16_bit_steps_and_cuts_as_in_fp32():
     with pytest.raises(ValueError, match=r"fit with fewer saved bytes: transform=.*or autocast=torch\.bfloat16"):
         llkern.fit_memory(model, 1024, example_input=x, max_k=2)
     with pytest.raises(ValueError, match=r"more segments$"):
-        llkern.fit_memory(model, 1024, example_input=x, max_k=2, transform=converted, autocast=torch.bfloat16)
-    bf16_context = torch.autocast("cpu", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"\(convert from llkern\.activation_memory\)$"), bf16_context:
-        llkern.fit_memory(model, 1024, example_input=x, max_k=2)  # (already under autocast)
-
-
-def test_inside_saved_tensors_in_it_fits_the_16_bit_copies():
-    # fit_memory's meter hands on to an enclosing saved_tensors_in and counts the copies it stores
+        llkern.fit_memory(model, 1024, example_input=x, max_k=2, transform=converted, autocast=torch.bfloat16,
+                          saved_dtype=torch.bfloat16)
     from llkern.activation_memory import saved_tensors_in
 
-    model, x, y = cnn(), torch.randn(16, 3, 12, 12), torch.randint(0, 10, (16,))
+    bf16_context = torch.autocast("cpu", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"\(convert from llkern\.activation_memory\)$"), bf16_context, \
+            saved_tensors_in(torch.bfloat16):
+        llkern.fit_memory(model, 1024, example_input=x, max_k=2)  # (already under autocast and saved_tensors_in)
+    with pytest.raises(ValueError, match=r"saved_dtype=torch\.bfloat16 \(approximate gradients\)$"), bf16_context:
+        llkern.fit_memory(model, 1024, example_input=x, max_k=2, transform=converted)
+    with pytest.raises(ValueError, match=r"saved_dtype to be None, torch\.bfloat16 or torch\.float16"):
+        llkern.fit_memory(model, 2**40, example_input=x, saved_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("how", ["inside", "saved_dtype"])
+def test_it_fits_the_16_bit_copies_saved_tensors_in_stores(how):
+    # inside saved_tensors_in, fit_memory's meter hands on to it and counts the copies it stores (everything under
+    # it, as under autocast); saved_dtype= measures the candidates so and cuts them by fp32 bytes
+    from llkern.activation_memory import saved_tensors_in
+
+    from llkern.cli.train import _body, _model
+    from llkern.data import load_digits
+
+    x, y = (t[:32] for t in load_digits(seed=0)[:2])
+    model, _ = _body(_model("digits-resnet", x[:8]))
     fp32 = llkern.fit_memory(model, 2**40, example_input=x, min_k=2, segments=(2,))
-    with saved_tensors_in(torch.bfloat16):
-        low = llkern.fit_memory(model, 2**40, example_input=x, min_k=2, segments=(2,))
+    if how == "inside":
+        with saved_tensors_in(torch.bfloat16):
+            low = llkern.fit_memory(model, 2**40, example_input=x, min_k=2, segments=(2,))
+    else:
+        low = llkern.fit_memory(model, 2**40, example_input=x, min_k=2, segments=(2,), saved_dtype=torch.bfloat16)
+        assert [m.boundaries for m in low.modules] == [m.boundaries for m in fp32.modules]
     assert low.peak_bytes < 0.6 * fp32.peak_bytes
     net = llkern.LocalNet(low.modules, num_classes=10, example_input=x[:2])
     with saved_tensors_in(torch.bfloat16):

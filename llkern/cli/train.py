@@ -70,7 +70,7 @@ GRAPH_LOSSES = ("ce", "mi")
 CHOICES = {"model": MODELS, "split": ("layers", "params", "saved_bytes", "time"), "loss": LOSSES, "heads": HEADS,
            "context": (None, "E", "R", "RE"), "mode": ("simultaneous", "sequential"), "data": DATA,
            "optimizer": ("sgd", "adam"), "schedule": ("constant", "cosine", "onecycle"),
-           "precision": ("fp32", "bf16", "fp16")}
+           "precision": ("fp32", "bf16", "fp16"), "saved_dtype": ("fp32", "bf16", "fp16")}
 # options that say where things go or how the run is shown, not what is trained: not taken from a
 # checkpoint's saved options on --resume or by eval
 RUN_OPTIONS = ("recipe", "log", "checkpoint", "resume", "output_dir", "tensorboard", "no_progress", "device",
@@ -100,6 +100,9 @@ def build_parser(defaults: dict[str, Any] | None = None, prog: str | None = "llk
     what.add_argument("--relu-masks", action="store_true", help="save 1-bit ReLU masks instead of ReLU outputs")
     what.add_argument("--recompute-bn-relu", action="store_true",
                       help="recompute BatchNorm+ReLU in the backward instead of saving their outputs")
+    what.add_argument("--saved-dtype", choices=CHOICES["saved_dtype"], default="fp32",
+                      help="store the tensors saved for backward in this dtype (saved_tensors_in: about half the "
+                           "saved bytes; approximate gradients, relative errors of the order of 2^-8 for bf16)")
     what.add_argument("--recompute-segments", type=positive_int, default=1, metavar="S",
                       help="cut each module into S segments (at most one per child) balanced by saved bytes and "
                            "recompute all but the last in the backward (keeps their inputs only; about one more "
@@ -108,9 +111,10 @@ def build_parser(defaults: dict[str, Any] | None = None, prog: str | None = "llk
                       help="choose -k and --recompute-segments for this activation budget (e.g. 40MiB): the fewest "
                            "modules, then the fewest segments, whose largest module with its head and local loss "
                            "saves at most SIZE for backward at --batch-size (per process under torchrun), measured "
-                           "on the CPU with --relu-masks / --recompute-bn-relu applied and under --precision's "
-                           "autocast (llkern.fit_memory; each candidate also run on a copy with its heads and "
-                           "losses); the choice replaces -k and --recompute-segments, and is what the run saves")
+                           "on the CPU with --relu-masks / --recompute-bn-relu / --saved-dtype applied and under "
+                           "--precision's autocast (llkern.fit_memory; each candidate also run on a copy with its "
+                           "heads and losses); the choice replaces -k and --recompute-segments, and is what the "
+                           "run saves")
     what.add_argument("--tau", type=positive_float, default=1.0, help="TRGL's transport weight 1/tau")
     what.add_argument("--context", choices=CHOICES["context"][1:], default=None,
                       help="ContSup context for modules 1..K-1 (image encoder, previous boundary, both)")
@@ -684,7 +688,7 @@ def _fit_memory_budget(args: argparse.Namespace, model: nn.Sequential, data: Ima
         # (cut as _image_run cuts, by fp32 bytes; what each candidate saves measured under the run's autocast)
         fit = llkern.fit_memory(model, budget, example_input=data.x[:32], batch_size=batch, min_k=stages,
                                 transform=_activation_options(args), autocast=_autocast_dtype(args),
-                                accept=fits_with_heads)
+                                saved_dtype=_saved_dtype(args), accept=fits_with_heads)
     except ValueError as error:
         if "min_k=" in str(error):
             raise UsageError(f"{what} --pipeline-stages {stages}: {error}; use fewer --pipeline-stages") from None
@@ -699,7 +703,8 @@ def _fit_memory_budget(args: argparse.Namespace, model: nn.Sequential, data: Ima
         lighter = [option for option, off in (("--relu-masks", not args.relu_masks and nn.ReLU in layers),
                                               ("--recompute-bn-relu", not args.recompute_bn_relu
                                                and nn.BatchNorm2d in layers and nn.ReLU in layers),
-                                              ("--precision bf16", args.precision == "fp32")) if off]
+                                              ("--precision bf16", args.precision == "fp32"),
+                                              ("--saved-dtype bf16", args.saved_dtype == "fp32")) if off]
         also = f", or add {' / '.join(lighter)}" if lighter else ""
         found = str(error).split(". Try ")[0]  # (the rest is advice for the Python call)
         raise UsageError(f"{what}: {with_heads}{found}. Try a smaller --batch-size or lighter --heads{also}") from None
@@ -716,6 +721,21 @@ def _fit_memory_budget(args: argparse.Namespace, model: nn.Sequential, data: Ima
 def _autocast_dtype(args: argparse.Namespace) -> torch.dtype | None:
     """The dtype of --precision's autocast (None for fp32)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+
+
+def _saved_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    """The dtype --saved-dtype stores saved tensors in (None for fp32: as they are)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.saved_dtype)
+
+
+def _saved_tensors(args: argparse.Namespace) -> Any:
+    """saved_tensors_in(--saved-dtype), or nothing."""
+    import contextlib
+
+    from llkern.nn.activation_memory import saved_tensors_in
+
+    dtype = _saved_dtype(args)
+    return contextlib.nullcontext() if dtype is None else saved_tensors_in(dtype)
 
 
 def _activation_options(args: argparse.Namespace) -> Any:
@@ -739,7 +759,7 @@ def _largest_step_peak(args: argparse.Namespace, modules: list[nn.Module], data:
     sizes = sorted({min(batch, n, len(data.x)) for n in (8, 16, 32)})
     peaks = []
     probe = argparse.Namespace(**{**vars(args), "k": len(modules)})  # the heads and loss weights depend on K
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _saved_tensors(args):
         net = _local_net(probe, copy.deepcopy(modules), data, tokens)
         for n in sizes:
             rows = net.memory_profile(data.x[:n].clone(), data.y[:n].clone(), autocast=_autocast_dtype(args))
@@ -909,9 +929,10 @@ def _train(args: argparse.Namespace) -> dict:
     if args.checkpoint:
         make_parents(args.checkpoint)  # every stage of a pipeline writes its own shard there
     try:
-        rows = trainer.fit(run.train_data, run.epochs, batch_size=run.batch_size, eval_data=run.eval_data,
-                           progress=not args.no_progress, log=sinks, checkpoint=args.checkpoint,
-                           transform=run.augment)
+        with _saved_tensors(args):  # (the trainer's memory meter counts the copies it stores)
+            rows = trainer.fit(run.train_data, run.epochs, batch_size=run.batch_size, eval_data=run.eval_data,
+                               progress=not args.no_progress, log=sinks, checkpoint=args.checkpoint,
+                               transform=run.augment)
     finally:
         if tensorboard is not None:
             tensorboard.close()

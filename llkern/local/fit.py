@@ -18,8 +18,10 @@ scaled in proportion instead, which overstates what does not grow). The budget i
 parameters, gradients, optimizer state, the heads (small for pooled heads; a language model's token head is not),
 and on a GPU the allocator's workspace and fragmentation come on top. With ``autocast=torch.bfloat16`` the 16-bit
 copies autocast saves are what is fitted (about half of fp32's for a convolutional network), the cuts made as in
-fp32; called under ``torch.autocast``, everything runs under it, the cuts included. ``transform`` fits the modules as
-another option changes them (``llkern.activation_memory.convert``: 1-bit ReLU masks, BatchNorm+ReLU recomputed).
+fp32; called under ``torch.autocast``, everything runs under it, the cuts included. ``saved_dtype=torch.bfloat16``
+fits the copies :class:`llkern.activation_memory.saved_tensors_in` stores, in the same way. ``transform`` fits the
+modules as another option changes them (``llkern.activation_memory.convert``: 1-bit ReLU masks, BatchNorm+ReLU
+recomputed).
 """
 
 from __future__ import annotations
@@ -132,6 +134,20 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+def _inside_saved_tensors_in() -> bool:
+    from llkern._saved_hooks import outer_saved_tensors_hooks
+    from llkern.nn.activation_memory import saved_tensors_in
+
+    hooks = outer_saved_tensors_hooks()
+    return hooks is not None and isinstance(getattr(hooks[0], "__self__", None), saved_tensors_in)
+
+
+def _saved_in(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    from llkern.nn.activation_memory import saved_tensors_in  # llkern.nn imports llkern.local lazily the other way
+
+    return contextlib.nullcontext() if dtype is None else saved_tensors_in(dtype)
+
+
 def _verdict(fits: bool, rejected: bool) -> str:
     return "" if not fits else "  fits, not accepted" if rejected else "  fits"
 
@@ -222,6 +238,7 @@ def _own_costs(modules: list[nn.Module], example_input: torch.Tensor) -> tuple[l
 def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tensor, batch_size: int | None = None,
                min_k: int = 1, max_k: int = 16, segments: tuple[int, ...] = (1, 2, 3, 4),
                transform: Callable[[nn.Module], nn.Module | None] | None = None, autocast: torch.dtype | None = None,
+               saved_dtype: torch.dtype | None = None,
                accept: Callable[[list[nn.Module]], bool] | None = None) -> MemoryFit:
     """The fewest modules (then the fewest recomputed segments) whose largest module fits ``budget_bytes``.
 
@@ -248,6 +265,9 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
             balance the bytes measured without it, as ``split`` and ``recompute_modules`` called outside autocast cut
             (so a training script that cuts that way gets the modules fitted). Calling fit_memory under
             ``torch.autocast`` instead runs everything under it, the cuts included.
+        saved_dtype: a dtype (``torch.bfloat16``, ``torch.float16``) for training inside
+            ``llkern.activation_memory.saved_tensors_in(saved_dtype)``: each candidate's saved bytes are measured with
+            the copies it stores, the cuts made as in fp32 (as with ``autocast``).
         accept: a further check of each candidate within the budget, called with its modules (outside inference
             mode); the search goes on past one it returns False for. For what fit_memory does not measure: the heads
             and local losses (``llkern train --memory-budget`` runs a copy with them).
@@ -279,6 +299,9 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
         raise ValueError(f"fit_memory: expected segments to be ints >= 1, got {segments!r}")
     if autocast not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"fit_memory: expected autocast to be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+    if saved_dtype not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"fit_memory: expected saved_dtype to be None, torch.bfloat16 or torch.float16, got "
+                         f"{saved_dtype!r}")
     for name, function in (("transform", transform), ("accept", accept)):
         if function is not None and not callable(function):
             raise TypeError(f"fit_memory: expected {name} to be callable, got {type(function).__name__}")
@@ -329,7 +352,7 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
                         _cut(m, count, c, w, True)
                         for m, count, c, w in zip(candidates, counts, costs, writes, strict=True)]
                     with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device), \
-                            _autocast(example_input.device, autocast):
+                            _autocast(example_input.device, autocast), _saved_in(saved_dtype):
                         traces = _module_traces(modules, example_input)
                         halves = (_module_traces(modules, half_input) if half_input is not None
                                   else [None] * len(traces))
@@ -363,6 +386,8 @@ def fit_memory(model: nn.Module, budget_bytes: int, *, example_input: torch.Tens
                     "llkern.activation_memory)"])
         if autocast is None and not torch.is_autocast_enabled(example_input.device.type):
             options.append("autocast=torch.bfloat16")
+        if saved_dtype is None and not _inside_saved_tensors_in():
+            options.append("saved_dtype=torch.bfloat16 (approximate gradients)")
         lighter = f", or fit with fewer saved bytes: {' or '.join(options)}" if options else ""
         raise ValueError(f"fit_memory: no {accepted}split of up to {modules} with segments {segments} keeps a module's "
                          f"saved activations within {_format_bytes(budget_bytes)} for a batch of {batch_size}"

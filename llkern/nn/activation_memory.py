@@ -536,9 +536,10 @@ class saved_tensors_in:  # lower-case: a context manager used like a function, a
 
     Floating-point saved tensors wider than ``dtype`` with at least ``min_numel`` elements are stored
     as ``tensor.to(dtype)``; the backward reads them back in their original dtype. Parameters (and views
-    of them), integer and boolean tensors, and small tensors (per-channel statistics: they cost nothing,
-    and rounding them would only add error) are kept as they are. A tensor saved by several ops (a ReLU
-    output that the next conv saves too) is converted once and shared, as autograd shares the original.
+    of them), integer and boolean tensors, sparse tensors (a graph's adjacency), and small tensors
+    (per-channel statistics: they cost nothing, and rounding them would only add error) are kept as they
+    are. A tensor saved by several ops (a ReLU output that the next conv saves too) is converted once and
+    shared, as autograd shares the original.
 
     **Gradients become approximate**: every saved activation is rounded to 8 significant bits (bfloat16,
     relative error up to 2⁻⁸) or 11 bits (float16, 2⁻¹¹, with overflow above 65504), so the gradients
@@ -576,7 +577,9 @@ class saved_tensors_in:  # lower-case: a context manager used like a function, a
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
     def _converts(self, tensor: torch.Tensor) -> bool:
-        return (tensor.is_floating_point() and tensor.element_size() > self._itemsize
+        # (a sparse tensor, a graph's adjacency, is kept: it is data rather than an activation, and cast_pooled is
+        # for strided memory)
+        return (tensor.layout == torch.strided and tensor.is_floating_point() and tensor.element_size() > self._itemsize
                 and tensor.numel() >= self.min_numel and not isinstance(tensor, nn.Parameter)
                 and not isinstance(tensor._base, nn.Parameter))
 
