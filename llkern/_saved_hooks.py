@@ -33,8 +33,20 @@ def can_see_outer_hooks() -> bool:
 def held_tensor(handle: object) -> torch.Tensor | None:
     """The tensor an outer pack hook's handle holds in memory: the handle itself, or what llkern's handles
     (saved_tensors_in's 16-bit copy, a meter's alias) expose as ``held``; None for an opaque handle."""
-    while not isinstance(handle, torch.Tensor):
+    for _ in range(16):  # (nested hooks rarely go deeper; a ``held`` that never ends in a tensor must not hang)
+        if isinstance(handle, torch.Tensor):
+            return handle
         handle = getattr(handle, "held", None)
         if handle is None:
             return None
-    return handle
+    return None
+
+
+def handed_on(outer: tuple[Callable, Callable], tensor: torch.Tensor) -> torch.Tensor:
+    """What to give the outer pack hook for ``tensor``: the tensor itself when the outer hooks are llkern's (they keep
+    a detached alias themselves, and ``saved_tensors_in`` recognises a tensor saved twice by the object's lifetime),
+    else a detached alias of an op's output. Hooks that keep what they are given would otherwise close a cycle
+    (tensor -> grad_fn -> handle -> tensor) that Python's gc cannot break: the graph would never be freed."""
+    if tensor.grad_fn is None or getattr(getattr(outer[0], "__self__", None), "keeps_aliases", False):
+        return tensor
+    return tensor.detach()

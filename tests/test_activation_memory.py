@@ -419,19 +419,24 @@ def test_saved_tensors_in_composes_with_memory_meter():
     assert low == full // 2
 
 
-@pytest.mark.parametrize("order", ["alone", "inside a meter", "around a meter"])
+@pytest.mark.parametrize("order", ["alone", "inside a meter", "around a meter", "in identity hooks",
+                                   "meter in identity hooks", "both in identity hooks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_saved_tensors_in_frees_a_graph_whose_op_saved_its_own_output(order, dtype):
     # a tensor it keeps as it is (small, or not wider than the storage dtype: a bf16 model's activations) used to
     # be held by its own graph through the handle (tensor -> grad_fn -> handle -> tensor), a cycle gc cannot
-    # break: every such graph leaked
+    # break: every such graph leaked ("alone"); hooks outside that keep what they are given (identity hooks) must
+    # get a detached alias from it and from a meter for the same reason
     import contextlib
     import gc
     import weakref
 
     def contexts() -> list:
-        low = saved_tensors_in(torch.bfloat16)
-        return {"alone": [low], "inside a meter": [MemoryMeter(), low], "around a meter": [low, MemoryMeter()]}[order]
+        low, meter = saved_tensors_in(torch.bfloat16), MemoryMeter()
+        identity = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        return {"alone": [low], "inside a meter": [meter, low], "around a meter": [low, meter],
+                "in identity hooks": [identity, low], "meter in identity hooks": [identity, meter],
+                "both in identity hooks": [identity, low, meter]}[order]
 
     size = 10 if dtype == torch.float32 else 4096  # (too small to convert; bf16 already)
     a = torch.randn(size, dtype=dtype, requires_grad=True)

@@ -32,6 +32,14 @@ def test_layouts(layout):
     assert torch.equal(out, x.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr])
+def test_sparse_tensors_are_converted_by_to(layout):
+    dense = torch.randn(8, 9) * (torch.rand(8, 9) < 0.3)
+    x = dense.to_sparse() if layout == torch.sparse_coo else dense.to_sparse_csr()
+    out = cast_pooled(x, torch.bfloat16)
+    assert out.layout == layout and torch.equal(out.to_dense(), dense.to(torch.bfloat16))
+
+
 def test_pooled_buffers_are_reused_safely():
     # A freed pooled buffer serves the next call: values must never leak between calls.
     for step in range(3):

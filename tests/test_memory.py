@@ -129,6 +129,27 @@ def test_nested_meters_both_count():
     assert peaks == [alone, alone] and all(torch.equal(a, b) for a, b in zip(grads, plain, strict=True))
 
 
+def test_a_meter_entered_again_inside_itself_counts_once_and_keeps_handing_on():
+    from llkern.activation_memory import saved_tensors_in
+
+    a = torch.randn(4096, requires_grad=True)
+    meter = MemoryMeter()
+    with meter:
+        with meter:  # (its own hooks are on top: they must not become its outer hooks)
+            b = a.exp()
+        c = a.sin()
+        assert meter.current_saved_bytes == 2 * 4096 * 4  # exp's output and sin's input
+        (b + c).sum().backward()
+    assert meter.peak_saved_bytes == 2 * 4096 * 4 and meter.current_saved_bytes == 0
+    with saved_tensors_in(torch.bfloat16), meter:
+        with meter:
+            b = a.exp()
+        c = a.cos()  # after the inner exit: still handed on to saved_tensors_in
+        assert meter.current_saved_bytes == 2 * 4096 * 2  # both in bf16
+        (b + c).sum().backward()
+    assert meter.current_saved_bytes == 0
+
+
 def test_a_meter_inside_foreign_hooks_counts_the_tensor_and_uses_their_unpack():
     # a handle that does not say what it holds (a tuple here): the tensor given is counted
     packed, unpacked = [], []

@@ -102,7 +102,8 @@ def build_parser(defaults: dict[str, Any] | None = None, prog: str | None = "llk
                       help="recompute BatchNorm+ReLU in the backward instead of saving their outputs")
     what.add_argument("--saved-dtype", choices=CHOICES["saved_dtype"], default="fp32",
                       help="store the tensors saved for backward in this dtype (saved_tensors_in: about half the "
-                           "saved bytes; approximate gradients, relative errors of the order of 2^-8 for bf16)")
+                           "saved bytes; approximate gradients, relative errors of the order of 2^-8 for bf16; "
+                           "fp16 overflows above 65504)")
     what.add_argument("--recompute-segments", type=positive_int, default=1, metavar="S",
                       help="cut each module into S segments (at most one per child) balanced by saved bytes and "
                            "recompute all but the last in the backward (keeps their inputs only; about one more "

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llkern._saved_hooks import held_tensor, outer_saved_tensors_hooks
+from llkern._saved_hooks import handed_on, held_tensor, outer_saved_tensors_hooks
 
 
 class _Saved:
@@ -81,8 +81,9 @@ class MemoryMeter:
     """Context manager measuring the peak bytes of distinct storages saved for backward.
 
     Entered inside other saved-tensor hooks (:class:`llkern.activation_memory.saved_tensors_in`, another meter), it
-    hands every saved tensor on to them and counts what they hold (the 16-bit copy ``saved_tensors_in`` keeps), so
-    both work wherever the meter is entered (``LocalTrainer`` enters one for every epoch).
+    hands every saved tensor on to them, so both work wherever the meter is entered (``LocalTrainer`` enters one for
+    every epoch). It counts what llkern's hooks hold (the 16-bit copy ``saved_tensors_in`` keeps); under hooks that
+    do not say what they hold (``torch.autograd.graph.save_on_cpu``), the tensor it was given.
 
     Args:
         exclude: tensors (typically ``model.parameters()``) whose storages are not counted;
@@ -90,6 +91,8 @@ class MemoryMeter:
         device: a CUDA device to also track ``max_memory_allocated`` on (default: the current
             CUDA device when CUDA is available).
     """
+
+    keeps_aliases = True  # (hooks inside it may hand it an op's output itself: llkern._saved_hooks.handed_on)
 
     def __init__(self, exclude: Iterable[torch.Tensor] = (), device: torch.device | str | None = None) -> None:
         self._excluded = {_storage_key(c) for t in exclude
@@ -104,13 +107,12 @@ class MemoryMeter:
         self._cuda_baseline = 0
         self.cuda_peak_bytes: int | None = None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._outer: tuple[Callable, Callable] | None = None
+        self._outer: tuple[Callable, Callable] | None = None  # the hooks outside, while active
+        self._entries: list[tuple[Callable, Callable] | None] = []  # the outer hooks of enclosing entries of this one
 
     def _pack(self, tensor: torch.Tensor):
         outer = self._outer
-        handle = outer[0](tensor) if outer is not None else tensor
-        if handle is tensor and outer is not None and tensor.grad_fn is not None:
-            handle = tensor.detach()  # (outer hooks that keep the tensor itself: see the alias below)
+        handle = tensor if outer is None else outer[0](handed_on(outer, tensor))
         if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
             # a parameter or a view of one (nn.Linear saves weight.t())
             return handle if outer is None else _Saved(self, [], handle, outer[1])
@@ -162,13 +164,17 @@ class MemoryMeter:
 
     def __enter__(self) -> MemoryMeter:
         self.reset_peak()
-        self._outer = outer_saved_tensors_hooks()
+        outer = outer_saved_tensors_hooks()
+        if outer is not None and getattr(outer[0], "__self__", None) is self:
+            outer = self._outer  # entered again inside itself: hand on to what its first entry found
+        self._entries.append(self._outer)
+        self._outer = outer
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
-        self._outer = None
+        self._outer = self._entries.pop()
         if self._cuda is not None:
             torch.cuda.synchronize(self._cuda)
             self.cuda_peak_bytes = torch.cuda.max_memory_allocated(self._cuda) - self._cuda_baseline

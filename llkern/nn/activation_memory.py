@@ -59,7 +59,7 @@ from torch.nn.modules.batchnorm import _NormBase
 import llkern.ops.batch_norm_relu
 import llkern.ops.relu_mask  # noqa: F401
 from llkern._ext import kernel_available
-from llkern._saved_hooks import can_see_outer_hooks, outer_saved_tensors_hooks
+from llkern._saved_hooks import can_see_outer_hooks, handed_on, outer_saved_tensors_hooks
 from llkern.nn.recompute import recompute_modules, recompute_segments  # the fourth option, in its own file
 from llkern.ops.cast import cast_pooled
 
@@ -557,6 +557,8 @@ class saved_tensors_in:  # lower-case: a context manager used like a function, a
             net.local_step(x, y)
     """
 
+    keeps_aliases = True  # (hooks inside it may hand it an op's output itself: llkern._saved_hooks.handed_on)
+
     def __init__(self, dtype: torch.dtype = torch.bfloat16, *, min_numel: int = 1024) -> None:
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"saved_tensors_in: expected dtype to be a torch.dtype, got {dtype!r} "
@@ -591,8 +593,8 @@ class saved_tensors_in:  # lower-case: a context manager used like a function, a
     def _pack(self, tensor: torch.Tensor) -> Any:
         outer_pack = self._outer[0] if self._outer is not None else None
         if not self._converts(tensor):
-            if outer_pack is not None:
-                return _Stored(outer_pack(tensor), None)
+            if self._outer is not None:
+                return _Stored(outer_pack(handed_on(self._outer, tensor)), None)
             # A detached alias of an op's output: the output itself would form a cycle (tensor -> grad_fn -> saved
             # handle -> tensor) through C++ that Python's gc cannot break, and the graph would never be freed.
             return tensor.detach() if tensor.grad_fn is not None else tensor

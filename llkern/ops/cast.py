@@ -20,9 +20,10 @@ def cast_pooled(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         raise TypeError(f"llkern.cast_pooled: expected x to be a Tensor, got {type(x).__name__}")
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"llkern.cast_pooled: expected dtype to be a torch.dtype, got {dtype!r}")
-    if x.device.type == "cpu" and kernel_available("cast_pooled", "cpu") and not torch.compiler.is_compiling():
+    if (x.device.type == "cpu" and x.layout == torch.strided and kernel_available("cast_pooled", "cpu")
+            and not torch.compiler.is_compiling()):
         return torch.ops.llkern.cast_pooled(x, dtype)
-    return x.to(dtype, copy=True)
+    return x.to(dtype, copy=True)  # (elsewhere, and for sparse layouts, which the pool does not hold)
 
 
 if extension_loaded():
