@@ -216,8 +216,9 @@ def test_memory_budget_chooses_k_and_segments_and_saves_the_choice(tmp_path, cap
     assert parse(["--memory-budget", "500MB"]).memory_budget == 500 * 10**6
 
 
-@pytest.mark.parametrize("options", [("--relu-masks", "--recompute-bn-relu"), ("--precision", "bf16"),
-                                     ("--saved-dtype", "bf16")])
+@pytest.mark.parametrize("options", [("--relu-masks", "--recompute-bn-relu"),  # (the other two in the slow set)
+                                     pytest.param(("--precision", "bf16"), marks=pytest.mark.slow),
+                                     pytest.param(("--saved-dtype", "bf16"), marks=pytest.mark.slow)])
 def test_memory_budget_fits_the_modules_as_the_activation_options_and_precision_make_them(options, tmp_path, capsys):
     # at 2 MiB the plain fp32 layers do not fit digits-resnet at a batch of 64 with any K and S; converted, or saved
     # by a bf16 step, they do: the run takes fit_memory's choice, saves no more than the budget, and trains exactly
