@@ -402,6 +402,18 @@ def test_memory_budget_under_torchrun_fits_the_process_batch_and_the_stages(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fit_memory: K = 2 modules" in result.stdout
     assert "pipeline: stage 0: module 0; stage 1: module 1" in result.stdout
+    # the logged peak is the largest stage's, here stage 1's (module 2 of digits-resnet in 3 modules): what the fit
+    # predicted for the largest module with its head
+    log = tmp_path / "pipeline.json"
+    result = subprocess.run([*base[:8], "train", "--no-progress", "--pipeline-stages", "2", "--epochs", "1",
+                             "--memory-budget", "1MiB", "--relu-masks", "--recompute-bn-relu", "--saved-dtype", "bf16",
+                             "--log-file", str(log)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pipeline: stage 0: module 0; stage 1: modules 1-2" in result.stdout
+    saved = re.search(r"with its heads, local losses and context the largest module saves ([\d.]+) KiB", result.stdout)
+    row = json.loads(log.read_text())[-1]
+    predicted = float(saved.group(1)) * 1024
+    assert abs(row["peak_saved_bytes"] - predicted) <= 0.02 * predicted  # (stage 0 alone holds 0.59 of it)
 
 
 def test_pipeline_options_are_checked(monkeypatch):

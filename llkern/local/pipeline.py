@@ -336,7 +336,8 @@ class PipelineTrainer(LocalTrainer):
     reads the batches, the others may pass the same data or None); ``step`` does not exist (a process
     holds a slice of many steps at once). The log rows gather every module's loss, accuracy, learning
     rate and loss scale from the stage that trains it; loss, accuracy and samples cover the global batch
-    (all replicas); ``peak_saved_bytes`` and the times are this process's.
+    (all replicas); ``peak_saved_bytes`` and ``cuda_peak_bytes`` are the largest of any process's (the stage holding
+    its largest module), and the times are this process's.
 
     After a :class:`PipelineError` the process group is destroyed (that is how the other stages learn
     of the failure at once): ``torch.distributed.is_initialized()`` is then False.
@@ -717,6 +718,12 @@ class PipelineTrainer(LocalTrainer):
                 self._collective(lambda s=sums: torch.distributed.all_reduce(s))
                 counts = torch.tensor([steps], dtype=torch.int64, device=self.device)
                 self._collective(lambda c=counts: torch.distributed.broadcast(c, src=0))
+                # the memory peaks of the process that holds the most (what a per-process budget is about); -1: none
+                peaks = torch.tensor([-1 if meter is None else meter.peak_saved_bytes,
+                                      -1 if meter is None or meter.cuda_peak_bytes is None else meter.cuda_peak_bytes],
+                                     dtype=torch.int64, device=self.device)
+                self._collective(lambda p=peaks: torch.distributed.all_reduce(p, torch.distributed.ReduceOp.MAX))
+                saved_peak, cuda_peak = (int(v) if v >= 0 else None for v in peaks.tolist())
                 sums = sums.cpu()
                 samples = int(sums[2, K]) // self.placement.num_stages
                 row: dict[str, Any] = {
@@ -728,8 +735,8 @@ class PipelineTrainer(LocalTrainer):
                     "loss_scale": [float(sums[4, k]) for k in range(K)] if self.precision == "fp16" else None,
                     "step_time_s": epoch_time / max(steps, 1),
                     "epoch_time_s": epoch_time,
-                    "peak_saved_bytes": meter.peak_saved_bytes if meter is not None else None,
-                    "cuda_peak_bytes": meter.cuda_peak_bytes if meter is not None else None,
+                    "peak_saved_bytes": saved_peak,
+                    "cuda_peak_bytes": cuda_peak,
                     "eval_loss": None, "eval_accuracy": None,
                 }
                 evaluated = self._evaluate_data(eval_data, eval_exit)
