@@ -707,7 +707,8 @@ def _fit_memory_budget(args: argparse.Namespace, model: nn.Sequential, data: Ima
                                               ("--precision bf16", args.precision == "fp32"),
                                               ("--saved-dtype bf16", args.saved_dtype == "fp32")) if off]
         also = f", or add {' / '.join(lighter)}" if lighter else ""
-        found = str(error).split(". Try ")[0]  # (the rest is advice for the Python call)
+        # (the rest, and max_k, are for the Python call)
+        found = re.sub(r"; max_k=\d+\)", ")", str(error).split(". Try ")[0])
         raise UsageError(f"{what}: {with_heads}{found}. Try a smaller --batch-size or lighter --heads{also}") from None
     _say(fit)
     _say(f"with its heads, local losses and context the largest module saves {_format_bytes(whole[-1][2])} for a "
@@ -911,6 +912,15 @@ def _train(args: argparse.Namespace) -> dict:
     trainer = run.trainer
     if run.plan is not None:
         _say(run.plan)
+        lighter = [option for option, on in (("--relu-masks", args.relu_masks),
+                                             ("--recompute-bn-relu", args.recompute_bn_relu),
+                                             (f"--recompute-segments {args.recompute_segments}",
+                                              args.recompute_segments > 1),
+                                             (f"--precision {args.precision}", args.precision != "fp32"),
+                                             (f"--saved-dtype {args.saved_dtype}", args.saved_dtype != "fp32")) if on]
+        if lighter:  # (the plan's bytes are what it balanced; the run saves less)
+            _say(f"(the plan's bytes are the plain layers' in fp32; with {' '.join(lighter)} the run saves less: "
+                 "the epoch lines give its peak)")
     if args.resume:
         _resume(trainer, args.checkpoint, run.epochs, args.mode)
         _say(f"resumed from {args.checkpoint} after epoch {trainer.epoch}")
