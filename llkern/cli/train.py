@@ -752,10 +752,10 @@ def _activation_options(args: argparse.Namespace) -> Any:
 def _largest_step_peak(args: argparse.Namespace, modules: list[nn.Module], data: ImageData, tokens: bool,
                        batch: int) -> int:
     """The largest saved-for-backward peak of one local step of ``modules`` as LocalNet trains them with the run's
-    heads, losses and context, for a batch of ``batch``: on copies, on the CPU, under --precision's autocast, the
-    RNG restored. Measured at three small batches and extrapolated on the parabola through them (saved bytes grow
-    linearly with the batch, a contrastive or MI loss's N×N matrices quadratically), so that a large batch is not run
-    on the CPU."""
+    heads, losses and context, for a batch of ``batch``: on copies, on the CPU, under --precision's autocast and
+    with --saved-dtype's copies, the RNG restored. Measured at three small batches and extrapolated on the parabola
+    through them (saved bytes grow linearly with the batch, a contrastive or MI loss's N×N matrices quadratically), so
+    that a large batch is not run on the CPU."""
     import copy
 
     sizes = sorted({min(batch, n, len(data.x)) for n in (8, 16, 32)})
@@ -912,14 +912,14 @@ def _train(args: argparse.Namespace) -> dict:
     trainer = run.trainer
     if run.plan is not None:
         _say(run.plan)
-        lighter = [option for option, on in (("--relu-masks", args.relu_masks),
+        changed = [option for option, on in (("--relu-masks", args.relu_masks),
                                              ("--recompute-bn-relu", args.recompute_bn_relu),
                                              (f"--recompute-segments {args.recompute_segments}",
                                               args.recompute_segments > 1),
                                              (f"--precision {args.precision}", args.precision != "fp32"),
                                              (f"--saved-dtype {args.saved_dtype}", args.saved_dtype != "fp32")) if on]
-        if lighter:  # (the plan's bytes are what it balanced; the run saves less)
-            _say(f"(the plan's bytes are the plain layers' in fp32; with {' '.join(lighter)} the run saves less: "
+        if changed:  # (the plan's bytes are what it balanced, not what this run saves)
+            _say(f"(the plan's bytes are the plain layers' in fp32; with {' '.join(changed)} the run saves others: "
                  "the epoch lines give its peak)")
     if args.resume:
         _resume(trainer, args.checkpoint, run.epochs, args.mode)
