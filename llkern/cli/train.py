@@ -688,8 +688,8 @@ def _fit_memory_budget(args: argparse.Namespace, model: nn.Sequential, data: Ima
     try:
         # (cut as _image_run cuts, by fp32 bytes; what each candidate saves measured under the run's autocast)
         fit = llkern.fit_memory(model, budget, example_input=data.x[:32], batch_size=batch, min_k=stages,
-                                transform=_activation_options(args), autocast=_autocast_dtype(args),
-                                saved_dtype=_saved_dtype(args), accept=fits_with_heads)
+                                transform=_activation_options(args), autocast=_dtype(args.precision),
+                                saved_dtype=_dtype(args.saved_dtype), accept=fits_with_heads)
     except ValueError as error:
         if "min_k=" in str(error):
             raise UsageError(f"{what} --pipeline-stages {stages}: {error}; use fewer --pipeline-stages") from None
@@ -720,24 +720,18 @@ def _fit_memory_budget(args: argparse.Namespace, model: nn.Sequential, data: Ima
         raise UsageError(f"{what} chose K = {fit.k} modules, and {error}") from None
 
 
-def _autocast_dtype(args: argparse.Namespace) -> torch.dtype | None:
-    """The dtype of --precision's autocast (None for fp32)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+def _dtype(name: str) -> torch.dtype | None:
+    """The dtype of a --precision or --saved-dtype value (None for fp32: autocast off, saved tensors as they are)."""
+    from llkern.local.trainer import PRECISIONS
 
-
-def _saved_dtype(args: argparse.Namespace) -> torch.dtype | None:
-    """The dtype --saved-dtype stores saved tensors in (None for fp32: as they are)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.saved_dtype)
+    return PRECISIONS[name]
 
 
 def _saved_tensors(args: argparse.Namespace) -> Any:
     """saved_tensors_in(--saved-dtype), or nothing."""
-    import contextlib
+    from llkern.local.fit import _saved_in
 
-    from llkern.nn.activation_memory import saved_tensors_in
-
-    dtype = _saved_dtype(args)
-    return contextlib.nullcontext() if dtype is None else saved_tensors_in(dtype)
+    return _saved_in(_dtype(args.saved_dtype))
 
 
 def _activation_options(args: argparse.Namespace) -> Any:
@@ -764,7 +758,7 @@ def _largest_step_peak(args: argparse.Namespace, modules: list[nn.Module], data:
     with torch.random.fork_rng(devices=[]), _saved_tensors(args):
         net = _local_net(probe, copy.deepcopy(modules), data, tokens)
         for n in sizes:
-            rows = net.memory_profile(data.x[:n].clone(), data.y[:n].clone(), autocast=_autocast_dtype(args))
+            rows = net.memory_profile(data.x[:n].clone(), data.y[:n].clone(), autocast=_dtype(args.precision))
             peaks.append(max(row.peak_saved_bytes for row in rows))
     if batch in sizes:
         return peaks[sizes.index(batch)]

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from llkern.local.memory import MemoryMeter
+from llkern.local.net import _autocast
 from llkern.local.planner import (
     SplitPlan,
     TooManyModulesError,
@@ -128,10 +129,6 @@ def _module_traces(modules: list[nn.Module], example_input: torch.Tensor) -> lis
             del out  # a module that recorded nothing to differentiate: its saved tensors are released here
             traces.append(meter.trace)
     return traces
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def _inside_saved_tensors_in() -> bool:

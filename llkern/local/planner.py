@@ -976,7 +976,7 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
     params = list({id(p): p for unit in units for p in unit.parameters()}.values())
 
     keys: list[dict[tuple, int]] | None = None
-    total = writes = None
+    total = writers = None
     # The measurements run outside inference mode (where autograd would save nothing: every cost 0).
     if example_input is not None:
         # A copy with its own storage: the meter counts whole storages, so a slice x[:32] of a training set would
@@ -985,7 +985,7 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
         with torch.inference_mode(False):
             example_input = example_input.detach().clone()
         with torch.inference_mode(False), _TrainModeNoSideEffects(units, example_input.device):
-            keys, total, writes = _saved_keys_per_unit(named, params, example_input)
+            keys, total, writers = _saved_keys_per_unit(named, params, example_input)
         params = list({id(p): p for unit in units for p in unit.parameters()}.values())  # lazy ones now exist
         if isinstance(model, nn.Module) and not _is_container(model):  # split_units() or a traced forward
             with torch.inference_mode(False):
@@ -1049,4 +1049,4 @@ def split(model: nn.Module | Sequence[nn.Module], k: int, *, by: str = "saved_by
                      unit_costs=[sum(s.values()) for s in unit_sets], params=module_params,
                      saved_bytes=saved, total_saved_bytes=total,
                      example_batch=None if example_input is None else int(example_input.shape[0]),
-                     unit_input_writers=writes)
+                     unit_input_writers=writers)
